@@ -1,0 +1,18 @@
+"""``thaw certs``: a CA and a serving certificate for the webhook or the extender."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from thaw.cli import UsageError
+from thaw.tls import write_cert_dir
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.dns and not args.ip:
+        raise UsageError("give at least one --dns NAME or --ip IP for the certificate's SANs")
+    gen = write_cert_dir(args.out, args.dns, args.ip, args.days)
+    sys.stderr.write(f"wrote {args.out}/ca.crt, tls.crt, tls.key; caBundle on stdout\n")
+    sys.stdout.write(gen.ca_bundle + "\n")
+    return 0

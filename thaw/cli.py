@@ -1,0 +1,179 @@
+"""The ``thaw`` command line (DESIGN.md, "Command line").
+
+Every flag can also come from the environment as ``THAW_<FLAG>`` (upper case, dashes as
+underscores): that is how the webhook configures the init containers and the wrapper. The command
+line wins over the environment. Exit codes: 0 success, 2 usage error, 1 anything else, with one line
+on stderr saying what and why.
+
+Each command's work lives in the module named in ``COMMANDS``, imported only when that command
+runs, so ``thaw exec`` in a workload container never pays for Flask or the Kubernetes client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+log = logging.getLogger("thaw")
+
+
+class UsageError(Exception):
+    """A command was called wrongly: exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, per the CLI contract, instead of argparse's usage block.
+        sys.stderr.write(f"thaw {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " "))
+        sys.exit(2)
+
+
+def _env_name(flag: str) -> str:
+    return "THAW_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _add(p: argparse.ArgumentParser, flag: str, *, required: bool = False, **kw: Any) -> None:
+    """Add ``flag`` with its ``THAW_<FLAG>`` environment fallback."""
+    env = os.environ.get(_env_name(flag))
+    action = kw.get("action")
+    if env is not None:
+        if action == "append":
+            kw["default"] = [v for v in env.split(",") if v]
+        elif action == "store_true":
+            kw["default"] = env.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            kw["default"] = kw.get("type", str)(env)
+        required = False
+    kw["help"] = (kw.get("help") or "") + f" [env {_env_name(flag)}]"
+    p.add_argument(flag, required=required, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pathlib import Path
+
+    parser = _Parser(prog="thaw", description="Restore GPU inference pods from snapshots.")
+    parser.add_argument("--log-level", default=os.environ.get("THAW_LOG_LEVEL", "info"),
+                        choices=["debug", "info", "warning", "error"], help="log verbosity [env THAW_LOG_LEVEL]")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("webhook", help="serve the mutating admission webhook (HTTPS)")
+    _add(p, "--host", default="0.0.0.0", help="address to listen on")
+    _add(p, "--port", type=int, default=8443, help="port to listen on")
+    _add(p, "--cert-dir", type=Path, required=True, help="directory with tls.crt and tls.key")
+    _add(p, "--config", type=Path, default=None, help="webhook configuration file (YAML or JSON)")
+    _add(p, "--workers", type=int, default=2, help="gunicorn worker processes")
+    _add(p, "--threads", type=int, default=4, help="threads per worker")
+
+    p = sub.add_parser("extender", help="serve the kube-scheduler extender")
+    _add(p, "--host", default="0.0.0.0", help="address to listen on")
+    _add(p, "--port", type=int, default=8444, help="port to listen on")
+    _add(p, "--cert-dir", type=Path, default=None, help="directory with tls.crt and tls.key (HTTPS)")
+    _add(p, "--nodes", type=Path, default=None,
+         help="NodeList file (JSON or YAML) instead of watching the cluster")
+    _add(p, "--workers", type=int, default=1, help="gunicorn worker processes")
+    _add(p, "--threads", type=int, default=8, help="threads per worker")
+
+    p = sub.add_parser("certs", help="generate a CA and a serving certificate; print the caBundle")
+    _add(p, "--out", type=Path, required=True, help="directory for ca.crt, tls.crt, tls.key")
+    _add(p, "--dns", action="append", default=[], help="DNS name for the certificate (repeatable)")
+    _add(p, "--ip", action="append", default=[], help="IP address for the certificate (repeatable)")
+    _add(p, "--days", type=int, default=365, help="validity of the serving certificate")
+
+    keys = sub.add_parser("keys", help="snapshot signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    p = ksub.add_parser("generate", help="write signing.key and signing.pub (Ed25519)")
+    _add(p, "--out", type=Path, required=True, help="directory for the key pair")
+
+    p = sub.add_parser("publish", help="publish a snapshot's image files to the store, signed")
+    _add(p, "--store", type=Path, required=True, help="snapshot store directory")
+    _add(p, "--name", required=True, help="snapshot name")
+    _add(p, "--workload", required=True, help="workload hash (thaw.dev/workload)")
+    _add(p, "--images", type=Path, required=True, help="directory of image files")
+    _add(p, "--key", type=Path, required=True, help="Ed25519 signing key")
+    _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+
+    p = sub.add_parser("fetch", help="stage a compatible snapshot in the node cache; write the plan")
+    _add(p, "--store", type=Path, required=True, help="snapshot store directory")
+    _add(p, "--cache", type=Path, required=True, help="node cache directory")
+    _add(p, "--name", required=True, help="snapshot name")
+    _add(p, "--workload", required=True, help="workload hash (thaw.dev/workload)")
+    _add(p, "--trust", type=Path, required=True, help="directory of trusted public keys")
+    _add(p, "--plan", type=Path, required=True, help="where to write the restore plan")
+    _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+
+    p = sub.add_parser("exec", help="restore the workload from the plan, or run it (and checkpoint)")
+    _add(p, "--plan", type=Path, default=None, help="restore plan written by thaw fetch")
+    _add(p, "--checkpoint", choices=["on-ready", "never"], default="never", help="take a snapshot")
+    _add(p, "--ready", default=None, help="readiness probe: URL, tcp:PORT or file:PATH")
+    _add(p, "--store", type=Path, default=None, help="snapshot store directory")
+    _add(p, "--key", type=Path, default=None, help="Ed25519 signing key")
+    _add(p, "--name", default=None, help="snapshot name")
+    _add(p, "--workload", default=None, help="workload hash")
+    _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
+
+    p = sub.add_parser("agent", help="node agent: cache budget and Node annotations")
+    _add(p, "--cache", type=Path, required=True, help="node cache directory")
+    _add(p, "--budget", type=int, required=True, help="cache byte budget")
+    _add(p, "--node", default=None, help="this Node's name (downward API)")
+
+    p = sub.add_parser("simulate", help="replay a synthetic cluster through the placement policies")
+    _add(p, "--nodes", type=int, default=64, help="number of GPU nodes")
+    _add(p, "--pods", type=int, default=2000, help="number of pod arrivals")
+    _add(p, "--seed", type=int, default=1, help="random seed")
+    _add(p, "--plot", type=Path, default=None, help="write a PNG of time-to-ready per policy")
+
+    sub.add_parser("status", help="nodes, their cached snapshots and facts, from the cluster")
+    sub.add_parser("demo", help="run the whole path on this machine with an embedded example")
+    return parser
+
+
+# command -> "module:function"; the function takes the parsed arguments and returns an exit code.
+COMMANDS: dict[str, str] = {
+    "webhook": "webhook.cli:run",
+    "extender": "extender.cli:run",
+    "certs": "thaw.certs_cmd:run",
+    "keys": "thaw.signing:run_keys",
+    "publish": "thaw.store:run_publish",
+    "fetch": "thaw.fetch:run",
+    "exec": "thaw.execute:run",
+    "agent": "thaw.agent:run",
+    "simulate": "extender.simulate:run",
+    "status": "thaw.status:run",
+    "demo": "thaw.demo:run",
+}
+
+
+def _resolve(spec: str) -> Callable[[argparse.Namespace], int]:
+    module, _, func = spec.partition(":")
+    fn: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), func)
+    return fn
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _resolve(COMMANDS[args.command])(args)
+    except UsageError as exc:
+        sys.stderr.write(f"thaw {args.command}: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        log.debug("thaw %s failed", args.command, exc_info=True)
+        sys.stderr.write(f"thaw {args.command}: {type(exc).__name__}: {exc}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

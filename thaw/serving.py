@@ -1,0 +1,142 @@
+"""Run a Flask app the way both of Thaw's servers run: under gunicorn, started from the CLI.
+
+One place for the serving choices the webhook and the extender share: gthread workers (keep-alive,
+so kube-apiserver and kube-scheduler reuse TLS connections), a TLS context that follows certificate
+rotation (``thaw.tls.ReloadingContext``), Prometheus metrics that add up across worker processes,
+and a ``post_worker_init`` hook for per-process start-up (the extender's node watch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from thaw.tls import CERT_FILE, KEY_FILE, ReloadingContext
+
+log = logging.getLogger(__name__)
+
+_contexts: dict[str, ReloadingContext] = {}
+
+
+def _reloading_ssl_context(conf: Any, default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    # gunicorn asks for a context on every new connection; hand out the cached one for the
+    # current certificate instead of re-reading the files each time.
+    key = str(Path(conf.certfile).parent)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        ctx = _contexts[key] = ReloadingContext(Path(key))
+    return ctx.current()
+
+
+@dataclass
+class ServeOptions:
+    app: str  # "module:factory", imported in each worker after fork
+    host: str
+    port: int
+    cert_dir: Path | None
+    workers: int = 2
+    threads: int = 4
+    timeout_s: int = 30
+    graceful_timeout_s: int = 10
+    keepalive_s: int = 30
+    post_worker_init: Callable[[], None] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_metrics_dir(workers: int) -> Path | None:
+    """Point prometheus_client at a shared directory when several processes serve.
+
+    Must run before prometheus_client is imported anywhere, so the CLI calls it first.
+    """
+    if workers <= 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None
+    path = Path(tempfile.mkdtemp(prefix="thaw-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    return path
+
+
+def metrics_payload() -> tuple[bytes, str]:
+    """The Prometheus exposition of this server, summed over its worker processes."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def load_app(spec: str) -> Any:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)()
+
+
+def serve(opts: ServeOptions) -> None:
+    """Serve ``opts.app`` under gunicorn until SIGTERM/SIGINT (blocking)."""
+    from gunicorn.app.base import BaseApplication
+
+    if opts.cert_dir is not None:
+        for name in (CERT_FILE, KEY_FILE):
+            if not (opts.cert_dir / name).is_file():
+                raise FileNotFoundError(
+                    f"--cert-dir {opts.cert_dir} has no {name}: expected tls.crt and tls.key "
+                    "(the layout of a kubernetes.io/tls Secret; `thaw certs --out DIR` makes one)"
+                )
+        ReloadingContext(opts.cert_dir)  # a broken certificate fails here, before forking workers
+    metrics_dir = prepare_metrics_dir(opts.workers)
+
+    def child_exit(_server: Any, worker: Any) -> None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+    def post_worker_init(_worker: Any) -> None:
+        if opts.post_worker_init is not None:
+            opts.post_worker_init()
+
+    config: dict[str, Any] = {
+        "bind": f"[{opts.host}]:{opts.port}" if ":" in opts.host else f"{opts.host}:{opts.port}",
+        "workers": opts.workers,
+        "worker_class": "gthread",
+        "threads": opts.threads,
+        "timeout": opts.timeout_s,
+        "graceful_timeout": opts.graceful_timeout_s,
+        "keepalive": opts.keepalive_s,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": os.environ.get("THAW_LOG_LEVEL", "info").lower(),
+        "child_exit": child_exit,
+        "post_worker_init": post_worker_init,
+        **opts.extra,
+    }
+    if opts.cert_dir is not None:
+        config |= {
+            "certfile": str(opts.cert_dir / CERT_FILE),
+            "keyfile": str(opts.cert_dir / KEY_FILE),
+            "ssl_context": _reloading_ssl_context,
+        }
+
+    class Application(BaseApplication):  # type: ignore[misc]
+        def load_config(self) -> None:
+            for key, value in config.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> Any:
+            return load_app(opts.app)
+
+    try:
+        Application().run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
