@@ -15,7 +15,9 @@ SUITES = ["bench.webhook", "bench.extender", "bench.simulate", "bench.runtime_cp
 def main(argv: list[str]) -> int:
     chosen = [s for s in SUITES if not argv or s.rsplit(".", 1)[1] in argv]
     if not chosen:
-        sys.stderr.write(f"bench: unknown suite in {argv}; known: {', '.join(s.rsplit('.', 1)[1] for s in SUITES)}\n")
+        sys.stderr.write(
+            f"bench: unknown suite in {argv}; known: {', '.join(s.rsplit('.', 1)[1] for s in SUITES)}\n"
+        )
         return 2
     failed = 0
     for suite in chosen:

@@ -27,6 +27,12 @@ NODE_CACHE = "thaw.dev/cache"
 RESTORE_LABEL = "thaw.dev/restore"
 RESTORE_LABEL_VALUE = "allowed"
 
+# Extended resource the webhook requests (1) in the target container, so that a scheduler whose
+# extender entry lists it in managedResources (ignoredByScheduler: true) calls the extender for
+# Thaw pods only. kubelet drops extended resources its node does not advertise before admission
+# (removeMissingExtendedResources), so the request never blocks a pod on the node.
+EXTENDED_RESOURCE = "thaw.dev/restore"
+
 USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT)
 WEBHOOK_KEYS = (INJECTED, WORKLOAD)
 

@@ -29,7 +29,9 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, per the CLI contract, instead of argparse's usage block.
-        sys.stderr.write(f"thaw {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " "))
+        sys.stderr.write(
+            f"thaw {self.prog.partition(' ')[2] or ''}: {message} (see --help)\n".replace("  ", " ")
+        )
         sys.exit(2)
 
 
@@ -57,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
     parser = _Parser(prog="thaw", description="Restore GPU inference pods from snapshots.")
-    parser.add_argument("--log-level", default=os.environ.get("THAW_LOG_LEVEL", "info"),
-                        choices=["debug", "info", "warning", "error"], help="log verbosity [env THAW_LOG_LEVEL]")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("THAW_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"],
+        help="log verbosity [env THAW_LOG_LEVEL]",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("webhook", help="serve the mutating admission webhook (HTTPS)")
@@ -73,8 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--host", default="0.0.0.0", help="address to listen on")
     _add(p, "--port", type=int, default=8444, help="port to listen on")
     _add(p, "--cert-dir", type=Path, default=None, help="directory with tls.crt and tls.key (HTTPS)")
-    _add(p, "--nodes", type=Path, default=None,
-         help="NodeList file (JSON or YAML) instead of watching the cluster")
+    _add(
+        p,
+        "--nodes",
+        type=Path,
+        default=None,
+        help="NodeList file (JSON or YAML) instead of watching the cluster",
+    )
     _add(p, "--workers", type=int, default=1, help="gunicorn worker processes")
     _add(p, "--threads", type=int, default=8, help="threads per worker")
 

@@ -58,6 +58,6 @@ def validate_facts(value: Any) -> NodeFacts:
         or gpu["count"] < 0
     ):
         raise FactsError(
-            f"node facts field 'gpu' must be {{\"product\": string, \"count\": integer >= 0}}, got {gpu!r}"
+            f'node facts field \'gpu\' must be {{"product": string, "count": integer >= 0}}, got {gpu!r}'
         )
     return value  # type: ignore[return-value]  # shape checked above
