@@ -1,0 +1,49 @@
+"""``thaw webhook``: check the configuration, then serve ``webhook.app`` under gunicorn over HTTPS."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from thaw.cli import UsageError
+from thaw.serving import ServeOptions, serve
+
+# Not webhook.app: prometheus_client must be imported only after thaw.serving has chosen the
+# multiprocess metrics directory, that is in the workers.
+from webhook.config import CONFIG_ENV, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.cert_dir is None:
+        raise UsageError("--cert-dir is required: the webhook serves HTTPS only (kube-apiserver calls it)")
+    if args.workers < 1 or args.threads < 1:
+        raise UsageError(f"--workers {args.workers} and --threads {args.threads} must both be at least 1")
+    try:
+        load_config(args.config)  # fail here, once, rather than in every worker after the fork
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.config is not None:
+        os.environ[CONFIG_ENV] = str(args.config.resolve())
+    else:
+        os.environ.pop(CONFIG_ENV, None)
+    log.info(
+        "thaw webhook: https://%s:%d (%d workers x %d threads)",
+        args.host,
+        args.port,
+        args.workers,
+        args.threads,
+    )
+    serve(
+        ServeOptions(
+            app="webhook.app:create_app",
+            host=args.host,
+            port=args.port,
+            cert_dir=args.cert_dir,
+            workers=args.workers,
+            threads=args.threads,
+        )
+    )
+    return 0

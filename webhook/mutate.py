@@ -1,0 +1,262 @@
+"""The mutation: a pure function from (pod, request namespace, prepared config, restore allowed) to
+JSON Patch operations and warnings, or a refusal.
+
+No I/O and no clock: the Flask app (``webhook.app``) and the review wrapper (``webhook.review``) are
+the only things around it. ``restore_allowed`` says which webhook entry called: kube-apiserver sends
+pods from namespaces labelled ``thaw.dev/restore=allowed`` to ``/mutate-restore`` and every other
+namespace's to ``/mutate`` (two entries with ``namespaceSelector``), so the webhook never reads
+Namespaces itself.
+
+Order of decisions (each one documented in README.md, "Webhook"):
+
+1. excluded namespace (``kube-system``, the webhook's own): untouched, silently;
+2. no ``thaw.dev/snapshot``: untouched;
+3. an invalid ``thaw.dev/*`` value: refused (400), on both paths;
+4. ``thaw.dev/injected`` already set: untouched (idempotent under ``reinvocationPolicy: IfNeeded``);
+5. namespace not allowed: untouched, with a warning that says why the pod cold-starts and how to
+   allow restore;
+6. no target container, target without ``command``, a volume, init container or mount path that
+   clashes with Thaw's: refused (400) with what to change;
+7. otherwise: the full injection (``webhook.patches``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from thaw.annotations import (
+    CHECKPOINT,
+    CONTAINER,
+    INJECTED,
+    RESTORE_LABEL,
+    RESTORE_LABEL_VALUE,
+    WORKLOAD,
+    AnnotationError,
+    ThawSpec,
+    parse_spec,
+)
+from thaw.workload import workload_hash
+from webhook import patches as P
+from webhook.types import JsonObject, PatchOp
+
+
+class MalformedPod(ValueError):
+    """The object is not shaped like a Pod (a field of the wrong type); it is admitted unchanged."""
+
+
+@dataclass(frozen=True, slots=True)
+class Mutation:
+    ops: list[PatchOp] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: int  # HTTP-style status code carried in the AdmissionResponse status
+    message: str
+
+
+def _obj(value: Any, where: str) -> Mapping[str, Any] | None:
+    if value is None or isinstance(value, Mapping):
+        return value
+    raise MalformedPod(f"{where} is a {type(value).__name__}, not an object")
+
+
+def _list(value: Any, where: str) -> list[Any] | None:
+    if value is None or isinstance(value, list):
+        return value
+    raise MalformedPod(f"{where} is a {type(value).__name__}, not a list")
+
+
+def _names(items: list[Any] | None) -> set[str]:
+    return {str(i["name"]) for i in items or () if isinstance(i, Mapping) and isinstance(i.get("name"), str)}
+
+
+def mutate(pod: Any, namespace: str, prepared: P.Prepared, restore_allowed: bool) -> Mutation | Refusal:
+    """What to do with ``pod`` (a Pod object from an AdmissionReview) created in ``namespace``."""
+    if namespace in prepared.excluded_namespaces:
+        return Mutation()
+    pod_obj = _obj(pod, "object")
+    if pod_obj is None:
+        raise MalformedPod("request.object is missing")
+    metadata = _obj(pod_obj.get("metadata"), "metadata") or {}
+    annotations = _obj(metadata.get("annotations"), "metadata.annotations")
+    try:
+        spec = parse_spec(annotations)
+    except AnnotationError as exc:
+        return Refusal(400, f"thaw: {exc}")
+    if spec is None or annotations is None:
+        return Mutation()
+    if INJECTED in annotations:
+        return Mutation()
+
+    pod_spec = _obj(pod_obj.get("spec"), "spec")
+    if pod_spec is None:
+        raise MalformedPod("spec is missing")
+    containers = _list(pod_spec.get("containers"), "spec.containers") or []
+    problem = _target_problem(spec, containers)
+
+    if not restore_allowed:
+        warning = (
+            f"thaw: namespace {namespace!r} is not labelled {RESTORE_LABEL}={RESTORE_LABEL_VALUE}: this pod "
+            f"will cold start, without restore. Allow restore with: kubectl label namespace {namespace} "
+            f"{RESTORE_LABEL}={RESTORE_LABEL_VALUE}"
+        )
+        warnings = [warning]
+        if isinstance(problem, str):
+            warnings.append(f"thaw: also, once allowed, this pod would be refused: {problem}")
+        return Mutation(warnings=warnings)
+
+    if isinstance(problem, str):
+        return Refusal(400, f"thaw: {problem}")
+    index, container = problem
+    clash = _clash(pod_spec, container)
+    if clash is not None:
+        return Refusal(400, f"thaw: {clash}")
+    return _inject(spec, pod_spec, annotations, index, container, prepared)
+
+
+def _target_problem(spec: ThawSpec, containers: list[Any]) -> str | tuple[int, Mapping[str, Any]]:
+    """The target container and its index, or why there is none that Thaw can wrap."""
+    names = [c.get("name") for c in containers if isinstance(c, Mapping)]
+    if spec.container is None:
+        if not containers or not isinstance(containers[0], Mapping):
+            return "the pod has no containers to restore"
+        index, container = 0, containers[0]
+    else:
+        for i, c in enumerate(containers):
+            if isinstance(c, Mapping) and c.get("name") == spec.container:
+                index, container = i, c
+                break
+        else:
+            return (
+                f"annotation {CONTAINER}={spec.container!r} names no container of this pod: "
+                f"allowed values are {', '.join(repr(n) for n in names)}"
+            )
+    name = container.get("name")
+    command = container.get("command")
+    if not command:
+        return (
+            f"container {name!r} has no command: the webhook cannot see the image's entrypoint, and "
+            f"`thaw exec` must know what to run when there is no snapshot to restore. Set command "
+            f"(and args) to what the image runs, e.g. from `docker inspect --format "
+            f"'{{{{.Config.Entrypoint}}}} {{{{.Config.Cmd}}}}' IMAGE`"
+        )
+    if not isinstance(command, list) or not all(isinstance(c, str) for c in command):
+        raise MalformedPod(f"container {name!r} command is not a list of strings")
+    args = container.get("args")
+    if args is not None and (not isinstance(args, list) or not all(isinstance(a, str) for a in args)):
+        raise MalformedPod(f"container {name!r} args is not a list of strings")
+    return index, container
+
+
+def _clash(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str | None:
+    volumes = _list(pod_spec.get("volumes"), "spec.volumes")
+    taken = _names(volumes) & set(P.VOLUME_NAMES)
+    if taken:
+        return (
+            f"the pod already has a volume named {sorted(taken)[0]!r}; Thaw adds volumes named "
+            f"{', '.join(P.VOLUME_NAMES)}: rename yours"
+        )
+    init = _list(pod_spec.get("initContainers"), "spec.initContainers")
+    regular = _list(pod_spec.get("containers"), "spec.containers")
+    taken = (_names(init) | _names(regular)) & set(P.INIT_CONTAINER_NAMES)
+    if taken:
+        return (
+            f"the pod already has a container named {sorted(taken)[0]!r}; Thaw adds init containers "
+            f"named {', '.join(P.INIT_CONTAINER_NAMES)}: rename yours"
+        )
+    mounts = _list(container.get("volumeMounts"), "volumeMounts") or []
+    paths = {str(m.get("mountPath")) for m in mounts if isinstance(m, Mapping)}
+    taken = paths & set(P.MOUNT_PATHS)
+    if taken:
+        return (
+            f"container {container.get('name')!r} already mounts something at {sorted(taken)[0]!r}; "
+            f"Thaw mounts {', '.join(P.MOUNT_PATHS)} there: move yours"
+        )
+    return None
+
+
+def _runs_as_non_root(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> bool:
+    for ctx in (
+        _obj(container.get("securityContext"), "securityContext"),
+        _obj(pod_spec.get("securityContext"), "spec.securityContext"),
+    ):
+        if ctx is None:
+            continue
+        user = ctx.get("runAsUser")
+        if user is not None:
+            return bool(user != 0)
+        if ctx.get("runAsNonRoot") is True:
+            return True
+    return False
+
+
+def _inject(  # noqa: PLR0917  (private; called once)
+    spec: ThawSpec,
+    pod_spec: Mapping[str, Any],
+    annotations: Mapping[str, Any],
+    index: int,
+    container: Mapping[str, Any],
+    prepared: P.Prepared,
+) -> Mutation:
+    config = prepared.config
+    warnings: list[str] = []
+    workload = workload_hash(container, prepared.allowlist)
+    checkpoint = spec.checkpoint
+    if checkpoint == "on-ready" and not prepared.can_publish:
+        checkpoint = "never"
+        warnings.append(
+            "thaw: no signing key is configured (signingKey), so this pod will not publish a snapshot"
+        )
+    publish = checkpoint == "on-ready"
+
+    ready, note = P.ready_target(container, config.ready_default)
+    if note is not None:
+        warnings.append(f"thaw: container {container.get('name')!r}: {note}")
+    if publish and ready is None:
+        warnings.append(
+            f"thaw: container {container.get('name')!r} has no readinessProbe: thaw exec cannot tell when "
+            f"to snapshot, so it will not; add a readinessProbe, or env THAW_READY, or {CHECKPOINT}: never"
+        )
+    if _runs_as_non_root(pod_spec, container):
+        warnings.append(
+            f"thaw: container {container.get('name')!r} runs as non-root: Kubernetes gives added "
+            "capabilities only to root processes, so restore will fall back to a cold start"
+        )
+    if WORKLOAD in annotations and annotations[WORKLOAD] != workload:
+        warnings.append(f"thaw: {WORKLOAD} is set by the webhook; the value in the pod was replaced")
+
+    env: list[JsonObject] = orjson.loads(prepared.env_with_key if publish else prepared.env)
+    env.append({"name": "THAW_CHECKPOINT", "value": checkpoint})
+    if ready is not None:
+        env.append({"name": "THAW_READY", "value": ready})
+    env.append({"name": "THAW_NAME", "value": spec.snapshot})
+    env.append({"name": "THAW_WORKLOAD", "value": workload})
+    env.append({"name": "THAW_CONTAINER", "value": str(container.get("name"))})
+
+    ops: list[PatchOp] = P.annotation_ops(annotations, {INJECTED: P.INJECTED_VALUE, WORKLOAD: workload})
+    ops += P.init_container_ops(
+        pod_spec.get("initContainers"), prepared.init_containers(spec.snapshot, workload)
+    )
+    ops += P.volume_ops(
+        pod_spec.get("volumes"), orjson.loads(prepared.volumes_with_key if publish else prepared.volumes)
+    )
+    ops += P.command_ops(index, container)
+    ops += P.env_ops(index, _list(container.get("env"), "env"), env)
+    ops += P.mount_ops(
+        index,
+        container.get("volumeMounts"),
+        orjson.loads(prepared.mounts_with_key if publish else prepared.mounts),
+    )
+    ops += P.capability_ops(
+        index, _obj(container.get("securityContext"), "securityContext"), prepared.capabilities
+    )
+    if config.extended_resource:
+        ops += P.extended_resource_ops(index, _obj(container.get("resources"), "resources"))
+    ops += P.scheduler_name_ops(pod_spec, config.scheduler_name)
+    return Mutation(ops, warnings)
