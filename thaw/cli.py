@@ -116,6 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--trust", type=Path, required=True, help="directory of trusted public keys")
     _add(p, "--plan", type=Path, required=True, help="where to write the restore plan")
     _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+    _add(
+        p,
+        "--allow-unsigned",
+        action="store_true",
+        default=False,
+        help="accept unsigned snapshots, or ones signed by a key not in --trust (opt-out of signing)",
+    )
+    _add(p, "--budget", type=int, default=None, help="cache byte budget (default: the agent's)")
 
     p = sub.add_parser("exec", help="restore the workload from the plan, or run it (and checkpoint)")
     _add(p, "--plan", type=Path, default=None, help="restore plan written by thaw fetch")
@@ -126,12 +134,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--name", default=None, help="snapshot name")
     _add(p, "--workload", default=None, help="workload hash")
     _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+    _add(p, "--cache", type=Path, default=None, help="node cache: keep the snapshot taken here")
+    _add(p, "--outcome", type=Path, default=None, help="outcome JSON (default: outcome.json beside --plan)")
+    _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
+    _add(p, "--pid-floor", type=int, default=4096, help="start the workload at or above this PID")
+    _add(
+        p,
+        "--tcp-established",
+        action="store_true",
+        default=False,
+        help="restore connections inside the tree (NCCL) instead of closing them",
+    )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
     p = sub.add_parser("agent", help="node agent: cache budget and Node annotations")
     _add(p, "--cache", type=Path, required=True, help="node cache directory")
     _add(p, "--budget", type=int, required=True, help="cache byte budget")
     _add(p, "--node", default=None, help="this Node's name (downward API)")
+    _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
+    _add(p, "--interval", type=float, default=30.0, help="seconds between passes")
+    _add(p, "--once", action="store_true", default=False, help="one pass, then exit")
 
     p = sub.add_parser("simulate", help="replay a synthetic cluster through the placement policies")
     _add(p, "--nodes", type=int, default=64, help="number of GPU nodes")
@@ -139,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--seed", type=int, default=1, help="random seed")
     _add(p, "--plot", type=Path, default=None, help="write a PNG of time-to-ready per policy")
 
-    sub.add_parser("status", help="nodes, their cached snapshots and facts, from the cluster")
+    p = sub.add_parser("status", help="nodes, their cached snapshots and facts, from the cluster")
+    _add(p, "--output", choices=["table", "json"], default="table", help="output format")
     sub.add_parser("demo", help="run the whole path on this machine with an embedded example")
     return parser
 

@@ -1,0 +1,348 @@
+"""The snapshot manifest (``manifest.json`` beside the image files; DESIGN.md, "Snapshot manifest").
+
+Format 1::
+
+    {"format": 1, "id": "sha256:<hex>", "name": ..., "workload": ..., "facts": {...}, "compat": ...,
+     "files": [{"path": ..., "size": ..., "sha256": ...}, ...], "total_bytes": ..., "created": RFC 3339,
+     "signature": {"key_id": ..., "alg": "ed25519", "value": base64}}
+
+The id is ``sha256:`` + sha256 of the canonical JSON (thaw.canonical) of the manifest without ``id``
+and ``signature`` (the *body*); the signature is over the same canonical bytes. So the id names the
+content (files by digest, facts, workload, time), and a signature check also proves the id.
+Pure functions except ``hash_files`` and ``check_files``, which read the image files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal, NotRequired, TypedDict
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from thaw.annotations import is_dns1123_label
+from thaw.canonical import canonical_json
+from thaw.compat import FactsError, NodeFacts, compat_key, validate_facts
+from thaw.signing import ALG, TrustedKeys, key_id, sign, verify
+
+FORMAT = 1
+MANIFEST_NAME = "manifest.json"
+ID_PREFIX = "sha256:"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
+CHUNK = 4 * 1024 * 1024
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+ErrorKind = Literal[
+    "malformed", "id-mismatch", "unsigned", "no-trusted-keys", "untrusted-key", "bad-signature"
+]
+
+
+class FileEntry(TypedDict):
+    path: str  # relative, POSIX separators, no '..' and no dot-files
+    size: int
+    sha256: str  # hex
+
+
+class Signature(TypedDict):
+    key_id: str
+    alg: Literal["ed25519"]
+    value: str  # base64
+
+
+class Manifest(TypedDict):
+    format: int
+    id: str
+    name: str
+    workload: str
+    facts: NodeFacts
+    compat: str
+    files: list[FileEntry]
+    total_bytes: int
+    created: str
+    signature: NotRequired[Signature]
+
+
+class ManifestError(ValueError):
+    """A manifest that is malformed or does not verify. ``kind`` is a stable code, the message is for
+    people: it says which field or which key, and what was expected."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind: ErrorKind = kind
+
+
+def hex_of(snapshot_id: str) -> str:
+    """The 64 hex digits of a ``sha256:<hex>`` id (the snapshot's directory name in stores and caches)."""
+    if not snapshot_id.startswith(ID_PREFIX) or not _HEX64.match(snapshot_id[len(ID_PREFIX) :]):
+        raise ManifestError("malformed", f"snapshot id must be sha256:<64 hex digits>, got {snapshot_id!r}")
+    return snapshot_id[len(ID_PREFIX) :]
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def body(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
+    """The manifest without ``id`` and ``signature``: what the id hashes and the signature signs."""
+    return {k: v for k, v in manifest.items() if k not in ("id", "signature")}
+
+
+def signed_bytes(manifest: Manifest | dict[str, Any]) -> bytes:
+    return canonical_json(body(manifest))
+
+
+def compute_id(manifest: Manifest | dict[str, Any]) -> str:
+    return ID_PREFIX + hashlib.sha256(signed_bytes(manifest)).hexdigest()
+
+
+def check_file_path(path: str) -> str | None:
+    """Why ``path`` cannot be a snapshot file path, or None when it can.
+
+    Paths come from manifests that may be unsigned (opt-out) or hostile: they must never escape the
+    snapshot directory, nor collide with the manifest or the cache's own dot-files.
+    """
+    if not path or "\x00" in path or "\\" in path:
+        return "empty, or contains NUL or backslash"
+    p = PurePosixPath(path)
+    if p.is_absolute():
+        return "absolute"
+    if any(part in ("", ".", "..") or part.startswith(".") for part in path.split("/")):
+        return "has an empty, '.', '..' or dot-file component"
+    if path == MANIFEST_NAME:
+        return f"{MANIFEST_NAME} is reserved for the manifest"
+    return None
+
+
+def hash_files(images: Path, progress: Callable[[int], None] | None = None) -> list[FileEntry]:
+    """Every regular file under ``images`` (recursively, sorted), with size and sha256.
+
+    A top-level ``manifest.json`` is skipped (republishing a cached snapshot); symlinks, devices and
+    other special files are refused, since a restore could not reproduce them from a store.
+    """
+    if not images.is_dir():
+        raise ManifestError("malformed", f"image directory {images} does not exist or is not a directory")
+    entries: list[FileEntry] = []
+    for dirpath, dirnames, filenames in os.walk(images, followlinks=False):
+        dirnames.sort()
+        for d in dirnames:
+            if os.path.islink(os.path.join(dirpath, d)):
+                raise ManifestError("malformed", f"{os.path.join(dirpath, d)} is a symlink: not allowed")
+        for fname in sorted(filenames):
+            full = Path(dirpath) / fname
+            rel = full.relative_to(images).as_posix()
+            if rel == MANIFEST_NAME:
+                continue
+            why = check_file_path(rel)
+            if why:
+                raise ManifestError("malformed", f"image file {rel!r} cannot be published: {why}")
+            st = full.lstat()
+            if not stat.S_ISREG(st.st_mode):
+                raise ManifestError("malformed", f"{full} is not a regular file (symlink or special file)")
+            h = hashlib.sha256()
+            size = 0
+            with open(full, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    h.update(chunk)
+                    size += len(chunk)
+                    if progress:
+                        progress(len(chunk))
+            entries.append({"path": rel, "size": size, "sha256": h.hexdigest()})
+    entries.sort(key=lambda e: e["path"])
+    if not entries:
+        raise ManifestError("malformed", f"image directory {images} holds no files")
+    return entries
+
+
+def build_manifest(
+    name: str, workload: str, facts: NodeFacts, files: list[FileEntry], created: str | None = None
+) -> Manifest:
+    """An unsigned manifest with its id computed."""
+    if not is_dns1123_label(name):
+        raise ManifestError("malformed", f"snapshot name {name!r} must be a DNS-1123 label")
+    if not workload or not isinstance(workload, str):
+        raise ManifestError("malformed", "workload hash must be a non-empty string")
+    m: dict[str, Any] = {
+        "format": FORMAT,
+        "name": name,
+        "workload": workload,
+        "facts": facts,
+        "compat": compat_key(facts),
+        "files": sorted(files, key=lambda e: e["path"]),
+        "total_bytes": sum(e["size"] for e in files),
+        "created": created or now_rfc3339(),
+    }
+    m["id"] = compute_id(m)
+    return m  # type: ignore[return-value]  # built field by field above
+
+
+def sign_manifest(manifest: Manifest, private: Ed25519PrivateKey) -> Manifest:
+    """``manifest`` with its signature."""
+    signed: Manifest = {**manifest}
+    signed.pop("signature", None)
+    signed["id"] = compute_id(signed)
+    signed["signature"] = {
+        "key_id": key_id(private.public_key()),
+        "alg": "ed25519",
+        "value": sign(private, signed_bytes(signed)),
+    }
+    return signed
+
+
+def _need(value: dict[str, Any], key: str, kind: type, what: str) -> Any:
+    v = value.get(key)
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise ManifestError("malformed", f"manifest field {key!r} must be {what}, got {v!r}"[:300])
+    return v
+
+
+def validate_manifest(value: Any) -> Manifest:
+    """Check the shape of a manifest and that its id is the hash of its body. Does not check the
+    signature (``verify_manifest``) nor the files (``check_files`` / the cache's copy)."""
+    if not isinstance(value, dict):
+        raise ManifestError("malformed", f"manifest must be a JSON object, got {type(value).__name__}")
+    fmt = value.get("format")
+    if fmt != FORMAT:
+        raise ManifestError(
+            "malformed", f"manifest format {fmt!r} is not supported (this Thaw reads {FORMAT})"
+        )
+    sid = _need(value, "id", str, "a string sha256:<hex>")
+    hex_of(sid)
+    name = _need(value, "name", str, "a string")
+    if not is_dns1123_label(name):
+        raise ManifestError("malformed", f"manifest name {name!r} is not a DNS-1123 label")
+    _need(value, "workload", str, "a string")
+    _need(value, "created", str, "an RFC 3339 time string")
+    try:
+        facts = validate_facts(value.get("facts"))
+    except FactsError as exc:
+        raise ManifestError("malformed", f"manifest facts: {exc}") from None
+    compat = _need(value, "compat", str, "a string")
+    if compat != compat_key(facts):
+        raise ManifestError(
+            "malformed", f"manifest compat {compat!r} is not the key of its facts ({compat_key(facts)})"
+        )
+    files = _need(value, "files", list, "a list")
+    seen: set[str] = set()
+    total = 0
+    for i, e in enumerate(files):
+        if not isinstance(e, dict):
+            raise ManifestError("malformed", f"manifest files[{i}] must be an object")
+        path, size, sha = e.get("path"), e.get("size"), e.get("sha256")
+        if not isinstance(path, str) or check_file_path(path):
+            raise ManifestError("malformed", f"manifest files[{i}].path {path!r} is not allowed")
+        if path in seen:
+            raise ManifestError("malformed", f"manifest files[{i}].path {path!r} appears twice")
+        seen.add(path)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError("malformed", f"manifest files[{i}].size must be an integer >= 0")
+        if not isinstance(sha, str) or not _HEX64.match(sha):
+            raise ManifestError("malformed", f"manifest files[{i}].sha256 must be 64 lower-case hex digits")
+        total += size
+    if not files:
+        raise ManifestError("malformed", "manifest lists no files")
+    if value.get("total_bytes") != total:
+        raise ManifestError(
+            "malformed",
+            f"manifest total_bytes {value.get('total_bytes')!r} is not the sum of its files ({total})",
+        )
+    sig = value.get("signature")
+    if sig is not None and (
+        not isinstance(sig, dict) or not all(isinstance(sig.get(k), str) for k in ("key_id", "alg", "value"))
+    ):
+        raise ManifestError("malformed", "manifest signature must be {key_id, alg, value} strings")
+    computed = compute_id(value)
+    if computed != sid:
+        raise ManifestError(
+            "id-mismatch",
+            f"manifest id {sid} is not the hash of its content ({computed}): the manifest was altered",
+        )
+    return value  # type: ignore[return-value]  # shape checked above
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError("malformed", f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ManifestError("malformed", f"manifest is not JSON ({exc})") from None
+    return validate_manifest(value)
+
+
+def load_manifest(path: Path) -> Manifest:
+    with open(path, "rb") as f:
+        return parse_manifest(f.read(MAX_MANIFEST_BYTES + 1))
+
+
+def dump_manifest(manifest: Manifest) -> bytes:
+    """Readable JSON for people; the id and signature never depend on this form (canonical bytes do)."""
+    return orjson.dumps(manifest, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def verify_manifest(manifest: Manifest, trusted: TrustedKeys, allow_unsigned: bool = False) -> str:
+    """Check the signature; return a one-line note of what was accepted, or raise ManifestError.
+
+    Refused: no signature, a key id not in the trust directory, an algorithm other than ed25519, or a
+    signature that does not verify. ``allow_unsigned`` (the operator's explicit opt-out) accepts a
+    missing signature or one by a key that is not trusted, but never a signature by a trusted key
+    that fails to verify: that only happens when a signed manifest was altered.
+    """
+    validate_manifest(manifest)  # id == hash(body): the signature below then also proves the id
+    sid = manifest["id"]
+    sig = manifest.get("signature")
+    if sig is None:
+        if allow_unsigned:
+            return f"snapshot {sid} is unsigned; accepted because unsigned snapshots are allowed"
+        raise ManifestError(
+            "unsigned", f"snapshot {sid} is unsigned (refused; opt out with --allow-unsigned)"
+        )
+    if sig["alg"] != ALG:
+        raise ManifestError("bad-signature", f"snapshot {sid} signature alg {sig['alg']!r} is not {ALG}")
+    public = trusted.keys.get(sig["key_id"])
+    if public is None:
+        if allow_unsigned:
+            return (
+                f"snapshot {sid} is signed by key {sig['key_id']}, which is not trusted; accepted because "
+                "unsigned snapshots are allowed"
+            )
+        if not trusted.keys:
+            detail = "; ".join(trusted.problems) or "it holds no public keys"
+            raise ManifestError(
+                "no-trusted-keys",
+                f"snapshot {sid} is signed by key {sig['key_id']} but the trust directory "
+                f"{trusted.source} has no usable keys ({detail})",
+            )
+        raise ManifestError(
+            "untrusted-key",
+            f"snapshot {sid} is signed by key {sig['key_id']}, not in the trust directory {trusted.source} "
+            f"(trusted: {', '.join(sorted(trusted.keys))})",
+        )
+    if not verify(public, signed_bytes(manifest), sig["value"]):
+        raise ManifestError(
+            "bad-signature",
+            f"snapshot {sid} signature by key {sig['key_id']} does not verify: the manifest was altered "
+            "or signed with another key",
+        )
+    return f"snapshot {sid} signed by trusted key {sig['key_id']}"
+
+
+def check_files(directory: Path, manifest: Manifest) -> None:
+    """Re-hash every file of ``manifest`` under ``directory``; raise ManifestError on a difference."""
+    for e in manifest["files"]:
+        p = directory / e["path"]
+        try:
+            st = p.lstat()
+        except OSError as exc:
+            raise ManifestError("malformed", f"{p}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != e["size"]:
+            raise ManifestError("malformed", f"{p}: size {st.st_size} is not {e['size']}")
+        with open(p, "rb") as f:
+            got = hashlib.file_digest(f, "sha256").hexdigest()
+        if got != e["sha256"]:
+            raise ManifestError("malformed", f"{p}: sha256 {got} is not {e['sha256']}")

@@ -1,0 +1,189 @@
+"""Detecting this node's facts (thaw.compat.NodeFacts): GPU product and count, driver, CRIU, kernel, arch.
+
+Sources, first that works: NVML through nvidia-ml-py; ``nvidia-smi``; ``/proc/driver/nvidia``. With
+none of them the node has no GPU (product "none", count 0, driver "none"). The product is written
+the way NVIDIA GPU Feature Discovery writes ``nvidia.com/gpu.product`` (spaces become '-'), so the
+extender's fallback on GFD labels and our facts agree. ``--facts FILE`` replaces detection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from thaw.compat import FactsError, GpuFacts, NodeFacts, validate_facts
+
+log = logging.getLogger("thaw.nodefacts")
+
+NONE = "none"
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
+PROC_NVIDIA = Path("/proc/driver/nvidia")
+TOOL_TIMEOUT_S = 20
+
+
+def gfd_product(name: str | bytes) -> str:
+    """A GPU name as GPU Feature Discovery labels it: 'NVIDIA H100 80GB HBM3' -> 'NVIDIA-H100-80GB-HBM3'."""
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return "-".join(name.strip().split())
+
+
+def load_facts_file(path: Path) -> NodeFacts:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise FactsError(f"cannot read facts file {path}: {exc.strerror or exc}") from None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FactsError(f"facts file {path} is not JSON ({exc})") from None
+    try:
+        return validate_facts(value)
+    except FactsError as exc:
+        raise FactsError(f"facts file {path}: {exc}") from None
+
+
+def _gpu_from_nvml() -> tuple[GpuFacts, str] | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+        log.debug("NVML unavailable: %s", exc)
+        return None
+    try:
+        count = int(pynvml.nvmlDeviceGetCount())
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        driver = driver.decode() if isinstance(driver, bytes) else str(driver)
+        product = (
+            gfd_product(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(0))) if count else NONE
+        )
+        return {"product": product, "count": count}, driver
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception as exc:
+            log.debug("nvmlShutdown: %s", exc)
+
+
+def _gpu_from_smi() -> tuple[GpuFacts, str] | None:
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return None
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=TOOL_TIMEOUT_S,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.debug("nvidia-smi failed: %s", exc)
+        return None
+    rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+    rows = [r for r in rows if len(r) == 2]
+    if not rows:
+        return None
+    return {"product": gfd_product(rows[0][0]), "count": len(rows)}, rows[0][1]
+
+
+def parse_proc_version(text: str) -> str | None:
+    """The driver version in /proc/driver/nvidia/version ('NVRM version: ... Kernel Module  580.159.04')."""
+    m = re.search(r"Kernel Module(?: for \S+)?\s+(\d+(?:\.\d+)+)", text)
+    return m.group(1) if m else None
+
+
+def _gpu_from_proc(root: Path = PROC_NVIDIA) -> tuple[GpuFacts, str] | None:
+    try:
+        driver = parse_proc_version((root / "version").read_text())
+    except OSError:
+        return None
+    if driver is None:
+        return None
+    gpus = sorted((root / "gpus").glob("*/information")) if (root / "gpus").is_dir() else []
+    product = NONE
+    if gpus:
+        m = re.search(r"^Model:\s*(.+)$", gpus[0].read_text(errors="replace"), re.MULTILINE)
+        product = gfd_product(m.group(1)) if m else NONE
+    return {"product": product, "count": len(gpus)}, driver
+
+
+def detect_gpu() -> tuple[GpuFacts, str]:
+    """(GPU product and count, driver version), from the first source that answers."""
+    for source in (_gpu_from_nvml, _gpu_from_smi, _gpu_from_proc):
+        found = source()
+        if found is not None:
+            return found
+    return {"product": NONE, "count": 0}, NONE
+
+
+def criu_binary(criu: str | None = None) -> str | None:
+    """The CRIU binary: ``criu`` argument, env THAW_CRIU, PATH, or the repository's .tools install."""
+    for candidate in (criu, os.environ.get("THAW_CRIU")):
+        if candidate:
+            return candidate
+    found = shutil.which("criu")
+    if found:
+        return found
+    return str(BUNDLED_CRIU) if BUNDLED_CRIU.exists() else None
+
+
+def parse_criu_version(text: str) -> str | None:
+    """'Version: 4.2.1' (first line of ``criu --version``) -> '4.2.1'."""
+    m = re.search(r"Version:\s*(\S+)", text)
+    return m.group(1) if m else None
+
+
+def detect_criu(criu: str | None = None) -> str:
+    binary = criu_binary(criu)
+    if binary is None:
+        return NONE
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot run %s --version: %s", binary, exc)
+        return NONE
+    return parse_criu_version(out.stdout) or NONE
+
+
+def node_facts(facts_file: Path | None = None, criu: str | None = None) -> NodeFacts:
+    """This node's facts: the validated ``facts_file`` when given, else detected."""
+    if facts_file is not None:
+        return load_facts_file(facts_file)
+    gpu, driver = detect_gpu()
+    facts: dict[str, Any] = {
+        "arch": platform.machine(),
+        "kernel": platform.release(),
+        "gpu": gpu,
+        "driver": driver,
+        "criu": detect_criu(criu),
+    }
+    return validate_facts(facts)
+
+
+def facts_difference(mine: NodeFacts, theirs: NodeFacts) -> str:
+    """'driver 580.159.04 here vs 550.54.15 in the snapshot, ...': why two keys differ, for people."""
+    diffs: list[str] = []
+    for key in ("arch", "kernel", "driver", "criu"):
+        if mine[key] != theirs[key]:
+            diffs.append(f"{key} {mine[key]} here vs {theirs[key]} in the snapshot")
+    if mine["gpu"] != theirs["gpu"]:
+        diffs.append(
+            f"gpu {mine['gpu']['count']}x {mine['gpu']['product']} here vs "
+            f"{theirs['gpu']['count']}x {theirs['gpu']['product']} in the snapshot"
+        )
+    return ", ".join(diffs) or "facts equal but keys differ (facts with extra fields)"

@@ -1,0 +1,88 @@
+"""The restore plan: what ``thaw fetch`` (init container) tells ``thaw exec`` (the workload's wrapper).
+
+JSON in a file on a shared ``emptyDir`` (DESIGN.md, "Command line"):
+``{"action": "restore", "path": DIR, "snapshot": ID}`` or ``{"action": "cold", "reason": TEXT}``.
+Reading never raises: a missing, unreadable or malformed plan is itself a reason to cold-start, and a
+restore must never crash-loop a pod.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal, NotRequired, TypedDict
+
+import orjson
+
+Action = Literal["restore", "cold"]
+MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; anything larger is not ours
+
+
+class Plan(TypedDict):
+    action: Action
+    path: NotRequired[str]  # restore: the snapshot directory in the node cache (CRIU images + manifest.json)
+    snapshot: NotRequired[str]  # restore: the snapshot id, "sha256:<hex>"
+    reason: NotRequired[str]  # cold: why there is no restore, for people
+
+
+def restore_plan(path: Path | str, snapshot_id: str) -> Plan:
+    return {"action": "restore", "path": str(path), "snapshot": snapshot_id}
+
+
+def cold_plan(reason: str) -> Plan:
+    return {"action": "cold", "reason": reason}
+
+
+def write_plan(path: Path, plan: Plan) -> None:
+    """Write ``plan`` atomically: a reader sees the old file, no file, or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(orjson.dumps(plan, option=orjson.OPT_SORT_KEYS) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # the workload container may run as another user than the init container
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_plan(raw: bytes) -> Plan:
+    """A plan from its bytes; malformed input becomes a cold plan that says what was wrong."""
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return cold_plan(f"restore plan is not JSON ({exc})")
+    if not isinstance(value, dict):
+        return cold_plan(f"restore plan must be a JSON object, got {type(value).__name__}")
+    action = value.get("action")
+    if action == "cold":
+        reason = value.get("reason")
+        return cold_plan(reason if isinstance(reason, str) and reason else "cold start (no reason given)")
+    if action == "restore":
+        path, snap = value.get("path"), value.get("snapshot")
+        if not isinstance(path, str) or not path.startswith("/"):
+            return cold_plan(f"restore plan has no absolute 'path' (got {path!r})")
+        if not isinstance(snap, str) or not snap.startswith("sha256:"):
+            return cold_plan(f"restore plan has no 'snapshot' id of the form sha256:<hex> (got {snap!r})")
+        return restore_plan(path, snap)
+    return cold_plan(f"restore plan action must be 'restore' or 'cold', got {action!r}")
+
+
+def read_plan(path: Path | None) -> Plan:
+    """The plan at ``path``; never raises (no path, missing, unreadable or malformed -> cold)."""
+    if path is None:
+        return cold_plan("no restore plan given (--plan): cold start")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PLAN_BYTES + 1)
+    except FileNotFoundError:
+        return cold_plan(f"no restore plan at {path} (thaw fetch did not run or did not finish)")
+    except OSError as exc:
+        return cold_plan(f"cannot read restore plan {path}: {exc.strerror or exc}")
+    if len(raw) > MAX_PLAN_BYTES:
+        return cold_plan(f"restore plan {path} is larger than {MAX_PLAN_BYTES} bytes")
+    return parse_plan(raw)
