@@ -1,0 +1,117 @@
+"""The extender's Flask app: thin HTTP around :mod:`extender.handlers` and the node index.
+
+Served by one gunicorn gthread worker (``thaw extender``): one process means one node index fed by
+one watch, shared by all request threads. Several worker processes would each need their own
+watch (N times the apiserver load, N views that disagree for a moment); threads are enough because
+a request is a few dict lookups and one orjson call, well under a millisecond of GIL time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, request
+from prometheus_client import Counter, Gauge, Histogram
+
+from extender import handlers
+from extender.index import NodeIndex
+from extender.nodes import load_node_list
+from extender.scoring import DEFAULT_PARAMS, Params
+from extender.watch import NodeWatch
+from thaw.serving import metrics_payload
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter(
+    "thaw_extender_requests_total", "Extender requests by verb and HTTP status", ["verb", "code"]
+)
+LATENCY = Histogram(
+    "thaw_extender_request_seconds",
+    "Time to answer a filter or prioritize request (handler only, excluding HTTP)",
+    ["verb"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+)
+NODES = Gauge("thaw_extender_nodes", "Nodes in the extender's view")
+READY = Gauge("thaw_extender_ready", "1 when the node view is current (after the first full list)")
+RELISTS = Gauge("thaw_extender_node_lists", "Full node lists done by the watch (relists + 1)")
+
+
+@dataclass
+class AppConfig:
+    nodes_file: Path | None = None  # a NodeList file instead of watching the cluster
+    params: Params = DEFAULT_PARAMS
+    api_client: Any = None  # a kubernetes.client.ApiClient; None: in-cluster config or KUBECONFIG
+    watch_options: dict[str, Any] = field(default_factory=dict)
+
+
+# Set by extender.cli before gunicorn forks; create_app() runs in the worker and reads it.
+CONFIG = AppConfig()
+
+
+class StaticView:
+    """Readiness of a --nodes file view: ready once loaded."""
+
+    def __init__(self, index: NodeIndex) -> None:
+        self.index = index
+
+    def ready(self) -> bool:
+        return self.index.synced
+
+
+def create_app(config: AppConfig | None = None) -> Flask:
+    cfg = config or CONFIG
+    index = NodeIndex(cfg.params)
+    view: NodeWatch | StaticView
+    if cfg.nodes_file is not None:
+        items, rv = load_node_list(cfg.nodes_file)
+        index.replace_all(items, rv)
+        view = StaticView(index)
+        log.info("extender: %d nodes from %s", len(index.nodes), cfg.nodes_file)
+    else:
+        view = NodeWatch(index, cfg.api_client, **cfg.watch_options)
+        view.start()
+
+    app = Flask("thaw-extender")
+    app.config["index"] = index
+    app.config["view"] = view
+
+    def answer(verb: str, fn: Any) -> Response:
+        start = time.perf_counter()
+        status, body = fn(index, request.get_data(cache=False))
+        LATENCY.labels(verb).observe(time.perf_counter() - start)
+        REQUESTS.labels(verb, str(status)).inc()
+        return Response(body, status=status, mimetype="application/json")
+
+    @app.post("/filter")
+    def filter_() -> Response:
+        return answer("filter", handlers.filter_)
+
+    @app.post("/prioritize")
+    def prioritize() -> Response:
+        return answer("prioritize", handlers.prioritize)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if view.ready():
+            return Response(f"ok: {len(index.nodes)} nodes\n", mimetype="text/plain")
+        why = "no full node list yet" if not index.synced else "node watch lost; relisting"
+        return Response(f"not ready: {why}\n", status=503, mimetype="text/plain")
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        NODES.set(len(index.nodes))
+        READY.set(1 if view.ready() else 0)
+        if isinstance(view, NodeWatch):
+            RELISTS.set(view.relists)
+        body, ctype = metrics_payload()
+        return Response(body, content_type=ctype)
+
+    return app
