@@ -1,0 +1,69 @@
+"""A small stand-in inference server with state, for the CRIU tests and bench/runtime_cpu.py.
+
+``python state_server.py PORT [--warmup S] [--mem-mb N]``: "warms up" for S seconds of CPU work and
+fills N MiB of memory (what a real server spends its start on), then serves on 127.0.0.1:PORT:
+``GET /state`` -> JSON with a counter and a digest of the warm-up's result; ``POST /bump`` adds one
+to the counter. A restored server must answer with the counter it had when it was checkpointed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+
+class State:
+    counter = 0
+    digest = ""
+    started = 0.0
+    pid = 0
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"  # one request per connection: nothing established stays behind
+
+    def _send(self, body: dict[str, object]) -> None:
+        raw = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        self._send({"counter": State.counter, "digest": State.digest, "pid": os.getpid()})
+
+    def do_POST(self) -> None:
+        State.counter += 1
+        self._send({"counter": State.counter})
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (stdlib signature)
+        sys.stdout.write("request " + (format % args) + "\n")
+        sys.stdout.flush()
+
+
+def main(argv: list[str]) -> int:
+    port = int(argv[0])
+    warmup = float(argv[argv.index("--warmup") + 1]) if "--warmup" in argv else 0.0
+    mem_mb = int(argv[argv.index("--mem-mb") + 1]) if "--mem-mb" in argv else 0
+    h = hashlib.sha256()
+    deadline = time.monotonic() + warmup
+    n = 0
+    while time.monotonic() < deadline:
+        h.update(n.to_bytes(8, "little") * 512)
+        n += 1
+    blob = bytearray(os.urandom(1 << 20)) * mem_mb  # memory the snapshot must carry
+    h.update(bytes(blob[:4096]))
+    State.digest = h.hexdigest()
+    server = HTTPServer(("127.0.0.1", port), Handler)
+    print(f"serving on {port} after {n} warm-up rounds", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

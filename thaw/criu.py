@@ -1,0 +1,263 @@
+"""Running CRIU for ``thaw exec``: which binary, which flags and why, the process tree, and errors that
+say what went wrong with the relevant lines of CRIU's log.
+
+Flags, and why (DESIGN.md; issue 5):
+
+- ``--leave-running`` on dump: the server keeps serving after its snapshot is taken.
+- ``--tcp-close`` on dump and restore: established connections (clients, probes) are not dumped and
+  come back closed, so a snapshot taken while a client is connected still restores in a new pod's
+  network namespace, where those connections could never exist. Listening sockets are restored.
+  ``tcp_established=True`` (``--tcp-established``) is for trees whose connections are between their
+  own processes (NCCL bootstrap between tensor-parallel ranks), which must come back open.
+- ``--skip-in-flight``: half-open connections in a listener's queue are dropped, not fatal.
+- ``--network-lock skip`` where neither iptables nor nft exists (slim images, these CI machines):
+  with established connections closed or kept inside the tree, there is nothing to lock.
+- ``--ghost-limit``: deleted-but-open files (Python's and NCCL's temporary files in /dev/shm, ~34 MB
+  for NCCL) are carried in the image up to this size; CRIU's default of 1 MiB refuses them.
+- ``--file-locks``: servers hold flock()s (compile caches); without it CRIU refuses to dump.
+- ``--manage-cgroups=ignore``: the restored tree joins the new container's cgroup (its limits), not
+  the one of the pod that took the snapshot.
+- no ``--shell-job``: ``thaw exec`` starts the workload in its own session, so the tree has no
+  terminal or session outside itself.
+- ``--inherit-fd fd[N]:pipe:[INODE]`` on restore: the workload's stdout/stderr were the old container's
+  log pipes; they are rebound to the new container's, so logs keep flowing after a restore.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GHOST_LIMIT = 256 * 1024 * 1024
+LOG_TAIL_LINES = 12
+REPO_CRIU = Path(__file__).resolve().parent.parent / ".tools" / "criu" / "bin" / "criu"
+
+
+class CriuError(RuntimeError):
+    """CRIU failed; the message carries the relevant tail of its log."""
+
+
+class CriuMissing(CriuError):
+    """No CRIU binary found."""
+
+
+def find_criu(env: dict[str, str] | None = None) -> str:
+    """THAW_CRIU, else ``criu`` on PATH, else the repository's ``.tools/criu/bin/criu``."""
+    env = os.environ if env is None else env  # type: ignore[assignment]
+    assert env is not None
+    explicit = env.get("THAW_CRIU")
+    if explicit:
+        if os.access(explicit, os.X_OK):
+            return explicit
+        raise CriuMissing(f"THAW_CRIU={explicit} is not an executable file")
+    on_path = shutil.which("criu", path=env.get("PATH"))
+    if on_path:
+        return on_path
+    if os.access(REPO_CRIU, os.X_OK):
+        return str(REPO_CRIU)
+    raise CriuMissing("criu not found (set THAW_CRIU, put criu on PATH, or run `make criu`)")
+
+
+def criu_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30, check=False)
+    m = re.search(r"Version:\s*(\S+)", out.stdout)
+    if out.returncode != 0 or not m:
+        raise CriuError(f"{binary} --version failed: {(out.stderr or out.stdout).strip()[:200]}")
+    return m.group(1)
+
+
+def network_lock_method(have_iptables: bool, have_nft: bool) -> str:
+    """iptables where present (CRIU's default), else nftables, else skip (see module doc)."""
+    if have_iptables:
+        return "iptables"
+    if have_nft:
+        return "nftables"
+    return "skip"
+
+
+def detect_network_lock() -> str:
+    return network_lock_method(shutil.which("iptables-restore") is not None, shutil.which("nft") is not None)
+
+
+@dataclass(frozen=True)
+class CriuOptions:
+    network_lock: str = "skip"
+    tcp_established: bool = False  # keep connections inside the tree open (NCCL); else close them
+    ghost_limit: int = GHOST_LIMIT
+    verbosity: int = 4
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _common(opts: CriuOptions, images: Path, work: Path, log: str) -> list[str]:
+    args = [
+        "-D",
+        str(images),
+        "-W",
+        str(work),
+        "-o",
+        log,
+        f"-v{opts.verbosity}",
+        "--network-lock",
+        opts.network_lock,
+        "--file-locks",
+        "--manage-cgroups=ignore",
+        "--skip-in-flight",
+    ]
+    args.append("--tcp-established" if opts.tcp_established else "--tcp-close")
+    return args
+
+
+def dump_args(
+    binary: str, root_pid: int, images: Path, work: Path, opts: CriuOptions, *, leave_running: bool = True
+) -> list[str]:
+    args = [binary, "dump", "-t", str(root_pid), *_common(opts, images, work, "dump.log")]
+    args += ["--ghost-limit", str(opts.ghost_limit)]
+    if leave_running:
+        args.append("--leave-running")
+    return [*args, *opts.extra]
+
+
+def restore_args(
+    binary: str,
+    images: Path,
+    work: Path,
+    opts: CriuOptions,
+    *,
+    pidfile: Path,
+    inherit: Sequence[tuple[int, str]] = (),
+) -> list[str]:
+    args = [binary, "restore", *_common(opts, images, work, "restore.log")]
+    # Detached: CRIU exits once the tree runs; the tree's root is re-parented to the nearest child
+    # subreaper, which is thaw exec (PID 1 in a container, PR_SET_CHILD_SUBREAPER elsewhere).
+    args += ["--restore-detached", "--pidfile", str(pidfile)]
+    for fd, name in inherit:
+        args += ["--inherit-fd", f"fd[{fd}]:{name}"]
+    return [*args, *opts.extra]
+
+
+_ERROR_LINE = re.compile(r"\b(Error|error|Err|FAIL|fail|Can't|Unable|unsupported|refuse)", re.ASCII)
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
+    """The lines that explain a failure: CRIU's error lines (last ``lines`` of them), else the tail."""
+    all_lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in all_lines if _ERROR_LINE.search(ln)]
+    chosen = errors[-lines:] if errors else all_lines[-lines:]
+    return " | ".join(chosen)
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def run(
+    args: list[str], log: Path, timeout: float, pass_fds: Sequence[int] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run CRIU; raise CriuError with the log's relevant tail when it fails."""
+    try:
+        proc = subprocess.run(
+            args,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            pass_fds=tuple(pass_fds),
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise CriuError(f"criu {args[1]} timed out after {timeout:.0f}s; {log_tail(_read_log(log))}") from exc
+    except OSError as exc:
+        raise CriuMissing(f"cannot run {args[0]}: {exc}") from exc
+    if proc.returncode != 0:
+        detail = log_tail(_read_log(log)) or (proc.stderr or proc.stdout).strip()[-800:]
+        raise CriuError(f"criu {args[1]} exited {proc.returncode} (log {log}): {detail}")
+    return proc
+
+
+# --- the process tree -------------------------------------------------------------------------
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def tree(root: int) -> list[int]:
+    """``root`` and all its descendants, parents before children."""
+    order, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if not os.path.exists(f"/proc/{pid}"):
+            continue
+        order.append(pid)
+        todo += children(pid)
+    return order
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    out: dict[int, str] = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            out[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+    return out
+
+
+def undumpable_reasons(fds_by_pid: dict[int, dict[int, str]]) -> list[str]:
+    """What CRIU cannot dump, said plainly, before CRIU says it cryptically (pure)."""
+    reasons: list[str] = []
+    for pid, fds in sorted(fds_by_pid.items()):
+        for fd, target in sorted(fds.items()):
+            if target == "anon_inode:[io_uring]":
+                reasons.append(
+                    f"process {pid} has an io_uring instance (fd {fd}): CRIU cannot dump io_uring;"
+                    " run the server without io_uring (e.g. a non-io_uring event loop)"
+                )
+            elif target.startswith("/dev/nvidia"):
+                reasons.append(
+                    f"process {pid} still has {target} open (fd {fd}) after the CUDA checkpoint:"
+                    " a process that opened the GPU without CUDA (e.g. NVML) cannot be dumped"
+                )
+    return reasons
+
+
+def pids_in_use(pids: Sequence[int]) -> list[int]:
+    return [p for p in pids if os.path.exists(f"/proc/{p}")]
+
+
+def wait_pids_free(pids: Sequence[int], timeout: float) -> list[int]:
+    """Wait until none of ``pids`` exists (an old tree's zombies being reaped); return those left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        busy = pids_in_use(pids)
+        if not busy or time.monotonic() >= deadline:
+            return busy
+        time.sleep(0.05)
+
+
+def pid_file_busy(log_text: str) -> bool:
+    """CRIU's "Can't fork for PID: File exists": a PID of the tree was still taken."""
+    return "File exists" in log_text and ("fork" in log_text or "set_tid" in log_text)
