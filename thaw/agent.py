@@ -1,0 +1,132 @@
+"""``thaw agent``: the node DaemonSet. Keeps the node cache healthy and tells the cluster what it holds.
+
+Each pass: detect the node's facts (a driver or CRIU upgrade changes them), remove what dead
+processes left (interrupted fetches, half-deleted snapshots), evict snapshots this node can no
+longer restore, evict least recently used snapshots until the cache fits its byte budget (never one
+that a restore holds), record the budget for ``thaw fetch``, and patch this Node's ``thaw.dev/facts``
+and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client).
+Without ``--node`` it prints the annotations instead (a dry run for people and demos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from thaw.annotations import NODE_CACHE, NODE_FACTS
+from thaw.cache import clean_stale, enforce_budget, inventory, remove_incompatible, write_budget
+from thaw.canonical import canonical_json
+from thaw.cli import UsageError
+from thaw.compat import NodeFacts
+from thaw.inventory import Inventory, render_inventory
+
+log = logging.getLogger("thaw.agent")
+
+RESYNC_S = 300.0  # patch even when nothing changed, in case someone removed the annotations
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@dataclass
+class PassResult:
+    facts: NodeFacts
+    inventory: Inventory
+    stale: list[str] = field(default_factory=list)
+    incompatible: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
+
+
+def upkeep(cache_dir: Path, budget: int, facts: NodeFacts) -> PassResult:
+    """One pass over the cache (no cluster I/O)."""
+    cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_budget(cache_dir, budget)
+    stale = clean_stale(cache_dir)
+    incompatible = remove_incompatible(cache_dir, facts)
+    evicted = enforce_budget(cache_dir, budget)
+    return PassResult(facts, inventory(cache_dir, facts, budget), stale, incompatible, evicted)
+
+
+def node_annotations(facts: NodeFacts, inv: Inventory) -> dict[str, str]:
+    """The two annotation values, each under the 64 KiB budget (render_inventory trims LRU-first)."""
+    return {NODE_FACTS: canonical_json(facts).decode(), NODE_CACHE: render_inventory(inv)}
+
+
+def core_api() -> Any:
+    """A CoreV1Api from the in-cluster service account, else KUBECONFIG / ~/.kube/config."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.CoreV1Api()
+
+
+def patch_node(api: Any, node: str, annotations: dict[str, str]) -> None:
+    """Merge-patch ``annotations`` onto Node ``node``: other annotations and fields stay untouched."""
+    api.patch_node(node, {"metadata": {"annotations": annotations}}, _content_type=MERGE_PATCH)
+
+
+class _Stop:
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        log.info("signal %d: stopping after this pass", signum)
+        self.event.set()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``thaw agent --cache DIR --budget BYTES [--node NAME] [--facts FILE] [--interval S] [--once]``."""
+    from thaw.nodefacts import node_facts
+
+    if args.budget < 0:
+        raise UsageError(f"--budget must be a byte count >= 0, got {args.budget}")
+    if args.interval <= 0:
+        raise UsageError(f"--interval must be > 0 seconds, got {args.interval}")
+    stop = _Stop()
+    if not args.once:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+    api = core_api() if args.node else None
+    last_sent: dict[str, str] | None = None
+    last_sent_at = 0.0
+    failed = False
+    while True:
+        try:
+            result = upkeep(args.cache, args.budget, node_facts(args.facts))
+            for what, items in (
+                ("removed leftover", result.stale),
+                ("removed snapshot no longer compatible with this node", result.incompatible),
+                ("evicted (over budget, least recently used)", result.evicted),
+            ):
+                for item in items:
+                    log.info("%s: %s", what, item)
+            annotations = node_annotations(result.facts, result.inventory)
+            if api is None:
+                sys.stdout.write(canonical_json(annotations).decode() + "\n")
+                sys.stdout.flush()
+            elif annotations != last_sent or time.monotonic() - last_sent_at > RESYNC_S:
+                patch_node(api, args.node, annotations)
+                last_sent, last_sent_at = annotations, time.monotonic()
+                log.info(
+                    "patched node %s: %d snapshot(s), %d bytes free",
+                    args.node,
+                    len(result.inventory["snapshots"]),
+                    result.inventory["free_bytes"],
+                )
+            failed = False
+        except Exception as exc:
+            # A transient API or disk error must not crash-loop the DaemonSet: log it, try again.
+            failed = True
+            log.error("agent pass failed: %s: %s", type(exc).__name__, exc)
+            log.debug("agent pass failed", exc_info=True)
+        if args.once or stop.event.wait(args.interval):
+            return 1 if failed else 0
