@@ -8,6 +8,7 @@ A node built here is what kube-apiserver would return for a Node that the Thaw a
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 import orjson
@@ -82,7 +83,7 @@ def node(
     return {
         "metadata": {
             "name": name,
-            "uid": f"00000000-0000-4000-8000-{abs(hash(name)) % 10**12:012d}",
+            "uid": f"00000000-0000-4000-8000-{zlib.crc32((name).encode()) % 10**12:012d}",
             "resourceVersion": resource_version,
             "creationTimestamp": "2026-11-28T05:40:06Z",
             "labels": labels,
@@ -102,7 +103,12 @@ def node(
                     "message": "kubelet is posting ready status",
                 }
             ],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "nodeInfo": {
+                "machineID": f"{zlib.crc32((name + 'm').encode()) % 10**32:032d}",
+                "systemUUID": f"{zlib.crc32((name + 's').encode()) % 10**32:032d}",
+                "bootID": f"{zlib.crc32((name + 'b').encode()) % 10**32:032d}",
+                "kubeProxyVersion": "v1.32.2",
                 "kernelVersion": facts["kernel"] if facts else "6.8.0-60-generic",
                 "osImage": "Ubuntu 24.04.1 LTS",
                 "containerRuntimeVersion": "containerd://1.7.24",

@@ -1,0 +1,360 @@
+"""A small kube-apiserver for Nodes, speaking the real wire format, for tests of Thaw's clients.
+
+What the official ``kubernetes`` Python client (or kubectl) sees is what kube-apiserver sends:
+
+- ``GET /api/v1/nodes``: a ``NodeList`` with ``metadata.resourceVersion``; ``limit`` and
+  ``continue`` paginate (the continue token is opaque; a stale one gets 410 like the real server).
+- ``GET /api/v1/nodes?watch=true&resourceVersion=RV&allowWatchBookmarks=true&timeoutSeconds=N``: a
+  chunked stream of JSON lines ``{"type": ADDED|MODIFIED|DELETED|BOOKMARK|ERROR, "object": ...}``.
+  A resourceVersion older than the compaction point gets, as kube-apiserver does, HTTP 200 and one
+  ERROR event whose object is a ``Status`` with ``code: 410, reason: Expired``. ``resourceVersion``
+  empty or ``0`` first sends ADDED for every Node. Bookmarks carry only ``metadata.resourceVersion``.
+- ``GET /api/v1/nodes/NAME``, ``PATCH /api/v1/nodes/NAME`` with ``application/merge-patch+json``
+  or ``application/strategic-merge-patch+json`` (for maps such as ``metadata.annotations`` the two
+  are the same: ``null`` deletes a key), each change a new resourceVersion and a MODIFIED event.
+- Errors are ``Status`` objects (``NotFound`` 404, ``UnsupportedMediaType`` 415, ``BadRequest``).
+
+Test controls (Python): :meth:`FakeKube.add`, :meth:`update`, :meth:`delete`, :meth:`compact`
+(expire old resourceVersions), :meth:`drop_watches` (cut every open watch mid-stream, no final
+chunk), :meth:`fail_next_lists` (500s, to exercise backoff), and counters of requests seen.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+NODES_PATH = "/api/v1/nodes"
+
+
+def status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch (also what a strategic merge patch does to plain maps)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+class FakeKube:
+    def __init__(self, bookmark_interval_s: float = 1.0) -> None:
+        self.bookmark_interval_s = bookmark_interval_s
+        self._cond = threading.Condition()
+        self._rv = 100
+        self._compacted = 0
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self._watch_sockets: set[socket.socket] = set()
+        self._fail_lists = 0
+        self.requests: list[str] = []  # "METHOD path?query" in order
+        self.lists = 0
+        self.watches = 0
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> FakeKube:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.drop_watches()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def api_client(self) -> Any:
+        """An official ``kubernetes.client.ApiClient`` pointed at this server."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        return client.ApiClient(cfg)
+
+    # ---- state changes -------------------------------------------------------------------------
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    def _record(self, kind: str, node: dict[str, Any]) -> None:
+        self._rv += 1
+        node["metadata"]["resourceVersion"] = str(self._rv)
+        self.events.append((self._rv, kind, copy.deepcopy(node)))
+        self._cond.notify_all()
+
+    def add(self, node: dict[str, Any]) -> None:
+        with self._cond:
+            node = copy.deepcopy(node)
+            self.nodes[node["metadata"]["name"]] = node
+            self._record("ADDED", node)
+
+    def update(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        with self._cond:
+            node = merge_patch(self.nodes[name], patch)
+            self.nodes[name] = node
+            self._record("MODIFIED", node)
+            return copy.deepcopy(node)
+
+    def delete(self, name: str) -> None:
+        with self._cond:
+            node = self.nodes.pop(name)
+            self._record("DELETED", node)
+
+    def compact(self) -> None:
+        """Forget history up to now: a watch or continue from an older resourceVersion gets 410."""
+        with self._cond:
+            self._compacted = self._rv
+            self.events.clear()
+
+    def drop_watches(self) -> None:
+        """Cut every open watch connection mid-stream (no terminating chunk), as a LB reset does."""
+        with self._cond:
+            socks = list(self._watch_sockets)
+            self._watch_sockets.clear()
+            self._cond.notify_all()
+        for s in socks:
+            with suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def fail_next_lists(self, n: int) -> None:
+        with self._cond:
+            self._fail_lists = n
+
+    # ---- HTTP ----------------------------------------------------------------------------------
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        kube = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _json(self, code: int, body: Any) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                kube.requests.append(f"GET {self.path}")
+                url = urlsplit(self.path)
+                query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+                if url.path == NODES_PATH:
+                    if query.get("watch") in ("1", "true"):
+                        kube._serve_watch(self, query)
+                    else:
+                        kube._serve_list(self, query)
+                elif url.path.startswith(NODES_PATH + "/"):
+                    name = url.path[len(NODES_PATH) + 1 :]
+                    with kube._cond:
+                        node = copy.deepcopy(kube.nodes.get(name))
+                    if node is None:
+                        self._json(404, status(404, "NotFound", f'nodes "{name}" not found'))
+                    else:
+                        self._json(200, node)
+                else:
+                    self._json(
+                        404, status(404, "NotFound", "the server could not find the requested resource")
+                    )
+
+            def do_PATCH(self) -> None:
+                kube.requests.append(f"PATCH {self.path}")
+                url = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                name = url.path[len(NODES_PATH) + 1 :] if url.path.startswith(NODES_PATH + "/") else ""
+                ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip()
+                if ctype not in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                    self._json(
+                        415,
+                        status(
+                            415,
+                            "UnsupportedMediaType",
+                            f"the body of the request was in an unknown format - accepted media types "
+                            f"include: application/merge-patch+json, application/strategic-merge-patch+json "
+                            f"(got {ctype!r})",
+                        ),
+                    )
+                    return
+                try:
+                    patch = json.loads(raw)
+                    if not isinstance(patch, dict):
+                        raise ValueError("a merge patch must be a JSON object")
+                except ValueError as exc:
+                    self._json(400, status(400, "BadRequest", f"error decoding patch: {exc}"))
+                    return
+                with kube._cond:
+                    if name not in kube.nodes:
+                        self._json(404, status(404, "NotFound", f'nodes "{name}" not found'))
+                        return
+                    patch.get("metadata", {}).pop("resourceVersion", None)
+                    node = kube.update(name, patch)
+                self._json(200, node)
+
+        return Handler
+
+    def _serve_list(self, h: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        with self._cond:
+            self.lists += 1
+            if self._fail_lists > 0:
+                self._fail_lists -= 1
+                h._json(500, status(500, "InternalError", "injected list failure"))  # type: ignore[attr-defined]
+                return
+            names = sorted(self.nodes)
+            rv = self._rv
+            start = 0
+            token = query.get("continue")
+            if token:
+                try:
+                    pos = json.loads(base64.urlsafe_b64decode(token))
+                    rv, after = int(pos["rv"]), pos["after"]
+                except (ValueError, KeyError, TypeError):
+                    h._json(400, status(400, "BadRequest", "invalid continue token"))  # type: ignore[attr-defined]
+                    return
+                if rv < self._compacted:
+                    h._json(  # type: ignore[attr-defined]
+                        410,
+                        status(
+                            410,
+                            "Expired",
+                            "The provided continue parameter is too old to display a consistent list result.",
+                        ),
+                    )
+                    return
+                start = next((i for i, n in enumerate(names) if n > after), len(names))
+            limit = int(query.get("limit") or 0)
+            chosen = names[start : start + limit] if limit > 0 else names[start:]
+            meta: dict[str, Any] = {"resourceVersion": str(rv)}
+            if limit > 0 and start + limit < len(names):
+                meta["continue"] = base64.urlsafe_b64encode(
+                    json.dumps({"rv": rv, "after": chosen[-1]}).encode()
+                ).decode()
+                meta["remainingItemCount"] = len(names) - start - limit
+            body = {
+                "kind": "NodeList",
+                "apiVersion": "v1",
+                "metadata": meta,
+                "items": [copy.deepcopy(self.nodes[n]) for n in chosen],
+            }
+        h._json(200, body)  # type: ignore[attr-defined]
+
+    def _serve_watch(self, h: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+        bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
+        timeout = float(query.get("timeoutSeconds") or 1800)
+        rv_param = query.get("resourceVersion") or "0"
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+
+        def chunk(obj: dict[str, Any]) -> None:
+            data = json.dumps(obj).encode() + b"\n"
+            h.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+            h.wfile.flush()
+
+        with self._cond:
+            self.watches += 1
+            sock = h.connection
+            self._watch_sockets.add(sock)
+            pending: list[tuple[str, dict[str, Any]]] = []
+            if rv_param == "0":
+                pending = [("ADDED", copy.deepcopy(n)) for n in self.nodes.values()]
+                since = self._rv
+            else:
+                since = int(rv_param)
+                if since < self._compacted:
+                    pending = [
+                        (
+                            "ERROR",
+                            status(410, "Expired", f"too old resource version: {since} ({self._compacted})"),
+                        )
+                    ]
+                    since = -1
+        deadline = time.monotonic() + timeout
+        last_bookmark = time.monotonic()
+        try:
+            for kind, obj in pending:
+                chunk({"type": kind, "object": obj})
+            while since >= 0:
+                with self._cond:
+                    if sock not in self._watch_sockets:
+                        return  # dropped by drop_watches: no terminating chunk
+                    new = [(rv, k, copy.deepcopy(o)) for rv, k, o in self.events if rv > since]
+                    if not new:
+                        self._cond.wait(timeout=0.05)
+                        now = time.monotonic()
+                        if now >= deadline:
+                            break
+                        if bookmarks and now - last_bookmark >= self.bookmark_interval_s:
+                            last_bookmark = now
+                            new_bm = self._rv
+                        else:
+                            continue
+                    else:
+                        new_bm = -1
+                if new_bm >= 0:
+                    chunk(
+                        {
+                            "type": "BOOKMARK",
+                            "object": {
+                                "kind": "Node",
+                                "apiVersion": "v1",
+                                "metadata": {"resourceVersion": str(new_bm), "creationTimestamp": None},
+                            },
+                        }
+                    )
+                    since = max(since, new_bm)
+                    continue
+                for rv, kind, obj in new:
+                    chunk({"type": kind, "object": obj})
+                    since = rv
+            h.wfile.write(b"0\r\n\r\n")  # the server ends the watch (timeoutSeconds)
+            h.wfile.flush()
+        except OSError:
+            pass
+        finally:
+            with self._cond:
+                self._watch_sockets.discard(sock)
+            h.close_connection = True
+
+
+@contextmanager
+def running(bookmark_interval_s: float = 1.0) -> Iterator[FakeKube]:
+    kube = FakeKube(bookmark_interval_s).start()
+    try:
+        yield kube
+    finally:
+        kube.stop()
