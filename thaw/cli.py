@@ -90,10 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--threads", type=int, default=8, help="threads per worker")
 
     p = sub.add_parser("certs", help="generate a CA and a serving certificate; print the caBundle")
-    _add(p, "--out", type=Path, required=True, help="directory for ca.crt, tls.crt, tls.key")
+    _add(p, "--out", type=Path, default=None, help="directory for ca.crt, tls.crt, tls.key (unless --auto)")
     _add(p, "--dns", action="append", default=[], help="DNS name for the certificate (repeatable)")
     _add(p, "--ip", action="append", default=[], help="IP address for the certificate (repeatable)")
-    _add(p, "--days", type=int, default=365, help="validity of the serving certificate")
+    _add(p, "--days", type=int, default=None, help="serving certificate validity (365; 90 --auto)")
+    # --auto: keep a CA and serving certificate in Secrets and the webhook's caBundle current
+    # (thaw/certmanager.py, manifests/overlays/default).
+    _add(p, "--auto", action="store_true", help="run the certificate controller (Secrets, caBundle, renewal)")
+    _add(p, "--once", action="store_true", help="with --auto: reconcile once and exit")
+    _add(p, "--namespace", default="thaw-system", help="with --auto: namespace of the Secrets")
+    _add(p, "--secret", default="thaw-tls", help="with --auto: Secret for ca.crt, tls.crt, tls.key")
+    _add(p, "--ca-secret", default="thaw-ca", help="with --auto: Secret for the CA and its key")
+    _add(p, "--webhook-config", default="thaw-webhook", help="with --auto: its webhooks' caBundle")
+    _add(p, "--renew-before-days", type=int, default=30, help="with --auto: renew when fewer days remain")
+    _add(p, "--interval", type=float, default=300.0, help="with --auto: seconds between reconciles")
+    _add(p, "--health-port", type=int, default=8080, help="with --auto: plain HTTP /healthz, /readyz")
+    _add(p, "--kubeconfig", default=None, help="with --auto: kubeconfig (default: in-cluster, then ~/.kube)")
 
     keys = sub.add_parser("keys", help="snapshot signing keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)

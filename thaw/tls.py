@@ -54,14 +54,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def generate(
+def generate(  # noqa: PLR0917
     dns_names: list[str],
     ips: list[str] | None = None,
     days: int = 365,
     ca_key: ec.EllipticCurvePrivateKey | None = None,
     ca_cert: x509.Certificate | None = None,
+    ca_days: int | None = None,
 ) -> tuple[Generated, ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """A serving certificate for ``dns_names``/``ips``, signed by the given CA or a new one."""
+    """A serving certificate for ``dns_names``/``ips``, signed by the given CA or a new one.
+
+    A new CA is valid ``ca_days`` (default ten times ``days``).
+    """
     if not dns_names and not ips:
         raise ValueError("a serving certificate needs at least one DNS name or IP address")
     now = dt.datetime.now(dt.UTC)
@@ -74,7 +78,7 @@ def generate(
             .public_key(ca_key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=days * 10))
+            .not_valid_after(now + dt.timedelta(days=ca_days if ca_days is not None else days * 10))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
