@@ -137,7 +137,8 @@ class Prepared:
         }
         mounts: list[JsonObject] = [
             {"name": VOL_TOOLS, "mountPath": TOOLS_DIR, "readOnly": True},
-            {"name": VOL_PLAN, "mountPath": PLAN_DIR, "readOnly": True},
+            # Writable: thaw exec may record its outcome beside the plan (the emptyDir is the pod's own).
+            {"name": VOL_PLAN, "mountPath": PLAN_DIR},
             {"name": VOL_CACHE, "mountPath": CACHE_DIR},
             {"name": VOL_STORE, "mountPath": STORE_DIR},
         ]
