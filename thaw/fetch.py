@@ -22,7 +22,7 @@ from thaw.compat import NodeFacts, compat_key
 from thaw.manifest import Manifest, ManifestError, verify_manifest
 from thaw.nodefacts import facts_difference
 from thaw.plan import Plan, cold_plan, restore_plan, write_plan
-from thaw.signing import load_trusted_keys
+from thaw.signing import TrustedKeys, load_trusted_keys
 from thaw.store import DigestMismatch, DirectoryStore, Store, StoreError
 
 log = logging.getLogger("thaw.fetch")
@@ -138,44 +138,50 @@ def _fetch(
         log.warning("trust directory: %s", p)
     failures: list[str] = []
     for m in candidates:
-        try:
-            note = verify_manifest(m, trusted, allow_unsigned)
-        except ManifestError as exc:
-            failures.append(f"{_CATEGORY[exc.kind]}: {exc}")
-            continue
-        (log.warning if "accepted because" in note else log.info)("%s", note)
-        label = f"thaw fetch {name} {m['id'][7:19]}"
-        progress = StderrProgress(label, m["total_bytes"]) if show_progress else None
-        try:
-            path = stage(
-                store,
-                m,
-                cache_dir,
-                progress,
-                budget=budget,
-                on_wait=functools.partial(
-                    log.info, "another fetch of %s is staging it here; waiting", m["id"]
-                ),
-            )
-        except CacheFull as exc:
-            return cold_plan(str(exc))
-        except DigestMismatch as exc:
-            failures.append(f"digest mismatch: snapshot {m['id']}: {exc}")
-            continue
-        except StoreError as exc:
-            failures.append(f"store unreadable: snapshot {m['id']}: {exc}")
-            continue
-        except CacheError as exc:
-            failures.append(f"cache error: {exc}")
-            continue
-        except OSError as exc:
-            failures.append(f"cache error: {exc.strerror or exc} ({exc.filename or cache_dir})")
-            continue
-        if progress is not None and progress.done:
-            progress.finish()
-        return restore_plan(path, m["id"])
+        outcome = _attempt(store, m, cache_dir, trusted, allow_unsigned, budget, show_progress)
+        if not isinstance(outcome, str):
+            return outcome
+        log.warning("not restoring %s: %s", m["id"], outcome)
+        failures.append(outcome)
     more = f" ({len(failures) - 1} older candidate(s) also failed)" if len(failures) > 1 else ""
     return cold_plan(failures[0] + more)
+
+
+def _attempt(  # noqa: PLR0917
+    store: Store,
+    m: Manifest,
+    cache_dir: Path,
+    trusted: TrustedKeys,
+    allow_unsigned: bool,
+    budget: int | None,
+    show_progress: bool,
+) -> Plan | str:
+    """Verify and stage one candidate: its plan (restore, or cold when the cache is full, which an
+    older candidate would not cure), or why this candidate cannot be used."""
+    try:
+        note = verify_manifest(m, trusted, allow_unsigned)
+    except ManifestError as exc:
+        return f"{_CATEGORY[exc.kind]}: {exc}"
+    (log.warning if "accepted because" in note else log.info)("%s", note)
+    progress = (
+        StderrProgress(f"thaw fetch {m['name']} {m['id'][7:19]}", m["total_bytes"]) if show_progress else None
+    )
+    waiting = functools.partial(log.info, "another fetch of %s is staging it here; waiting", m["id"])
+    try:
+        path = stage(store, m, cache_dir, progress, budget=budget, on_wait=waiting)
+    except CacheFull as exc:
+        return cold_plan(str(exc))
+    except DigestMismatch as exc:
+        return f"digest mismatch: snapshot {m['id']}: {exc}"
+    except StoreError as exc:
+        return f"store unreadable: snapshot {m['id']}: {exc}"
+    except CacheError as exc:
+        return f"cache error: {exc}"
+    except OSError as exc:
+        return f"cache error: {exc.strerror or exc} ({exc.filename or cache_dir})"
+    if progress is not None and progress.done:
+        progress.finish()
+    return restore_plan(path, m["id"])
 
 
 def run(args: argparse.Namespace) -> int:

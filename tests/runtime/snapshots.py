@@ -1,0 +1,138 @@
+"""Helpers for the snapshot-side tests: a key pair, a store, a cache and facts in a temporary tree,
+driven through the real ``thaw`` CLI (the contract the init container and the agent run)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from thaw.compat import NodeFacts, compat_key
+
+REPO = Path(__file__).resolve().parents[2]
+THAW = str(Path(sys.executable).parent / "thaw")
+
+FACTS: NodeFacts = {
+    "arch": "x86_64",
+    "kernel": "6.18.0-test",
+    "gpu": {"product": "NVIDIA-H100-80GB-HBM3", "count": 8},
+    "driver": "580.159.04",
+    "criu": "4.2.1",
+}
+
+
+def facts(**changes: Any) -> NodeFacts:
+    f = copy.deepcopy(FACTS)
+    f.update(changes)  # type: ignore[typeddict-item]
+    return f
+
+
+def thaw(
+    *args: str | Path, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``thaw`` CLI; THAW_* from the test runner's environment never leak in."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    return subprocess.run(
+        [THAW, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        check=check,
+        timeout=120,
+    )
+
+
+def read_json(path: Path) -> Any:
+    return orjson.loads(path.read_bytes())
+
+
+@dataclass
+class World:
+    root: Path
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def plan(self) -> Path:
+        return self.root / "plan" / "plan.json"
+
+    def facts_file(self, f: NodeFacts = FACTS, name: str = "facts.json") -> Path:
+        p = self.root / name
+        p.write_bytes(orjson.dumps(f))
+        return p
+
+    def facts_for(self, f: NodeFacts) -> Path:
+        return self.facts_file(f, f"facts-{compat_key(f)}.json")
+
+    def setup_keys(self) -> None:
+        thaw("keys", "generate", "--out", self.keys, check=True)
+        self.trust.mkdir(exist_ok=True)
+        (self.trust / "signing.pub").write_bytes((self.keys / "signing.pub").read_bytes())
+
+    def images(self, name: str, files: dict[str, bytes]) -> Path:
+        d = self.root / "images" / name
+        for rel, data in files.items():
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_bytes(data)
+        return d
+
+    def publish(
+        self,
+        images: Path,
+        name: str = "demo",
+        workload: str = "w1",
+        f: NodeFacts = FACTS,
+        key: Path | None = None,
+    ) -> str:
+        out = thaw(
+            "publish", "--store", self.store, "--name", name, "--workload", workload, "--images", images,
+            "--key", key or self.keys / "signing.key", "--facts", self.facts_for(f),
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    def fetch_args(self, name: str = "demo", workload: str = "w1", f: NodeFacts = FACTS) -> list[str | Path]:
+        return [
+            "fetch", "--store", self.store, "--cache", self.cache, "--name", name, "--workload", workload,
+            "--trust", self.trust, "--plan", self.plan, "--facts", self.facts_for(f),
+        ]  # fmt: skip
+
+    def fetch(
+        self,
+        *extra: str,
+        name: str = "demo",
+        workload: str = "w1",
+        f: NodeFacts = FACTS,
+        env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        self.plan.unlink(missing_ok=True)
+        out = thaw(*self.fetch_args(name, workload, f), *extra, env=env)
+        assert out.returncode == 0, out.stderr  # never fails the pod
+        plan: dict[str, Any] = read_json(self.plan)
+        plan["_stderr"] = out.stderr
+        return plan
+
+
+def cache_entries(cache: Path) -> list[str]:
+    """Everything under the cache, relative, sorted (for 'nothing half-written' checks)."""
+    return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []

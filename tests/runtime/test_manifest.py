@@ -1,0 +1,278 @@
+"""Manifest, signing, trust directory, restore plan and node facts: the pure parts and the key CLI."""
+
+from __future__ import annotations
+
+import base64
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tests.runtime.snapshots import FACTS, facts, thaw
+from thaw.canonical import canonical_json
+from thaw.compat import FactsError, compat_key
+from thaw.manifest import (
+    ManifestError,
+    build_manifest,
+    check_file_path,
+    compute_id,
+    hash_files,
+    parse_manifest,
+    sign_manifest,
+    validate_manifest,
+    verify_manifest,
+)
+from thaw.nodefacts import (
+    detect_criu,
+    facts_difference,
+    gfd_product,
+    load_facts_file,
+    node_facts,
+    parse_criu_version,
+    parse_proc_version,
+)
+from thaw.plan import cold_plan, read_plan, restore_plan, write_plan
+from thaw.signing import key_id, load_private_key, load_trusted_keys
+
+
+@pytest.fixture
+def keydir(tmp_path: Path) -> Path:
+    out = thaw("keys", "generate", "--out", tmp_path / "keys")
+    assert out.returncode == 0, out.stderr
+    return tmp_path / "keys"
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    d = tmp_path / "img"
+    (d / "sub").mkdir(parents=True)
+    (d / "pages-1.img").write_bytes(os.urandom(100_000))
+    (d / "core-1.img").write_bytes(b"core")
+    (d / "sub" / "x.img").write_bytes(b"")
+    return d
+
+
+def signed(images: Path, keydir: Path, **kw: Any) -> Any:
+    m = build_manifest("demo", "w1", kw.get("facts", FACTS), hash_files(images))
+    return sign_manifest(m, load_private_key(keydir / "signing.key"))
+
+
+def test_keys_generate_writes_a_private_key_only_root_can_read_and_refuses_to_overwrite(keydir: Path) -> None:
+    assert stat.S_IMODE((keydir / "signing.key").stat().st_mode) == 0o600
+    kid = key_id(load_private_key(keydir / "signing.key").public_key())
+    assert list(load_trusted_keys(keydir).keys) == [kid]  # the .pub; the .key is reported, not trusted
+    again = thaw("keys", "generate", "--out", keydir)
+    assert again.returncode == 2
+    assert "refusing to overwrite" in again.stderr
+
+
+def test_manifest_shape_and_content_addressed_id(images: Path, keydir: Path) -> None:
+    m = signed(images, keydir)
+    assert m["format"] == 1
+    assert [e["path"] for e in m["files"]] == ["core-1.img", "pages-1.img", "sub/x.img"]
+    assert m["total_bytes"] == 100_004
+    assert m["compat"] == compat_key(FACTS)
+    assert m["id"] == compute_id(m) and m["id"].startswith("sha256:")
+    assert m["signature"]["alg"] == "ed25519"
+    # The id is the hash of the canonical body: same body, same id; any change, another id.
+    assert parse_manifest(orjson.dumps(m, option=orjson.OPT_INDENT_2))["id"] == m["id"]
+    other = build_manifest("demo", "w2", FACTS, m["files"], created=m["created"])
+    assert other["id"] != m["id"]
+
+
+def test_verify_accepts_a_trusted_signature(images: Path, keydir: Path) -> None:
+    note = verify_manifest(signed(images, keydir), load_trusted_keys(keydir))
+    assert "signed by trusted key" in note
+
+
+def test_altered_manifest_is_refused_by_id_then_by_signature(images: Path, keydir: Path) -> None:
+    m = signed(images, keydir)
+    trusted = load_trusted_keys(keydir)
+    m["workload"] = "evil"
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, trusted)
+    assert exc.value.kind == "id-mismatch"
+    m["id"] = compute_id(m)  # an attacker who also recomputes the id still lacks the private key
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, trusted)
+    assert exc.value.kind == "bad-signature"
+    # ... and the opt-out does not excuse a trusted key's signature that fails.
+    with pytest.raises(ManifestError):
+        verify_manifest(m, trusted, allow_unsigned=True)
+
+
+def test_unsigned_refused_unless_opted_out(images: Path, keydir: Path) -> None:
+    m = build_manifest("demo", "w1", FACTS, hash_files(images))
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, load_trusted_keys(keydir))
+    assert exc.value.kind == "unsigned" and "--allow-unsigned" in str(exc.value)
+    assert "unsigned" in verify_manifest(m, load_trusted_keys(keydir), allow_unsigned=True)
+
+
+def test_untrusted_key_names_the_key_and_the_trusted_ones(images: Path, keydir: Path, tmp_path: Path) -> None:
+    stranger = Ed25519PrivateKey.generate()
+    m = sign_manifest(build_manifest("demo", "w1", FACTS, hash_files(images)), stranger)
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, load_trusted_keys(keydir))
+    assert exc.value.kind == "untrusted-key"
+    assert key_id(stranger.public_key()) in str(exc.value)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, load_trusted_keys(empty))
+    assert exc.value.kind == "no-trusted-keys"
+
+
+def test_garbled_signature_value(images: Path, keydir: Path) -> None:
+    m = signed(images, keydir)
+    m["signature"]["value"] = base64.b64encode(b"\0" * 64).decode()
+    with pytest.raises(ManifestError) as exc:
+        verify_manifest(m, load_trusted_keys(keydir))
+    assert exc.value.kind == "bad-signature"
+    m["signature"]["value"] = "not base64!"
+    with pytest.raises(ManifestError):
+        verify_manifest(m, load_trusted_keys(keydir))
+
+
+def test_trust_directory_like_a_mounted_secret(keydir: Path, tmp_path: Path) -> None:
+    """Secret volumes hold ..data symlink machinery and may hold other things: skip dot-files,
+    report junk, keep the good keys."""
+    trust = tmp_path / "trust"
+    data = trust / "..2026_11_28_00_00_00.123"
+    data.mkdir(parents=True)
+    (data / "signing.pub").write_bytes((keydir / "signing.pub").read_bytes())
+    (trust / "..data").symlink_to(data.name)
+    (trust / "signing.pub").symlink_to("..data/signing.pub")
+    (trust / "README").write_text("not a key")
+    t = load_trusted_keys(trust)
+    assert len(t.keys) == 1
+    assert any("README" in p for p in t.problems)
+    missing = load_trusted_keys(tmp_path / "nope")
+    assert not missing.keys and "cannot read trust directory" in missing.problems[0]
+
+
+@pytest.mark.parametrize(
+    "path", ["../etc/passwd", "/abs", "a/../b", ".hidden", "a//b", "manifest.json", "a\\b", ""]
+)
+def test_file_paths_that_could_escape_or_collide_are_refused(path: str) -> None:
+    assert check_file_path(path) is not None
+
+
+def test_malformed_manifests_name_the_field(images: Path, keydir: Path) -> None:
+    m = signed(images, keydir)
+    cases: list[tuple[str, Any, str]] = [
+        ("format", 2, "format"),
+        ("total_bytes", 1, "total_bytes"),
+        ("compat", "0000000000000000", "compat"),
+        ("name", "Not_DNS", "name"),
+        ("files", [], "no files"),
+        ("files", [{"path": "../x", "size": 1, "sha256": "0" * 64}], "files[0].path"),
+    ]
+    for key, value, needle in cases:
+        bad = {**m, key: value}
+        with pytest.raises(ManifestError) as exc:
+            validate_manifest(bad)
+        assert needle in str(exc.value), (key, str(exc.value))
+    with pytest.raises(ManifestError, match="not JSON"):
+        parse_manifest(b"{")
+
+
+def test_hash_files_refuses_symlinks(images: Path) -> None:
+    (images / "link.img").symlink_to("core-1.img")
+    with pytest.raises(ManifestError, match="symlink"):
+        hash_files(images)
+
+
+def test_signature_covers_the_canonical_body(images: Path, keydir: Path) -> None:
+    m = signed(images, keydir)
+    body = {k: v for k, v in m.items() if k not in ("id", "signature")}
+    pub = load_private_key(keydir / "signing.key").public_key()
+    pub.verify(base64.b64decode(m["signature"]["value"]), canonical_json(body))
+
+
+# --- plan ----------------------------------------------------------------------------------------
+
+
+def test_plan_round_trip_and_every_bad_plan_is_cold(tmp_path: Path) -> None:
+    p = tmp_path / "plan" / "plan.json"
+    write_plan(p, restore_plan("/var/lib/thaw/cache/demo/" + "a" * 64, "sha256:" + "a" * 64))
+    assert read_plan(p) == {"action": "restore", "path": "/var/lib/thaw/cache/demo/" + "a" * 64,
+                            "snapshot": "sha256:" + "a" * 64}  # fmt: skip
+    write_plan(p, cold_plan("because"))
+    assert read_plan(p) == {"action": "cold", "reason": "because"}
+    assert [x.name for x in p.parent.iterdir()] == ["plan.json"]  # no temp left behind
+    assert read_plan(None)["action"] == "cold"
+    assert "no restore plan at" in read_plan(tmp_path / "missing.json").get("reason", "")
+    for raw, needle in [
+        (b"{", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"action":"restore","path":"rel","snapshot":"sha256:x"}', "absolute"),
+        (b'{"action":"restore","path":"/x"}', "snapshot"),
+        (b'{"action":"dance"}', "'restore' or 'cold'"),
+        (b"x" * 70_000, "larger"),
+    ]:
+        p.write_bytes(raw)
+        plan = read_plan(p)
+        assert plan["action"] == "cold" and needle in plan.get("reason", ""), (raw[:40], plan)
+    p.unlink()
+    p.mkdir()
+    assert "cannot read" in read_plan(p).get("reason", "")
+
+
+# --- node facts ----------------------------------------------------------------------------------
+
+
+def test_gpu_product_is_written_like_gpu_feature_discovery() -> None:
+    assert gfd_product("NVIDIA H100 80GB HBM3") == "NVIDIA-H100-80GB-HBM3"
+    assert gfd_product(b"NVIDIA H200 ") == "NVIDIA-H200"
+
+
+def test_version_parsers() -> None:
+    proc = (
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build  "
+        "(dvs-builder@U22)  Thu Oct  2 2025\nGCC version:  gcc version 12.3.0\n"
+    )
+    assert parse_proc_version(proc) == "580.159.04"
+    assert (
+        parse_proc_version("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar")
+        == "550.54.15"
+    )
+    assert parse_proc_version("garbage") is None
+    assert parse_criu_version("Version: 4.2.1\nGitID: v4.2.1\n") == "4.2.1"
+    assert parse_criu_version("") is None
+
+
+def test_facts_file_replaces_detection_and_bad_files_say_why(tmp_path: Path) -> None:
+    p = tmp_path / "f.json"
+    p.write_bytes(orjson.dumps(FACTS))
+    assert node_facts(p) == FACTS
+    p.write_bytes(orjson.dumps({**FACTS, "gpu": {"product": "x", "count": -1}}))
+    with pytest.raises(FactsError, match=r"f\.json.*gpu"):
+        load_facts_file(p)
+    with pytest.raises(FactsError, match="cannot read"):
+        load_facts_file(tmp_path / "none.json")
+
+
+def test_detected_facts_are_valid_on_this_machine() -> None:
+    f = node_facts()
+    assert f["arch"] == os.uname().machine and f["kernel"] == os.uname().release
+    assert (f["gpu"]["count"] == 0) == (f["gpu"]["product"] == "none")
+
+
+def test_criu_version_from_the_binary(tmp_path: Path) -> None:
+    fake = tmp_path / "criu"
+    fake.write_text("#!/bin/sh\necho 'Version: 9.9.9'\n")
+    fake.chmod(0o755)
+    assert detect_criu(str(fake)) == "9.9.9"
+    assert detect_criu(str(tmp_path / "missing")) == "none"
+
+
+def test_facts_difference_says_what_changed() -> None:
+    d = facts_difference(facts(driver="590.1"), FACTS)
+    assert d == "driver 590.1 here vs 580.159.04 in the snapshot"
+    g = facts_difference(facts(gpu={"product": "NVIDIA-H200", "count": 8}), FACTS)
+    assert "8x NVIDIA-H200 here vs 8x NVIDIA-H100-80GB-HBM3" in g
