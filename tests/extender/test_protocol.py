@@ -1,0 +1,157 @@
+"""The extender protocol against every captured ExtenderArgs fixture, both nodeCacheCapable modes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+import pytest
+
+from extender import handlers
+from extender.index import NodeIndex
+from tests.conftest import FIXTURES, load_fixture
+from tests.extender.conftest import SNAPSHOT, annotate
+
+REQUESTS = sorted(p.name for p in (FIXTURES / "raw").glob("extender-*[0-9].json"))
+FILTERS = [n for n in REQUESTS if "-filter-" in n]
+PRIORITIZES = [n for n in REQUESTS if "-prioritize-" in n]
+
+
+def call(fn: Any, index: NodeIndex, args: dict[str, Any]) -> tuple[int, Any]:
+    status, body = fn(index, orjson.dumps(args))
+    return status, orjson.loads(body)
+
+
+def names_of(args: dict[str, Any]) -> list[str]:
+    if args["NodeNames"] is not None:
+        return list(args["NodeNames"])
+    return [n["metadata"]["name"] for n in args["Nodes"]["items"]]
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_unannotated_filter_passes_every_node_in_the_same_mode(index: NodeIndex, name: str) -> None:
+    args = load_fixture(f"raw/{name}")
+    status, out = call(handlers.filter_, index, args)
+    assert status == 200
+    if args["NodeNames"] is not None:
+        assert out == {"NodeNames": args["NodeNames"], "FailedNodes": {}, "Error": ""}
+    else:
+        assert out == {"Nodes": args["Nodes"], "FailedNodes": {}, "Error": ""}
+
+
+@pytest.mark.parametrize("name", PRIORITIZES)
+def test_unannotated_prioritize_scores_zero(index: NodeIndex, name: str) -> None:
+    args = load_fixture(f"raw/{name}")
+    status, out = call(handlers.prioritize, index, args)
+    assert status == 200
+    assert out == [{"Host": n, "Score": 0} for n in names_of(args)]
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_required_filters_incompatible_nodes_with_a_reason(index: NodeIndex, name: str) -> None:
+    args = annotate(load_fixture(f"raw/{name}"), "required")
+    status, out = call(handlers.filter_, index, args)
+    assert status == 200
+    reason = out["FailedNodes"]["node-3"]
+    assert reason.startswith(f"thaw: cannot restore snapshot {SNAPSHOT}: ")
+    assert "exists only for other node facts" in reason
+    assert out["FailedAndUnresolvableNodes"] == {"node-3": reason}
+    assert set(out["FailedNodes"]) == {"node-3"} and out["Error"] == ""
+    kept = [n for n in names_of(args) if n != "node-3"]
+    if args["NodeNames"] is not None:
+        assert set(out) == {"NodeNames", "FailedNodes", "FailedAndUnresolvableNodes", "Error"}
+        assert out["NodeNames"] == kept
+    else:
+        assert set(out) == {"Nodes", "FailedNodes", "FailedAndUnresolvableNodes", "Error"}
+        by_name = {n["metadata"]["name"]: n for n in args["Nodes"]["items"]}
+        assert out["Nodes"] == {"metadata": args["Nodes"]["metadata"], "items": [by_name[n] for n in kept]}
+    # The captured response has the same shape (a real kube-scheduler accepted it).
+    captured = load_fixture(f"raw/{name.replace('.json', '.response.json')}")
+    assert set(captured) <= set(out)
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_preferred_filters_nothing(index: NodeIndex, name: str) -> None:
+    args = annotate(load_fixture(f"raw/{name}"))
+    _, out = call(handlers.filter_, index, args)
+    assert out["FailedNodes"] == {} and "FailedAndUnresolvableNodes" not in out
+    assert out.get("NodeNames", None) == args["NodeNames"] or out["Nodes"] == args["Nodes"]
+
+
+@pytest.mark.parametrize("name", PRIORITIZES)
+def test_prioritize_ranks_by_time_to_ready(index: NodeIndex, name: str) -> None:
+    args = annotate(load_fixture(f"raw/{name}"))
+    status, out = call(handlers.prioritize, index, args)
+    assert status == 200
+    assert [h["Host"] for h in out] == names_of(args)
+    scores = {h["Host"]: h["Score"] for h in out}
+    assert all(isinstance(s, int) and 0 <= s <= 10 for s in scores.values())
+    assert scores["node-1"] > scores["node-2"] > 0  # memory hit beats fetch
+    if "node-3" in scores:
+        assert scores["node-3"] == 0
+
+
+def test_both_modes_give_the_same_scores(index: NodeIndex) -> None:
+    names = annotate(load_fixture("raw/extender-prioritize-ncc-true-2.json"))
+    nodes = annotate(load_fixture("raw/extender-prioritize-ncc-false-2.json"))
+    assert call(handlers.prioritize, index, names) == call(handlers.prioritize, index, nodes)
+
+
+def test_unmutated_pod_is_not_a_thaw_pod(index: NodeIndex) -> None:
+    args = load_fixture("raw/extender-filter-ncc-true-1.json")
+    args["Pod"]["metadata"]["annotations"] = {"thaw.dev/snapshot": SNAPSHOT, "thaw.dev/placement": "required"}
+    _, out = call(handlers.filter_, index, args)
+    assert out == {"NodeNames": args["NodeNames"], "FailedNodes": {}, "Error": ""}
+
+
+def test_unknown_nodes_fail_only_when_required(index: NodeIndex) -> None:
+    args = annotate(load_fixture("raw/extender-filter-ncc-true-1.json"), "required")
+    args["NodeNames"] = ["node-1", "node-9"]
+    _, out = call(handlers.filter_, index, args)
+    assert out["NodeNames"] == ["node-1"]
+    assert "not in the extender's node view" in out["FailedNodes"]["node-9"]
+    assert "FailedAndUnresolvableNodes" not in out  # the watch may catch up
+    _, scores = call(handlers.prioritize, index, annotate(args))
+    assert scores[1] == {"Host": "node-9", "Score": 0}
+
+
+def test_full_nodes_unknown_to_the_index_are_read_from_the_request(index: NodeIndex) -> None:
+    from extender.synthetic import cached, node
+
+    args = annotate(load_fixture("raw/extender-prioritize-ncc-false-2.json"))
+    args["Nodes"]["items"].append(node("fresh", snapshots=[cached(SNAPSHOT, 8_100_000_000, "memory")]))
+    _, out = call(handlers.prioritize, index, args)
+    assert out[-1]["Host"] == "fresh" and out[-1]["Score"] == out[0]["Score"]
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        (b"{", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"NodeNames": ["a"]}', "Pod is missing"),
+        (b'{"Pod": {"metadata": {}}, "Nodes": null, "NodeNames": null}', "neither Nodes nor NodeNames"),
+        (b'{"Pod": {"metadata": {}}, "NodeNames": [1]}', "list of strings"),
+        (b'{"Pod": {"metadata": {}}, "Nodes": {"items": [{}]}}', "items[0] has no metadata.name"),
+        (
+            b'{"Pod": {"metadata": {"annotations": {"thaw.dev/snapshot": "s",'
+            b' "thaw.dev/placement": "maybe"}}}, "NodeNames": []}',
+            "thaw.dev/placement='maybe' is not valid",
+        ),
+    ],
+)
+def test_bad_input_is_a_400_with_the_reason(index: NodeIndex, body: bytes, needle: str) -> None:
+    status, out = handlers.filter_(index, body)
+    assert status == 400
+    assert needle in orjson.loads(out)["Error"]
+    status, out = handlers.prioritize(index, body)
+    assert status == 400 and needle in orjson.loads(out)["Error"]
+
+
+def test_debug_log_explains_the_decision(index: NodeIndex, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="extender.decisions")
+    args = annotate(load_fixture("raw/extender-prioritize-ncc-true-2.json"))
+    call(handlers.prioritize, index, args)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "extender.decisions"]
+    assert f"snapshot={SNAPSHOT}" in line and "node-1 score 9: memory hit" in line  # 2 of 4 nodes hold it
