@@ -415,10 +415,13 @@ def clean_stale(cache_dir: Path) -> list[str]:
                 removed.append(str(p))
             elif n.startswith(TMP_PREFIX):
                 hexpart = n[len(TMP_PREFIX) :].split("-", 1)[0]
-                with _flock(name_dir / (hexpart + FETCH_SUFFIX), blocking=False) as got:
+                fetch_lock = name_dir / (hexpart + FETCH_SUFFIX)
+                with _flock(fetch_lock, blocking=False) as got:
                     if got:  # no fetch of this snapshot runs: the temp is a dead one's
                         shutil.rmtree(p, ignore_errors=True)
                         removed.append(str(p))
+                        if not (name_dir / hexpart).exists():
+                            fetch_lock.unlink(missing_ok=True)  # held: waiters re-check the inode
             elif _HEX64.match(n) and p.is_dir() and not (p / MANIFEST_NAME).is_file() and evict(p):
                 removed.append(str(p))  # no manifest: not something staging ever produces whole
             elif n.endswith((USE_SUFFIX, FETCH_SUFFIX)) and not (name_dir / n.rsplit(".", 1)[0]).exists():

@@ -136,3 +136,27 @@ class World:
 def cache_entries(cache: Path) -> list[str]:
     """Everything under the cache, relative, sorted (for 'nothing half-written' checks)."""
     return sorted(str(p.relative_to(cache)) for p in cache.rglob("*")) if cache.exists() else []
+
+
+def kubeconfig(path: Path, server: str) -> Path:
+    """A kubeconfig for a plain-HTTP test API server (tests/fakekube.py), for CLI subprocesses."""
+    path.write_text(
+        "apiVersion: v1\nkind: Config\n"
+        f"clusters:\n- name: fake\n  cluster:\n    server: {server}\n"
+        "users:\n- name: fake\n  user: {}\n"
+        "contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n"
+        "current-context: fake\n"
+    )
+    return path
+
+
+def node(
+    name: str, annotations: dict[str, str] | None = None, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name, "annotations": annotations or {}, "labels": labels or {}},
+        "spec": {},
+        "status": {},
+    }

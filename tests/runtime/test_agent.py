@@ -1,0 +1,187 @@
+"""``thaw agent`` through the CLI against tests/fakekube.py (the real client, the real wire format)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.fakekube import FakeKube, running
+from tests.runtime.snapshots import FACTS, THAW, World, facts, kubeconfig, node, thaw
+from thaw.annotations import NODE_CACHE, NODE_FACTS
+from thaw.canonical import canonical_json
+from thaw.compat import compat_key
+from thaw.inventory import parse_inventory
+
+GIB = 1 << 30
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    w = World(tmp_path)
+    w.setup_keys()
+    return w
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    with running() as k:
+        k.add(
+            node(
+                "gpu-1",
+                annotations={"team": "ml"},
+                labels={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+            )
+        )
+        k.add(node("gpu-2", annotations={"team": "web"}))
+        yield k
+
+
+def agent(
+    world: World, kube: FakeKube, *extra: str, f: Any = FACTS, budget: int = GIB
+) -> subprocess.CompletedProcess[str]:
+    env = {"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)), "THAW_NODE": "gpu-1"}
+    return thaw(
+        "agent", "--cache", world.cache, "--budget", str(budget), "--facts", world.facts_for(f),
+        "--once", *extra, env=env,
+    )  # fmt: skip
+
+
+def node_annotations(kube: FakeKube, name: str = "gpu-1") -> dict[str, str]:
+    a: dict[str, str] = kube.nodes[name]["metadata"]["annotations"]
+    return a
+
+
+def cached(world: World, tag: str, name: str | None = None) -> dict[str, Any]:
+    n = name or f"snap-{tag}"
+    world.publish(world.images(tag, {"pages-1.img": os.urandom(100_000), "core-1.img": tag.encode()}), name=n)
+    plan = world.fetch(name=n)
+    assert plan["action"] == "restore", plan
+    return plan
+
+
+def hold(path: str) -> subprocess.Popen[str]:
+    """A process holding a snapshot the way a restoring ``thaw exec`` does (thaw.cache.in_use)."""
+    p = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from pathlib import Path; from thaw.cache import in_use\n"
+         "with in_use(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()", path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert p.stdout is not None and p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_agent_publishes_facts_and_inventory_on_its_own_node_only(world: World, kube: FakeKube) -> None:
+    plan = cached(world, "a", name="demo")
+    out = agent(world, kube)
+    assert out.returncode == 0, out.stderr
+    a = node_annotations(kube)
+    assert a["team"] == "ml"  # a merge patch: the node's other annotations are untouched
+    assert a[NODE_FACTS] == canonical_json(FACTS).decode()
+    inv = parse_inventory(a[NODE_CACHE])
+    assert [(s["name"], s["id"], s["compat"], s["tier"]) for s in inv["snapshots"]] == [
+        ("demo", plan["snapshot"], compat_key(FACTS), "disk")
+    ]
+    assert inv["snapshots"][0]["bytes"] == 100_001
+    assert 0 < inv["free_bytes"] <= GIB - 100_001
+    assert "restoring" not in inv
+    assert node_annotations(kube, "gpu-2") == {"team": "web"}
+    assert [r for r in kube.requests if r.startswith("PATCH")] == ["PATCH /api/v1/nodes/gpu-1"]
+    # The agent records its budget for thaw fetch.
+    assert orjson.loads((world.cache / ".config.json").read_bytes()) == {"budget": GIB}
+
+
+def test_driver_upgrade_removes_snapshots_the_node_can_no_longer_restore(
+    world: World, kube: FakeKube
+) -> None:
+    plan = cached(world, "a")
+    upgraded = facts(driver="590.10.01")
+    out = agent(world, kube, f=upgraded)
+    assert out.returncode == 0, out.stderr
+    assert "no longer compatible" in out.stderr
+    assert not Path(plan["path"]).exists()
+    a = node_annotations(kube)
+    assert orjson.loads(a[NODE_FACTS])["driver"] == "590.10.01"
+    assert parse_inventory(a[NODE_CACHE])["snapshots"] == []
+
+
+def test_budget_evicts_least_recently_used_first_never_in_use(world: World, kube: FakeKube) -> None:
+    plans = {t: cached(world, t) for t in ("a", "b", "c", "d")}
+    now = time.time()
+    for age, t in enumerate(("d", "b", "c", "a")):  # last use: a oldest, then c, b, d newest
+        lock = Path(plans[t]["path"] + ".use")
+        os.utime(lock, (now - 1000 * (age + 1), now - 1000 * (age + 1)))
+    holder = hold(plans["a"]["path"])  # the oldest is being restored right now
+    try:
+        out = agent(world, kube, budget=250_000)  # room for two 100 kB snapshots
+        assert out.returncode == 0, out.stderr
+        present = {t for t, p in plans.items() if Path(p["path"]).exists()}
+        assert present == {"a", "d"}  # c and b went (LRU), a is in use, d fits
+        inv = parse_inventory(node_annotations(kube)[NODE_CACHE])
+        assert inv.get("restoring") == 1
+        assert {s["name"] for s in inv["snapshots"]} == {"snap-a", "snap-d"}
+    finally:
+        holder.communicate("")
+    out = agent(world, kube, budget=150_000)
+    assert out.returncode == 0, out.stderr
+    # a was touched when the restore released it, so it is now the most recent: d goes.
+    assert Path(plans["a"]["path"]).exists() and not Path(plans["d"]["path"]).exists()
+    assert "restoring" not in parse_inventory(node_annotations(kube)[NODE_CACHE])
+
+
+def test_missing_node_is_an_error_the_loop_survives(world: World, kube: FakeKube) -> None:
+    env = {"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url))}
+    out = thaw(
+        "agent", "--cache", world.cache, "--budget", "1000", "--facts", world.facts_file(),
+        "--node", "ghost", "--once", env=env,
+    )  # fmt: skip
+    assert out.returncode == 1 and "agent pass failed" in out.stderr and "404" in out.stderr
+    bad = thaw("agent", "--cache", world.cache, "--budget", "-1", "--once")
+    assert bad.returncode == 2 and "--budget" in bad.stderr
+
+
+def test_agent_loop_patches_changes_and_stops_on_sigterm(world: World, kube: FakeKube) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
+        "KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)),
+    }
+    proc = subprocess.Popen(
+        [THAW, "agent", "--cache", str(world.cache), "--budget", str(GIB), "--facts", str(world.facts_file()),
+         "--node", "gpu-1", "--interval", "0.1"],
+        env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while NODE_CACHE not in node_annotations(kube):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert parse_inventory(node_annotations(kube)[NODE_CACHE])["snapshots"] == []
+        patches = sum(r.startswith("PATCH") for r in kube.requests)
+        plan = cached(world, "late", name="late")
+        while not parse_inventory(node_annotations(kube)[NODE_CACHE])["snapshots"]:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        assert parse_inventory(node_annotations(kube)[NODE_CACHE])["snapshots"][0]["id"] == plan["snapshot"]
+        assert sum(r.startswith("PATCH") for r in kube.requests) > patches
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_without_a_node_it_prints_the_annotations(world: World) -> None:
+    cached(world, "a", name="demo")
+    out = thaw("agent", "--cache", world.cache, "--budget", str(GIB), "--facts", world.facts_file(), "--once")
+    assert out.returncode == 0, out.stderr
+    a = orjson.loads(out.stdout)
+    assert set(a) == {NODE_FACTS, NODE_CACHE}
+    assert len(a[NODE_CACHE].encode()) < 64 * 1024
