@@ -1,0 +1,280 @@
+"""Table-driven tests: the exact JSON Patch operations each builder emits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonpatch
+import pytest
+
+from webhook import patches as P
+from webhook.types import pointer
+
+C = {"name": "thaw-tools"}
+D = {"name": "thaw-fetch"}
+
+
+@pytest.mark.parametrize(
+    ("parts", "expected"),
+    [
+        (("metadata", "annotations", "thaw.dev/injected"), "/metadata/annotations/thaw.dev~1injected"),
+        (("a~b", "c/d~1"), "/a~0b/c~1d~01"),  # ~ first, so a literal "~1" survives as "~01"
+        (("spec", "containers", 3, "env"), "/spec/containers/3/env"),
+        (("",), "/"),
+    ],
+)
+def test_pointer_escapes(parts: tuple[str | int, ...], expected: str) -> None:
+    assert pointer(*parts) == expected
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, [{"op": "add", "path": "/metadata/annotations", "value": {"thaw.dev/injected": "v1"}}]),
+        ({}, [{"op": "add", "path": "/metadata/annotations/thaw.dev~1injected", "value": "v1"}]),
+        ({"a": "b"}, [{"op": "add", "path": "/metadata/annotations/thaw.dev~1injected", "value": "v1"}]),
+    ],
+)
+def test_annotation_ops(existing: dict[str, str] | None, expected: list[dict[str, Any]]) -> None:
+    assert P.annotation_ops(existing, {"thaw.dev/injected": "v1"}) == expected
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, [{"op": "add", "path": "/spec/initContainers", "value": [C, D]}]),
+        (
+            [{"name": "mine"}],
+            [
+                {"op": "add", "path": "/spec/initContainers/0", "value": C},
+                {"op": "add", "path": "/spec/initContainers/1", "value": D},
+            ],
+        ),
+        (
+            [],
+            [
+                {"op": "add", "path": "/spec/initContainers/0", "value": C},
+                {"op": "add", "path": "/spec/initContainers/1", "value": D},
+            ],
+        ),
+    ],
+)
+def test_init_container_ops_put_ours_first(
+    existing: list[Any] | None, expected: list[dict[str, Any]]
+) -> None:
+    ops = P.init_container_ops(existing, [C, D])
+    assert ops == expected
+    pod = {"spec": {} if existing is None else {"initContainers": list(existing)}}
+    names = [c["name"] for c in jsonpatch.apply_patch(pod, ops)["spec"]["initContainers"]]
+    assert names[:2] == ["thaw-tools", "thaw-fetch"] and names[2:] == [c["name"] for c in existing or []]
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, [{"op": "add", "path": "/spec/volumes", "value": [{"name": "v"}]}]),
+        ([{"name": "x"}], [{"op": "add", "path": "/spec/volumes/-", "value": {"name": "v"}}]),
+    ],
+)
+def test_volume_ops(existing: list[Any] | None, expected: list[dict[str, Any]]) -> None:
+    assert P.volume_ops(existing, [{"name": "v"}]) == expected
+
+
+@pytest.mark.parametrize(
+    ("container", "expected"),
+    [
+        (
+            {"command": ["srv"]},
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/containers/1/command",
+                    "value": ["/thaw/bin/thaw", "exec", "--", "srv"],
+                }
+            ],
+        ),
+        (
+            {"command": ["srv", "-x"], "args": ["--port", "80"]},
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/containers/1/command",
+                    "value": ["/thaw/bin/thaw", "exec", "--", "srv", "-x", "--port", "80"],
+                },
+                {"op": "remove", "path": "/spec/containers/1/args"},
+            ],
+        ),
+        (
+            {"command": ["srv"], "args": []},
+            [
+                {
+                    "op": "replace",
+                    "path": "/spec/containers/1/command",
+                    "value": ["/thaw/bin/thaw", "exec", "--", "srv"],
+                },
+                {"op": "remove", "path": "/spec/containers/1/args"},
+            ],
+        ),
+    ],
+)
+def test_command_ops(container: dict[str, Any], expected: list[dict[str, Any]]) -> None:
+    assert P.command_ops(1, container) == expected
+
+
+E1 = {"name": "THAW_NAME", "value": "s"}
+E2 = {"name": "THAW_READY", "value": "tcp:1"}
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, [{"op": "add", "path": "/spec/containers/0/env", "value": [E1, E2]}]),
+        (
+            [{"name": "A", "value": "1"}],
+            [
+                {"op": "add", "path": "/spec/containers/0/env/-", "value": E1},
+                {"op": "add", "path": "/spec/containers/0/env/-", "value": E2},
+            ],
+        ),
+        # A name the user set wins: THAW_READY overrides the probe-derived target.
+        (
+            [{"name": "THAW_READY", "value": "file:/x"}],
+            [{"op": "add", "path": "/spec/containers/0/env/-", "value": E1}],
+        ),
+        ([E1, E2], []),
+    ],
+)
+def test_env_ops(existing: list[Any] | None, expected: list[dict[str, Any]]) -> None:
+    assert P.env_ops(0, existing, [E1, E2]) == expected
+
+
+@pytest.mark.parametrize(
+    ("ctx", "expected"),
+    [
+        (
+            None,
+            [
+                {
+                    "op": "add",
+                    "path": "/spec/containers/0/securityContext",
+                    "value": {"capabilities": {"add": ["A", "B"]}},
+                }
+            ],
+        ),
+        (
+            {},
+            [
+                {
+                    "op": "add",
+                    "path": "/spec/containers/0/securityContext/capabilities",
+                    "value": {"add": ["A", "B"]},
+                }
+            ],
+        ),
+        (
+            {"capabilities": {"drop": ["ALL"]}},
+            [
+                {
+                    "op": "add",
+                    "path": "/spec/containers/0/securityContext/capabilities/add",
+                    "value": ["A", "B"],
+                }
+            ],
+        ),
+        (
+            {"capabilities": {"add": ["B", "NET_ADMIN"]}},
+            [{"op": "add", "path": "/spec/containers/0/securityContext/capabilities/add/-", "value": "A"}],
+        ),
+        ({"capabilities": {"add": ["CAP_A", "B"]}}, []),
+    ],
+)
+def test_capability_ops(ctx: dict[str, Any] | None, expected: list[dict[str, Any]]) -> None:
+    assert P.capability_ops(0, ctx, ["A", "B"]) == expected
+
+
+R = "/spec/containers/2/resources"
+
+
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [
+        (
+            None,
+            [
+                {
+                    "op": "add",
+                    "path": R,
+                    "value": {"requests": {"thaw.dev/restore": "1"}, "limits": {"thaw.dev/restore": "1"}},
+                }
+            ],
+        ),
+        (
+            {},
+            [
+                {"op": "add", "path": R + "/requests", "value": {"thaw.dev/restore": "1"}},
+                {"op": "add", "path": R + "/limits", "value": {"thaw.dev/restore": "1"}},
+            ],
+        ),
+        (
+            {"requests": {"cpu": "1"}, "limits": {"nvidia.com/gpu": "1"}},
+            [
+                {"op": "add", "path": R + "/requests/thaw.dev~1restore", "value": "1"},
+                {"op": "add", "path": R + "/limits/thaw.dev~1restore", "value": "1"},
+            ],
+        ),
+    ],
+)
+def test_extended_resource_ops(resources: dict[str, Any] | None, expected: list[dict[str, Any]]) -> None:
+    assert P.extended_resource_ops(2, resources) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "expected"),
+    [
+        ({"schedulerName": "default-scheduler"}, None, []),
+        (
+            {"schedulerName": "default-scheduler"},
+            "thaw",
+            [{"op": "add", "path": "/spec/schedulerName", "value": "thaw"}],
+        ),
+        ({}, "thaw", [{"op": "add", "path": "/spec/schedulerName", "value": "thaw"}]),
+        ({"schedulerName": "thaw"}, "thaw", []),
+    ],
+)
+def test_scheduler_name_ops(spec: dict[str, Any], name: str | None, expected: list[dict[str, Any]]) -> None:
+    assert P.scheduler_name_ops(spec, name) == expected
+
+
+PORTS = [{"name": "http", "containerPort": 8000}, {"name": "grpc", "containerPort": 9000}]
+
+
+@pytest.mark.parametrize(
+    ("probe", "default", "expected"),
+    [
+        ({"httpGet": {"path": "/health", "port": 8000}}, None, ("http://127.0.0.1:8000/health", None)),
+        (
+            {"httpGet": {"path": "/v1/models", "port": "http", "scheme": "HTTPS"}},
+            None,
+            ("https://127.0.0.1:8000/v1/models", None),
+        ),
+        ({"httpGet": {"port": 8080}}, None, ("http://127.0.0.1:8080/", None)),
+        ({"httpGet": {"port": "8080", "path": "ready"}}, None, ("http://127.0.0.1:8080/ready", None)),
+        ({"tcpSocket": {"port": "grpc"}}, None, ("tcp:9000", None)),
+        ({"grpc": {"port": 50051}}, None, ("tcp:50051", None)),
+        ({"exec": {"command": ["true"]}}, "tcp:1", ("tcp:1", None)),
+        (None, "file:/tmp/ready", ("file:/tmp/ready", None)),
+        (None, None, (None, None)),
+        (
+            {"httpGet": {"port": "nope"}},
+            None,
+            (None, "readinessProbe.httpGet.port 'nope' names no port of the container"),
+        ),
+    ],
+)
+def test_ready_target(
+    probe: dict[str, Any] | None, default: str | None, expected: tuple[str | None, str | None]
+) -> None:
+    container: dict[str, Any] = {"name": "c", "ports": PORTS}
+    if probe is not None:
+        container["readinessProbe"] = probe
+    assert P.ready_target(container, default) == expected
