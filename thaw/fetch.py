@@ -11,6 +11,7 @@ the command exits 0: a pod must never fail because its snapshot could not be use
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import sys
@@ -188,6 +189,9 @@ def run(args: argparse.Namespace) -> int:
     """``thaw fetch``: write the plan; exit 0 whatever the outcome (cold is an outcome, not a failure)."""
     from thaw.nodefacts import node_facts
 
+    # A plan left by an earlier attempt of this init container must not outlive this one.
+    with contextlib.suppress(OSError):
+        args.plan.unlink(missing_ok=True)
     try:
         facts = node_facts(args.facts)
     except Exception as exc:  # unreadable --facts, broken NVML: cold, never a failed pod

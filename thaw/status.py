@@ -24,6 +24,10 @@ GFD_COUNT = "nvidia.com/gpu.count"
 GFD_DRIVER = "nvidia.com/cuda.driver-version.full"
 
 
+class StatusError(Exception):
+    """The cluster could not be read."""
+
+
 @dataclass
 class NodeStatus:
     name: str
@@ -133,8 +137,16 @@ def list_node_status(api: Any) -> list[NodeStatus]:
 
 def run(args: argparse.Namespace) -> int:
     """``thaw status [--output table|json]``."""
+    import logging
+
     from thaw.agent import core_api
 
-    nodes = list_node_status(core_api())
+    logging.getLogger("urllib3").setLevel(logging.ERROR)  # one line on failure, not a retry log
+    api = core_api()
+    try:
+        nodes = list_node_status(api)
+    except Exception as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StatusError(f"cannot list Nodes from {api.api_client.configuration.host}: {reason}") from None
     sys.stdout.write(render_json(nodes) if args.output == "json" else render_table(nodes))
     return 0
