@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 GHOST_LIMIT = 256 * 1024 * 1024
@@ -132,7 +132,12 @@ def restore_args(
     pidfile: Path,
     inherit: Sequence[tuple[int, str]] = (),
 ) -> list[str]:
-    args = [binary, "restore", *_common(opts, images, work, "restore.log")]
+    # -v3 for restores: at -v4 a restorer stuck on a damaged image logs millions of lines.
+    args = [
+        binary,
+        "restore",
+        *_common(replace(opts, verbosity=min(opts.verbosity, 3)), images, work, "restore.log"),
+    ]
     # Detached: CRIU exits once the tree runs; the tree's root is re-parented to the nearest child
     # subreaper, which is thaw exec (PID 1 in a container, PR_SET_CHILD_SUBREAPER elsewhere).
     args += ["--restore-detached", "--pidfile", str(pidfile)]

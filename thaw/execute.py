@@ -61,7 +61,10 @@ PR_SET_CHILD_SUBREAPER = 36
 DEFAULT_PID_FLOOR = 4096
 CUDA_LOCK_TIMEOUT_MS = 30_000
 CRIU_DUMP_TIMEOUT_S = 1800.0
-CRIU_RESTORE_TIMEOUT_S = 900.0
+# A restore gets this long plus its image at a slow disk's rate: a damaged image can send CRIU's
+# restorer into an endless loop (seen with a truncated pages image: preadv returning 0 forever).
+CRIU_RESTORE_BASE_S = 10.0
+CRIU_RESTORE_MIN_RATE = 100e6  # bytes/s
 PID_FREE_WAIT_S = 5.0
 RESTORE_READY_TIMEOUT_S = 60.0
 FORWARDED_SIGNALS = (
@@ -278,6 +281,15 @@ def inherit_list(stdio: dict[str, str], fds: dict[int, int]) -> list[tuple[int, 
     return out
 
 
+def image_bytes(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.iterdir() if p.is_file())
+
+
+def restore_timeout(nbytes: int) -> float:
+    """How long CRIU may take to restore ``nbytes`` of image before it is given up on (pure)."""
+    return CRIU_RESTORE_BASE_S + nbytes / CRIU_RESTORE_MIN_RATE
+
+
 @contextlib.contextmanager
 def _holding(snapshot_dir: Path) -> Iterator[None]:
     """The node cache's in-use mark, so the agent never evicts a snapshot being restored."""
@@ -305,6 +317,7 @@ def restore(
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     restored: list[int] = []
+    pids: list[int] = []
     try:
         with _holding(snapshot_dir):
             binary = criu.find_criu()
@@ -331,7 +344,12 @@ def restore(
             try:
                 for attempt in range(3):
                     try:
-                        criu.run(args, logs / "restore.log", CRIU_RESTORE_TIMEOUT_S, list(stdio_fds.values()))
+                        criu.run(
+                            args,
+                            logs / "restore.log",
+                            restore_timeout(image_bytes(snapshot_dir)),
+                            list(stdio_fds.values()),
+                        )
                         break
                     except criu.CriuError as exc:
                         text = (
@@ -372,8 +390,10 @@ def restore(
             timings["ready_s"] = round(time.monotonic() - t2, 3)
     except (RestoreFailed, criu.CriuError, OSError) as exc:
         reason = str(exc)
-        if restored or sup.root is not None:
-            sup.kill_tree(restored or ([sup.root] if sup.root else []))
+        # Whatever of the tree exists now is this restore's (its PIDs were checked free before).
+        leftovers = sorted(set(restored) | set(criu.pids_in_use(pids)) | ({sup.root} if sup.root else set()))
+        if leftovers:
+            sup.kill_tree(leftovers)
         log.error("restore failed, cold start: %s", reason)
         outcome.update(result="cold", reason=f"restore failed: {reason}", timings=timings)
         return False

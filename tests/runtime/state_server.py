@@ -41,7 +41,7 @@ class Handler(BaseHTTPRequestHandler):
         State.counter += 1
         self._send({"counter": State.counter})
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002  (stdlib signature)
+    def log_message(self, format: str, *args: object) -> None:
         sys.stdout.write("request " + (format % args) + "\n")
         sys.stdout.flush()
 
