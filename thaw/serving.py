@@ -131,6 +131,12 @@ def serve(opts: ServeOptions) -> None:
         def load_config(self) -> None:
             for key, value in config.items():
                 self.cfg.set(key, value)
+            # gunicorn >= 25.1 opens a control socket at one fixed path ($HOME/.gunicorn/gunicorn.ctl)
+            # for every server of the user: two Thaw servers on one host (webhook and extender,
+            # parallel tests) would take it from each other, and a read-only root file system
+            # fails. Thaw does not use gunicornc.
+            if "control_socket_disable" in self.cfg.settings:
+                self.cfg.set("control_socket_disable", True)
 
         def load(self) -> Any:
             return load_app(opts.app)
