@@ -39,6 +39,7 @@ test-fast: venv
 	$(VENV)/bin/pytest -x -m "not slow"
 
 bench: venv criu tools
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[bench]'
 	$(PY) -m bench
 
 demo: venv criu

@@ -61,7 +61,7 @@ class Params:
     cold_load_bps: float = 0.6e9  # weights from the image/registry into GPU memory at cold start
     cold_default_s: float = 34.0  # cold start when no copy says how big the model is (measured)
     queue_share: float = 0.5  # each restore in progress costs this share of a restore's time
-    spread_weight: float = 0.2  # ImageLocality-style damping of a rarely held snapshot's score
+    spread_weight: float = 0.4  # ImageLocality-style damping (thaw simulate: hits vs. balance)
 
 
 DEFAULT_PARAMS = Params()

@@ -154,4 +154,6 @@ def test_debug_log_explains_the_decision(index: NodeIndex, caplog: pytest.LogCap
     args = annotate(load_fixture("raw/extender-prioritize-ncc-true-2.json"))
     call(handlers.prioritize, index, args)
     [line] = [r.getMessage() for r in caplog.records if r.name == "extender.decisions"]
-    assert f"snapshot={SNAPSHOT}" in line and "node-1 score 9: memory hit" in line  # 2 of 4 nodes hold it
+    assert (
+        f"snapshot={SNAPSHOT}" in line and "node-1 score 8: memory hit" in line
+    )  # 2 of 4 nodes hold it: 1 - 0.4 * 0.5

@@ -1,0 +1,319 @@
+"""``thaw simulate``: replay a synthetic GPU cluster through the placement policies, side by side.
+
+The cluster: ``--nodes`` nodes with 8 GPUs, a quarter of them H200s (another compatibility key),
+each with a snapshot cache of ``DISK_BUDGET`` bytes whose most recently used ``MEMORY_BUDGET``
+bytes sit in page cache (tier ``memory``), least recently used evicted first, never one in use.
+Snapshots: ``SNAPSHOTS`` models of 5 to 150 GB (log-uniform), picked with Zipf popularity; a model
+over 60 GB needs 2 GPUs, over 120 GB 4. Pods arrive (Poisson) and leave (exponential lifetimes) at
+about 60% GPU utilisation. The first pod of a model on a pool cold-starts and publishes the
+snapshot (``checkpoint: on-ready``); from then on it is fetchable for that pool.
+
+Every policy sees the same arrivals. Each placement's real time-to-ready uses the same physics as
+:mod:`extender.scoring` (tier bandwidths, restores in progress sharing the node):
+
+- ``spread``: the default scheduler's NodeResourcesFit LeastAllocated on GPUs only;
+- ``imagelocality``: spread plus an ImageLocality score on snapshot bytes present by name;
+- ``thaw``: spread plus the extender's 0..10 score from :func:`extender.scoring.decide`, weighted
+  as ``extender/scheduler-config.yaml`` weights it (score * weight * 10);
+- ``oracle``: the node with the least real time-to-ready (spread breaks ties).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from extender.nodes import CachedCopy, NodeEntry
+from extender.scoring import DEFAULT_PARAMS, Decision, Params, Variant, cold_seconds, decide, restore_seconds
+from thaw.cli import UsageError
+
+GPUS_PER_NODE = 8
+DISK_BUDGET = 1_000 * 10**9
+MEMORY_BUDGET = 200 * 10**9
+SNAPSHOTS = 40
+ZIPF_S = 1.1
+MEAN_LIFETIME_S = 900.0
+UTILISATION = 0.6
+EXTENDER_WEIGHT = 5  # as in extender/scheduler-config.yaml
+POOLS = ("h100", "h200")
+WORKLOAD = "w"
+POLICIES = ("spread", "imagelocality", "thaw", "oracle")
+# ImageLocality's thresholds (pkg/scheduler/framework/plugins/imagelocality): 23 MB .. 1000 MB.
+IL_MIN, IL_MAX = 23 * 2**20, 1000 * 2**20
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    bytes: int
+    gpus: int
+
+
+@dataclass(frozen=True)
+class Arrival:
+    t: float
+    model: int
+    lifetime: float
+
+
+@dataclass
+class SimNode:
+    name: str
+    pool: str
+    free_gpus: int = GPUS_PER_NODE
+    # snapshot name -> bytes, least recently used first.
+    cache: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    in_use: dict[str, int] = field(default_factory=dict)
+    ready_at: list[float] = field(default_factory=list)  # restores/starts in progress
+    placed: int = 0
+
+    def tier(self, name: str) -> str | None:
+        if name not in self.cache:
+            return None
+        hot = 0
+        for n in reversed(self.cache):
+            hot += self.cache[n]
+            if n == name:
+                return "memory" if hot <= MEMORY_BUDGET else "disk"
+        return "disk"
+
+    def restoring(self, now: float) -> int:
+        self.ready_at = [t for t in self.ready_at if t > now]
+        return len(self.ready_at)
+
+    def touch(self, name: str, size: int) -> None:
+        self.cache[name] = size
+        self.cache.move_to_end(name)
+        total = sum(self.cache.values())
+        for victim in list(self.cache):
+            if total <= DISK_BUDGET:
+                break
+            if victim != name and not self.in_use.get(victim):
+                total -= self.cache.pop(victim)
+
+
+@dataclass
+class Result:
+    policy: str
+    times: list[float]
+    tiers: dict[str, int]
+    placed_max: int
+    fair: float
+    unplaced: int
+
+    @property
+    def local_share(self) -> float:
+        n = len(self.times)
+        return (self.tiers.get("memory", 0) + self.tiers.get("disk", 0)) / n if n else 0.0
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.times) if self.times else 0.0
+
+    @property
+    def p95(self) -> float:
+        if not self.times:
+            return 0.0
+        s = sorted(self.times)
+        return s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+
+
+def make_models(rng: random.Random) -> list[Model]:
+    out = []
+    for i in range(SNAPSHOTS):
+        size = int(math.exp(rng.uniform(math.log(5e9), math.log(150e9))))
+        gpus = 1 if size <= 60e9 else 2 if size <= 120e9 else 4
+        out.append(Model(f"model-{i:02d}", size, gpus))
+    return out
+
+
+def make_arrivals(models: list[Model], nodes: int, pods: int, rng: random.Random) -> list[Arrival]:
+    weights = [1 / (i + 1) ** ZIPF_S for i in range(len(models))]
+    mean_gpus = sum(w * m.gpus for w, m in zip(weights, models, strict=True)) / sum(weights)
+    rate = UTILISATION * nodes * GPUS_PER_NODE / mean_gpus / MEAN_LIFETIME_S
+    t = 0.0
+    out = []
+    for _ in range(pods):
+        t += rng.expovariate(rate)
+        out.append(
+            Arrival(t, rng.choices(range(len(models)), weights)[0], rng.expovariate(1 / MEAN_LIFETIME_S))
+        )
+    return out
+
+
+def true_time(node: SimNode, model: Model, published: bool, now: float, p: Params) -> tuple[str, float]:
+    """What really happens on ``node``: the same physics as the scoring, with the real queue."""
+    queue = 1.0 + p.queue_share * node.restoring(now)
+    tier = node.tier(model.name)
+    if tier is not None:
+        return tier, restore_seconds(model.bytes, tier, p) * queue  # type: ignore[arg-type]
+    if published:
+        return "fetch", (model.bytes / p.fetch_bps + restore_seconds(model.bytes, "disk", p)) * queue
+    return "cold", cold_seconds(model.bytes, p)
+
+
+def least_allocated(node: SimNode) -> float:
+    return 100.0 * node.free_gpus / GPUS_PER_NODE
+
+
+def simulate(  # noqa: PLR0917
+    policy: str,
+    n_nodes: int,
+    models: list[Model],
+    arrivals: list[Arrival],
+    seed: int,
+    p: Params = DEFAULT_PARAMS,
+) -> Result:
+    rng = random.Random(seed)
+    nodes = [SimNode(f"n{i:03d}", POOLS[1] if i % 4 == 3 else POOLS[0]) for i in range(n_nodes)]
+    published: set[tuple[str, str]] = set()
+    departures: list[tuple[float, SimNode, Model]] = []
+    times: list[float] = []
+    tiers: dict[str, int] = {}
+    unplaced = 0
+    for a in arrivals:
+        now = a.t
+        for gone in [g for g in departures if g[0] <= now]:
+            departures.remove(gone)
+            gone[1].free_gpus += gone[2].gpus
+            gone[1].in_use[gone[2].name] -= 1
+        model = models[a.model]
+        feasible = [n for n in nodes if n.free_gpus >= model.gpus]
+        if not feasible:
+            unplaced += 1
+            continue
+        scores: dict[str, float] = {}
+        if policy == "spread":
+            scores = {n.name: least_allocated(n) for n in feasible}
+        elif policy == "imagelocality":
+            holders = sum(1 for n in nodes if model.name in n.cache)
+            for n in feasible:
+                s = model.bytes * holders / n_nodes if model.name in n.cache else 0
+                il = 0.0 if s <= IL_MIN else 100.0 * (min(s, IL_MAX) - IL_MIN) / (IL_MAX - IL_MIN)
+                scores[n.name] = il + least_allocated(n)
+        elif policy == "thaw":
+            variants: dict[str, Variant] = {}
+            for pool in POOLS:
+                held = sum(1 for n in nodes if n.pool == pool and model.name in n.cache)
+                if (model.name, pool) in published:
+                    variants[pool] = Variant(model.bytes, max(held, 1))
+            for n in feasible:
+                entry = NodeEntry(
+                    n.name,
+                    "",
+                    "annotation",
+                    n.pool,
+                    copies=tuple(
+                        CachedCopy(name, WORKLOAD, n.pool, size, n.tier(name) or "disk")  # type: ignore[arg-type]
+                        for name, size in n.cache.items()
+                        if name == model.name
+                    ),
+                    restoring=n.restoring(now),
+                )
+                d: Decision = decide(
+                    model.name, WORKLOAD, entry, variants=variants, known_facts={}, node_count=n_nodes, p=p
+                )
+                scores[n.name] = d.score * EXTENDER_WEIGHT * 10 + least_allocated(n)
+        elif policy == "oracle":
+            for n in feasible:
+                _, t = true_time(n, model, (model.name, n.pool) in published, now, p)
+                scores[n.name] = -t * 1000 + least_allocated(n) / 1000
+        else:
+            raise UsageError(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
+        top = max(scores.values())
+        chosen = rng.choice([n for n in feasible if scores[n.name] == top])
+        tier, t = true_time(chosen, model, (model.name, chosen.pool) in published, now, p)
+        times.append(t)
+        tiers[tier] = tiers.get(tier, 0) + 1
+        chosen.placed += 1
+        chosen.free_gpus -= model.gpus
+        chosen.ready_at.append(now + t)
+        chosen.in_use[model.name] = chosen.in_use.get(model.name, 0) + 1
+        chosen.touch(model.name, model.bytes)  # fetched, restored, or checkpointed on first start
+        published.add((model.name, chosen.pool))
+        departures.append((now + t + a.lifetime, chosen, model))
+    placed = len(times)
+    return Result(policy, times, tiers, max(n.placed for n in nodes), placed / n_nodes, unplaced)
+
+
+def run_all(n_nodes: int, pods: int, seed: int) -> list[Result]:
+    rng = random.Random(seed)
+    models = make_models(rng)
+    arrivals = make_arrivals(models, n_nodes, pods, rng)
+    return [simulate(policy, n_nodes, models, arrivals, seed) for policy in POLICIES]
+
+
+def goals(results: list[Result]) -> list[tuple[str, bool, str]]:
+    by = {r.policy: r for r in results}
+    thaw, oracle = by["thaw"], by["oracle"]
+    hit = thaw.local_share / oracle.local_share if oracle.local_share else 1.0
+    mean = thaw.mean / oracle.mean if oracle.mean else 1.0
+    load = thaw.placed_max / thaw.fair if thaw.fair else 0.0
+    return [
+        ("local-hit share >= 95% of the oracle's", hit >= 0.95, f"{hit:.1%}"),
+        ("mean time-to-ready within 10% of the oracle's", mean <= 1.10, f"{mean:.3f}x"),
+        ("no node above 2x its fair share", load <= 2.0, f"{load:.2f}x"),
+    ]
+
+
+def report(results: list[Result], out: Any = None) -> bool:
+    out = out or sys.stdout
+    out.write(
+        f"{'policy':<14} {'local hits':>10} {'mean s':>8} {'p95 s':>8} {'max/node':>9} {'fair':>6} "
+        f"{'tiers (memory/disk/fetch/cold)':>32} {'unplaced':>8}\n"
+    )
+    for r in results:
+        tiers = "/".join(str(r.tiers.get(t, 0)) for t in ("memory", "disk", "fetch", "cold"))
+        out.write(
+            f"{r.policy:<14} {r.local_share:>10.1%} {r.mean:>8.1f} {r.p95:>8.1f} {r.placed_max:>9d} "
+            f"{r.fair:>6.1f} {tiers:>32} {r.unplaced:>8d}\n"
+        )
+    ok = True
+    for goal, met, value in goals(results):
+        ok &= met
+        out.write(f"goal: {goal}: {value} -> {'met' if met else 'NOT met'}\n")
+    return ok
+
+
+def plot(results: list[Result], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError(
+            "--plot needs matplotlib: pip install 'kube-thaw[bench]' (make bench installs it)"
+        ) from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for r in results:
+        s = sorted(r.times)
+        ax.plot(s, [(i + 1) / len(s) for i in range(len(s))], label=f"{r.policy} (mean {r.mean:.1f} s)")
+    ax.set_xscale("log")
+    ax.set_xlabel("time to ready (s, log scale)")
+    ax.set_ylabel("share of pods")
+    ax.set_title("thaw simulate: time-to-ready per placement policy (CDF)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.nodes < 2 or args.pods < 1:
+        raise UsageError("--nodes must be at least 2 and --pods at least 1")
+    results = run_all(args.nodes, args.pods, args.seed)
+    print(f"thaw simulate: {args.nodes} nodes x {GPUS_PER_NODE} GPUs, {args.pods} pods, seed {args.seed}")
+    ok = report(results)
+    if args.plot is not None:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+    return 0 if ok else 1
