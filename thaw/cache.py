@@ -47,6 +47,8 @@ USE_SUFFIX = ".use"
 FETCH_SUFFIX = ".fetch"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+DUMP_PREFIX = ".thaw-dump-"
+STALE_DUMP_S = 24 * 3600
 # Room kept free on the filesystem beyond the snapshot itself: a node whose disk fills up fails in
 # ways far worse than a cold start.
 FS_RESERVE_BYTES = 256 * 1024 * 1024
@@ -385,6 +387,8 @@ def add_local(cache_dir: Path, manifest: Manifest, images_dir: Path, budget: int
 def in_use(snapshot_dir: Path) -> Iterator[Path]:
     """Hold a snapshot for a restore: the agent never evicts it while this is held, and counts it as
     ``restoring``. Raises SnapshotGone if it was evicted (or is not a complete snapshot)."""
+    if not snapshot_dir.parent.is_dir():
+        raise SnapshotGone(f"snapshot {snapshot_dir} is not in the node cache")
     with _flock(_use_lock(snapshot_dir), shared=True):
         if not (snapshot_dir / MANIFEST_NAME).is_file():
             raise SnapshotGone(f"snapshot {snapshot_dir} is no longer in the node cache (evicted)")
@@ -404,9 +408,17 @@ def clean_stale(cache_dir: Path) -> list[str]:
     lock files of snapshots that are gone. Returns what was removed."""
     removed: list[str] = []
     try:
-        name_dirs = [d for d in cache_dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+        top = list(cache_dir.iterdir())
     except FileNotFoundError:
         return removed
+    now = time.time()
+    for d in top:
+        # thaw exec dumps into <cache>/.thaw-dump-* (so the local copy is a hard link); one that old
+        # belongs to a checkpoint that died.
+        if d.name.startswith(DUMP_PREFIX) and d.is_dir() and now - d.stat().st_mtime > STALE_DUMP_S:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    name_dirs = [d for d in top if d.is_dir() and not d.name.startswith(".")]
     for name_dir in name_dirs:
         for p in sorted(name_dir.iterdir()):
             n = p.name

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,8 @@ def test_in_use_holds_off_eviction_and_reports_an_evicted_snapshot(tmp_path: Pat
     assert not path.exists()
     with pytest.raises(SnapshotGone, match="no longer in the node cache"), in_use(path):
         pass
+    with pytest.raises(SnapshotGone, match="not in the node cache"), in_use(tmp_path / "nowhere" / "x"):
+        pass
 
 
 def test_stage_refuses_a_store_file_that_differs_and_leaves_no_temp(tmp_path: Path) -> None:
@@ -87,8 +90,13 @@ def test_clean_stale_removes_only_what_dead_processes_left(tmp_path: Path) -> No
     (name_dir / f".trash-{'c' * 64}-half").mkdir()
     (name_dir / ("d" * 64 + ".use")).touch()  # lock of a snapshot long gone
     (name_dir / ("e" * 64)).mkdir()  # no manifest: never a whole snapshot
+    old_dump, new_dump = cache / ".thaw-dump-old", cache / ".thaw-dump-new"
+    old_dump.mkdir()
+    new_dump.mkdir()
+    os.utime(old_dump, (time.time() - 2 * 86400, time.time() - 2 * 86400))
     removed = clean_stale(cache)
-    assert len(removed) == 4
+    assert len(removed) == 5
+    assert not old_dump.exists() and new_dump.exists()  # a checkpoint may be dumping right now
     assert sorted(p.name for p in name_dir.iterdir()) == sorted(
         [path.name, path.name + ".use", path.name + ".fetch"]
     )
