@@ -1,0 +1,39 @@
+# One image for all of Thaw: the webhook, the extender, the node agent, the certificate controller
+# (thaw webhook|extender|agent|certs), and the runtime that workload pods get: /opt/thaw, which the
+# thaw-tools init container copies into an emptyDir at /thaw, so `thaw exec` runs in any workload
+# image whatever Python or glibc it has (scripts/build-runtime says how).
+#
+# Build: docker build -t ghcr.io/kube-thaw/thaw:0.1.0 .   (or buildah bud / podman build)
+# BASE is any Debian trixie (or newer) image; tests/manifests/test_image.py builds this file with
+# buildah from a debootstrapped rootfs where no registry is reachable.
+ARG BASE=debian:trixie-slim
+
+FROM ${BASE} AS build
+RUN apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY thaw/ thaw/
+COPY webhook/ webhook/
+COPY extender/ extender/
+COPY scripts/build-runtime scripts/install-criu scripts/
+# The runtime (Python, Thaw, its dependencies and every shared library they load, glibc included)
+# and CRIU >= 4.2: Debian trixie's CRIU 4.1.1 cannot dump a process with a TCP socket on 6.18
+# kernels, so scripts/install-criu takes 4.2.1 from Debian forky with forky's own glibc, run
+# through that glibc's loader (the same install `make criu` does for the tests). pip installs into
+# /opt/thaw/python/site only (--target), never into the system Python.
+RUN PIP_BREAK_SYSTEM_PACKAGES=1 scripts/build-runtime /opt/thaw --python /usr/bin/python3 \
+ && /opt/thaw/bin/thaw --help >/dev/null \
+ && /opt/thaw/bin/criu --version
+
+FROM ${BASE}
+# sh and cp are all the final image needs beyond /opt/thaw: bin/thaw is a sh wrapper, and the
+# thaw-tools init container runs `cp -a /opt/thaw/. /thaw/`.
+COPY --from=build /opt/thaw /opt/thaw
+ENV THAW_CRIU=/opt/thaw/bin/criu
+# Non-root by default (the webhook, extender, certificate controller and kube manifests' restricted
+# securityContext); the agent DaemonSet sets runAsUser 0 for the root-only snapshot cache.
+USER 65532:65532
+ENTRYPOINT ["/opt/thaw/bin/thaw"]
+CMD ["--help"]
