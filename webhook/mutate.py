@@ -26,8 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from thaw.annotations import (
     CHECKPOINT,
     CONTAINER,
@@ -41,7 +39,7 @@ from thaw.annotations import (
 )
 from thaw.workload import workload_hash
 from webhook import patches as P
-from webhook.types import JsonObject, PatchOp
+from webhook.types import PatchOp
 
 
 class MalformedPod(ValueError):
@@ -231,7 +229,8 @@ def _inject(  # noqa: PLR0917  (private; called once)
     if WORKLOAD in annotations and annotations[WORKLOAD] != workload:
         warnings.append(f"thaw: {WORKLOAD} is set by the webhook; the value in the pod was replaced")
 
-    env: list[JsonObject] = orjson.loads(prepared.env_with_key if publish else prepared.env)
+    parts = prepared.fresh(publish, spec.snapshot, workload)
+    env = parts["env"]
     env.append({"name": "THAW_CHECKPOINT", "value": checkpoint})
     if ready is not None:
         env.append({"name": "THAW_READY", "value": ready})
@@ -240,19 +239,11 @@ def _inject(  # noqa: PLR0917  (private; called once)
     env.append({"name": "THAW_CONTAINER", "value": str(container.get("name"))})
 
     ops: list[PatchOp] = P.annotation_ops(annotations, {INJECTED: P.INJECTED_VALUE, WORKLOAD: workload})
-    ops += P.init_container_ops(
-        pod_spec.get("initContainers"), prepared.init_containers(spec.snapshot, workload)
-    )
-    ops += P.volume_ops(
-        pod_spec.get("volumes"), orjson.loads(prepared.volumes_with_key if publish else prepared.volumes)
-    )
+    ops += P.init_container_ops(pod_spec.get("initContainers"), parts["init"])
+    ops += P.volume_ops(pod_spec.get("volumes"), parts["volumes"])
     ops += P.command_ops(index, container)
     ops += P.env_ops(index, _list(container.get("env"), "env"), env)
-    ops += P.mount_ops(
-        index,
-        container.get("volumeMounts"),
-        orjson.loads(prepared.mounts_with_key if publish else prepared.mounts),
-    )
+    ops += P.mount_ops(index, container.get("volumeMounts"), parts["mounts"])
     ops += P.capability_ops(
         index, _obj(container.get("securityContext"), "securityContext"), prepared.capabilities
     )

@@ -7,11 +7,12 @@ it. They share two rules that real API servers demand:
   appended to (``add /spec/volumes/- ..``) or inserted into, because ``add`` at ``/spec/volumes/-``
   fails when ``volumes`` does not exist;
 - every path segment that comes from data (annotation keys, resource names) goes through
-  ``webhook.types.pointer``, which escapes ``~`` and ``/``.
+  ``webhook.types.pointer``, which escapes ``~`` and ``/``; fixed segments and indexes are written
+  out directly (they have neither).
 
 ``Prepared`` holds everything that depends only on the configuration (the init containers, the
 volumes, the static env and mounts), computed once at start-up and kept as JSON bytes: ``orjson.loads``
-of a few hundred bytes is the cheapest way to hand each answer its own copy, so that no caller can
+of a couple of kilobytes is the cheapest way to hand each answer its own copy, so that no caller can
 change the templates by editing a patch it was given.
 """
 
@@ -68,14 +69,11 @@ class Prepared:
     excluded_namespaces: frozenset[str]
     capabilities: tuple[str, ...]
     can_publish: bool  # a signing key Secret is configured
-    tools_container: bytes
-    fetch_container: bytes  # env ends before THAW_NAME/THAW_WORKLOAD, appended per pod
-    volumes: bytes  # without the signing key volume
-    volumes_with_key: bytes
-    mounts: bytes
-    mounts_with_key: bytes
-    env: bytes  # static env of the target container
-    env_with_key: bytes
+    # {"init": [tools, fetch], "volumes": [...], "mounts": [...], "env": [...]} as JSON, without and
+    # with the signing key (volume, mount, THAW_KEY); one orjson.loads gives a fresh copy of all.
+    # The fetch container's env stops before THAW_NAME/THAW_WORKLOAD, which fresh() appends.
+    parts: bytes
+    parts_with_key: bytes
 
     @classmethod
     def build(cls, config: WebhookConfig) -> Prepared:
@@ -158,23 +156,25 @@ class Prepared:
             excluded_namespaces=config.excluded_namespaces,
             capabilities=config.capabilities,
             can_publish=config.signing_key_secret is not None,
-            tools_container=dumps(tools),
-            fetch_container=dumps(fetch),
-            volumes=dumps(volumes),
-            volumes_with_key=dumps([*volumes, key_volume]),
-            mounts=dumps(mounts),
-            mounts_with_key=dumps([*mounts, key_mount]),
-            env=dumps(env),
-            env_with_key=dumps([*env, key_env]),
+            parts=dumps({"init": [tools, fetch], "volumes": volumes, "mounts": mounts, "env": env}),
+            parts_with_key=dumps(
+                {
+                    "init": [tools, fetch],
+                    "volumes": [*volumes, key_volume],
+                    "mounts": [*mounts, key_mount],
+                    "env": [*env, key_env],
+                }
+            ),
         )
 
-    def init_containers(self, snapshot: str, workload: str) -> list[JsonObject]:
-        fetch: JsonObject = orjson.loads(self.fetch_container)
-        fetch["env"] += [
+    def fresh(self, publish: bool, snapshot: str, workload: str) -> dict[str, list[JsonObject]]:
+        """This pod's copy of the parts: init containers, volumes, target mounts and static env."""
+        parts: dict[str, list[JsonObject]] = orjson.loads(self.parts_with_key if publish else self.parts)
+        parts["init"][1]["env"] += [
             {"name": "THAW_NAME", "value": snapshot},
             {"name": "THAW_WORKLOAD", "value": workload},
         ]
-        return [orjson.loads(self.tools_container), fetch]
+        return parts
 
 
 # --- builders -------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def init_container_ops(existing: Sequence[Any] | None, new: Sequence[JsonObject]
     """Put ``new`` first, in order, before the pod's own init containers."""
     if existing is None:
         return [add("/spec/initContainers", list(new))]
-    return [add(pointer("spec", "initContainers", i), c) for i, c in enumerate(new)]
+    return [add(f"/spec/initContainers/{i}", c) for i, c in enumerate(new)]
 
 
 def _append(base: str, existing: Sequence[Any] | None, new: Sequence[Any]) -> list[PatchOp]:
@@ -209,9 +209,9 @@ def volume_ops(existing: Sequence[Any] | None, new: Sequence[JsonObject]) -> lis
 def command_ops(index: int, container: Mapping[str, Any]) -> list[PatchOp]:
     """``command`` becomes ``thaw exec -- <command> <args>``; ``args`` is folded in and removed."""
     command = [THAW_BIN, "exec", "--", *container["command"], *(container.get("args") or ())]
-    ops: list[PatchOp] = [replace(pointer("spec", "containers", index, "command"), command)]
+    ops: list[PatchOp] = [replace(f"/spec/containers/{index}/command", command)]
     if "args" in container:
-        ops.append(remove(pointer("spec", "containers", index, "args")))
+        ops.append(remove(f"/spec/containers/{index}/args"))
     return ops
 
 
@@ -220,18 +220,18 @@ def env_ops(index: int, existing: Sequence[Any] | None, new: Sequence[JsonObject
     if existing:
         taken = {e.get("name") for e in existing if isinstance(e, Mapping)}
         new = [e for e in new if e["name"] not in taken]
-    return _append(pointer("spec", "containers", index, "env"), existing, new)
+    return _append(f"/spec/containers/{index}/env", existing, new)
 
 
 def mount_ops(index: int, existing: Sequence[Any] | None, new: Sequence[JsonObject]) -> list[PatchOp]:
-    return _append(pointer("spec", "containers", index, "volumeMounts"), existing, new)
+    return _append(f"/spec/containers/{index}/volumeMounts", existing, new)
 
 
 def capability_ops(
     index: int, security_context: Mapping[str, Any] | None, caps: Sequence[str]
 ) -> list[PatchOp]:
     """Add ``caps`` to ``securityContext.capabilities.add``, creating each level that is absent."""
-    base = pointer("spec", "containers", index, "securityContext")
+    base = f"/spec/containers/{index}/securityContext"
     if security_context is None:
         return [add(base, {"capabilities": {"add": list(caps)}})] if caps else []
     capabilities = security_context.get("capabilities")
@@ -252,15 +252,15 @@ def extended_resource_ops(index: int, resources: Mapping[str, Any] | None) -> li
     makes kube-scheduler call the extender that manages it (``managedResources`` with
     ``ignoredByScheduler: true``); it never holds a pod on the node.
     """
-    base = pointer("spec", "containers", index, "resources")
+    base = f"/spec/containers/{index}/resources"
     if resources is None:
         return [add(base, {"requests": {EXTENDED_RESOURCE: "1"}, "limits": {EXTENDED_RESOURCE: "1"}})]
     ops: list[PatchOp] = []
     for kind in ("requests", "limits"):
         if resources.get(kind) is None:
-            ops.append(add(pointer("spec", "containers", index, "resources", kind), {EXTENDED_RESOURCE: "1"}))
+            ops.append(add(f"{base}/{kind}", {EXTENDED_RESOURCE: "1"}))
         else:
-            ops.append(add(pointer("spec", "containers", index, "resources", kind, EXTENDED_RESOURCE), "1"))
+            ops.append(add(f"{base}/{kind}" + pointer(EXTENDED_RESOURCE), "1"))
     return ops
 
 
