@@ -1,0 +1,339 @@
+"""``thaw demo`` (``make demo``): the whole path on this machine, one step after another.
+
+Each step is a function ``step(ctx) -> None`` in ``STEPS``. A step prints what it does as it goes
+(``ctx.say``), records one line per case for the closing summary (``ctx.record``), and leaves what
+later steps need in ``ctx`` (the webhook step leaves the mutated pods in ``ctx.pods``). Steps start
+their own processes and stop them before returning (context managers), so an interrupted demo
+leaves nothing running. To add a step: write ``def my_step(ctx: DemoContext) -> None`` and append
+``("name", my_step)`` to ``STEPS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import http.client
+import json
+import shutil
+import sys
+import tempfile
+import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jsonpatch  # type: ignore[import-untyped,unused-ignore]
+
+SNAPSHOT = "qwen3-8b-vllm"
+RESTORE_NS = "llm-serving"  # labelled thaw.dev/restore=allowed: kube-apiserver calls /mutate-restore
+PLAIN_NS = "team-sandbox"  # not labelled: kube-apiserver calls /mutate
+
+
+@dataclass
+class Row:
+    step: str
+    case: str
+    outcome: str
+    detail: str
+
+
+@dataclass
+class DemoContext:
+    workdir: Path
+    out: Callable[[str], None] = print
+    rows: list[Row] = field(default_factory=list)
+    # Mutated pods by name, as kube-apiserver would store them after the webhook (for later steps).
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: int = 0
+
+    def say(self, text: str = "") -> None:
+        self.out(text)
+
+    def record(self, step: str, case: str, outcome: str, detail: str = "", ok: bool = True) -> None:
+        self.rows.append(Row(step, case, outcome, detail))
+        if not ok:
+            self.failures += 1
+
+
+# --- step: the webhook ----------------------------------------------------------------------------
+
+DEMO_CONFIG = """\
+# thaw webhook --config: the manifests' settings (webhook/config.py documents every key)
+image: ghcr.io/kube-thaw/thaw:0.1.0
+excludedNamespaces: [kube-system, thaw-system]
+cache:
+  hostPath: /var/lib/thaw/cache
+scheduler:
+  extendedResource: true
+"""
+
+
+def vllm_pod(name: str, namespace: str, annotations: dict[str, str] | None) -> dict[str, Any]:
+    """A vLLM server pod as kube-apiserver hands it to webhooks (defaults filled in)."""
+    meta: dict[str, Any] = {"generateName": f"{name}-", "labels": {"app": name}, "creationTimestamp": None}
+    if annotations is not None:
+        meta["annotations"] = annotations
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": meta,
+        "spec": {
+            "initContainers": [
+                {
+                    "name": "model-download",
+                    "image": "ghcr.io/example/hf-download:1.2",
+                    "command": ["hf-download", "Qwen/Qwen3-8B", "/models"],
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent",
+                }
+            ],
+            "containers": [
+                {
+                    "name": "vllm",
+                    "image": "vllm/vllm-openai:v0.9.2",
+                    "command": ["python3", "-m", "vllm.entrypoints.openai.api_server"],
+                    "args": ["--model", "/models/Qwen3-8B", "--port", "8000"],
+                    "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
+                    "env": [{"name": "VLLM_USE_V1", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}, "requests": {"nvidia.com/gpu": "1"}},
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                    "readinessProbe": {
+                        "httpGet": {"path": "/health", "port": "http", "scheme": "HTTP"},
+                        "periodSeconds": 5,
+                        "timeoutSeconds": 1,
+                        "successThreshold": 1,
+                        "failureThreshold": 3,
+                    },
+                    "terminationMessagePath": "/dev/termination-log",
+                    "terminationMessagePolicy": "File",
+                    "imagePullPolicy": "IfNotPresent",
+                }
+            ],
+            "volumes": [{"name": "models", "emptyDir": {}}],
+            "restartPolicy": "Always",
+            "terminationGracePeriodSeconds": 30,
+            "dnsPolicy": "ClusterFirst",
+            "securityContext": {},
+            "schedulerName": "default-scheduler",
+            "enableServiceLinks": True,
+            "preemptionPolicy": "PreemptLowerPriority",
+            "priority": 0,
+        },
+        "status": {},
+    }
+
+
+def admission_review(pod: dict[str, Any], namespace: str, uid: str) -> dict[str, Any]:
+    """The AdmissionReview kube-apiserver sends for a Pod CREATE (the namespace is in the request:
+    pods created by controllers have none in their metadata)."""
+    gvk = {"group": "", "version": "v1", "kind": "Pod"}
+    gvr = {"group": "", "version": "v1", "resource": "pods"}
+    return {
+        "kind": "AdmissionReview",
+        "apiVersion": "admission.k8s.io/v1",
+        "request": {
+            "uid": uid,
+            "kind": gvk,
+            "resource": gvr,
+            "requestKind": gvk,
+            "requestResource": gvr,
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+            "object": pod,
+            "oldObject": None,
+            "dryRun": False,
+            "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"},
+        },
+    }
+
+
+@dataclass
+class _Case:
+    name: str
+    path: str
+    body: bytes
+    pod: dict[str, Any] | None
+    expect: str  # mutated, unchanged, refused, HTTP 400
+
+
+def _cases() -> list[_Case]:
+    snap = {"thaw.dev/snapshot": SNAPSHOT}
+    cases: list[_Case] = []
+
+    def case(name: str, path: str, pod: dict[str, Any], ns: str, expect: str) -> None:
+        body = json.dumps(admission_review(pod, ns, f"demo-{len(cases) + 1:04d}")).encode()
+        cases.append(_Case(name, path, body, pod, expect))
+
+    case(
+        f"qwen in {RESTORE_NS} (restore allowed)",
+        "/mutate-restore",
+        vllm_pod("qwen", RESTORE_NS, snap),
+        RESTORE_NS,
+        "mutated",
+    )
+    case(
+        f"qwen in {PLAIN_NS} (not labelled)",
+        "/mutate",
+        vllm_pod("qwen", PLAIN_NS, snap),
+        PLAIN_NS,
+        "unchanged",
+    )
+    case(
+        "plain pod, no thaw.dev/snapshot",
+        "/mutate-restore",
+        vllm_pod("plain", RESTORE_NS, None),
+        RESTORE_NS,
+        "unchanged",
+    )
+    case(
+        "invalid thaw.dev/checkpoint",
+        "/mutate-restore",
+        vllm_pod("bad", RESTORE_NS, {**snap, "thaw.dev/checkpoint": "always"}),
+        RESTORE_NS,
+        "refused",
+    )
+    no_command = vllm_pod("nocmd", RESTORE_NS, snap)
+    del no_command["spec"]["containers"][0]["command"]
+    case("container without command", "/mutate-restore", no_command, RESTORE_NS, "refused")
+    case(
+        "pod in kube-system",
+        "/mutate-restore",
+        vllm_pod("sys", "kube-system", snap),
+        "kube-system",
+        "unchanged",
+    )
+    cases.append(_Case("malformed body", "/mutate-restore", b'{"kind": "AdmissionReview"', None, "HTTP 400"))
+    return cases
+
+
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, width=100, initial_indent="      ", subsequent_indent="         ")
+
+
+def _post(conn: http.client.HTTPSConnection, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    data: dict[str, Any] = json.loads(resp.read())
+    return resp.status, data
+
+
+def _describe_mutation(ctx: DemoContext, after: dict[str, Any], n_ops: int) -> str:
+    spec = after["spec"]
+    target = next(c for c in spec["containers"] if c["name"] == "vllm")
+    env = {e["name"]: e.get("value", "(downward API)") for e in target.get("env", [])}
+    ann = after["metadata"]["annotations"]
+    wrap = textwrap.TextWrapper(width=100, initial_indent="      ", subsequent_indent="        ")
+    lines = [
+        f"init containers: {', '.join(c['name'] for c in spec['initContainers'])}",
+        f"command: {' '.join(target['command'])}",
+        "env: "
+        + ", ".join(
+            f"{k}={env[k]}"
+            for k in ("THAW_NAME", "THAW_WORKLOAD", "THAW_READY", "THAW_CHECKPOINT", "THAW_NODE_NAME")
+        ),
+        f"capabilities added: {', '.join(target['securityContext']['capabilities']['add'])}",
+        f"volumes added: {', '.join(v['name'] for v in spec['volumes'] if v['name'].startswith('thaw-'))}",
+        f"resources: requests {target['resources']['requests']}",
+        "annotations: "
+        f"thaw.dev/injected={ann['thaw.dev/injected']}, thaw.dev/workload={ann['thaw.dev/workload']}",
+    ]
+    for line in lines:
+        ctx.say(wrap.fill(line))
+    return f"{n_ops} patch ops; workload {ann['thaw.dev/workload']}"
+
+
+def webhook_step(ctx: DemoContext) -> None:
+    """Start ``thaw webhook`` with TLS from ``thaw certs`` and send it real-shaped reviews."""
+    from webhook.launch import make_certs, running_webhook
+
+    certs = make_certs(ctx.workdir / "certs")
+    config = ctx.workdir / "webhook.yaml"
+    config.write_text(DEMO_CONFIG)
+    ctx.say(f"$ thaw certs --out {certs} --dns localhost --ip 127.0.0.1")
+    ctx.say(f"$ thaw webhook --cert-dir {certs} --config {config} --port PORT")
+    with running_webhook(certs, config=config, log_file=ctx.workdir / "webhook.log") as run:
+        host, port = run.url.removeprefix("https://").split(":")
+        conn = http.client.HTTPSConnection(host, int(port), context=run.ssl_context(), timeout=10)
+        ctx.say(f"  serving on {run.url} (gunicorn, 2 workers); TLS verified against {certs / 'ca.crt'}\n")
+        for i, case in enumerate(_cases(), 1):
+            status, answer = _post(conn, case.path, case.body)
+            reinvoked: bool | None = None
+            ctx.say(f"  [{i}] POST {case.path}: {case.name}")
+            if status != 200:
+                outcome = f"HTTP {status}"
+                detail = answer.get("error", "")
+                ctx.say(_wrap(f"-> {outcome}: {detail}"))
+            else:
+                response = answer["response"]
+                if not response["allowed"]:
+                    outcome, detail = "refused", response["status"]["message"]
+                    ctx.say(_wrap(f"-> REFUSED ({response['status']['code']}): {detail}"))
+                elif "patch" in response:
+                    outcome = "mutated"
+                    ops = json.loads(base64.b64decode(response["patch"]))
+                    assert case.pod is not None
+                    after = jsonpatch.apply_patch(copy.deepcopy(case.pod), ops)
+                    ctx.say(f"      -> MUTATED ({len(ops)} JSON Patch operations):")
+                    detail = _describe_mutation(ctx, after, len(ops))
+                    ctx.pods[after["metadata"]["generateName"] + "demo"] = after
+                    # kube-apiserver reinvokes webhooks (reinvocationPolicy: IfNeeded): nothing more
+                    again = json.loads(case.body)
+                    again["request"]["object"] = after
+                    _, second = _post(conn, case.path, json.dumps(again).encode())
+                    reinvoked = "patch" in second["response"]
+                    ctx.say(
+                        "      reinvoked with the mutated pod -> "
+                        + ("PATCHED AGAIN" if reinvoked else "no patch")
+                    )
+                else:
+                    outcome = "unchanged"
+                    warnings = response.get("warnings", [])
+                    detail = warnings[0] if warnings else "no patch, no warning"
+                    ctx.say(_wrap(f"-> UNCHANGED: {detail}"))
+            ctx.record("webhook", case.name, outcome, detail, ok=outcome == case.expect)
+            if reinvoked is not None:
+                ctx.record(
+                    "webhook", "  ... reinvoked", "patched" if reinvoked else "no patch", ok=not reinvoked
+                )
+        conn.close()
+    ctx.say("  webhook stopped\n")
+
+
+# --- the sequence ---------------------------------------------------------------------------------
+
+Step = Callable[[DemoContext], None]
+STEPS: list[tuple[str, Step]] = [("webhook", webhook_step)]
+
+
+def print_summary(ctx: DemoContext) -> None:
+    ctx.say("=" * 100)
+    ctx.say("Summary")
+    width_case = max((len(r.case) for r in ctx.rows), default=4)
+    width_out = max((len(r.outcome) for r in ctx.rows), default=7)
+    for r in ctx.rows:
+        detail = r.detail if len(r.detail) <= 60 else r.detail[:57] + "..."
+        ctx.say(f"  {r.step:<9} {r.case:<{width_case}}  {r.outcome:<{width_out}}  {detail}")
+    verdict = "every case behaved as expected" if ctx.failures == 0 else f"{ctx.failures} case(s) did not"
+    ctx.say(f"\n{verdict}")
+
+
+def run(args: argparse.Namespace | None = None) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="thaw-demo-"))
+    ctx = DemoContext(workdir=workdir)
+    try:
+        for name, step in STEPS:
+            ctx.say(f"== {name} " + "=" * (96 - len(name)))
+            step(ctx)
+        print_summary(ctx)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ctx.failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run())
