@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "--workers", type=int, default=1, help="gunicorn worker processes")
     _add(p, "--threads", type=int, default=8, help="threads per worker")
+    _add(
+        p,
+        "--scoring",
+        type=Path,
+        default=None,
+        help="YAML/JSON mapping overriding scoring constants (extender.scoring.Params fields)",
+    )
 
     p = sub.add_parser("certs", help="generate a CA and a serving certificate; print the caBundle")
     _add(p, "--out", type=Path, default=None, help="directory for ca.crt, tls.crt, tls.key (unless --auto)")

@@ -1,0 +1,174 @@
+"""The extender's step of ``thaw demo``: place the pods the webhook mutated on a small GPU cluster.
+
+``place_pods(pods)`` writes a NodeList of six simulated GPU nodes (two cache the snapshot, one of
+them busy restoring; one is empty but compatible; one is an H200 with other facts; one has only GPU
+Feature Discovery labels), starts ``thaw extender --nodes FILE`` (real gunicorn), asks it
+``/filter`` and ``/prioritize`` for each pod as kube-scheduler would (``nodeCacheCapable``), binds
+the pod to the best node, and prints node, tier and estimated time-to-ready against a cold start.
+Run alone: ``python -m extender.demo``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from extender.index import NodeIndex
+from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
+
+SNAPSHOT = "qwen3-8b-vllm"
+SIZE = 8_100_000_000
+
+
+@dataclass(frozen=True)
+class Placement:
+    pod: str
+    node: str
+    tier: str
+    seconds: float
+    cold_seconds: float
+    score: int
+
+
+def demo_cluster(snapshot: str = SNAPSHOT, workload: str = WORKLOAD) -> dict[str, Any]:
+    def snap(tier: str) -> Any:
+        return cached(snapshot, SIZE, tier, workload=workload)  # type: ignore[arg-type]
+
+    items = [
+        node("gpu-a", snapshots=[snap("memory")]),
+        node("gpu-b", snapshots=[snap("disk")]),
+        node("gpu-c", snapshots=[snap("memory")], restoring=3),
+        node("gpu-d", snapshots=[]),
+        node("gpu-e", facts=H200_FACTS, snapshots=[]),
+        node("gpu-f", facts=H100_FACTS, gfd=True),
+    ]
+    return {"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": items}
+
+
+def example_pods(n: int = 4, workload: str = WORKLOAD) -> list[dict[str, Any]]:
+    """Pods as the webhook leaves them (annotations only: what the extender reads)."""
+    return [
+        {
+            "metadata": {
+                "name": f"qwen-{i}",
+                "namespace": "inference",
+                "annotations": {
+                    "thaw.dev/snapshot": SNAPSHOT,
+                    "thaw.dev/injected": "true",
+                    "thaw.dev/workload": workload,
+                    "thaw.dev/placement": "required" if i % 2 else "preferred",
+                },
+            },
+            "spec": {"containers": [{"name": "server", "image": "vllm/vllm-openai:v0.11.0"}]},
+        }
+        for i in range(n)
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _post(port: int, path: str, body: dict[str, Any]) -> Any:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+    resp = c.getresponse()
+    data = json.loads(resp.read())
+    if resp.status != 200:
+        raise RuntimeError(f"extender {path}: HTTP {resp.status}: {data}")
+    return data
+
+
+def place_pods(
+    pods: list[dict[str, Any]] | None = None, out: Callable[[str], None] = print
+) -> list[Placement]:
+    pods = pods if pods is not None else example_pods()
+    doc = demo_cluster(workload=_workload(pods))
+    names = [n["metadata"]["name"] for n in doc["items"]]
+    explain = NodeIndex()
+    explain.replace_all(doc["items"], "1")
+    placements: list[Placement] = []
+    with tempfile.TemporaryDirectory(prefix="thaw-demo-") as tmp:
+        nodes_file = Path(tmp) / "nodes.json"
+        nodes_file.write_text(json.dumps(doc))
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "thaw",
+                "--log-level",
+                "warning",
+                "extender",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--nodes",
+                str(nodes_file),
+                "--threads",
+                "2",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait_ready(port, proc)
+            out(f"extender: thaw extender --nodes ({len(names)} GPU nodes) on 127.0.0.1:{port}")
+            for pod in pods:
+                ann = pod["metadata"].get("annotations") or {}
+                args = {"Pod": pod, "Nodes": None, "NodeNames": names}
+                filtered = _post(port, "/filter", args)
+                scores = _post(port, "/prioritize", {**args, "NodeNames": filtered["NodeNames"]})
+                best = max(scores, key=lambda h: h["Score"])["Host"]
+                d = explain.decisions(ann["thaw.dev/snapshot"], ann["thaw.dev/workload"]).decision(best)
+                p = Placement(pod["metadata"]["name"], best, d.tier, d.seconds, d.cold_seconds, d.score)
+                placements.append(p)
+                failed = ", ".join(sorted(filtered["FailedNodes"])) or "none"
+                out(
+                    f"  {p.pod:<8} placement={ann.get('thaw.dev/placement', 'preferred'):<9} -> {p.node} "
+                    f"(score {p.score}/10, {p.tier}): ready in ~{p.seconds:.1f} s vs cold start "
+                    f"~{p.cold_seconds:.1f} s; filtered out: {failed}"
+                )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+    return placements
+
+
+def _workload(pods: list[dict[str, Any]]) -> str:
+    for pod in pods:
+        w = (pod["metadata"].get("annotations") or {}).get("thaw.dev/workload")
+        if w:
+            return str(w)
+    return WORKLOAD
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"thaw extender exited with {proc.returncode}")
+        try:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            c.request("GET", "/readyz")
+            if c.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("thaw extender did not become ready in 30 s")
+
+
+if __name__ == "__main__":
+    place_pods()
