@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from thaw.cli import UsageError
@@ -12,8 +11,6 @@ from thaw.serving import ServeOptions, serve
 # Not webhook.app: prometheus_client must be imported only after thaw.serving has chosen the
 # multiprocess metrics directory, that is in the workers.
 from webhook.config import CONFIG_ENV, ConfigError, load_config
-
-log = logging.getLogger(__name__)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -29,13 +26,6 @@ def run(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
     else:
         os.environ.pop(CONFIG_ENV, None)
-    log.info(
-        "thaw webhook: https://%s:%d (%d workers x %d threads)",
-        args.host,
-        args.port,
-        args.workers,
-        args.threads,
-    )
     serve(
         ServeOptions(
             app="webhook.app:create_app",
