@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -290,3 +291,34 @@ def test_two_concurrent_fetches_copy_once_and_both_restore(world: World) -> None
     assert pa["path"] == pb["path"] and pa["snapshot"] == pb["snapshot"] == sid
     assert Path(pa["path"], "pages-1.img").read_bytes() == payload
     assert [p.name for p in (world.cache / "demo").iterdir() if p.is_dir()] == [hex_of(sid)]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: a real filesystem that runs out of room (and a cache in node memory)."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False
+        ).returncode
+    ):
+        pytest.skip("needs root to mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_cache_full_when_the_disk_cannot_hold_it_and_memory_tier(world: World, small_tmpfs: Path) -> None:
+    world.publish(world.images("big", {"pages-1.img": os.urandom(2 * MIB)}), name="big")
+    args = world.fetch_args(name="big")
+    args[args.index("--cache") + 1] = small_tmpfs
+    out = thaw(*args)
+    plan = read_json(world.plan)
+    assert out.returncode == 0 and plan["action"] == "cold", plan
+    assert plan["reason"].startswith("cache full:") and "free on the filesystem" in plan["reason"]
+    assert not list(small_tmpfs.glob("big/*/"))
+    inv = thaw("agent", "--cache", small_tmpfs, "--budget", "1000", "--facts", world.facts_file(), "--once")
+    assert orjson.loads(orjson.loads(inv.stdout)["thaw.dev/cache"])["free_bytes"] == 0
