@@ -9,7 +9,13 @@
 ARG BASE=debian:trixie-slim
 
 FROM ${BASE} AS build
-RUN apt-get update \
+# 1 where the Debian mirror is a frozen snapshot whose Release files have expired (Valid-Until):
+# apt then skips that date check, in this build stage only.
+ARG APT_SNAPSHOT_MIRROR=0
+RUN if [ "$APT_SNAPSHOT_MIRROR" = 1 ]; then \
+      printf 'Acquire::Check-Valid-Until "false";\nAcquire::Check-Date "false";\n' >/etc/apt/apt.conf.d/99snapshot; \
+    fi \
+ && apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -22,8 +28,12 @@ COPY scripts/build-runtime scripts/install-criu scripts/
 # and CRIU >= 4.2: Debian trixie's CRIU 4.1.1 cannot dump a process with a TCP socket on 6.18
 # kernels, so scripts/install-criu takes 4.2.1 from Debian forky with forky's own glibc, run
 # through that glibc's loader (the same install `make criu` does for the tests). pip installs into
-# /opt/thaw/python/site only (--target), never into the system Python.
-RUN PIP_BREAK_SYSTEM_PACKAGES=1 scripts/build-runtime /opt/thaw --python /usr/bin/python3 \
+# /opt/thaw/python/site only (--target), never into the system Python. Behind a TLS-intercepting
+# proxy, pass its CA bundle as a build secret (nothing of it stays in the image):
+#   docker build --secret id=pip_cert,src=/etc/ssl/certs/ca-certificates.crt .
+RUN --mount=type=secret,id=pip_cert \
+    if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
+ && PIP_BREAK_SYSTEM_PACKAGES=1 scripts/build-runtime /opt/thaw --python /usr/bin/python3 \
  && /opt/thaw/bin/thaw --help >/dev/null \
  && /opt/thaw/bin/criu --version
 
