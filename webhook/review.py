@@ -52,8 +52,15 @@ def _answer(api_version: str, response: AdmissionResponse, outcome: Outcome) -> 
     return Answer(200, orjson.dumps(review), outcome)
 
 
+def _warning(text: str) -> str:
+    # Warnings travel as HTTP Warning headers to kubectl: printable characters only, and short.
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return text if len(text) <= MAX_WARNING_CHARS else text[: MAX_WARNING_CHARS - 1] + "…"
+
+
 def _warnings(items: list[str]) -> list[str]:
-    return [w if len(w) <= MAX_WARNING_CHARS else w[: MAX_WARNING_CHARS - 1] + "…" for w in items]
+    return [_warning(w) for w in items]
 
 
 def build_response(body: bytes, prepared: Prepared, restore_allowed: bool) -> Answer:

@@ -150,6 +150,15 @@ def test_warnings_are_short_enough_for_kube_apiserver() -> None:
     assert all(len(w) <= MAX_WARNING_CHARS for w in out["response"]["warnings"])
 
 
+def test_warnings_carry_printable_characters_only() -> None:
+    review = annotated(BASE, {"thaw.dev/snapshot": "qwen3", "thaw.dev/container": "c"})
+    review["request"]["object"]["spec"]["containers"][0]["readinessProbe"] = {"httpGet": {"port": "a\nb\x00"}}
+    _, out = answer(review, restore=True)
+    warnings = out["response"]["warnings"]
+    assert any("names no port" in w for w in warnings)
+    assert all(w.isprintable() for w in warnings)
+
+
 def test_patch_from_server_bytes_applies() -> None:
     review = annotated(BASE)
     _, out = answer(review, restore=True)
