@@ -1,0 +1,169 @@
+"""Run a "pod" the way Kubernetes would, on one machine, and time it: ``thaw exec`` as PID 1 of a
+fresh PID and mount namespace (``unshare --pid --fork --mount-proc``) inside a fresh network
+namespace, with the client in that network namespace. Used by bench/gpu/side_by_side.py and
+bench/runtime_cpu.py. Standard library only (plus thaw), so it runs under any Python 3.11+.
+
+A phase runs in a child ``unshare --net python3 -m bench.gpu.harness SPEC_JSON`` and prints one JSON
+line: time from starting ``thaw exec`` to the first answer of the workload, the answers, thaw's
+outcome file, and, for a checkpointing pod, the checkpoint's outcome.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+
+
+def lo_up() -> None:
+    """Bring up loopback in a new network namespace without iproute2 (the GPU image lacks it)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        ifr = struct.pack("16sh", b"lo", 0)
+        flags = struct.unpack("16sh", fcntl.ioctl(s, SIOCGIFFLAGS, ifr))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh", b"lo", flags | IFF_UP))
+    finally:
+        s.close()
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def request(url: str, body: dict[str, Any] | None, timeout: float) -> dict[str, Any] | None:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            value: dict[str, Any] = json.loads(resp.read())
+            return value
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value: dict[str, Any] = json.loads(path.read_text())
+        return value
+    except (OSError, ValueError):
+        return {}
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _copy(proc: subprocess.Popen[bytes], log: Any) -> None:
+    out = proc.stdout
+    assert out is not None
+    for chunk in iter(lambda: os.read(out.fileno(), 65536), b""):
+        log.write(chunk)
+        log.flush()
+
+
+def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
+    """Inside the new network namespace: start the pod, time its first answer, optionally wait for
+    its checkpoint, ask again, stop it with SIGTERM (as kubelet does)."""
+    lo_up()
+    url, body = spec["url"], spec.get("body")
+    outcome_path = Path(spec["outcome"])
+    outcome_path.unlink(missing_ok=True)  # a previous pod's outcome must not be read as this one's
+    log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
+    argv = [
+        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+        sys.executable, "-m", "thaw", "exec", *spec["thaw_args"], "--", *spec["cmd"],
+    ]  # fmt: skip
+    env = {**os.environ, **spec.get("env", {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    t0 = time.monotonic()
+    # The pod's stdout is a pipe, as a container's is (a file opened outside the pod's mount
+    # namespace could not be dumped: CRIU cannot find its mount), copied to the log by a thread.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    copier = threading.Thread(target=_copy, args=(proc, log), daemon=True)
+    copier.start()
+    result: dict[str, Any] = {"name": spec["name"]}
+    first = None
+    deadline = t0 + float(spec.get("timeout", 600))
+    while time.monotonic() < deadline and proc.poll() is None:
+        first = request(url, body, timeout=float(spec.get("request_timeout", 30)))
+        if first is not None:
+            break
+        time.sleep(0.05)
+    result["first_answer_s"] = round(time.monotonic() - t0, 3) if first is not None else None
+    result["first"] = first
+    if first is not None and spec.get("wait_checkpoint"):
+        while time.monotonic() < deadline:
+            ck = read_json(outcome_path).get("checkpoint", {})
+            if ck.get("status") in ("published", "failed"):
+                break
+            time.sleep(0.2)
+        result["after_checkpoint"] = request(url, body, timeout=60)
+    if first is not None and spec.get("again"):
+        result["again"] = request(url, body, timeout=60)
+    # thaw exec records a restore's result once its own readiness check passed, which can be a
+    # moment after the client's first answer.
+    settle = time.monotonic() + 15
+    while "result" not in read_json(outcome_path) and time.monotonic() < settle:
+        time.sleep(0.1)
+    result["outcome"] = read_json(outcome_path)
+    kids = children(proc.pid)
+    if kids:
+        os.kill(kids[0], signal.SIGTERM)
+    else:
+        proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    result["exit"] = proc.returncode
+    copier.join(10)
+    log.close()
+    return result
+
+
+def phase(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run ``spec`` in a fresh network namespace (a child process) and return its result."""
+    out = subprocess.run(
+        ["unshare", "--net", sys.executable, "-m", "bench.gpu.harness", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        },
+        timeout=float(spec.get("timeout", 600)) + 120,
+    )
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode != 0 or not lines:
+        return {"name": spec["name"], "error": (out.stderr or out.stdout)[-2000:]}
+    value: dict[str, Any] = json.loads(lines[-1])
+    return value
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_phase(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,273 @@
+"""GPU benchmark: cold start versus restore through ``thaw fetch`` + ``thaw exec``, side by side in one
+run, on one machine, with identical greedy outputs checked. Run on the GPU machine as root:
+
+    THAW_CRIU=.tools/criu/bin/criu python3 -m bench.gpu.side_by_side [--config bench|small] [--out DIR]
+
+Steps (each pod in fresh PID, mount and network namespaces, ``thaw exec`` as its PID 1):
+1. weights: a random safetensors file for the config (written here, on this machine's disk);
+2. cold: page cache dropped, empty torch.compile/Triton caches; time from ``thaw exec`` start to the
+   first /generate answer;
+3. checkpoint: the same cold start with ``--checkpoint on-ready``: thaw locks and checkpoints CUDA,
+   dumps with CRIU leaving the server running, publishes (signed) to a store directory, keeps the
+   node's copy; the server must answer identically afterwards;
+4. fetch: ``thaw fetch`` into a second node cache (another node's), verified, writes the plan;
+5. restore (disk): page cache dropped; ``thaw exec --plan``; time to the first answer;
+6. restore (page cache): the same again with the image in page cache (the "memory" tier);
+7. cold (warm compile cache), if time is left: what a cold start costs when only compilation is
+   cached.
+Prints a table; writes results.json and the pods' logs to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.gpu.harness import REPO, drop_caches, phase
+
+PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
+PORT = 8000
+
+
+def sh(cmd: str) -> str:
+    out = subprocess.run(cmd, shell=True, capture_output=True, text=True, check=False)
+    return (out.stdout + out.stderr).strip()
+
+
+def thaw(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "thaw", *args], capture_output=True, text=True, check=False, cwd=REPO, env=env
+    )
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="bench")
+    ap.add_argument("--dir", type=Path, default=Path(os.environ.get("THAW_BENCH_DIR", "/var/tmp/thawgpu")))
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
+    ap.add_argument("--budget-s", type=float, default=520.0, help="skip optional steps past this")
+    ap.add_argument("--max-new", type=int, default=32)
+    args = ap.parse_args(argv)
+    start = time.monotonic()
+    root: Path = args.dir / args.config
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = args.config
+    res: dict[str, Any] = {
+        "config": args.config,
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader"),
+        "kernel": platform.release(),
+        "criu": sh(f"{os.environ.get('THAW_CRIU', 'criu')} --version | head -1"),
+        "disk": sh(f"df -hT {root} | tail -1"),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(res), flush=True)
+    weights = root / "weights.safetensors"
+    t = time.monotonic()
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/gpu/server.py"),
+            "--weights",
+            str(weights),
+            "--config",
+            args.config,
+            "--make-weights",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    print(out.stdout.strip(), out.stderr.strip()[-2000:], flush=True)
+    if out.returncode != 0:
+        return 1
+    res["weights_bytes"] = weights.stat().st_size
+    res["weights_write_s"] = round(time.monotonic() - t, 2)
+    keys, trust = root / "keys", root / "trust"
+    r = thaw("keys", "generate", "--out", str(keys))
+    assert r.returncode == 0, r.stderr
+    trust.mkdir()
+    shutil.copy(keys / "signing.pub", trust / "signing.pub")
+    cmd = [
+        "python3",
+        str(REPO / "bench/gpu/server.py"),
+        "--weights",
+        str(weights),
+        "--config",
+        args.config,
+        "--port",
+        str(PORT),
+    ]
+    url = f"http://127.0.0.1:{PORT}/generate"
+    body = {"prompt": PROMPT, "max_new_tokens": args.max_new}
+    common = {"url": url, "body": body, "cmd": cmd, "timeout": 420, "request_timeout": 60}
+
+    def cold_env(name: str) -> dict[str, str]:
+        cc = root / f"compile-cache-{name}"
+        return {"TORCHINDUCTOR_CACHE_DIR": str(cc / "inductor"), "TRITON_CACHE_DIR": str(cc / "triton")}
+
+    # 2. cold, empty compile cache, page cache dropped
+    res["drop_caches"] = drop_caches()
+    cold = phase(
+        {
+            **common,
+            "name": "cold",
+            "thaw_args": ["--outcome", str(root / "pod-cold/outcome.json")],
+            "env": cold_env("cold"),
+            "outcome": str(root / "pod-cold/outcome.json"),
+            "log": str(args.out / f"{tag}-cold.log"),
+        }
+    )
+    print(json.dumps(cold), flush=True)
+    # 3. checkpoint (also a cold start)
+    drop_caches()
+    ck_outcome = root / "pod-ckpt/outcome.json"
+    ckpt = phase(
+        {
+            **common,
+            "name": "checkpoint",
+            "wait_checkpoint": True,
+            "env": cold_env("ckpt"),
+            "outcome": str(ck_outcome),
+            "log": str(args.out / f"{tag}-checkpoint.log"),
+            "thaw_args": [
+                "--checkpoint",
+                "on-ready",
+                "--ready",
+                f"http://127.0.0.1:{PORT}/health",
+                "--store",
+                str(root / "store"),
+                "--key",
+                str(keys / "signing.key"),
+                "--name",
+                "standin",
+                "--workload",
+                f"bench-{tag}",
+                "--cache",
+                str(root / "cache-a"),
+                "--outcome",
+                str(ck_outcome),
+            ],
+        }
+    )
+    print(json.dumps(ckpt), flush=True)
+    ck = ckpt.get("outcome", {}).get("checkpoint", {})
+    res.update(cold=cold, checkpoint=ckpt)
+    if ck.get("status") != "published":
+        print("checkpoint failed:", ck, flush=True)
+        (args.out / f"{tag}-results.json").write_text(json.dumps(res, indent=2))
+        return 1
+    # 4. fetch into another node's cache
+    plan = root / "pod-restore/plan.json"
+    t = time.monotonic()
+    r = thaw(
+        "fetch",
+        "--store",
+        str(root / "store"),
+        "--cache",
+        str(root / "cache-b"),
+        "--name",
+        "standin",
+        "--workload",
+        f"bench-{tag}",
+        "--trust",
+        str(trust),
+        "--plan",
+        str(plan),
+    )
+    res["fetch_s"] = round(time.monotonic() - t, 2)
+    res["fetch_log"] = r.stderr[-600:]
+    print("fetch:", res["fetch_s"], "s", r.stderr[-300:], flush=True)
+    restore_args = ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"]
+    # 5. restore from disk
+    res["drop_caches_restore"] = drop_caches()
+    rd = phase(
+        {
+            **common,
+            "name": "restore-disk",
+            "thaw_args": restore_args,
+            "again": True,
+            "outcome": str(plan.parent / "outcome.json"),
+            "log": str(args.out / f"{tag}-restore.log"),
+        }
+    )
+    print(json.dumps(rd), flush=True)
+    # 6. restore from page cache
+    rm = phase(
+        {
+            **common,
+            "name": "restore-pagecache",
+            "thaw_args": restore_args,
+            "outcome": str(plan.parent / "outcome.json"),
+            "log": str(args.out / f"{tag}-restore.log"),
+        }
+    )
+    print(json.dumps(rm), flush=True)
+    res.update(restore_disk=rd, restore_pagecache=rm)
+    # 7. cold with a warm compile cache (the checkpoint pod's), if time is left
+    if time.monotonic() - start < args.budget_s - 90:
+        drop_caches()
+        cw = phase(
+            {
+                **common,
+                "name": "cold-warm-compile-cache",
+                "env": cold_env("ckpt"),
+                "thaw_args": ["--outcome", str(root / "pod-cold2/outcome.json")],
+                "outcome": str(root / "pod-cold2/outcome.json"),
+                "log": str(args.out / f"{tag}-cold2.log"),
+            }
+        )
+        print(json.dumps(cw), flush=True)
+        res["cold_warm_cache"] = cw
+    (args.out / f"{tag}-results.json").write_text(json.dumps(res, indent=2))
+    # --- table
+    ref = (cold.get("first") or {}).get("tokens")
+    rows = [
+        ("cold (empty compile cache)", cold),
+        ("cold + checkpoint pod", ckpt),
+        ("restore, disk", rd),
+        ("restore, page cache", rm),
+    ] + ([("cold (warm compile cache)", res["cold_warm_cache"])] if "cold_warm_cache" in res else [])
+    print(f"\n== {tag}: {res['gpu']} | kernel {res['kernel']} | {res['criu']} | {res['date']}")
+    print(
+        f"weights {res['weights_bytes'] / 1e9:.2f} GB; image {ck.get('bytes', 0) / 1e9:.2f} GB; "
+        f"checkpoint: cuda {ck.get('cuda_checkpoint_s')} s, criu dump {ck.get('criu_dump_s')} s, "
+        f"cuda restore {ck.get('cuda_restore_s')} s, publish {ck.get('publish_s')} s; "
+        f"fetch {res['fetch_s']} s"
+    )
+    print(f"{'run':32} {'first answer s':>14} {'criu s':>7} {'cuda s':>7} {'speedup':>8}  same tokens")
+    base = cold.get("first_answer_s")
+    for label, r_ in rows:
+        tm = (r_.get("outcome") or {}).get("timings", {})
+        fa = r_.get("first_answer_s")
+        toks = (r_.get("first") or {}).get("tokens")
+        sp = f"{base / fa:.1f}x" if base and fa else "-"
+        print(
+            f"{label:32} {fa!s:>14} {tm.get('criu_restore_s', '-')!s:>7} "
+            f"{tm.get('cuda_restore_s', '-')!s:>7} {sp:>8}  {toks == ref and toks is not None}"
+        )
+    after = (ckpt.get("after_checkpoint") or {}).get("tokens")
+    print(
+        f"server answers identically after its checkpoint: {after == ref}; restored twice in a row: "
+        f"{(rd.get('again') or {}).get('tokens') == ref}; "
+        f"restore outcome: {rd.get('outcome', {}).get('result')}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
