@@ -457,7 +457,11 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
             cuda.freeze(cuda_pids, CUDA_LOCK_TIMEOUT_MS)
             frozen = True
             timings["cuda_checkpoint_s"] = round(time.monotonic() - t, 3)
-        reasons = criu.undumpable_reasons({p: criu.fd_targets(p) for p in pids})
+        fds = {p: criu.fd_targets(p) for p in pids}
+        left = criu.device_fds(fds)
+        if left:
+            log.warning("GPU device files still open after the CUDA checkpoint: %s", "; ".join(left))
+        reasons = criu.undumpable_reasons(fds)
         if reasons:
             raise RuntimeError("; ".join(reasons))
         t = time.monotonic()
