@@ -1,0 +1,115 @@
+"""``thaw exec`` as a process supervisor, without CRIU: exit status, signal forwarding, orphans
+reaped, usage errors, the outcome file, and a checkpoint that fails without stopping the server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.runtime.pods import REPO, STATE_SERVER, read_json, wait_for
+
+
+def _exec(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "thaw", "exec", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+
+
+def test_exit_status_is_the_workloads(tmp_path: Path) -> None:
+    p = _exec("--outcome", str(tmp_path / "o.json"), "--", "sh", "-c", "echo hi; exit 7")
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 7 and "hi" in out
+    outcome = read_json(tmp_path / "o.json")
+    assert outcome["result"] == "cold" and outcome["exit_code"] == 7
+
+
+def test_sigterm_is_forwarded(tmp_path: Path) -> None:
+    flag = tmp_path / "started"
+    script = f"trap 'echo got-term; exit 3' TERM; touch {flag}; while :; do sleep 0.1; done"
+    p = _exec("--", "sh", "-c", script)
+    wait_for(flag.exists, 20, "the workload to start")
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=20)
+    assert p.returncode == 3 and "got-term" in out
+
+
+def test_orphans_are_reaped(tmp_path: Path) -> None:
+    # The workload leaves a grandchild behind and exits; thaw exec (a child subreaper) reaps it
+    # rather than leaving a zombie, and still exits with the workload's status.
+    pidfile = tmp_path / "orphan.pid"
+    p = _exec("--", "sh", "-c", f"(sleep 0.3 & echo $! > {pidfile}); sleep 1; exit 0")
+    p.communicate(timeout=30)
+    assert p.returncode == 0
+    orphan = int(pidfile.read_text())
+    stat = Path(f"/proc/{orphan}/stat")
+    assert not stat.exists() or stat.read_text().split()[2] != "Z"
+
+
+def test_usage_errors() -> None:
+    p = _exec("--")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "no workload command" in err
+    p = _exec("--checkpoint", "on-ready", "--", "true")
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "--ready" in err and "--store" in err
+    p = _exec(
+        "--checkpoint",
+        "on-ready",
+        "--ready",
+        "gopher://x",
+        "--store",
+        "/s",
+        "--name",
+        "n",
+        "--workload",
+        "w",
+        "--",
+        "true",
+    )
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 2 and "not allowed" in err
+
+
+def test_missing_plan_is_a_cold_start(tmp_path: Path) -> None:
+    p = _exec("--plan", str(tmp_path / "plan.json"), "--", "true")
+    p.communicate(timeout=30)
+    assert p.returncode == 0
+    outcome = read_json(tmp_path / "outcome.json")
+    assert outcome["result"] == "cold" and "no restore plan" in outcome["reason"]
+
+
+def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
+    port = 8173
+    p = _exec(
+        "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
+        "--name", "n", "--workload", "w", "--outcome", str(tmp_path / "o.json"), "--pid-floor", "0",
+        "--", "python3", str(STATE_SERVER), str(port),
+        env={"THAW_CRIU": str(tmp_path / "no-criu")},
+    )  # fmt: skip
+    try:
+        ck = wait_for(
+            lambda: (
+                (c := read_json(tmp_path / "o.json").get("checkpoint", {})).get("status") == "failed" and c
+            ),
+            30,
+            "the checkpoint to fail",
+        )
+        assert "no-criu" in ck["reason"]
+        time.sleep(0.3)
+        assert p.poll() is None  # the server still runs
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=5) as r:
+            assert b'"counter": 0' in r.read()
+    finally:
+        p.terminate()
+        p.communicate(timeout=20)
