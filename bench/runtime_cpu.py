@@ -1,0 +1,177 @@
+"""CPU cold start versus restore, side by side: a small stand-in server (3 s of warm-up work, 256 MiB
+of state) started by ``thaw exec`` cold, then checkpointed by ``thaw exec --checkpoint on-ready``,
+fetched by ``thaw fetch`` into another cache and restored by ``thaw exec --plan``, each pod in fresh
+PID, mount and network namespaces. Needs root and CRIU (``make criu``); says so and skips otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.gpu.harness import REPO, drop_caches, phase
+
+PORT = 8290
+WARMUP_S = "3"
+MEM_MB = "256"
+
+
+def _why_not() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("unshare") is None:
+        return "needs unshare (util-linux)"
+    try:
+        from thaw.criu import find_criu
+
+        find_criu()
+    except Exception as exc:
+        return str(exc)
+    return None
+
+
+def main(argv: list[str]) -> int:
+    why = _why_not()
+    if why:
+        print(f"runtime_cpu: skipped ({why})")
+        return 0
+    from tests.runtime.pods import thaw_cli, write_facts
+    from thaw.signing import generate_keypair
+
+    root = Path(tempfile.mkdtemp(prefix="thaw-bench-cpu-"))
+    try:
+        keys, trust = root / "keys", root / "trust"
+        generate_keypair(keys)
+        trust.mkdir()
+        shutil.copy(keys / "signing.pub", trust)
+        facts = write_facts(root / "facts.json")
+        cmd = [
+            "python3",
+            str(REPO / "tests/runtime/state_server.py"),
+            str(PORT),
+            "--warmup",
+            WARMUP_S,
+            "--mem-mb",
+            MEM_MB,
+        ]
+        common: dict[str, Any] = {"url": f"http://127.0.0.1:{PORT}/state", "cmd": cmd, "timeout": 120}
+        rows: list[tuple[str, dict[str, Any]]] = []
+        drop_caches()
+        rows.append(
+            (
+                "cold",
+                phase(
+                    {
+                        **common,
+                        "name": "cold",
+                        "thaw_args": ["--outcome", str(root / "c/o.json")],
+                        "outcome": str(root / "c/o.json"),
+                        "log": str(root / "cold.log"),
+                    }
+                ),
+            )
+        )
+        ck_out = root / "ck/o.json"
+        ck = phase(
+            {
+                **common,
+                "name": "checkpoint",
+                "wait_checkpoint": True,
+                "outcome": str(ck_out),
+                "log": str(root / "ck.log"),
+                "thaw_args": [
+                    "--checkpoint",
+                    "on-ready",
+                    "--ready",
+                    f"tcp:{PORT}",
+                    "--store",
+                    str(root / "store"),
+                    "--key",
+                    str(keys / "signing.key"),
+                    "--name",
+                    "cpu",
+                    "--workload",
+                    "w",
+                    "--facts",
+                    str(facts),
+                    "--cache",
+                    str(root / "cache-a"),
+                    "--outcome",
+                    str(ck_out),
+                ],
+            }
+        )
+        info = (ck.get("outcome") or {}).get("checkpoint", {})
+        if info.get("status") != "published":
+            print(f"runtime_cpu: checkpoint failed: {info or ck}")
+            return 1
+        plan = root / "r/plan.json"
+        t = time.monotonic()
+        res = thaw_cli(
+            "fetch",
+            "--store",
+            str(root / "store"),
+            "--cache",
+            str(root / "cache-b"),
+            "--name",
+            "cpu",
+            "--workload",
+            "w",
+            "--trust",
+            str(trust),
+            "--plan",
+            str(plan),
+            "--facts",
+            str(facts),
+        )
+        fetch_s = time.monotonic() - t
+        if res.returncode != 0:
+            print(f"runtime_cpu: fetch failed: {res.stderr}")
+            return 1
+        for label, drop in (("restore (disk)", True), ("restore (page cache)", False)):
+            if drop:
+                drop_caches()
+            rows.append(
+                (
+                    label,
+                    phase(
+                        {
+                            **common,
+                            "name": label,
+                            "thaw_args": ["--plan", str(plan), "--ready", f"tcp:{PORT}"],
+                            "outcome": str(plan.parent / "outcome.json"),
+                            "log": str(root / "r.log"),
+                        }
+                    ),
+                )
+            )
+        base = rows[0][1].get("first_answer_s")
+        print(
+            f"image {info.get('bytes', 0) / 1e6:.0f} MB; checkpoint: criu dump {info.get('criu_dump_s')} s, "
+            f"publish {info.get('publish_s')} s; fetch {fetch_s:.2f} s"
+        )
+        print(f"{'run':22} {'first answer s':>14} {'criu s':>7} {'speedup':>8}  state")
+        failed = 0
+        for label, r in rows:
+            fa = r.get("first_answer_s")
+            tm = (r.get("outcome") or {}).get("timings", {})
+            state = (r.get("first") or {}).get("digest", "")[:12]
+            sp = f"{base / fa:.1f}x" if base and fa else "-"
+            print(f"{label:22} {fa!s:>14} {tm.get('criu_restore_s', '-')!s:>7} {sp:>8}  {state}")
+            failed += int(
+                fa is None or (label.startswith("restore") and r["outcome"].get("result") != "restored")
+            )
+        print(json.dumps({"rows": {lbl: r.get("first_answer_s") for lbl, r in rows}}))
+        return 1 if failed else 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
