@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import get_args
 
 from flask import Flask, Response, request
 from prometheus_client import Counter, Histogram
@@ -23,7 +24,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from thaw.serving import metrics_payload
 from webhook.config import CONFIG_ENV, load_config
 from webhook.patches import Prepared
-from webhook.review import build_response
+from webhook.review import Outcome, build_response
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,16 @@ def create_app(prepared: Prepared | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     ready = prepared  # bound once: the handlers below close over it
 
+    # Metric children bound once: labels() is a locked dict lookup on every call otherwise.
+    paths = ("/mutate", "/mutate-restore")
+    latency = {p: LATENCY.labels(p) for p in paths}
+    counted = {(p, o): ADMISSIONS.labels(p, o) for p in paths for o in get_args(Outcome)}
+
     def admit(path: str, restore_allowed: bool) -> Response:
         start = time.perf_counter()
         answer = build_response(request.get_data(cache=False), ready, restore_allowed)
-        LATENCY.labels(path).observe(time.perf_counter() - start)
-        ADMISSIONS.labels(path, answer.outcome).inc()
+        latency[path].observe(time.perf_counter() - start)
+        counted[path, answer.outcome].inc()
         return Response(answer.body, status=answer.http_status, mimetype=_JSON)
 
     @app.post("/mutate")
