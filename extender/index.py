@@ -5,7 +5,8 @@ Writers (the watch thread, or a ``--nodes`` file at start) call :meth:`NodeIndex
 decisions it can alter. Readers (request threads) call :meth:`NodeIndex.decisions` for a pod's
 ``(snapshot, workload)`` and look nodes up by name: a request costs O(nodes in the request), dict
 lookups of values computed at most once per node between changes that concern it, with the
-answer's JSON fragment (``{"Host":..,"Score":..}``) precomputed beside each decision.
+answer's JSON pieces (``{"Host":..,"Score":..}`` for prioritize, ``Memo.verdict`` for filter)
+precomputed beside each decision, so an answer is a join of bytes.
 
 Thread safety: writers hold ``_lock``; readers take no lock. Under the GIL single dict operations are
 atomic, readers never iterate the shared dicts, and a reader that races a write answers from a view
@@ -34,6 +35,10 @@ MEMO_KEYS = 256
 UNKNOWN_REASON = "not in the extender's node view (Node not seen by its watch yet)"
 
 
+def failure_message(snapshot: str, reason: str) -> str:
+    return f"thaw: cannot restore snapshot {snapshot}: {reason}"
+
+
 @dataclass(slots=True)
 class Memo:
     """Decisions for one (snapshot, workload), filled lazily per node, dropped on changes."""
@@ -49,6 +54,11 @@ class Memo:
     decisions: dict[str, Decision] = field(default_factory=dict)
     # name -> b'{"Host":"name","Score":N}', the prioritize answer's element, ready to join.
     fragments: dict[str, bytes] = field(default_factory=dict)
+    # The filter answer's pieces (placement: required), by whether the node can restore: the node's
+    # JSON name for NodeNames, or ('"name":"reason"' for FailedNodes, the same pair or b"" for
+    # FailedAndUnresolvableNodes: not for nodes the view does not know, the watch may catch up).
+    keeps: dict[str, bytes] = field(default_factory=dict)
+    fails: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
     def decision(self, name: str) -> Decision:
         d = self.decisions.get(name)
@@ -67,8 +77,9 @@ class Memo:
                     p=self.params,
                 )
             # A writer may have replaced the node meanwhile and dropped its decisions: keep this
-            # one only if it was computed from the entry that is still current.
-            if self.nodes.get(name) is node:
+            # one only if it was computed from the entry that is still current. Names the view does
+            # not know are not kept: a request must not grow the memo with names it made up.
+            if node is not None and self.nodes.get(name) is node:
                 self.decisions[name] = d
         return d
 
@@ -77,9 +88,31 @@ class Memo:
         if f is None:
             node = self.nodes.get(name)
             f = b'{"Host":%b,"Score":%d}' % (orjson.dumps(name), self.decision(name).score)
-            if self.nodes.get(name) is node:
+            if node is not None and self.nodes.get(name) is node:
                 self.fragments[name] = f
         return f
+
+    def verdict(self, name: str) -> tuple[bytes, bytes, bytes]:
+        """(keep, failed, unresolvable) pieces for one node, each b"" where it does not apply."""
+        keep = self.keeps.get(name)
+        if keep is not None:
+            return keep, b"", b""
+        fail = self.fails.get(name)
+        if fail is not None:
+            return b"", fail[0], fail[1]
+        node = self.nodes.get(name)
+        d = self.decision(name)
+        key = orjson.dumps(name)
+        current = node is not None and self.nodes.get(name) is node
+        if d.restorable:
+            if current:
+                self.keeps[name] = key
+            return key, b"", b""
+        pair = key + b":" + orjson.dumps(failure_message(self.snapshot, d.reason))
+        fail = (pair, pair if d.reason != UNKNOWN_REASON else b"")
+        if current:
+            self.fails[name] = fail
+        return b"", fail[0], fail[1]
 
 
 class NodeIndex:
@@ -163,6 +196,8 @@ class NodeIndex:
         for memo in self._memo.values():
             memo.decisions.pop(name, None)
             memo.fragments.pop(name, None)
+            memo.keeps.pop(name, None)
+            memo.fails.pop(name, None)
 
     def upsert(self, node: Mapping[str, Any]) -> bool:
         """Add or update a Node; returns whether anything the decisions read changed."""

@@ -30,7 +30,7 @@ names = st.lists(
 )
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     body=st.binary(max_size=200)
     | json_values.map(lambda v: json.dumps(v).encode())
@@ -63,14 +63,14 @@ def check(args: dict[str, Any], asked: list[str]) -> None:
     assert all(type(h["Score"]) is int and 0 <= h["Score"] <= 10 for h in scores)
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(asked=names, placement=st.sampled_from([None, "preferred", "required"]), thaw=st.booleans())
 def test_never_a_node_not_in_the_input_names(asked: list[str], placement: str | None, thaw: bool) -> None:
     args: dict[str, Any] = {"Pod": POD, "Nodes": None, "NodeNames": asked}
     check(annotate(args, placement) if thaw else args, asked)
 
 
-@settings(max_examples=100, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(asked=names, placement=st.sampled_from([None, "required"]))
 def test_never_a_node_not_in_the_input_nodes(asked: list[str], placement: str | None) -> None:
     items = [node(n) for n in asked]

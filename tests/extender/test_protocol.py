@@ -157,3 +157,80 @@ def test_debug_log_explains_the_decision(index: NodeIndex, caplog: pytest.LogCap
     assert (
         f"snapshot={SNAPSHOT}" in line and "node-1 score 8: memory hit" in line
     )  # 2 of 4 nodes hold it: 1 - 0.4 * 0.5
+
+
+def _items_bytes(body: bytes) -> list[bytes]:
+    """The raw bytes of each item of the request's Nodes.items, split independently of handlers."""
+    doc = orjson.loads(body)
+    return [orjson.dumps(item) for item in doc["Nodes"]["items"]]
+
+
+def test_full_nodes_kept_items_are_the_requests_own_bytes(index: NodeIndex) -> None:
+    args = annotate(load_fixture("raw/extender-filter-ncc-false-1.json"), "required")
+    body = orjson.dumps(args)
+    status, out = handlers.filter_(index, body)
+    assert status == 200
+    raw = _items_bytes(body)
+    names = names_of(args)
+    kept = b",".join(r for r, n in zip(raw, names, strict=True) if n != "node-3")
+    # Same nodes, same order, byte for byte (orjson writes the request compactly, as Go does).
+    assert b'"items":[' + kept + b"]}" in out
+    assert orjson.loads(out)["Nodes"]["metadata"] == args["Nodes"]["metadata"]
+
+
+def test_full_nodes_list_metadata_null_reads_as_empty(index: NodeIndex) -> None:
+    args = annotate(load_fixture("raw/extender-filter-ncc-false-1.json"), "required")
+    args["Nodes"]["metadata"] = None
+    _, out = call(handlers.filter_, index, args)
+    assert out["Nodes"]["metadata"] == {}
+    del args["Nodes"]["metadata"]
+    _, out = call(handlers.filter_, index, args)
+    assert out["Nodes"]["metadata"] == {}
+
+
+@pytest.mark.parametrize("name", FILTERS + PRIORITIZES)
+@pytest.mark.parametrize("placement", ["required", "preferred"])
+def test_fast_and_logged_paths_answer_the_same_bytes(
+    index: NodeIndex, name: str, placement: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = orjson.dumps(annotate(load_fixture(f"raw/{name}"), placement))
+    fn = handlers.filter_ if "-filter-" in name else handlers.prioritize
+    fast = fn(index, body)
+    caplog.set_level(logging.DEBUG, logger="extender.decisions")
+    assert fn(index, body) == fast
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"metadata": {"name": "plain", "uid": "u"}},
+        {"metadata": {"name": 'quote"d\\back'}},
+        {"metadata": {"name": "ünïcode-节点"}},
+        {"kind": "Node", "metadata": {"labels": {}, "name": "not-first"}},
+        {"metadata": {"uid": "u", "name": "later"}},
+        {"metadata": {"name": "last"}},
+    ],
+)
+def test_item_name_fast_and_slow_layouts(item: dict[str, Any]) -> None:
+    import msgspec
+
+    raw = msgspec.json.decode(orjson.dumps(item), type=msgspec.Raw)
+    assert handlers.item_name(raw) == item["metadata"]["name"]
+
+
+def test_item_name_is_empty_without_one() -> None:
+    import msgspec
+
+    for doc in (b"{}", b'{"metadata":null}', b'{"metadata":{"name":3}}', b"[1]"):
+        assert handlers.item_name(msgspec.json.decode(doc, type=msgspec.Raw)) == ""
+
+
+def test_unknown_names_are_not_memoised(index: NodeIndex) -> None:
+    args = annotate(load_fixture("raw/extender-filter-ncc-true-1.json"), "required")
+    args["NodeNames"] = ["node-1", "made-up-1", "made-up-2"]
+    for fn in (handlers.filter_, handlers.prioritize):
+        assert fn(index, orjson.dumps(args))[0] == 200
+    memo = index.decisions(SNAPSHOT, args["Pod"]["metadata"]["annotations"]["thaw.dev/workload"])
+    assert "node-1" in memo.keeps and "node-1" in memo.fragments
+    kept = set(memo.keeps) | set(memo.fails) | set(memo.fragments) | set(memo.decisions)
+    assert not {"made-up-1", "made-up-2"} & kept

@@ -23,9 +23,12 @@ def test_scheduler_config_matches_the_server(tmp_path: Path) -> None:
     nodes = tmp_path / "nodes.json"
     nodes.write_text(__import__("json").dumps(cluster(3)))
     app = create_app(AppConfig(nodes_file=nodes))
-    routes = {(r.rule, m) for r in app.url_map.iter_rules() for m in r.methods or ()}
-    assert (f"/{ext['filterVerb']}", "POST") in routes
-    assert (f"/{ext['prioritizeVerb']}", "POST") in routes
+    client = app.test_client()
+    body = {"Pod": {"metadata": {"name": "p"}}, "Nodes": None, "NodeNames": ["gpu-00000"]}
+    for verb in (ext["filterVerb"], ext["prioritizeVerb"]):
+        resp = client.post(f"/{verb}", json=body)
+        assert resp.status_code == 200 and resp.content_type == "application/json", verb
+        assert b"gpu-00000" in resp.data
     url = urlsplit(ext["urlPrefix"])
     default_port = build_parser().parse_args(["extender"]).port
     assert url.scheme == "https" and ext["enableHTTPS"] is True and url.port == default_port

@@ -139,3 +139,31 @@ def test_bad_nodes_file_is_a_usage_error(tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 2 and "expected a NodeList" in r.stderr
+
+
+def test_chunked_and_kept_alive_bodies_are_read_whole(served: str) -> None:
+    import http.client
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=10)
+    args = annotate(load_fixture("raw/extender-filter-ncc-false-1.json"), "required")
+    body = json.dumps(args).encode()
+    pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+    for chunked in (True, False, True):  # one connection: each body must be consumed exactly
+        conn.request(
+            "POST",
+            "/filter",
+            body=iter(pieces) if chunked else body,
+            headers={"Content-Type": "application/json"},
+            encode_chunked=chunked,
+        )
+        resp = conn.getresponse()
+        out = json.loads(resp.read())
+        assert resp.status == 200 and resp.getheader("Content-Type") == "application/json"
+        assert [n["metadata"]["name"] for n in out["Nodes"]["items"]] == ["node-1", "node-2"]
+    conn.request("GET", "/filter")
+    resp = conn.getresponse()
+    resp.read()
+    assert resp.status == 405  # the verbs are POST only
+    conn.close()
