@@ -11,11 +11,14 @@ snapshot (``checkpoint: on-ready``); from then on it is fetchable for that pool.
 Every policy sees the same arrivals. Each placement's real time-to-ready uses the same physics as
 :mod:`extender.scoring` (tier bandwidths, restores in progress sharing the node):
 
-- ``spread``: the default scheduler's NodeResourcesFit LeastAllocated on GPUs only;
+- ``spread``: the default scheduler as it scores these pods: only nodes with enough free GPUs
+  pass its filters, then NodeResourcesFit (LeastAllocated) + 2 x PodTopologySpread (the system
+  default constraints, which every Deployment's pods get), :func:`default_scores`;
 - ``imagelocality``: spread plus an ImageLocality score on snapshot bytes present by name;
-- ``thaw``: spread plus the extender's 0..10 score from :func:`extender.scoring.decide`, weighted
-  as ``extender/scheduler-config.yaml`` weights it (score * weight * 10);
-- ``oracle``: the node with the least real time-to-ready (spread breaks ties).
+- ``thaw``: the default scheduler's scores plus the extender's 0..10 score from
+  :func:`extender.scoring.decide`, weighted as ``extender/scheduler-config.yaml`` weights it
+  (score * weight * 10), which is how kube-scheduler adds an extender's priorities;
+- ``oracle``: the node with the least real time-to-ready (free GPUs break ties).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ ZIPF_S = 1.1
 MEAN_LIFETIME_S = 900.0
 UTILISATION = 0.6
 EXTENDER_WEIGHT = 5  # as in extender/scheduler-config.yaml
+# kube-scheduler's default profile weights (v1.32) and its extender scale (MaxNodeScore / 10).
+FIT_WEIGHT = 1
+TOPOLOGY_WEIGHT = 2
+EXTENDER_SCALE = 10
+ZONES = 1
 POOLS = ("h100", "h200")
 WORKLOAD = "w"
 POLICIES = ("spread", "imagelocality", "thaw", "oracle")
@@ -73,6 +81,7 @@ class SimNode:
     in_use: dict[str, int] = field(default_factory=dict)
     ready_at: list[float] = field(default_factory=list)  # restores/starts in progress
     placed: int = 0
+    zone: int = 0
 
     def tier(self, name: str) -> str | None:
         if name not in self.cache:
@@ -160,7 +169,45 @@ def true_time(node: SimNode, model: Model, published: bool, now: float, p: Param
 
 
 def least_allocated(node: SimNode) -> float:
+    """NodeResourcesFit, LeastAllocated: the share of the node left free, 0..100.
+
+    The real plugin scores CPU and memory; GPU pods here request both in proportion to their GPUs,
+    so the free share of GPUs is the free share of each.
+    """
     return 100.0 * node.free_gpus / GPUS_PER_NODE
+
+
+def topology_spread(feasible: list[SimNode], model: Model) -> dict[str, float]:
+    """PodTopologySpread with the system default constraints, 0..100 per node, as kube-scheduler has it.
+
+    Every model is a Deployment behind a Service, so its pods get the defaults: ``ScheduleAnyway``
+    on ``kubernetes.io/hostname`` (maxSkew 3) and ``topology.kubernetes.io/zone`` (maxSkew 5). Score
+    per constraint ``matching pods in the node's domain * ln(domains + 2) + maxSkew - 1``, rounded,
+    then normalised ``100 * (max + min - s) / max`` (pkg/scheduler/framework/plugins/podtopologyspread
+    /scoring.go). The simulated nodes all carry one zone label (a single-zone GPU pool): the zone term
+    is then the same on every node and only damps the hostname term, the weaker of the two cases.
+    """
+    host_w = math.log(len(feasible) + 2)
+    zone_w = math.log(ZONES + 2)
+    zone_count = [0] * ZONES
+    for n in feasible:
+        zone_count[n.zone] += n.in_use.get(model.name, 0)
+    raw = {
+        n.name: round(n.in_use.get(model.name, 0) * host_w + (3 - 1) + zone_count[n.zone] * zone_w + (5 - 1))
+        for n in feasible
+    }
+    top, low = max(raw.values()), min(raw.values())
+    if top == 0:
+        return dict.fromkeys(raw, 100.0)
+    return {name: float(100 * (top + low - s) // top) for name, s in raw.items()}
+
+
+def default_scores(feasible: list[SimNode], model: Model) -> dict[str, float]:
+    """The default profile's scores that differ between these nodes, weighted as kube-scheduler
+    weights them: NodeResourcesFit 1, PodTopologySpread 2. The others are equal on every node here
+    (BalancedAllocation: CPU and memory in proportion; TaintToleration, NodeAffinity: none)."""
+    spread = topology_spread(feasible, model)
+    return {n.name: FIT_WEIGHT * least_allocated(n) + TOPOLOGY_WEIGHT * spread[n.name] for n in feasible}
 
 
 def simulate(  # noqa: PLR0917
@@ -172,7 +219,9 @@ def simulate(  # noqa: PLR0917
     p: Params = DEFAULT_PARAMS,
 ) -> Result:
     rng = random.Random(seed)
-    nodes = [SimNode(f"n{i:03d}", POOLS[1] if i % 4 == 3 else POOLS[0]) for i in range(n_nodes)]
+    nodes = [
+        SimNode(f"n{i:03d}", POOLS[1] if i % 4 == 3 else POOLS[0], zone=i % ZONES) for i in range(n_nodes)
+    ]
     published: set[tuple[str, str]] = set()
     departures: list[tuple[float, SimNode, Model]] = []
     times: list[float] = []
@@ -190,14 +239,15 @@ def simulate(  # noqa: PLR0917
             unplaced += 1
             continue
         scores: dict[str, float] = {}
+        default = default_scores(feasible, model) if policy != "oracle" else {}
         if policy == "spread":
-            scores = {n.name: least_allocated(n) for n in feasible}
+            scores = default
         elif policy == "imagelocality":
             holders = sum(1 for n in nodes if model.name in n.cache)
             for n in feasible:
                 s = model.bytes * holders / n_nodes if model.name in n.cache else 0
                 il = 0.0 if s <= IL_MIN else 100.0 * (min(s, IL_MAX) - IL_MIN) / (IL_MAX - IL_MIN)
-                scores[n.name] = il + least_allocated(n)
+                scores[n.name] = il + default[n.name]
         elif policy == "thaw":
             variants: dict[str, Variant] = {}
             for pool in POOLS:
@@ -220,7 +270,7 @@ def simulate(  # noqa: PLR0917
                 d: Decision = decide(
                     model.name, WORKLOAD, entry, variants=variants, known_facts={}, node_count=n_nodes, p=p
                 )
-                scores[n.name] = d.score * EXTENDER_WEIGHT * 10 + least_allocated(n)
+                scores[n.name] = d.score * EXTENDER_WEIGHT * EXTENDER_SCALE + default[n.name]
         elif policy == "oracle":
             for n in feasible:
                 _, t = true_time(n, model, (model.name, n.pool) in published, now, p)
