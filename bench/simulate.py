@@ -13,7 +13,7 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m bench simulate")
     p.add_argument("--nodes", type=int, default=64)
     p.add_argument("--pods", type=int, default=2000)
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--plot", type=Path, default=Path("bench-simulate.png"))
     args = p.parse_args(argv)
     ok = True
