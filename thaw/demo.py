@@ -307,7 +307,35 @@ def webhook_step(ctx: DemoContext) -> None:
 # --- the sequence ---------------------------------------------------------------------------------
 
 Step = Callable[[DemoContext], None]
-STEPS: list[tuple[str, Step]] = [("webhook", webhook_step)]
+
+
+def extender_step(ctx: DemoContext) -> None:
+    """Place the webhook's pods (and a few replicas of them) with the real ``thaw extender``."""
+    from extender.demo import example_pods, place_pods
+
+    pods = []
+    for name, mutated in ctx.pods.items():
+        pod = copy.deepcopy(mutated)
+        pod["metadata"].setdefault("name", name)  # generateName pods get their name at creation
+        pods.append(pod)
+    workload = next(
+        (p["metadata"]["annotations"]["thaw.dev/workload"] for p in pods),
+        None,
+    )
+    # More replicas of the same workload, as a Deployment scaling out would create.
+    pods += example_pods(3, workload) if workload else example_pods(3)
+    for p in place_pods(pods, out=ctx.say):
+        ctx.record(
+            "extender",
+            p.pod,
+            f"{p.node} ({p.tier})",
+            f"ready ~{p.seconds:.1f} s vs cold start ~{p.cold_seconds:.1f} s, score {p.score}/10",
+            ok=p.tier != "cold",
+        )
+    ctx.say("  extender stopped\n")
+
+
+STEPS: list[tuple[str, Step]] = [("webhook", webhook_step), ("extender", extender_step)]
 
 
 def print_summary(ctx: DemoContext) -> None:
