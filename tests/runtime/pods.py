@@ -24,11 +24,29 @@ REPO = Path(__file__).resolve().parents[2]
 STATE_SERVER = REPO / "tests" / "runtime" / "state_server.py"
 
 
+# What a container runtime grants by default (containerd's and Docker's default set), and what Thaw
+# adds for CRIU. Measured here by dropping each one: CRIU's start-up probes create a network
+# namespace (SYS_ADMIN; CHECKPOINT_RESTORE alone is not enough), restoring sockets sets
+# SO_SNDBUFFORCE and probes veth (NET_ADMIN), and the restored time namespace gets its monotonic
+# clock offset written (SYS_TIME). Where Yama's ptrace_scope is 1 or more, add SYS_PTRACE too.
+RUNTIME_DEFAULT_CAPS = (
+    "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
+    "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write",
+)  # fmt: skip
+THAW_CAPS = ("sys_admin", "net_admin", "sys_time")
+
+
+def with_caps(caps: tuple[str, ...] | list[str]) -> list[str]:
+    """A command prefix that runs as root with only ``caps`` (plus the runtime defaults)."""
+    keep = ",".join(f"+{c}" for c in (*RUNTIME_DEFAULT_CAPS, *caps))
+    return ["setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--"]
+
+
 def missing_prerequisites() -> str | None:
     """Why the real-CRIU tests cannot run here, or None."""
     if os.geteuid() != 0:
         return "needs root (CRIU, network and PID namespaces)"
-    for tool in ("ip", "unshare"):
+    for tool in ("ip", "unshare", "setpriv"):
         if shutil.which(tool) is None:
             return f"needs {tool} (iproute2 / util-linux)"
     try:
@@ -72,12 +90,19 @@ class Netns:
 class Pod:
     """``thaw exec`` as PID 1 in fresh namespaces; its stdout/stderr is a pipe, as a container's is."""
 
-    def __init__(self, netns: Netns, thaw_args: list[str], cmd: list[str], env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        netns: Netns,
+        thaw_args: list[str],
+        cmd: list[str],
+        env: dict[str, str] | None = None,
+        wrap: list[str] | None = None,
+    ):
         self.netns = netns
         self.started = time.monotonic()
         argv = [
             "ip", "netns", "exec", netns.name,
-            "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+            "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *(wrap or []),
             sys.executable, "-m", "thaw", "exec", *thaw_args, "--", *cmd,
         ]  # fmt: skip
         self.proc = subprocess.Popen(

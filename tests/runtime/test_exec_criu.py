@@ -16,12 +16,14 @@ import pytest
 
 from tests.runtime.pods import (
     STATE_SERVER,
+    THAW_CAPS,
     Netns,
     Pod,
     missing_prerequisites,
     read_json,
     thaw_cli,
     wait_for,
+    with_caps,
     write_facts,
 )
 
@@ -68,6 +70,7 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
             "--facts", str(facts), "--cache", str(root / "cache-a"), "--outcome", str(outcome_path),
         ],
         CMD,
+        wrap=with_caps(THAW_CAPS),  # the capabilities the webhook grants, no more
     )  # fmt: skip
     try:
         wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server to answer")
@@ -102,9 +105,11 @@ def _fetch(snap: Snapshot, store: Path, pod_dir: Path) -> dict[str, object]:
     return read_json(plan)
 
 
-def _run_pod(plan: Path, env: dict[str, str] | None = None) -> tuple[Netns, Pod]:
+def _run_pod(
+    plan: Path, env: dict[str, str] | None = None, caps: tuple[str, ...] = THAW_CAPS
+) -> tuple[Netns, Pod]:
     ns = Netns()
-    pod = Pod(ns, ["--plan", str(plan), "--ready", f"{URL}/state"], CMD, env)
+    pod = Pod(ns, ["--plan", str(plan), "--ready", f"{URL}/state"], CMD, env, wrap=with_caps(caps))
     return ns, pod
 
 
@@ -166,17 +171,19 @@ def _corrupt_copy(snap: Snapshot, dest_store: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("failure", ["corrupt-pages", "criu-missing"])
+@pytest.mark.parametrize("failure", ["corrupt-pages", "criu-missing", "no-sys-time"])
 def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: Path, failure: str) -> None:
-    store, env = snapshot.store, None
-    if failure == "corrupt-pages":
+    store, env, caps = snapshot.store, None, THAW_CAPS
+    if failure == "no-sys-time":
+        caps = tuple(c for c in THAW_CAPS if c != "sys_time")
+    elif failure == "corrupt-pages":
         store = tmp_path / "store"
         _corrupt_copy(snapshot, store)
     else:
         env = {"THAW_CRIU": str(tmp_path / "no-such-criu")}
     plan = _fetch(snapshot, store, tmp_path)
     assert plan["action"] == "restore", plan
-    ns, pod = _run_pod(tmp_path / "plan.json", env)
+    ns, pod = _run_pod(tmp_path / "plan.json", env, caps)
     try:
         outcome = wait_for(
             lambda: (o := read_json(tmp_path / "outcome.json")).get("result") and o, 60, "the outcome", pod
@@ -187,6 +194,8 @@ def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: P
         if failure == "corrupt-pages":
             assert "criu restore" in reason and "Error" in reason  # CRIU's own log lines
             assert (tmp_path / "restore.log").is_file()
+        elif failure == "no-sys-time":
+            assert "monotonic clock offset" in reason  # CRIU's time namespace needs CAP_SYS_TIME
         else:
             assert "no-such-criu" in reason
         state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold-started server")
