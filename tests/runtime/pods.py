@@ -33,7 +33,7 @@ RUNTIME_DEFAULT_CAPS = (
     "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
     "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write",
 )  # fmt: skip
-THAW_CAPS = ("sys_admin", "net_admin", "sys_time")
+THAW_CAPS: tuple[str, ...] = ("sys_admin", "net_admin", "sys_time")
 
 
 def with_caps(caps: tuple[str, ...] | list[str]) -> list[str]:
