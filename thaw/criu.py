@@ -19,6 +19,12 @@ Flags, and why (DESIGN.md; issue 5):
   the one of the pod that took the snapshot.
 - no ``--shell-job``: ``thaw exec`` starts the workload in its own session, so the tree has no
   terminal or session outside itself.
+- ``--unprivileged`` where ``thaw exec`` lacks CAP_SYS_ADMIN (a pod gets CHECKPOINT_RESTORE and
+  SYS_PTRACE, not SYS_ADMIN): CRIU then skips the start-up probes that create namespaces (which fail
+  with EPERM: measured, dump and restore both), the forced socket buffer sizes (NET_ADMIN) and the
+  time namespace's clock offsets (SYS_TIME). Measured in a container-like setup (root, the runtime's
+  default capabilities plus CHECKPOINT_RESTORE and SYS_PTRACE): dump and restore work; without
+  CHECKPOINT_RESTORE the dump is refused ("Effective capability 40 missing").
 - ``--inherit-fd fd[N]:pipe:[INODE]`` on restore: the workload's stdout/stderr were the old container's
   log pipes; they are rebound to the new container's, so logs keep flowing after a restore.
 """
@@ -72,6 +78,27 @@ def criu_version(binary: str) -> str:
     return m.group(1)
 
 
+CAP_SYS_ADMIN = 21
+
+
+def effective_caps(status_text: str) -> int:
+    """CapEff from the text of /proc/PID/status (pure); 0 when absent."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)$", status_text, re.MULTILINE)
+    return int(m.group(1), 16) if m else 0
+
+
+def mode_flags(cap_eff: int) -> tuple[str, ...]:
+    """``--unprivileged`` unless we hold CAP_SYS_ADMIN (see the module doc)."""
+    return () if cap_eff >> CAP_SYS_ADMIN & 1 else ("--unprivileged",)
+
+
+def detect_mode_flags() -> tuple[str, ...]:
+    try:
+        return mode_flags(effective_caps(Path("/proc/self/status").read_text()))
+    except OSError:
+        return ()
+
+
 def network_lock_method(have_iptables: bool, have_nft: bool) -> str:
     """iptables where present (CRIU's default), else nftables, else skip (see module doc)."""
     if have_iptables:
@@ -103,8 +130,6 @@ def _common(opts: CriuOptions, images: Path, work: Path, log: str) -> list[str]:
         "-o",
         log,
         f"-v{opts.verbosity}",
-        "--network-lock",
-        opts.network_lock,
         "--file-locks",
         "--manage-cgroups=ignore",
         "--skip-in-flight",
@@ -117,6 +142,8 @@ def dump_args(
     binary: str, root_pid: int, images: Path, work: Path, opts: CriuOptions, *, leave_running: bool = True
 ) -> list[str]:
     args = [binary, "dump", "-t", str(root_pid), *_common(opts, images, work, "dump.log")]
+    # Dump only: a restore uses the method recorded in the images (CRIU ignores the flag there).
+    args += ["--network-lock", opts.network_lock]
     args += ["--ghost-limit", str(opts.ghost_limit)]
     if leave_running:
         args.append("--leave-running")
@@ -182,7 +209,8 @@ def run(
     except OSError as exc:
         raise CriuMissing(f"cannot run {args[0]}: {exc}") from exc
     if proc.returncode != 0:
-        detail = log_tail(_read_log(log)) or (proc.stderr or proc.stdout).strip()[-800:]
+        # Before its log file is open (e.g. a missing capability) CRIU writes to stdout/stderr.
+        detail = log_tail(_read_log(log)) or log_tail(f"{proc.stderr}\n{proc.stdout}")
         raise CriuError(f"criu {args[1]} exited {proc.returncode} (log {log}): {detail}")
     return proc
 

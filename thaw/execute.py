@@ -615,7 +615,9 @@ def run(args: argparse.Namespace) -> int:
     outcome_path: Path | None = args.outcome or (args.plan.parent / "outcome.json" if args.plan else None)
     logs = outcome_path.parent if outcome_path is not None else Path(tempfile.mkdtemp(prefix="thaw-exec-"))
     opts = criu.CriuOptions(
-        network_lock=criu.detect_network_lock(), tcp_established=bool(args.tcp_established)
+        network_lock=criu.detect_network_lock(),
+        tcp_established=bool(args.tcp_established),
+        extra=criu.detect_mode_flags(),  # --unprivileged without CAP_SYS_ADMIN, as in a pod
     )
     cfg = checkpoint_config(args, opts, logs)
     ready: ReadySpec | None = None

@@ -24,16 +24,14 @@ REPO = Path(__file__).resolve().parents[2]
 STATE_SERVER = REPO / "tests" / "runtime" / "state_server.py"
 
 
-# What a container runtime grants by default (containerd's and Docker's default set), and what Thaw
-# adds for CRIU. Measured here by dropping each one: CRIU's start-up probes create a network
-# namespace (SYS_ADMIN; CHECKPOINT_RESTORE alone is not enough), restoring sockets sets
-# SO_SNDBUFFORCE and probes veth (NET_ADMIN), and the restored time namespace gets its monotonic
-# clock offset written (SYS_TIME). Where Yama's ptrace_scope is 1 or more, add SYS_PTRACE too.
+# What a container runtime grants by default (containerd's and Docker's default set), and what the
+# webhook adds for CRIU (README, "Webhook"). Without SYS_ADMIN, thaw exec runs CRIU --unprivileged;
+# with full root CRIU would instead need SYS_ADMIN, NET_ADMIN and SYS_TIME (measured, thaw/criu.py).
 RUNTIME_DEFAULT_CAPS = (
     "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
     "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write",
 )  # fmt: skip
-THAW_CAPS: tuple[str, ...] = ("sys_admin", "net_admin", "sys_time")
+THAW_CAPS: tuple[str, ...] = ("checkpoint_restore", "sys_ptrace")
 
 
 def with_caps(caps: tuple[str, ...] | list[str]) -> list[str]:

@@ -32,6 +32,7 @@ def test_restore_flags_detach_and_rebind_stdio() -> None:
     assert args[args.index("--inherit-fd") + 1] == "fd[5]:pipe:[77]"
     assert "--tcp-established" in args and "--tcp-close" not in args
     assert "-v3" in args  # never -v4 on restore: a stuck restorer floods the log
+    assert "--network-lock" not in args  # the dump's method is recorded in the images
 
 
 @pytest.mark.parametrize(
@@ -127,3 +128,12 @@ def test_probe_file_and_closed_port(tmp_path: Path) -> None:
 def test_cuda_unavailable_without_libcuda() -> None:
     with pytest.raises(CudaUnavailable, match="cannot load"):
         Cuda.load("libcuda-that-does-not-exist.so.1")
+
+
+def test_unprivileged_mode_without_sys_admin() -> None:
+    status = "Name:\tx\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n"
+    assert criu.effective_caps(status) == 0x1FFFFFFFFFF
+    assert criu.mode_flags(0x1FFFFFFFFFF) == ()
+    # CHECKPOINT_RESTORE (40) + SYS_PTRACE (19) + the runtime's defaults, no SYS_ADMIN (21)
+    assert criu.mode_flags((1 << 40) | (1 << 19) | 0xA80425FB) == ("--unprivileged",)
+    assert criu.effective_caps("no caps line") == 0

@@ -171,11 +171,11 @@ def _corrupt_copy(snap: Snapshot, dest_store: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("failure", ["corrupt-pages", "criu-missing", "no-sys-time"])
+@pytest.mark.parametrize("failure", ["corrupt-pages", "criu-missing", "no-checkpoint-restore"])
 def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: Path, failure: str) -> None:
     store, env, caps = snapshot.store, None, THAW_CAPS
-    if failure == "no-sys-time":
-        caps = tuple(c for c in THAW_CAPS if c != "sys_time")
+    if failure == "no-checkpoint-restore":
+        caps = tuple(c for c in THAW_CAPS if c != "checkpoint_restore")
     elif failure == "corrupt-pages":
         store = tmp_path / "store"
         _corrupt_copy(snapshot, store)
@@ -192,10 +192,12 @@ def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: P
         reason = str(outcome["reason"])
         assert reason.startswith("restore failed:")
         if failure == "corrupt-pages":
-            assert "criu restore" in reason and "Error" in reason  # CRIU's own log lines
+            # CRIU's own log lines; a truncated pages image can also send CRIU's restorer into an
+            # endless loop, which the restore timeout (sized by the image) ends.
+            assert "criu restore" in reason and ("Error" in reason or "timed out" in reason)
             assert (tmp_path / "restore.log").is_file()
-        elif failure == "no-sys-time":
-            assert "monotonic clock offset" in reason  # CRIU's time namespace needs CAP_SYS_TIME
+        elif failure == "no-checkpoint-restore":
+            assert "CAP_CHECKPOINT_RESTORE" in reason  # CRIU's own words
         else:
             assert "no-such-criu" in reason
         state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold-started server")
