@@ -29,6 +29,23 @@ REPO = Path(__file__).resolve().parents[2]
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
 
+# The capabilities a Thaw pod's container has: the runtime's defaults plus what the webhook adds
+# (CHECKPOINT_RESTORE, SYS_PTRACE). ``thaw exec`` then runs CRIU --unprivileged.
+POD_CAPS = (
+    "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid", "setfcap",
+    "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write", "checkpoint_restore", "sys_ptrace",
+)  # fmt: skip
+
+
+def pod_caps_wrap() -> list[str]:
+    """setpriv prefix limiting thaw exec (and the workload) to POD_CAPS; [] where setpriv is absent."""
+    import shutil
+
+    if shutil.which("setpriv") is None:
+        return []
+    return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in POD_CAPS), "--inh-caps=-all", "--"]
+
+
 def lo_up() -> None:
     """Bring up loopback in a new network namespace without iproute2 (the GPU image lacks it)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -92,7 +109,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     outcome_path.unlink(missing_ok=True)  # a previous pod's outcome must not be read as this one's
     log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
     argv = [
-        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *spec.get("wrap", []),
         sys.executable, "-m", "thaw", "exec", *spec["thaw_args"], "--", *spec["cmd"],
     ]  # fmt: skip
     env = {**os.environ, **spec.get("env", {})}
