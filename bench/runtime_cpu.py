@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.harness import REPO, drop_caches, phase
+from bench.gpu.harness import drop_caches, phase
 
 PORT = 8290
 WARMUP_S = "3"
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     if why:
         print(f"runtime_cpu: skipped ({why})")
         return 0
-    from tests.runtime.pods import thaw_cli, write_facts
+    from thaw.sandbox import STANDIN, thaw_cli, write_facts
     from thaw.signing import generate_keypair
 
     root = Path(tempfile.mkdtemp(prefix="thaw-bench-cpu-"))
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         facts = write_facts(root / "facts.json")
         cmd = [
             "python3",
-            str(REPO / "tests/runtime/state_server.py"),
+            str(STANDIN),
             str(PORT),
             "--warmup",
             WARMUP_S,

@@ -1,6 +1,7 @@
-"""A small stand-in inference server with state, for the CRIU tests and bench/runtime_cpu.py.
+"""A small stand-in inference server with state, for ``thaw demo``, the CRIU tests and
+bench/runtime_cpu.py (plain stdlib: it runs as a file, ``python3 thaw/standin.py``, in any pod).
 
-``python state_server.py PORT [--warmup S] [--mem-mb N]``: "warms up" for S seconds of CPU work and
+``python3 standin.py PORT [--warmup S] [--mem-mb N]``: "warms up" for S seconds of CPU work and
 fills N MiB of memory (what a real server spends its start on), then serves on 127.0.0.1:PORT:
 ``GET /state`` -> JSON with a counter and a digest of the warm-up's result; ``POST /bump`` adds one
 to the counter. A restored server must answer with the counter it had when it was checkpointed.
