@@ -9,6 +9,7 @@ a request is a few dict lookups and one orjson call, well under a millisecond of
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -40,10 +41,13 @@ NODES = Gauge("thaw_extender_nodes", "Nodes in the extender's view")
 READY = Gauge("thaw_extender_ready", "1 when the node view is current (after the first full list)")
 RELISTS = Gauge("thaw_extender_node_lists", "Full node lists done by the watch (relists + 1)")
 
+FILE_CHECK_S = 0.25  # how often FileView checks a --nodes file for changes: one stat() per check
+
 
 @dataclass
 class AppConfig:
     nodes_file: Path | None = None  # a NodeList file instead of watching the cluster
+    nodes_check_s: float = FILE_CHECK_S  # how often a --nodes file is checked for changes
     params: Params = DEFAULT_PARAMS
     api_client: Any = None  # a kubernetes.client.ApiClient; None: in-cluster config or KUBECONFIG
     watch_options: dict[str, Any] = field(default_factory=dict)
@@ -53,11 +57,55 @@ class AppConfig:
 CONFIG = AppConfig()
 
 
-class StaticView:
-    """Readiness of a --nodes file view: ready once loaded."""
+class FileView:
+    """A --nodes file view: loaded at start, reloaded when the file changes (demos and tests change
+    it to play a cluster whose nodes' caches and restore queues move). A thread checks the file's
+    (mtime, size, inode) every ``interval`` seconds, off the request path; a file that no longer
+    parses keeps the last good view, with a warning. Ready once loaded."""
 
-    def __init__(self, index: NodeIndex) -> None:
+    def __init__(self, index: NodeIndex, path: Path, interval: float = FILE_CHECK_S) -> None:
         self.index = index
+        self.path = path
+        self.interval = interval
+        self.reloads = 0
+        self._seen: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> bool:
+        """Load the file if it changed since the last load; whether the view was replaced."""
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return False
+        try:
+            items, rv = load_node_list(self.path)
+        except (OSError, ValueError) as exc:
+            log.warning("--nodes: keeping the last view: %s", exc)
+            self._seen = stamp  # warn once per change
+            return False
+        self._seen = stamp
+        self.index.replace_all(items, rv)
+        self.reloads += 1
+        log.info("extender: %d nodes from %s (resourceVersion %s)", len(self.index.nodes), self.path, rv)
+        return True
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="thaw-nodes-file", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.load()
+
+    def stop(self) -> None:
+        self._stop.set()
 
     def ready(self) -> bool:
         return self.index.synced
@@ -113,12 +161,12 @@ class Verbs:
 def create_app(config: AppConfig | None = None) -> Flask:
     cfg = config or CONFIG
     index = NodeIndex(cfg.params)
-    view: NodeWatch | StaticView
+    view: NodeWatch | FileView
     if cfg.nodes_file is not None:
-        items, rv = load_node_list(cfg.nodes_file)
-        index.replace_all(items, rv)
-        view = StaticView(index)
-        log.info("extender: %d nodes from %s", len(index.nodes), cfg.nodes_file)
+        view = FileView(index, cfg.nodes_file, cfg.nodes_check_s)
+        if not view.load():
+            raise ValueError(f"--nodes {cfg.nodes_file}: no NodeList could be read")
+        view.start()
     else:
         view = NodeWatch(index, cfg.api_client, **cfg.watch_options)
         view.start()
@@ -150,7 +198,8 @@ def create_app(config: AppConfig | None = None) -> Flask:
     @app.get("/readyz")
     def readyz() -> Response:
         if view.ready():
-            return Response(f"ok: {len(index.nodes)} nodes\n", mimetype="text/plain")
+            rv = f" at resourceVersion {index.resource_version}" if index.resource_version else ""
+            return Response(f"ok: {len(index.nodes)} nodes{rv}\n", mimetype="text/plain")
         why = "no full node list yet" if not index.synced else "node watch lost; relisting"
         return Response(f"not ready: {why}\n", status=503, mimetype="text/plain")
 
