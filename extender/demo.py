@@ -5,13 +5,17 @@ them busy restoring; one is empty but compatible; one is an H200 with other fact
 Feature Discovery labels), starts ``thaw extender --nodes FILE`` (real gunicorn), asks it
 ``/filter`` and ``/prioritize`` for each pod as kube-scheduler would (``nodeCacheCapable``), binds
 the pod to the best node, and prints node, tier and estimated time-to-ready against a cold start.
+After each bind it counts a restore in progress on that node in the ``--nodes`` file (``restoring``
+in ``thaw.dev/cache``), which the extender reloads, so the next pods spread over the other nodes.
 Run alone: ``python -m extender.demo``.
 """
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -24,6 +28,8 @@ from typing import Any
 
 from extender.index import NodeIndex
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
+from thaw.annotations import NODE_CACHE
+from thaw.inventory import parse_inventory, render_inventory
 
 SNAPSHOT = "qwen3-8b-vllm"
 SIZE = 8_100_000_000
@@ -90,18 +96,65 @@ def _post(port: int, path: str, body: dict[str, Any]) -> Any:
     return data
 
 
+def bump_restoring(doc: dict[str, Any], node_name: str) -> bool:
+    """Count one more restore in progress on ``node_name`` (its ``thaw.dev/cache`` ``restoring``), as
+    the node's agent reports while a bound pod restores; a new resourceVersion. Whether it applied
+    (a node without a cache annotation has no queue to report)."""
+    rv = int((doc.get("metadata") or {}).get("resourceVersion") or "1") + 1
+    doc.setdefault("metadata", {})["resourceVersion"] = str(rv)
+    for item in doc["items"]:
+        if item["metadata"]["name"] != node_name:
+            continue
+        ann = item["metadata"].get("annotations") or {}
+        raw = ann.get(NODE_CACHE)
+        if raw is None:
+            return False
+        inv = parse_inventory(raw)
+        inv["restoring"] = inv.get("restoring", 0) + 1
+        ann[NODE_CACHE] = render_inventory(inv)
+        item["metadata"]["resourceVersion"] = str(rv)
+        return True
+    return False
+
+
+def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)  # the extender's reload sees the old file or the new one, never half
+
+
+def _wait_version(port: int, rv: str) -> None:
+    """Until the extender serves the node view at resourceVersion ``rv`` (its file reload)."""
+    deadline = time.monotonic() + 10
+    want = f" at resourceVersion {rv}\n".encode()
+    while time.monotonic() < deadline:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        c.request("GET", "/readyz")
+        if c.getresponse().read().endswith(want):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"thaw extender did not reload its --nodes file (resourceVersion {rv}) in 10 s")
+
+
 def place_pods(
-    pods: list[dict[str, Any]] | None = None, out: Callable[[str], None] = print
+    pods: list[dict[str, Any]] | None = None,
+    out: Callable[[str], None] = print,
+    cluster: dict[str, Any] | None = None,
+    spread: bool = True,
 ) -> list[Placement]:
+    """Place ``pods`` one after another on ``cluster`` (default :func:`demo_cluster`). With
+    ``spread``, each bind counts a restore in progress on the chosen node and rewrites the
+    ``--nodes`` file, which the running extender reloads before the next pod: later pods see the
+    queue and spread over the other nodes that hold the snapshot."""
     pods = pods if pods is not None else example_pods()
-    doc = demo_cluster(workload=_workload(pods))
+    doc = copy.deepcopy(cluster) if cluster is not None else demo_cluster(workload=_workload(pods))
     names = [n["metadata"]["name"] for n in doc["items"]]
     explain = NodeIndex()
     explain.replace_all(doc["items"], "1")
     placements: list[Placement] = []
     with tempfile.TemporaryDirectory(prefix="thaw-demo-") as tmp:
         nodes_file = Path(tmp) / "nodes.json"
-        nodes_file.write_text(json.dumps(doc))
+        _write_atomic(nodes_file, doc)
         port = _free_port()
         proc = subprocess.Popen(
             [
@@ -141,6 +194,10 @@ def place_pods(
                     f"(score {p.score}/10, {p.tier}): ready in ~{p.seconds:.1f} s vs cold start "
                     f"~{p.cold_seconds:.1f} s; filtered out: {failed}"
                 )
+                if spread and bump_restoring(doc, best):
+                    _write_atomic(nodes_file, doc)
+                    _wait_version(port, doc["metadata"]["resourceVersion"])
+                    explain.replace_all(doc["items"], doc["metadata"]["resourceVersion"])
         finally:
             proc.terminate()
             proc.wait(timeout=15)
