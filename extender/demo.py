@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from extender.index import NodeIndex
+from extender.scoring import DEFAULT_PARAMS, Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 from thaw.annotations import NODE_CACHE
 from thaw.inventory import parse_inventory, render_inventory
@@ -141,20 +142,26 @@ def place_pods(
     out: Callable[[str], None] = print,
     cluster: dict[str, Any] | None = None,
     spread: bool = True,
+    scoring: dict[str, float] | None = None,
 ) -> list[Placement]:
     """Place ``pods`` one after another on ``cluster`` (default :func:`demo_cluster`). With
     ``spread``, each bind counts a restore in progress on the chosen node and rewrites the
     ``--nodes`` file, which the running extender reloads before the next pod: later pods see the
-    queue and spread over the other nodes that hold the snapshot."""
+    queue and spread over the other nodes that hold the snapshot. ``scoring``: ``--scoring``
+    constants (extender.scoring.Params fields)."""
     pods = pods if pods is not None else example_pods()
     doc = copy.deepcopy(cluster) if cluster is not None else demo_cluster(workload=_workload(pods))
     names = [n["metadata"]["name"] for n in doc["items"]]
-    explain = NodeIndex()
+    explain = NodeIndex(Params(**scoring) if scoring else DEFAULT_PARAMS)
     explain.replace_all(doc["items"], "1")
     placements: list[Placement] = []
     with tempfile.TemporaryDirectory(prefix="thaw-demo-") as tmp:
         nodes_file = Path(tmp) / "nodes.json"
         _write_atomic(nodes_file, doc)
+        extra: list[str] = []
+        if scoring:
+            (Path(tmp) / "scoring.json").write_text(json.dumps(scoring))
+            extra = ["--scoring", str(Path(tmp) / "scoring.json")]
         port = _free_port()
         proc = subprocess.Popen(
             [
@@ -172,6 +179,7 @@ def place_pods(
                 str(nodes_file),
                 "--threads",
                 "2",
+                *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -22,13 +22,18 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jsonpatch  # type: ignore[import-untyped,unused-ignore]
+
+if TYPE_CHECKING:
+    from extender.demo import Placement
+    from thaw.demo_node import PodRun
 
 SNAPSHOT = "qwen3-8b-vllm"
 RESTORE_NS = "llm-serving"  # labelled thaw.dev/restore=allowed: kube-apiserver calls /mutate-restore
 PLAIN_NS = "team-sandbox"  # not labelled: kube-apiserver calls /mutate
+REPLICAS = 5  # replicas the extender step places after the first pod took the snapshot
 
 
 @dataclass
@@ -47,6 +52,13 @@ class DemoContext:
     # Mutated pods by name, as kube-apiserver would store them after the webhook (for later steps).
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: int = 0
+    # Left by the node step (thaw/demo_node.py): this machine's facts, the annotations `thaw agent
+    # --once` printed, and the cold pod's run; by the extender step: placements; by the restore step.
+    facts: dict[str, Any] | None = None
+    node_annotations: dict[str, str] = field(default_factory=dict)
+    cold: PodRun | None = None
+    placements: list[Placement] = field(default_factory=list)
+    restored: PodRun | None = None
 
     def say(self, text: str = "") -> None:
         self.out(text)
@@ -309,22 +321,72 @@ def webhook_step(ctx: DemoContext) -> None:
 Step = Callable[[DemoContext], None]
 
 
+def demo_cluster(ctx: DemoContext, workload: str) -> dict[str, Any]:
+    """The simulated GPU cluster: this machine as ``gpu-local`` with the annotations ``thaw agent
+    --once`` printed, and six simulated nodes. Nodes of this machine's facts hold the snapshot it
+    took (same id and size) in memory, on disk, or not at all; one has other facts (an H200); one
+    has only GPU Feature Discovery labels."""
+    from extender.synthetic import H200_FACTS, cached, node
+    from thaw.demo_node import LOCAL_NODE
+    from thaw.inventory import parse_inventory
+
+    facts: Any = ctx.facts
+    held = []
+    if ctx.node_annotations:
+        held = [
+            s
+            for s in parse_inventory(ctx.node_annotations["thaw.dev/cache"])["snapshots"]
+            if s["name"] == SNAPSHOT
+        ]
+
+    def snap(tier: str) -> Any:
+        if held:
+            return {**held[0], "tier": tier}
+        return cached(SNAPSHOT, 8_100_000_000, tier, facts=facts, workload=workload)  # type: ignore[arg-type]
+
+    h200 = {**H200_FACTS, **{k: facts[k] for k in ("arch", "kernel", "criu")}}
+    items = [
+        node(LOCAL_NODE, facts=None, snapshots=None, extra_annotations=ctx.node_annotations),
+        node("gpu-a", facts=facts, snapshots=[snap("memory")]),
+        node("gpu-b", facts=facts, snapshots=[snap("disk")]),
+        node("gpu-c", facts=facts, snapshots=[snap("memory")], restoring=3),
+        node("gpu-d", facts=facts, snapshots=[]),
+        node("gpu-e", facts=h200, snapshots=[]),  # type: ignore[arg-type]
+        node("gpu-f", facts=facts, gfd=True),
+    ]
+    return {"apiVersion": "v1", "kind": "NodeList", "metadata": {"resourceVersion": "1"}, "items": items}
+
+
 def extender_step(ctx: DemoContext) -> None:
     """Place the webhook's pods (and a few replicas of them) with the real ``thaw extender``."""
     from extender.demo import example_pods, place_pods
 
+    # Replicas of the webhook's pod, as its Deployment scaling out creates them (qwen-0 is the one
+    # that cold-started and took the snapshot); every other one asks for placement: required.
     pods = []
-    for name, mutated in ctx.pods.items():
-        pod = copy.deepcopy(mutated)
-        pod["metadata"].setdefault("name", name)  # generateName pods get their name at creation
-        pods.append(pod)
-    workload = next(
-        (p["metadata"]["annotations"]["thaw.dev/workload"] for p in pods),
-        None,
-    )
-    # More replicas of the same workload, as a Deployment scaling out would create.
-    pods += example_pods(3, workload) if workload else example_pods(3)
-    for p in place_pods(pods, out=ctx.say):
+    for mutated in ctx.pods.values():
+        for i in range(1, REPLICAS + 1):
+            pod = copy.deepcopy(mutated)
+            pod["metadata"]["name"] = f"qwen-{i}"
+            if i % 2 == 0:
+                pod["metadata"]["annotations"]["thaw.dev/placement"] = "required"
+            pods.append(pod)
+        break
+    if not pods:
+        pods = example_pods(REPLICAS)
+    workload = pods[0]["metadata"]["annotations"]["thaw.dev/workload"]
+    cluster = demo_cluster(ctx, workload) if ctx.facts is not None else None
+    scoring = None
+    if ctx.cold is not None and ctx.cold.ready_s is not None:
+        # Constants for the stand-in, not for a GPU model (extender/scoring.py's defaults): its
+        # cold start as just measured, a restore's fixed cost on this machine, and a store behind
+        # a 1 Gb/s link (a snapshot this small would otherwise be as quick to fetch as to hold).
+        scoring = {"cold_fixed_s": round(ctx.cold.ready_s, 2), "restore_fixed_s": 0.3, "fetch_bps": 1.0e8}
+        ctx.say(f"  thaw extender --scoring (constants for the stand-in): {json.dumps(scoring)}")
+    ctx.say("  after each bind the node's restore queue grows by one (thaw.dev/cache restoring), as its")
+    ctx.say("  agent would report; the extender reloads its --nodes file, so replicas spread\n")
+    ctx.placements = place_pods(pods, out=ctx.say, cluster=cluster, scoring=scoring)
+    for p in ctx.placements:
         ctx.record(
             "extender",
             p.pod,
@@ -335,7 +397,52 @@ def extender_step(ctx: DemoContext) -> None:
     ctx.say("  extender stopped\n")
 
 
-STEPS: list[tuple[str, Step]] = [("webhook", webhook_step), ("extender", extender_step)]
+def _node_step(ctx: DemoContext) -> None:
+    from thaw.demo_node import cold_step
+
+    cold_step(ctx)
+
+
+def _restore_step(ctx: DemoContext) -> None:
+    from thaw.demo_node import restore_step
+
+    restore_step(ctx)
+
+
+STEPS: list[tuple[str, Step]] = [
+    ("webhook", webhook_step),
+    ("node: cold start and checkpoint", _node_step),
+    ("extender", extender_step),
+    ("node: restore", _restore_step),
+]
+
+
+def _time_to_ready(ctx: DemoContext) -> None:
+    from thaw.demo_node import MEM_MB, WARMUP_S
+
+    runs = [("cold start", ctx.cold), ("restore", ctx.restored)]
+    if not any(r for _, r in runs):
+        return
+    ctx.say(
+        f"\nTime to ready on this machine (stand-in: {WARMUP_S} s warm-up, {MEM_MB} MiB), fetch included:"
+    )
+    for label, r in runs:
+        if r is None:
+            ctx.say(f"  {label:<11} {'-':>8}  skipped")
+            continue
+        ready = f"{r.ready_s:.2f} s" if r.ready_s is not None else "never"
+        plan = r.plan.get("action", "?")
+        why = r.plan.get("reason") or r.plan.get("snapshot", "")
+        timings = r.outcome.get("timings") or {}
+        crit = f", criu restore {timings['criu_restore_s']} s" if "criu_restore_s" in timings else ""
+        ctx.say(
+            f"  {label:<11} {ready:>8}  {r.name}: fetch {r.fetch_s:.2f} s -> plan {plan} ({why[:60]}); "
+            f"exec -> {r.outcome.get('result')}{crit}"
+        )
+    if ctx.cold and ctx.restored and ctx.cold.ready_s and ctx.restored.ready_s:
+        ctx.say(
+            f"  restore is {ctx.cold.ready_s / ctx.restored.ready_s:.1f}x faster to ready than the cold start"
+        )
 
 
 def print_summary(ctx: DemoContext) -> None:
@@ -345,7 +452,8 @@ def print_summary(ctx: DemoContext) -> None:
     width_out = max((len(r.outcome) for r in ctx.rows), default=7)
     for r in ctx.rows:
         detail = r.detail if len(r.detail) <= 60 else r.detail[:57] + "..."
-        ctx.say(f"  {r.step:<9} {r.case:<{width_case}}  {r.outcome:<{width_out}}  {detail}")
+        ctx.say(f"  {r.step:<8} {r.case:<{width_case}}  {r.outcome:<{width_out}}  {detail}")
+    _time_to_ready(ctx)
     verdict = "every case behaved as expected" if ctx.failures == 0 else f"{ctx.failures} case(s) did not"
     ctx.say(f"\n{verdict}")
 
