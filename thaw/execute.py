@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +327,8 @@ def restore(
                     f"snapshot was taken of command {meta.get('cmd')!r}, this pod runs {cmd!r}"
                 )
             pids = [int(p) for p in meta.get("pids", [])]
+            # Connections are restored the way they were dumped (closed, or kept inside the tree).
+            opts = replace(opts, tcp_established=bool(meta.get("tcp_established", False)))
             busy = criu.wait_pids_free(pids, PID_FREE_WAIT_S)
             if busy:
                 raise RestoreFailed(f"PIDs {busy[:5]} of the snapshot are taken in this container")
