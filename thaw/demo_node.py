@@ -151,6 +151,8 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
     netns = Netns("thaw-demo")
     sandbox: Pod | None = None
     try:
+        shown = " ".join(f"{k}={v}" for k, v in sorted(fetch_env.items()))
+        ctx.say(f"    $ thaw fetch   # the thaw-fetch init container, configured by its env: {shown}")
         t0 = time.monotonic()
         res = _cli(["fetch"], fetch_env, netns)
         fetch_s = time.monotonic() - t0
@@ -158,6 +160,11 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
             raise RuntimeError(f"thaw fetch exited {res.returncode}: {res.stderr.strip()}")
         plan = read_json(Path(fetch_env["THAW_PLAN"]))
         ctx.say(f"    thaw fetch ({fetch_s:.2f} s): {res.stderr.strip().splitlines()[-1]}")
+        ctx.say(
+            f"    $ thaw exec -- {' '.join(workload_cmd())}   # the wrapper, in the netns {netns.name}, "
+            f"PID 1 of a new PID namespace; env: THAW_PLAN THAW_READY={ready_url} THAW_CHECKPOINT="
+            f"{exec_env.get('THAW_CHECKPOINT')} and the rest of {len(exec_env)} THAW_* variables"
+        )
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("THAW_")}, **exec_env}
         sandbox = Pod(netns, [], workload_cmd(), env=env, wrap=with_caps(caps))
         answer: dict[str, Any] | None = None

@@ -1,0 +1,177 @@
+"""``thaw demo`` end to end (real webhook, real extender, real CRIU where this machine allows it), its
+pure parts, its fallback without CRIU, and its cleanup on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extender.demo import bump_restoring, place_pods
+from extender.synthetic import cached, node
+from thaw import demo, demo_node
+from thaw.demo import DemoContext, print_summary
+from thaw.inventory import parse_inventory
+from thaw.sandbox import REPO, STANDIN, missing_prerequisites
+
+WHY_NO_CRIU = missing_prerequisites()
+
+
+def _run_steps(ctx: DemoContext) -> None:
+    for _, step in demo.STEPS:
+        step(ctx)
+    print_summary(ctx)
+
+
+def _netns() -> set[str]:
+    """The demo's network namespaces (other tests, maybe running beside, name theirs otherwise)."""
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.startswith("thaw-demo-")}
+
+
+def _standins() -> list[int]:
+    """PIDs of the demo's stand-in servers still running (its port: tests beside use others)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(STANDIN).encode() in cmdline and f"\0{demo_node.PORT}\0".encode() in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_map_env_maps_mounts_and_downward_api(tmp_path: Path) -> None:
+    env = [
+        {"name": "THAW_CACHE", "value": "/var/lib/thaw/cache"},
+        {"name": "THAW_PLAN", "value": "/run/thaw/plan.json"},
+        {"name": "THAW_KEY", "value": "/etc/thaw/key/signing.key"},
+        {"name": "THAW_READY", "value": "http://127.0.0.1:8000/health"},
+        {"name": "THAW_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    out = demo_node.map_env(env, tmp_path / "node", tmp_path / "pod", {"spec.nodeName": "gpu-local"})
+    assert out == {
+        "THAW_CACHE": str(tmp_path / "node/cache"),
+        "THAW_PLAN": str(tmp_path / "pod/run/plan.json"),
+        "THAW_KEY": str(tmp_path / "node/keys/signing.key"),
+        "THAW_READY": "http://127.0.0.1:8000/health",
+        "THAW_NODE_NAME": "gpu-local",
+    }
+
+
+def test_bump_restoring_counts_one_more_restore() -> None:
+    doc: dict[str, Any] = {
+        "metadata": {"resourceVersion": "4"},
+        "items": [node("a", snapshots=[cached("m", 10, "disk")]), node("b", facts=None)],
+    }
+    assert bump_restoring(doc, "a") and bump_restoring(doc, "a")
+    inv = parse_inventory(doc["items"][0]["metadata"]["annotations"]["thaw.dev/cache"])
+    assert inv.get("restoring") == 2 and doc["metadata"]["resourceVersion"] == "6"
+    assert not bump_restoring(doc, "b")  # no cache annotation: no queue to report
+    assert not bump_restoring(doc, "nope")
+
+
+def test_replicas_spread_as_restore_queues_grow() -> None:
+    """Two nodes hold the snapshot alike: without the queue every replica would land on the first."""
+    snap = cached(demo.SNAPSHOT, 8_100_000_000, "memory")
+    cluster = {
+        "kind": "NodeList",
+        "metadata": {"resourceVersion": "1"},
+        "items": [
+            node("gpu-a", snapshots=[snap]),
+            node("gpu-b", snapshots=[snap]),
+            node("gpu-c", snapshots=[]),
+        ],
+    }
+    from extender.demo import example_pods
+
+    pods = example_pods(4)
+    for p in pods:
+        p["metadata"]["annotations"]["thaw.dev/workload"] = snap["workload"]
+    spread = [p.node for p in place_pods(pods, out=lambda _: None, cluster=cluster)]
+    assert set(spread[:2]) == {"gpu-a", "gpu-b"}, spread
+    piled = [p.node for p in place_pods(pods, out=lambda _: None, cluster=cluster, spread=False)]
+    assert set(piled) == {"gpu-a"}, piled
+
+
+def test_without_criu_the_demo_says_what_it_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo_node, "missing_prerequisites", lambda: "needs root (pretend)")
+    lines: list[str] = []
+    ctx = DemoContext(workdir=tmp_path, out=lines.append)
+    _run_steps(ctx)
+    text = "\n".join(lines)
+    assert ctx.failures == 0, text
+    assert "SKIPPED the real runtime (cold start, checkpoint, restore): needs root (pretend)" in text
+    assert ctx.cold is None and ctx.restored is None
+    assert ctx.node_annotations  # thaw agent --once still ran, on an empty cache
+    assert len(ctx.placements) == demo.REPLICAS
+    # This machine's node holds nothing: a replica placed there would fetch, never hit.
+    assert all(p.tier == "fetch" for p in ctx.placements if p.node == demo_node.LOCAL_NODE)
+    assert any(r.step == "restore" and r.outcome == "skipped" for r in ctx.rows)
+
+
+@pytest.mark.criu
+@pytest.mark.skipif(WHY_NO_CRIU is not None, reason=WHY_NO_CRIU or "")
+def test_demo_checkpoints_places_and_restores_for_real(tmp_path: Path) -> None:
+    before = _netns()
+    lines: list[str] = []
+    ctx = DemoContext(workdir=tmp_path, out=lines.append)
+    _run_steps(ctx)
+    text = "\n".join(lines)
+    assert ctx.failures == 0, text
+    assert ctx.cold is not None and ctx.restored is not None
+    assert ctx.cold.plan["action"] == "cold" and ctx.cold.plan["reason"].startswith("no snapshot:")
+    assert ctx.cold.outcome["checkpoint"]["status"] == "published"
+    assert ctx.restored.plan["action"] == "restore"
+    assert ctx.restored.plan["snapshot"] == ctx.cold.outcome["checkpoint"]["snapshot"]
+    assert ctx.restored.outcome["result"] == "restored", ctx.restored.outcome
+    assert ctx.restored.answer is not None and ctx.cold.answer is not None
+    assert ctx.restored.answer["digest"] == ctx.cold.answer["digest"]
+    # The agent's inventory is what the extender saw for this machine's node.
+    inv = parse_inventory(ctx.node_annotations["thaw.dev/cache"])
+    assert [s["id"] for s in inv["snapshots"]] == [ctx.cold.outcome["checkpoint"]["snapshot"]]
+    first = ctx.placements[0]
+    assert first.node == demo_node.LOCAL_NODE and first.tier in ("memory", "disk")
+    # Spread: the replicas use more than one of the nodes that hold the snapshot.
+    assert len({p.node for p in ctx.placements}) >= 3
+    for command in ("thaw keys generate", "thaw agent --once", "thaw fetch", "thaw exec --"):
+        assert f"$ {command}" in text
+    assert "Time to ready on this machine" in text and "every case behaved as expected" in text
+    assert _netns() == before and not _standins()
+
+
+@pytest.mark.criu
+@pytest.mark.skipif(WHY_NO_CRIU is not None, reason=WHY_NO_CRIU or "")
+def test_ctrl_c_leaves_no_process_and_no_namespace() -> None:
+    before = _netns()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thaw", "demo"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    assert proc.stdout is not None
+    seen = []
+    for raw in proc.stdout:
+        seen.append(raw.decode(errors="replace"))
+        if "$ thaw exec --" in seen[-1]:  # the cold pod is starting: CRIU, netns, server all live
+            break
+    time.sleep(1.0)
+    assert _standins(), "".join(seen)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C goes to the whole foreground group
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 10
+    while (_standins() or _netns() != before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _standins() and _netns() == before
