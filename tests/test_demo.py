@@ -50,7 +50,7 @@ def _standins() -> list[int]:
 
 
 def test_map_env_maps_mounts_and_downward_api(tmp_path: Path) -> None:
-    env = [
+    env: list[dict[str, Any]] = [
         {"name": "THAW_CACHE", "value": "/var/lib/thaw/cache"},
         {"name": "THAW_PLAN", "value": "/run/thaw/plan.json"},
         {"name": "THAW_KEY", "value": "/etc/thaw/key/signing.key"},
