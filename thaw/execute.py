@@ -568,6 +568,18 @@ def checkpoint(
 # --- the command ------------------------------------------------------------------------------
 
 
+def logs_dir(outcome_path: Path | None) -> Path:
+    """Where CRIU's logs go: beside the outcome file (the plan's emptyDir) when writable, else a
+    temporary directory (a read-only plan volume must not turn into a failed restore)."""
+    if outcome_path is not None:
+        with contextlib.suppress(OSError):
+            outcome_path.parent.mkdir(parents=True, exist_ok=True)
+        if os.access(outcome_path.parent, os.W_OK):
+            return outcome_path.parent
+        log.warning("%s is not writable: CRIU's logs go to a temporary directory", outcome_path.parent)
+    return Path(tempfile.mkdtemp(prefix="thaw-exec-"))
+
+
 def workload_command(raw: list[str]) -> list[str]:
     cmd = list(raw)
     if cmd and cmd[0] == "--":
@@ -615,7 +627,7 @@ def checkpoint_config(
 def run(args: argparse.Namespace) -> int:
     cmd = workload_command(args.cmd)
     outcome_path: Path | None = args.outcome or (args.plan.parent / "outcome.json" if args.plan else None)
-    logs = outcome_path.parent if outcome_path is not None else Path(tempfile.mkdtemp(prefix="thaw-exec-"))
+    logs = logs_dir(outcome_path)
     opts = criu.CriuOptions(
         network_lock=criu.detect_network_lock(),
         tcp_established=bool(args.tcp_established),
