@@ -44,6 +44,8 @@ VOLUME_NAMES = (VOL_TOOLS, VOL_PLAN, VOL_CACHE, VOL_STORE, VOL_TRUST, VOL_KEY)
 # Paths inside the containers (thaw.workload.EXCLUDED_MOUNT_PATHS lists the target's).
 TOOLS_DIR = "/thaw"
 THAW_BIN = "/thaw/bin/thaw"
+# The bundled CRIU (4.2, with its own glibc) copied beside thaw: the workload image has none.
+CRIU_BIN = "/thaw/bin/criu"
 RUNTIME_BIN = "/opt/thaw/bin/thaw"  # in the Thaw image itself (thaw-fetch runs there)
 PLAN_DIR = "/run/thaw"
 PLAN_FILE = "/run/thaw/plan.json"
@@ -145,6 +147,7 @@ class Prepared:
             {"name": "THAW_PLAN", "value": PLAN_FILE},
             {"name": "THAW_STORE", "value": STORE_DIR},
             {"name": "THAW_CACHE", "value": CACHE_DIR},
+            {"name": "THAW_CRIU", "value": CRIU_BIN},
             _downward("THAW_POD_NAME", "metadata.name"),
             _downward("THAW_POD_NAMESPACE", "metadata.namespace"),
             _downward("THAW_NODE_NAME", "spec.nodeName"),
