@@ -29,34 +29,12 @@ from urllib.parse import urlsplit
 
 import jsonpatch
 
+from tests.fakekube import merge_patch, status
+
 SECRETS = re.compile(r"^/api/v1/namespaces/(?P<ns>[a-z0-9-]+)/secrets(?:/(?P<name>[a-z0-9.-]+))?$")
 MWCS = re.compile(
     r"^/apis/admissionregistration\.k8s\.io/v1/mutatingwebhookconfigurations(?:/(?P<name>[a-z0-9.-]+))?$"
 )
-
-
-def status(code: int, reason: str, message: str) -> dict[str, Any]:
-    return {
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message,
-        "reason": reason,
-        "code": code,
-    }
-
-
-def _merge(target: Any, patch: Any) -> Any:
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for k, v in patch.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = _merge(out.get(k), v)
-    return out
 
 
 class FakeObjects:
@@ -255,7 +233,7 @@ class FakeObjects:
                         if ctype == "application/json-patch+json":
                             new = jsonpatch.JsonPatch(patch).apply(copy.deepcopy(old))
                         elif ctype == "application/merge-patch+json":
-                            new = _merge(old, patch)
+                            new = merge_patch(old, patch)
                         else:
                             self._json(
                                 415,
