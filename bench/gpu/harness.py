@@ -37,13 +37,15 @@ POD_CAPS = (
 )  # fmt: skip
 
 
-def pod_caps_wrap() -> list[str]:
-    """setpriv prefix limiting thaw exec (and the workload) to POD_CAPS; [] where setpriv is absent."""
+def pod_caps_wrap(extra: tuple[str, ...] = ()) -> list[str]:
+    """setpriv prefix limiting thaw exec (and the workload) to POD_CAPS (plus ``extra``, e.g.
+    net_admin for a tensor-parallel pod); [] where setpriv is absent."""
     import shutil
 
     if shutil.which("setpriv") is None:
         return []
-    return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in POD_CAPS), "--inh-caps=-all", "--"]
+    caps = (*POD_CAPS, *extra)
+    return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all", "--"]
 
 
 def lo_up() -> None:

@@ -16,6 +16,12 @@ Steps (each pod in fresh PID, mount and network namespaces, ``thaw exec`` as its
 7. cold (warm compile cache), if time is left: what a cold start costs when only compilation is
    cached.
 Prints a table; writes results.json and the pods' logs to --out.
+
+``--tp N`` (issue 6): the server is bench/gpu/tp_server.py, N ranks (one process per GPU, NCCL)
+under a launcher, with the NCCL settings of TP_NCCL_ENV; the checkpoint uses ``--tcp-established``
+and the pods get NET_ADMIN besides. Step 7 is replaced by probes (``--probe``, time allowing): a
+small TP model checkpointed and restored with one NCCL setting left out at a time, to find which
+are needed.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ from typing import Any
 
 from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
 
+# Issue 6's known-good NCCL settings for a checkpointable TP workload (README, "Tensor parallel").
+# NVLS stays off on shared machines whatever else is probed.
+TP_NCCL_ENV = {
+    "NCCL_CUMEM_ENABLE": "0",
+    "NCCL_P2P_DISABLE": "1",
+    "NCCL_SHM_DISABLE": "1",
+    "NCCL_IB_DISABLE": "1",
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_NCCL_ENABLE_MONITORING": "0",
+}
+PROBE_DROPS = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_CUMEM_ENABLE")
 PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
 PORT = 8000
 
@@ -59,13 +76,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
     ap.add_argument("--budget-s", type=float, default=520.0, help="skip optional steps past this")
     ap.add_argument("--max-new", type=int, default=32)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs); 1: server.py")
+    ap.add_argument("--probe", action="store_true", help="with --tp: probe which NCCL settings are needed")
     args = ap.parse_args(argv)
     start = time.monotonic()
     root: Path = args.dir / args.config
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = args.config
+    tag = args.config if args.tp == 1 else f"{args.config}-tp{args.tp}"
     res: dict[str, Any] = {
         "config": args.config,
         "date": time.strftime("%Y-%m-%d"),
@@ -112,15 +131,26 @@ def main(argv: list[str]) -> int:
         "--port",
         str(PORT),
     ]
+    tp_env: dict[str, str] = {}
+    if args.tp > 1:
+        cmd[1] = str(REPO / "bench/gpu/tp_server.py")
+        cmd += ["--tp", str(args.tp), "--run-dir", str(root)]
+        tp_env = dict(TP_NCCL_ENV)
+        res["nccl_env"] = tp_env
     url = f"http://127.0.0.1:{PORT}/generate"
     body = {"prompt": PROMPT, "max_new_tokens": args.max_new}
-    wrap = pod_caps_wrap()  # every pod with a pod's capabilities, not full root
+    # every pod with a pod's capabilities, not full root; TCP repair for the ranks' connections
+    wrap = pod_caps_wrap(("net_admin",) if args.tp > 1 else ())
     res["pod_caps"] = "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE" if wrap else "full root"
     common = {"url": url, "body": body, "cmd": cmd, "timeout": 420, "request_timeout": 60, "wrap": wrap}
 
     def cold_env(name: str) -> dict[str, str]:
         cc = root / f"compile-cache-{name}"
-        return {"TORCHINDUCTOR_CACHE_DIR": str(cc / "inductor"), "TRITON_CACHE_DIR": str(cc / "triton")}
+        return {
+            **tp_env,
+            "TORCHINDUCTOR_CACHE_DIR": str(cc / "inductor"),
+            "TRITON_CACHE_DIR": str(cc / "triton"),
+        }
 
     # 2. cold, empty compile cache, page cache dropped
     res["drop_caches"] = drop_caches()
@@ -162,6 +192,7 @@ def main(argv: list[str]) -> int:
             str(root / "cache-a"),
             "--outcome",
             str(ck_outcome),
+            *(["--tcp-established"] if args.tp > 1 else []),
         ],
     }
     ckpt = phase(ck_spec)
@@ -227,7 +258,9 @@ def main(argv: list[str]) -> int:
     print(json.dumps(rm), flush=True)
     res.update(restore_disk=rd, restore_pagecache=rm)
     # 7. cold with a warm compile cache (the checkpoint pod's), if time is left
-    if time.monotonic() - start < args.budget_s - 90:
+    if args.tp > 1 and args.probe:
+        res["probes"] = probes(args, root, trust, keys, wrap, args.out / f"{tag}-probes.log", start)
+    elif time.monotonic() - start < args.budget_s - 90:
         drop_caches()
         cw = phase(
             {
@@ -257,6 +290,11 @@ def main(argv: list[str]) -> int:
         f"cuda restore {ck.get('cuda_restore_s')} s, publish {ck.get('publish_s')} s; "
         f"fetch {res['fetch_s']} s"
     )
+    if args.tp > 1:
+        print(
+            f"TP={args.tp}, NCCL env {tp_env}; decode ms (32 tokens): cold "
+            f"{(cold.get('first') or {}).get('ms')}, restored {(rd.get('again') or {}).get('ms')}"
+        )
     print(f"{'run':32} {'first answer s':>14} {'criu s':>7} {'cuda s':>7} {'speedup':>8}  same tokens")
     base = cold.get("first_answer_s")
     for label, r_ in rows:
@@ -274,7 +312,111 @@ def main(argv: list[str]) -> int:
         f"{(rd.get('again') or {}).get('tokens') == ref}; "
         f"restore outcome: {rd.get('outcome', {}).get('result')}"
     )
+    for pr in res.get("probes", []):
+        print(
+            f"probe without {pr['dropped']}: checkpoint {pr.get('checkpoint')}, restore {pr.get('restore')}, "
+            f"same tokens {pr.get('same_tokens')}"
+        )
     return 0
+
+
+def probes(  # noqa: PLR0917
+    args: argparse.Namespace, root: Path, trust: Path, keys: Path, wrap: list[str], log: Path, start: float
+) -> list[dict[str, Any]]:
+    """A small TP model, checkpointed and restored with one NCCL setting left out at a time."""
+    out: list[dict[str, Any]] = []
+    weights = root / "small.safetensors"
+    mk = subprocess.run(
+        [sys.executable, str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
+         "--make-weights"], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mk.returncode != 0:
+        return [{"dropped": "-", "error": mk.stderr[-500:]}]
+    for drop in PROBE_DROPS:
+        if time.monotonic() - start > args.budget_s - 60:
+            out.append({"dropped": drop, "skipped": "time budget"})
+            continue
+        env = {k: v for k, v in TP_NCCL_ENV.items() if k != drop}
+        d = root / f"probe-{drop}"
+        cmd = [
+            "python3", str(REPO / "bench/gpu/tp_server.py"), "--weights", str(weights), "--config", "small",
+            "--port", str(PORT), "--tp", str(args.tp), "--run-dir", str(d), "--compile", "none",
+        ]  # fmt: skip
+        d.mkdir(parents=True, exist_ok=True)
+        common = {
+            "url": f"http://127.0.0.1:{PORT}/generate",
+            "body": {"prompt": PROMPT, "max_new_tokens": 8},
+            "cmd": cmd,
+            "timeout": 120,
+            "request_timeout": 30,
+            "wrap": wrap,
+            "log": str(log),
+            "env": env,
+        }
+        ck = phase(
+            {
+                **common,
+                "name": f"probe-ckpt-{drop}",
+                "wait_checkpoint": True,
+                "outcome": str(d / "a/outcome.json"),
+                "thaw_args": [
+                    "--checkpoint",
+                    "on-ready",
+                    "--ready",
+                    f"http://127.0.0.1:{PORT}/health",
+                    "--store",
+                    str(d / "store"),
+                    "--key",
+                    str(keys / "signing.key"),
+                    "--name",
+                    "probe",
+                    "--workload",
+                    drop,
+                    "--outcome",
+                    str(d / "a/outcome.json"),
+                    "--tcp-established",
+                ],
+            }
+        )
+        c = ck.get("outcome", {}).get("checkpoint", {})
+        row: dict[str, Any] = {
+            "dropped": drop,
+            "checkpoint": c.get("status"),
+            "checkpoint_reason": c.get("reason"),
+        }
+        if c.get("status") == "published":
+            plan = d / "b/plan.json"
+            thaw(
+                "fetch",
+                "--store",
+                str(d / "store"),
+                "--cache",
+                str(d / "cache"),
+                "--name",
+                "probe",
+                "--workload",
+                drop,
+                "--trust",
+                str(trust),
+                "--plan",
+                str(plan),
+            )
+            rs = phase(
+                {
+                    **common,
+                    "name": f"probe-restore-{drop}",
+                    "outcome": str(plan.parent / "outcome.json"),
+                    "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
+                }
+            )
+            row["restore"] = rs.get("outcome", {}).get("result")
+            row["restore_reason"] = rs.get("outcome", {}).get("reason")
+            ref = (ck.get("first") or {}).get("tokens")
+            row["same_tokens"] = ref is not None and (rs.get("first") or {}).get("tokens") == ref
+            row["decode_ms"] = [(ck.get("first") or {}).get("ms"), (rs.get("first") or {}).get("ms")]
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":
