@@ -155,8 +155,8 @@ def test_debug_log_explains_the_decision(index: NodeIndex, caplog: pytest.LogCap
     call(handlers.prioritize, index, args)
     [line] = [r.getMessage() for r in caplog.records if r.name == "extender.decisions"]
     assert (
-        f"snapshot={SNAPSHOT}" in line and "node-1 score 8: memory hit" in line
-    )  # 2 of 4 nodes hold it: 1 - 0.4 * 0.5
+        f"snapshot={SNAPSHOT}" in line and "node-1 score 10: memory hit" in line
+    )  # 2 of 4 nodes hold it: 10 * (1 - 0.1 * 0.5) = 9.5, rounds to 10
 
 
 def _items_bytes(body: bytes) -> list[bytes]:

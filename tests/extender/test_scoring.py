@@ -54,21 +54,21 @@ def one(entry: dict[str, object], variants: dict[str, Variant], nodes: int = 10,
             node("m", snapshots=[cached(SNAP, 8_100_000_000, "memory")]),
             "memory",
             5.85,
-            7,
-        ),  # 10 * 1.0 * (1 - 0.4 * 0.8) = 6.8
+            9,
+        ),  # 10 * 1.0 * (1 - 0.1 * 0.8) = 9.2
         (
             node("d", snapshots=[cached(SNAP, 8_100_000_000, "disk")]),
             "disk",
             6.76,
-            6,
-        ),  # 10 * ln(33.5/6.76) / ln(33.5/5.85) * 0.68 = 6.2
+            8,
+        ),  # 10 * ln(33.5/6.76) / ln(33.5/5.85) * 0.92 = 8.4
         (node("f", snapshots=[]), "fetch", 13.24, 5),
         (
             node("q", snapshots=[cached(SNAP, 8_100_000_000, "disk")], restoring=2),
             "disk",
             13.52,
-            4,
-        ),  # 0.521 * 0.68
+            5,
+        ),  # 10 * 0.521 * 0.92 = 4.8: two restores in progress, no better than fetching (5.3)
         (node("g", facts=H100_FACTS, gfd=True), "fetch", 13.24, 5),
         (node("x", facts=H200_FACTS, snapshots=[]), "cold", 33.5, 0),
         (node("n", facts=None), "cold", 33.5, 0),
