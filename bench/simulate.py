@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--pods", type=int, default=2000)
     p.add_argument("--set", choices=[*SETS, "both"], default="held-out", dest="which")
     p.add_argument("--seeds", type=int, nargs="+", help="overrides --set")
-    p.add_argument("--plot", type=Path, default=Path("bench-simulate.png"))
+    p.add_argument("--plot", type=Path, default=Path("out/bench-simulate.png"))
     args = p.parse_args(argv)
     if args.seeds:
         chosen = {"seeds": list(args.seeds)}
