@@ -17,6 +17,7 @@ SNAPSHOT = "thaw.dev/snapshot"
 CONTAINER = "thaw.dev/container"
 CHECKPOINT = "thaw.dev/checkpoint"
 PLACEMENT = "thaw.dev/placement"
+TENSOR_PARALLEL = "thaw.dev/tensor-parallel"
 # Set by the webhook, never by users.
 INJECTED = "thaw.dev/injected"
 WORKLOAD = "thaw.dev/workload"
@@ -33,13 +34,16 @@ RESTORE_LABEL_VALUE = "allowed"
 # (removeMissingExtendedResources), so the request never blocks a pod on the node.
 EXTENDED_RESOURCE = "thaw.dev/restore"
 
-USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT)
+USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT, TENSOR_PARALLEL)
 WEBHOOK_KEYS = (INJECTED, WORKLOAD)
 
 CheckpointMode = Literal["on-ready", "never"]
 Placement = Literal["preferred", "required"]
 CHECKPOINT_MODES: tuple[CheckpointMode, ...] = ("on-ready", "never")
 PLACEMENTS: tuple[Placement, ...] = ("preferred", "required")
+# auto: tensor-parallel where the target container asks for more than one nvidia.com/gpu.
+TensorParallel = Literal["auto", "true", "false"]
+TENSOR_PARALLEL_MODES: tuple[TensorParallel, ...] = ("auto", "true", "false")
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -54,6 +58,7 @@ class ThawSpec:
     container: str | None  # None: the pod's first container
     checkpoint: CheckpointMode
     placement: Placement
+    tensor_parallel: TensorParallel = "auto"
 
 
 def is_dns1123_label(value: str) -> bool:
@@ -87,9 +92,11 @@ def parse_spec(annotations: Mapping[str, str] | None) -> ThawSpec | None:
         )
     checkpoint = _choice(annotations, CHECKPOINT, CHECKPOINT_MODES, "on-ready")
     placement = _choice(annotations, PLACEMENT, PLACEMENTS, "preferred")
+    tensor_parallel = _choice(annotations, TENSOR_PARALLEL, TENSOR_PARALLEL_MODES, "auto")
     return ThawSpec(
         snapshot=snapshot,
         container=container,
         checkpoint=checkpoint,  # type: ignore[arg-type]  # checked by _choice
         placement=placement,  # type: ignore[arg-type]
+        tensor_parallel=tensor_parallel,  # type: ignore[arg-type]
     )

@@ -23,8 +23,14 @@ restore waits briefly for PIDs still held by a dead tree's zombies ("Can't fork 
 exists") and retries CRIU once more if it still hits one.
 
 Snapshot metadata (``thaw-exec.json`` in the images, covered by the signed manifest): format, root
-PID, all PIDs, CUDA PIDs (in lock order), the command, and the names of the workload's stdout and
-stderr at checkpoint time (rebound to the new container's on restore).
+PID, all PIDs, CUDA PIDs (in lock order), the command, the names of the workload's stdout and
+stderr at checkpoint time (rebound to the new container's on restore), and the GPU layout (issue 6):
+how many GPUs the container saw and, for each CUDA process in lock order, its rank (``RANK``,
+``LOCAL_RANK``, ``WORLD_SIZE`` from its environment) and the ordinals of the GPUs it had open (the
+index of ``/dev/nvidiaN`` among the container's GPU device files, which is the order CUDA numbers
+them without ``CUDA_VISIBLE_DEVICES``). The CUDA driver restores each process onto the same
+ordinals, so a restore needs a container that sees exactly as many GPUs; otherwise it is refused
+before CRIU runs and the whole workload cold-starts.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +83,70 @@ FORWARDED_SIGNALS = (
     signal.SIGUSR2,
     signal.SIGWINCH,
 )
+
+
+# --- GPU layout (tensor-parallel ranks) -----------------------------------------------------------
+
+_GPU_DEV = re.compile(r"^/dev/nvidia(\d+)$")
+RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES")
+
+
+def gpu_minors(targets: Iterable[str]) -> list[int]:
+    """Minor numbers of the GPU device files among ``targets`` (fd targets or /dev entries)."""
+    return sorted({int(m.group(1)) for t in targets if (m := _GPU_DEV.match(t))})
+
+
+def visible_gpu_minors(dev: Path = Path("/dev")) -> list[int]:
+    """The GPUs this container sees, as the minors of its /dev/nvidiaN files."""
+    try:
+        return gpu_minors(f"/dev/{e.name}" for e in dev.iterdir())
+    except OSError:
+        return []
+
+
+def rank_env(pid: int) -> dict[str, str]:
+    """The rank variables of a process's environment (as it was started)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {
+        k.decode(): v.decode(errors="replace") for k, v in pairs if k.decode(errors="replace") in RANK_ENV
+    }
+
+
+def gpu_layout(
+    cuda_pids: list[int], fds: dict[int, dict[int, str]], visible: list[int], envs: dict[int, dict[str, str]]
+) -> dict[str, Any]:
+    """What a restore needs to map GPUs in order: the container's GPU count, and per CUDA process
+    (lock order) its rank variables and the ordinals of the GPUs it had open."""
+    order = {minor: i for i, minor in enumerate(visible)}
+    ranks = []
+    for pid in cuda_pids:
+        minors = gpu_minors(fds.get(pid, {}).values())
+        ranks.append(
+            {
+                "pid": pid,
+                "env": envs.get(pid, {}),
+                "gpus": [order[m] for m in minors if m in order],
+            }
+        )
+    return {"count": len(visible), "ranks": ranks}
+
+
+def gpu_layout_problem(layout: dict[str, Any] | None, visible_count: int) -> str | None:
+    """Why this container cannot take the snapshot's GPU layout, or None."""
+    if not layout or not layout.get("ranks"):
+        return None  # no CUDA process: nothing to map
+    want = int(layout.get("count", 0))
+    if want != visible_count:
+        used = sorted({g for r in layout["ranks"] for g in r.get("gpus", [])})
+        return (
+            f"the snapshot's {len(layout['ranks'])} CUDA processes ran on a container with {want} GPUs "
+            f"(ordinals {used} in use); this container sees {visible_count}"
+        )
+    return None
 
 
 class RestoreFailed(Exception):
@@ -327,6 +398,10 @@ def restore(
                     f"snapshot was taken of command {meta.get('cmd')!r}, this pod runs {cmd!r}"
                 )
             pids = [int(p) for p in meta.get("pids", [])]
+            # Every rank restores onto the GPU ordinals it had, or none does (never half a server).
+            problem = gpu_layout_problem(meta.get("gpu"), len(visible_gpu_minors()))
+            if problem:
+                raise RestoreFailed(problem)
             # Connections are restored the way they were dumped (closed, or kept inside the tree).
             opts = replace(opts, tcp_established=bool(meta.get("tcp_established", False)))
             busy = criu.wait_pids_free(pids, PID_FREE_WAIT_S)
@@ -441,6 +516,7 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
     if not pids:
         raise RuntimeError("the workload exited before the checkpoint")
     fds = {p: criu.fd_targets(p) for p in pids}
+    fds_before = fds  # the CUDA checkpoint closes the GPU device files: read which ones first
     gpu_users = [p for p, f in fds.items() if any(t.startswith("/dev/nvidia") for t in f.values())]
     cuda = None
     cuda_pids: list[int] = []
@@ -486,6 +562,7 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         "cmd": cmd,
         "stdio": stdio_names(),
         "tcp_established": cfg.opts.tcp_established,
+        "gpu": gpu_layout(cuda_pids, fds_before, visible_gpu_minors(), {p: rank_env(p) for p in cuda_pids}),
         "timings": timings,
     }
     (images / META_NAME).write_bytes(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))

@@ -237,6 +237,10 @@ def _inject(  # noqa: PLR0917  (private; called once)
     env.append({"name": "THAW_NAME", "value": spec.snapshot})
     env.append({"name": "THAW_WORKLOAD", "value": workload})
     env.append({"name": "THAW_CONTAINER", "value": str(container.get("name"))})
+    capabilities = prepared.capabilities
+    if P.is_tensor_parallel(spec.tensor_parallel, _obj(container.get("resources"), "resources")):
+        env += P.tp_env()
+        capabilities = (*capabilities, *(c for c in P.TP_CAPABILITIES if c not in capabilities))
 
     ops: list[PatchOp] = P.annotation_ops(annotations, {INJECTED: P.INJECTED_VALUE, WORKLOAD: workload})
     ops += P.init_container_ops(pod_spec.get("initContainers"), parts["init"])
@@ -244,9 +248,7 @@ def _inject(  # noqa: PLR0917  (private; called once)
     ops += P.command_ops(index, container)
     ops += P.env_ops(index, _list(container.get("env"), "env"), env)
     ops += P.mount_ops(index, container.get("volumeMounts"), parts["mounts"])
-    ops += P.capability_ops(
-        index, _obj(container.get("securityContext"), "securityContext"), prepared.capabilities
-    )
+    ops += P.capability_ops(index, _obj(container.get("securityContext"), "securityContext"), capabilities)
     if config.extended_resource:
         ops += P.extended_resource_ops(index, _obj(container.get("resources"), "resources"))
     ops += P.scheduler_name_ops(pod_spec, config.scheduler_name)

@@ -247,6 +247,43 @@ def capability_ops(
     return [add(base + "/capabilities/add/-", c) for c in caps if c not in have and f"CAP_{c}" not in have]
 
 
+# Tensor-parallel workloads (issue 6; README "Tensor parallel" gives each setting's reason and cost).
+# NCCL transports that the CUDA checkpoint cannot carry are turned off; NCCL's bootstrap sockets
+# between ranks are kept open across the dump (--tcp-established), which needs TCP repair mode.
+TP_ENV: tuple[tuple[str, str], ...] = (
+    ("NCCL_P2P_DISABLE", "1"),  # CUDA IPC between GPUs: cuCheckpointProcessRestore fails with it on
+    ("NCCL_CUMEM_ENABLE", "0"),  # cuMem buffers exported between ranks, like P2P's IPC
+    ("NCCL_SHM_DISABLE", "1"),  # host shared memory registered with CUDA across processes
+    ("NCCL_IB_DISABLE", "1"),  # RDMA registrations cannot be dumped
+    ("NCCL_NVLS_ENABLE", "0"),  # NVLink multicast objects cannot be checkpointed
+    ("TORCH_NCCL_ENABLE_MONITORING", "0"),  # the watchdog's heartbeat would see a restore as a hang
+    ("THAW_TCP_ESTABLISHED", "true"),  # thaw exec --tcp-established
+)
+TP_CAPABILITIES = ("NET_ADMIN",)  # TCP repair mode for the established connections
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def requested_gpus(resources: Mapping[str, Any] | None) -> int:
+    """The container's nvidia.com/gpu count (limits, else requests); 0 where absent or unreadable."""
+    for part in ("limits", "requests"):
+        section = (resources or {}).get(part)
+        if isinstance(section, Mapping) and GPU_RESOURCE in section:
+            try:
+                return int(str(section[GPU_RESOURCE]))
+            except ValueError:
+                return 0
+    return 0
+
+
+def is_tensor_parallel(mode: str, resources: Mapping[str, Any] | None) -> bool:
+    """The annotation's answer, or for ``auto``: more than one GPU asked for."""
+    return mode == "true" or (mode == "auto" and requested_gpus(resources) > 1)
+
+
+def tp_env() -> list[JsonObject]:
+    return [{"name": k, "value": v} for k, v in TP_ENV]
+
+
 def extended_resource_ops(index: int, resources: Mapping[str, Any] | None) -> list[PatchOp]:
     """Request and limit 1 ``thaw.dev/restore`` (extended resources need requests == limits).
 

@@ -1,0 +1,67 @@
+"""Issue 6: the snapshot's GPU layout (ranks and GPU ordinals) and the restore's check of it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from thaw.execute import gpu_layout, gpu_layout_problem, gpu_minors, rank_env, visible_gpu_minors
+
+
+def test_gpu_minors_only_numbered_devices() -> None:
+    targets = [
+        "/dev/nvidia3",
+        "/dev/nvidiactl",
+        "/dev/nvidia-uvm",
+        "/dev/nvidia1",
+        "/dev/nvidia3",
+        "pipe:[9]",
+    ]
+    assert gpu_minors(targets) == [1, 3]
+
+
+def test_visible_gpus_from_a_dev_directory(tmp_path: Path) -> None:
+    for name in ("nvidia6", "nvidia2", "nvidiactl", "nvidia-uvm-tools", "null"):
+        (tmp_path / name).touch()
+    assert visible_gpu_minors(tmp_path) == [2, 6]
+    assert visible_gpu_minors(tmp_path / "absent") == []
+
+
+def test_layout_maps_host_minors_to_ordinals_in_lock_order() -> None:
+    # A pod given the node's GPUs 2 and 6 sees them as CUDA devices 0 and 1.
+    fds = {
+        20: {5: "/dev/nvidia6", 6: "/dev/nvidiactl"},
+        10: {5: "/dev/nvidia2", 7: "/dev/nvidia-uvm"},
+        30: {1: "pipe:[1]"},
+    }
+    envs = {20: {"RANK": "1", "WORLD_SIZE": "2"}, 10: {"RANK": "0", "WORLD_SIZE": "2"}}
+    layout = gpu_layout([10, 20], fds, [2, 6], envs)
+    assert layout == {
+        "count": 2,
+        "ranks": [
+            {"pid": 10, "env": {"RANK": "0", "WORLD_SIZE": "2"}, "gpus": [0]},
+            {"pid": 20, "env": {"RANK": "1", "WORLD_SIZE": "2"}, "gpus": [1]},
+        ],
+    }
+    assert gpu_layout_problem(layout, 2) is None
+
+
+@pytest.mark.parametrize("visible", [0, 1, 4])
+def test_restore_refused_unless_the_gpu_count_matches(visible: int) -> None:
+    layout = {"count": 2, "ranks": [{"pid": 10, "env": {}, "gpus": [0]}, {"pid": 20, "env": {}, "gpus": [1]}]}
+    why = gpu_layout_problem(layout, visible)
+    assert why is not None
+    assert "2 CUDA processes" in why and "2 GPUs" in why and f"sees {visible}" in why and "[0, 1]" in why
+
+
+def test_no_cuda_processes_needs_no_gpu() -> None:
+    assert gpu_layout_problem({"count": 0, "ranks": []}, 3) is None
+    assert gpu_layout_problem(None, 0) is None
+
+
+def test_rank_env_reads_only_the_rank_variables() -> None:
+    env = rank_env(os.getpid())
+    assert set(env) <= {"RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"}
+    assert rank_env(2**22 + 7) == {}  # no such process
