@@ -52,7 +52,21 @@ NODE_PATHS = {
     "/etc/thaw/trust": "trust",  # the trust ConfigMap
     "/etc/thaw/key": "keys",  # the signing-key Secret
 }
-POD_PATHS = {"/run/thaw": "run"}  # the plan emptyDir: one per pod
+POD_PATHS = {
+    "/run/thaw": "run",  # the plan emptyDir: one per pod
+    "/thaw": "tools",  # the tools emptyDir that the thaw-tools init container fills
+}
+
+
+def install_tools(pod_dir: Path) -> None:
+    """What the ``thaw-tools`` init container does for a pod: put CRIU under the pod's ``/thaw/bin``
+    (here a link to this machine's CRIU 4.2, as ``make criu`` installed it)."""
+    from thaw.criu import find_criu
+
+    bin_dir = pod_dir / "tools" / "bin"
+    bin_dir.mkdir(parents=True)
+    criu = find_criu({k: v for k, v in os.environ.items() if k != "THAW_CRIU"})
+    (bin_dir / "criu").symlink_to(Path(criu).resolve())
 
 
 @dataclass
@@ -138,6 +152,7 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
     fetch_c, target = pod_containers(pod)
     node_dir, pod_dir = ctx.workdir / "node", ctx.workdir / name
     (pod_dir / "run").mkdir(parents=True)
+    install_tools(pod_dir)
     fields = {
         "metadata.name": name,
         "metadata.namespace": "llm-serving",
