@@ -139,8 +139,10 @@ def test_demo_checkpoints_places_and_restores_for_real(tmp_path: Path) -> None:
     # The agent's inventory is what the extender saw for this machine's node.
     inv = parse_inventory(ctx.node_annotations["thaw.dev/cache"])
     assert [s["id"] for s in inv["snapshots"]] == [ctx.cold.outcome["checkpoint"]["snapshot"]]
-    first = ctx.placements[0]
-    assert first.node == demo_node.LOCAL_NODE and first.tier in ("memory", "disk")
+    # This machine's node holds the snapshot it took, so the extender ranks it as a cache hit and
+    # some replica lands there (a node holding it in memory may rightly come first).
+    local = [p for p in ctx.placements if p.node == demo_node.LOCAL_NODE]
+    assert local and local[0].tier in ("memory", "disk")
     # Spread: the replicas use more than one of the nodes that hold the snapshot.
     assert len({p.node for p in ctx.placements}) >= 3
     for command in ("thaw keys generate", "thaw agent --once", "thaw fetch", "thaw exec --"):
