@@ -30,7 +30,7 @@ import orjson
 
 from extender.index import UNKNOWN_REASON, Memo, NodeIndex, failure_message
 from extender.nodes import NodeError, parse_node
-from extender.scoring import Decision, decide
+from extender.scoring import Decision
 from thaw.annotations import WORKLOAD, AnnotationError, Placement, parse_spec
 
 log = logging.getLogger("extender.decisions")
@@ -184,17 +184,7 @@ def _decisions(index: NodeIndex, args: Args, memo: Memo) -> list[Decision]:
             except (NodeError, orjson.JSONDecodeError):
                 out.append(memo.decision(name))
                 continue
-            out.append(
-                decide(
-                    memo.snapshot,
-                    memo.workload,
-                    entry,
-                    variants=memo.variants,
-                    known_facts=memo.known_facts,
-                    node_count=memo.node_count,
-                    p=memo.params,
-                )
-            )
+            out.append(memo.decide(entry))
         else:
             out.append(memo.decision(name))
     return out

@@ -43,7 +43,6 @@ def failure_message(snapshot: str, reason: str) -> str:
 class Memo:
     """Decisions for one (snapshot, workload), filled lazily per node, dropped on changes."""
 
-    generation: int
     snapshot: str
     workload: str
     variants: dict[str, Variant]
@@ -60,22 +59,23 @@ class Memo:
     keeps: dict[str, bytes] = field(default_factory=dict)
     fails: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
 
+    def decide(self, node: NodeEntry) -> Decision:
+        """The decision for ``node`` under this memo's cluster-wide terms (not memoised)."""
+        return decide(
+            self.snapshot,
+            self.workload,
+            node,
+            variants=self.variants,
+            known_facts=self.known_facts,
+            node_count=self.node_count,
+            p=self.params,
+        )
+
     def decision(self, name: str) -> Decision:
         d = self.decisions.get(name)
         if d is None:
             node = self.nodes.get(name)
-            if node is None:
-                d = Decision("cold", 0.0, 0.0, 0, False, UNKNOWN_REASON)
-            else:
-                d = decide(
-                    self.snapshot,
-                    self.workload,
-                    node,
-                    variants=self.variants,
-                    known_facts=self.known_facts,
-                    node_count=self.node_count,
-                    p=self.params,
-                )
+            d = Decision("cold", 0.0, 0.0, 0, False, UNKNOWN_REASON) if node is None else self.decide(node)
             # A writer may have replaced the node meanwhile and dropped its decisions: keep this
             # one only if it was computed from the entry that is still current. Names the view does
             # not know are not kept: a request must not grow the memo with names it made up.
@@ -126,7 +126,6 @@ class NodeIndex:
         self._variant_keys: dict[tuple[str, str], set[str]] = {}
         # compat key -> (flattened facts, number of nodes with that key).
         self._facts: dict[str, tuple[dict[str, str | int], int]] = {}
-        self.generation = 0
         self._memo: OrderedDict[tuple[str, str], Memo] = OrderedDict()
         self._logged: set[tuple[str, str]] = set()
         # Readiness: set after the first full list; last_sync is when the view was last known current.
@@ -184,7 +183,6 @@ class NodeIndex:
         known facts): everything goes. Otherwise only (a) every decision about this node (its queue,
         its tiers) and (b) every decision for a snapshot whose set of holders changed.
         """
-        self.generation += 1
         if old is None or new is None or old.compat != new.compat or old.partial != new.partial:
             self._memo.clear()
             return
@@ -242,7 +240,6 @@ class NodeIndex:
             for e in entries:
                 self._add(e)
                 self._log_problems(e)
-            self.generation += 1
             self._memo.clear()
             self.resource_version = resource_version
             self.synced = True
@@ -262,22 +259,14 @@ class NodeIndex:
         if memo is not None:
             return memo
         with self._lock:
-            gen = self.generation
             variants: dict[str, Variant] = {}
             for compat in self._variant_keys.get(key, ()):
                 holders = self._holders[(snapshot, workload, compat)]
                 variants[compat] = Variant(max(holders.values()), len(holders))
             known = {k: flat for k, (flat, _) in self._facts.items()}
-            memo = Memo(gen, snapshot, workload, variants, known, len(self.nodes), self.params, self.nodes)
+            memo = Memo(snapshot, workload, variants, known, len(self.nodes), self.params, self.nodes)
             self._memo[key] = memo
             self._memo.move_to_end(key)
             while len(self._memo) > MEMO_KEYS:
                 self._memo.popitem(last=False)
         return memo
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "nodes": len(self.nodes),
-            "variants": len(self._holders),
-            "generation": self.generation,
-        }
