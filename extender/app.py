@@ -139,7 +139,13 @@ class Verbs:
             "/filter": ("filter", handlers.filter_),
             "/prioritize": ("prioritize", handlers.prioritize),
         }
+        # Metric children bound once: labels() is a locked dict lookup on every call otherwise.
         self.latency = {verb: LATENCY.labels(verb) for verb, _ in self.verbs.values()}
+        self.counted = {
+            (verb, code): REQUESTS.labels(verb, str(code))
+            for verb, _ in self.verbs.values()
+            for code in _STATUS
+        }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         route = self.verbs.get(environ.get("PATH_INFO", ""))
@@ -150,7 +156,8 @@ class Verbs:
         start = time.perf_counter()
         status, out = fn(self.index, body)
         self.latency[verb].observe(time.perf_counter() - start)
-        REQUESTS.labels(verb, str(status)).inc()
+        counter = self.counted.get((verb, status))
+        (counter or REQUESTS.labels(verb, str(status))).inc()
         start_response(
             _STATUS.get(status, f"{status} Error"),
             [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
