@@ -17,7 +17,6 @@ import gc
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import orjson
 
 from extender.index import NodeIndex
 from extender.synthetic import WORKLOAD, cluster
+from thaw.ready import parse_ready, wait_ready
+from thaw.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
 GOALS = {("names", 5000): 2.0, ("nodes", 5000): 150.0}  # p99 ms
@@ -56,25 +57,15 @@ def trivial_app() -> Any:
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/readyz")
-            if c.getresponse().status == 200:
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"server did not start: {cmd}")
+    why = wait_ready(
+        parse_ready(f"http://127.0.0.1:{port}/readyz"), 60, alive=lambda: proc.poll() is None, interval=0.1
+    )
+    if why is not None:
+        proc.kill()
+        raise RuntimeError(f"server did not start ({why}): {cmd}")
+    return proc
 
 
 def measure(port: int, path: str, body: bytes, n: int) -> list[float]:

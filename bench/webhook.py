@@ -88,7 +88,8 @@ def _serve_baseline(port: int, cert_dir: str) -> None:
 
 @contextmanager
 def _baseline_server(cert_dir: Path, log_file: Path) -> Iterator[str]:
-    from webhook.launch import Running, _stop, _wait_ready, free_port
+    from thaw.serving import free_port
+    from webhook.launch import Running, _stop, _wait_ready
 
     port = free_port()
     code = f"from bench.webhook import _serve_baseline; _serve_baseline({port}, {str(cert_dir)!r})"

@@ -16,7 +16,6 @@ import copy
 import http.client
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from extender.scoring import DEFAULT_PARAMS, Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 from thaw.annotations import NODE_CACHE
 from thaw.inventory import parse_inventory, render_inventory
+from thaw.ready import parse_ready, wait_ready
+from thaw.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
 SIZE = 8_100_000_000
@@ -79,12 +80,6 @@ def example_pods(n: int = 4, workload: str = WORKLOAD) -> list[dict[str, Any]]:
         }
         for i in range(n)
     ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _post(port: int, path: str, body: dict[str, Any]) -> Any:
@@ -162,7 +157,7 @@ def place_pods(
         if scoring:
             (Path(tmp) / "scoring.json").write_text(json.dumps(scoring))
             extra = ["--scoring", str(Path(tmp) / "scoring.json")]
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -221,18 +216,11 @@ def _workload(pods: list[dict[str, Any]]) -> str:
 
 
 def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"thaw extender exited with {proc.returncode}")
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            c.request("GET", "/readyz")
-            if c.getresponse().status == 200:
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("thaw extender did not become ready in 30 s")
+    why = wait_ready(
+        parse_ready(f"http://127.0.0.1:{port}/readyz"), 30, alive=lambda: proc.poll() is None, interval=0.1
+    )
+    if why is not None:
+        raise RuntimeError(f"thaw extender: {why} (exit code {proc.poll()})")
 
 
 if __name__ == "__main__":

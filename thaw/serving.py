@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import shutil
+import socket
 import ssl
 import tempfile
 from collections.abc import Callable
@@ -74,6 +75,14 @@ def metrics_payload() -> tuple[bytes, str]:
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server started by a demo, benchmark or test."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def load_app(spec: str) -> Any:

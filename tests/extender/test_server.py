@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -19,13 +18,8 @@ import pytest
 from extender.synthetic import cluster
 from tests.conftest import load_fixture
 from tests.extender.conftest import annotate, fixture_nodes
+from thaw.serving import free_port
 from thaw.tls import generate
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
