@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 NODES_PATH = "/api/v1/nodes"
@@ -61,7 +61,54 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return out
 
 
-class FakeKube:
+class JsonHandler(BaseHTTPRequestHandler):
+    """What both fake servers' handlers share: HTTP/1.1, quiet, JSON answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _json(self, code: int, body: Any) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+class FakeServer:
+    """A threaded HTTP server on a free loopback port; subclasses supply the handler class."""
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def api_client(self) -> Any:
+        """An official ``kubernetes.client.ApiClient`` pointed at this server."""
+        from kubernetes import client
+
+        cfg = client.Configuration()
+        cfg.host = self.url
+        return client.ApiClient(cfg)
+
+
+class FakeKube(FakeServer):
     def __init__(self, bookmark_interval_s: float = 1.0) -> None:
         self.bookmark_interval_s = bookmark_interval_s
         self._cond = threading.Condition()
@@ -74,32 +121,12 @@ class FakeKube:
         self.requests: list[str] = []  # "METHOD path?query" in order
         self.lists = 0
         self.watches = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        super().__init__(self._handler())
 
     # ---- lifecycle -----------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> FakeKube:
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self.drop_watches()
-        self._server.shutdown()
-        self._server.server_close()
-
-    def api_client(self) -> Any:
-        """An official ``kubernetes.client.ApiClient`` pointed at this server."""
-        from kubernetes import client
-
-        cfg = client.Configuration()
-        cfg.host = self.url
-        return client.ApiClient(cfg)
+        super().stop()
 
     # ---- state changes -------------------------------------------------------------------------
     @property
@@ -151,23 +178,10 @@ class FakeKube:
             self._fail_lists = n
 
     # ---- HTTP ----------------------------------------------------------------------------------
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[JsonHandler]:
         kube = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _json(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self) -> None:
                 kube.requests.append(f"GET {self.path}")
                 url = urlsplit(self.path)
@@ -226,12 +240,12 @@ class FakeKube:
 
         return Handler
 
-    def _serve_list(self, h: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+    def _serve_list(self, h: JsonHandler, query: dict[str, str]) -> None:
         with self._cond:
             self.lists += 1
             if self._fail_lists > 0:
                 self._fail_lists -= 1
-                h._json(500, status(500, "InternalError", "injected list failure"))  # type: ignore[attr-defined]
+                h._json(500, status(500, "InternalError", "injected list failure"))
                 return
             names = sorted(self.nodes)
             rv = self._rv
@@ -242,10 +256,10 @@ class FakeKube:
                     pos = json.loads(base64.urlsafe_b64decode(token))
                     rv, after = int(pos["rv"]), pos["after"]
                 except (ValueError, KeyError, TypeError):
-                    h._json(400, status(400, "BadRequest", "invalid continue token"))  # type: ignore[attr-defined]
+                    h._json(400, status(400, "BadRequest", "invalid continue token"))
                     return
                 if rv < self._compacted:
-                    h._json(  # type: ignore[attr-defined]
+                    h._json(
                         410,
                         status(
                             410,
@@ -269,9 +283,9 @@ class FakeKube:
                 "metadata": meta,
                 "items": [copy.deepcopy(self.nodes[n]) for n in chosen],
             }
-        h._json(200, body)  # type: ignore[attr-defined]
+        h._json(200, body)
 
-    def _serve_watch(self, h: BaseHTTPRequestHandler, query: dict[str, str]) -> None:
+    def _serve_watch(self, h: JsonHandler, query: dict[str, str]) -> None:
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
         timeout = float(query.get("timeoutSeconds") or 1800)
         rv_param = query.get("resourceVersion") or "0"

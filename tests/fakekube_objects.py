@@ -23,13 +23,12 @@ import json
 import re
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
 import jsonpatch
 
-from tests.fakekube import merge_patch, status
+from tests.fakekube import FakeServer, JsonHandler, merge_patch, status
 
 SECRETS = re.compile(r"^/api/v1/namespaces/(?P<ns>[a-z0-9-]+)/secrets(?:/(?P<name>[a-z0-9.-]+))?$")
 MWCS = re.compile(
@@ -37,36 +36,14 @@ MWCS = re.compile(
 )
 
 
-class FakeObjects:
+class FakeObjects(FakeServer):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._rv = 1000
         # (resource, namespace or "", name) -> object
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.requests: list[str] = []  # "METHOD path" in order
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start(self) -> FakeObjects:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def api_client(self) -> Any:
-        from kubernetes import client
-
-        cfg = client.Configuration()
-        cfg.host = self.url
-        return client.ApiClient(cfg)
+        super().__init__(self._handler())
 
     # ---- test controls -------------------------------------------------------------------------
     def put(self, resource: str, obj: dict[str, Any]) -> dict[str, Any]:
@@ -118,23 +95,10 @@ class FakeObjects:
                         return f"webhooks[{i}].clientConfig.caBundle: illegal base64 data"
         return None
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def _handler(self) -> type[JsonHandler]:
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-            def _json(self, code: int, body: Any) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def _body(self) -> Any:
                 length = int(self.headers.get("Content-Length") or 0)
                 return json.loads(self.rfile.read(length) or b"null")
