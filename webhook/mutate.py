@@ -70,6 +70,12 @@ def _list(value: Any, where: str) -> list[Any] | None:
     raise MalformedPod(f"{where} is a {type(value).__name__}, not a list")
 
 
+# Thaw's own names, as sets once rather than per request (the clash check runs on every injection).
+_VOLUME_NAMES = frozenset(P.VOLUME_NAMES)
+_INIT_CONTAINER_NAMES = frozenset(P.INIT_CONTAINER_NAMES)
+_MOUNT_PATHS = frozenset(P.MOUNT_PATHS)
+
+
 def _names(items: list[Any] | None) -> set[str]:
     return {str(i["name"]) for i in items or () if isinstance(i, Mapping) and isinstance(i.get("name"), str)}
 
@@ -154,7 +160,7 @@ def _target_problem(spec: ThawSpec, containers: list[Any]) -> str | tuple[int, M
 
 def _clash(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str | None:
     volumes = _list(pod_spec.get("volumes"), "spec.volumes")
-    taken = _names(volumes) & set(P.VOLUME_NAMES)
+    taken = _names(volumes) & _VOLUME_NAMES
     if taken:
         return (
             f"the pod already has a volume named {sorted(taken)[0]!r}; Thaw adds volumes named "
@@ -162,7 +168,7 @@ def _clash(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str | N
         )
     init = _list(pod_spec.get("initContainers"), "spec.initContainers")
     regular = _list(pod_spec.get("containers"), "spec.containers")
-    taken = (_names(init) | _names(regular)) & set(P.INIT_CONTAINER_NAMES)
+    taken = (_names(init) | _names(regular)) & _INIT_CONTAINER_NAMES
     if taken:
         return (
             f"the pod already has a container named {sorted(taken)[0]!r}; Thaw adds init containers "
@@ -170,7 +176,7 @@ def _clash(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str | N
         )
     mounts = _list(container.get("volumeMounts"), "volumeMounts") or []
     paths = {str(m.get("mountPath")) for m in mounts if isinstance(m, Mapping)}
-    taken = paths & set(P.MOUNT_PATHS)
+    taken = paths & _MOUNT_PATHS
     if taken:
         return (
             f"container {container.get('name')!r} already mounts something at {sorted(taken)[0]!r}; "

@@ -47,8 +47,8 @@ def _invalid(reason: str) -> Answer:
     return Answer(400, orjson.dumps({"error": reason}), "invalid")
 
 
-def _answer(api_version: str, response: AdmissionResponse, outcome: Outcome) -> Answer:
-    review = {"apiVersion": api_version, "kind": ADMISSION_KIND, "response": response}
+def _answer(response: AdmissionResponse, outcome: Outcome) -> Answer:
+    review = {"apiVersion": ADMISSION_API_VERSION, "kind": ADMISSION_KIND, "response": response}
     return Answer(200, orjson.dumps(review), outcome)
 
 
@@ -89,7 +89,6 @@ def build_response(body: bytes, prepared: Prepared, restore_allowed: bool) -> An
     except Exception as exc:  # never a 500: admit unchanged and say why
         log.exception("admission %s: unexpected error, admitting unchanged", uid)
         return _answer(
-            ADMISSION_API_VERSION,
             {
                 "uid": uid,
                 "allowed": True,
@@ -109,7 +108,7 @@ def _review(request: dict[str, Any], uid: str, prepared: Prepared, restore_allow
         or request.get("subResource")
     ):
         # Not a Pod CREATE (a webhook configuration wider than ours): not Thaw's business.
-        return _answer(ADMISSION_API_VERSION, {"uid": uid, "allowed": True}, "unchanged")
+        return _answer({"uid": uid, "allowed": True}, "unchanged")
     pod = request.get("object")
     namespace = request.get("namespace")
     if not isinstance(namespace, str) or not namespace:
@@ -121,7 +120,6 @@ def _review(request: dict[str, Any], uid: str, prepared: Prepared, restore_allow
         result = mutate(pod, namespace, prepared, restore_allowed)
     except MalformedPod as exc:
         return _answer(
-            ADMISSION_API_VERSION,
             {"uid": uid, "allowed": True, "warnings": _warnings([f"thaw: pod admitted unchanged: {exc}"])},
             "error",
         )
@@ -131,11 +129,11 @@ def _review(request: dict[str, Any], uid: str, prepared: Prepared, restore_allow
             "message": result.message,
             "reason": _REASONS.get(result.code, "BadRequest"),
         }
-        return _answer(ADMISSION_API_VERSION, {"uid": uid, "allowed": False, "status": status}, "refused")
+        return _answer({"uid": uid, "allowed": False, "status": status}, "refused")
     response: AdmissionResponse = {"uid": uid, "allowed": True}
     if result.ops:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(orjson.dumps(result.ops)).decode()
     if result.warnings:
         response["warnings"] = _warnings(result.warnings)
-    return _answer(ADMISSION_API_VERSION, response, "mutated" if result.ops else "unchanged")
+    return _answer(response, "mutated" if result.ops else "unchanged")
