@@ -48,7 +48,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -174,6 +174,21 @@ class Outcome:
                 write_json_atomic(self.path, self.data)
             except OSError as exc:
                 log.warning("cannot write outcome file %s: %s", self.path, exc)
+
+
+# The pod's identity, as the webhook injects it (downward API), so an outcome file read off a node
+# (by the agent, an operator or an event) says which pod it belongs to.
+POD_ENV = {
+    "name": "THAW_POD_NAME",
+    "namespace": "THAW_POD_NAMESPACE",
+    "node": "THAW_NODE_NAME",
+    "container": "THAW_CONTAINER",
+}
+
+
+def pod_identity(environ: Mapping[str, str]) -> dict[str, str]:
+    """The pod's name, namespace, node and container from the injected env; only those set."""
+    return {key: environ[var] for key, var in POD_ENV.items() if environ.get(var)}
 
 
 def write_json_atomic(path: Path, value: Any) -> None:
@@ -722,7 +737,10 @@ def run(args: argparse.Namespace) -> int:
     sup = Supervisor()
     sup.install()
     plan = read_plan(args.plan)
-    outcome = Outcome(outcome_path, {"plan": dict(plan), "cmd": cmd})
+    pod = pod_identity(os.environ)
+    if pod:
+        log.info("pod %s", " ".join(f"{k}={v}" for k, v in pod.items()))
+    outcome = Outcome(outcome_path, {"plan": dict(plan), "cmd": cmd, **({"pod": pod} if pod else {})})
     restored = False
     if plan["action"] == "restore":
         restored = restore(plan, cmd=cmd, sup=sup, opts=opts, logs=logs, ready=ready, outcome=outcome)

@@ -32,6 +32,21 @@ def test_exit_status_is_the_workloads(tmp_path: Path) -> None:
     assert outcome["result"] == "cold" and outcome["exit_code"] == 7
 
 
+def test_outcome_names_the_pod_from_the_injected_env(tmp_path: Path) -> None:
+    env = {
+        "THAW_POD_NAME": "qwen-0",
+        "THAW_POD_NAMESPACE": "llm-serving",
+        "THAW_NODE_NAME": "gpu-a",
+        "THAW_CONTAINER": "vllm",
+    }
+    p = _exec("--outcome", str(tmp_path / "o.json"), "--", "true", env=env)
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0
+    pod = read_json(tmp_path / "o.json")["pod"]
+    assert pod == {"name": "qwen-0", "namespace": "llm-serving", "node": "gpu-a", "container": "vllm"}
+    assert "namespace=llm-serving" in err
+
+
 def test_sigterm_is_forwarded(tmp_path: Path) -> None:
     flag = tmp_path / "started"
     script = f"trap 'echo got-term; exit 3' TERM; touch {flag}; while :; do sleep 0.1; done"
