@@ -18,7 +18,6 @@ import http.client
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +28,8 @@ from typing import Any
 import orjson
 
 from extender.index import NodeIndex
+from extender.launch import extender_command, start_ready
 from extender.synthetic import WORKLOAD, cluster
-from thaw.ready import parse_ready, wait_ready
 from thaw.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
@@ -55,17 +54,6 @@ def trivial_app() -> Any:
         return "ok"
 
     return app
-
-
-def start(cmd: list[str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-    why = wait_ready(
-        parse_ready(f"http://127.0.0.1:{port}/readyz"), 60, alive=lambda: proc.poll() is None, interval=0.1
-    )
-    if why is not None:
-        proc.kill()
-        raise RuntimeError(f"server did not start ({why}): {cmd}")
-    return proc
 
 
 def measure(port: int, path: str, body: bytes, n: int) -> list[float]:
@@ -164,26 +152,8 @@ def main(argv: list[str]) -> int:
         ports = {"thaw": free_port(), "trivial": free_port()}
         env_py = sys.executable
         servers = {
-            "thaw": start(
-                [
-                    env_py,
-                    "-m",
-                    "thaw",
-                    "--log-level",
-                    "warning",
-                    "extender",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(ports["thaw"]),
-                    "--nodes",
-                    str(nodes_file),
-                    "--threads",
-                    "4",
-                ],
-                ports["thaw"],
-            ),
-            "trivial": start(
+            "thaw": start_ready(extender_command(ports["thaw"], nodes_file, threads=4), ports["thaw"]),
+            "trivial": start_ready(
                 [
                     env_py,
                     "-c",

@@ -16,8 +16,6 @@ import copy
 import http.client
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from extender.index import NodeIndex
+from extender.launch import extender_command, start_ready
 from extender.scoring import DEFAULT_PARAMS, Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 from thaw.annotations import NODE_CACHE
 from thaw.inventory import parse_inventory, render_inventory
-from thaw.ready import parse_ready, wait_ready
 from thaw.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
@@ -158,29 +156,8 @@ def place_pods(
             (Path(tmp) / "scoring.json").write_text(json.dumps(scoring))
             extra = ["--scoring", str(Path(tmp) / "scoring.json")]
         port = free_port()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "thaw",
-                "--log-level",
-                "warning",
-                "extender",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--nodes",
-                str(nodes_file),
-                "--threads",
-                "2",
-                *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = start_ready(extender_command(port, nodes_file, *extra), port, timeout_s=30)
         try:
-            _wait_ready(port, proc)
             out(f"extender: thaw extender --nodes ({len(names)} GPU nodes) on 127.0.0.1:{port}")
             for pod in pods:
                 ann = pod["metadata"].get("annotations") or {}
@@ -213,14 +190,6 @@ def _workload(pods: list[dict[str, Any]]) -> str:
         if w:
             return str(w)
     return WORKLOAD
-
-
-def _wait_ready(port: int, proc: subprocess.Popen[bytes]) -> None:
-    why = wait_ready(
-        parse_ready(f"http://127.0.0.1:{port}/readyz"), 30, alive=lambda: proc.poll() is None, interval=0.1
-    )
-    if why is not None:
-        raise RuntimeError(f"thaw extender: {why} (exit code {proc.poll()})")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from extender.launch import extender_command
 from extender.synthetic import cluster
 from tests.conftest import load_fixture
 from tests.extender.conftest import annotate, fixture_nodes
@@ -29,22 +29,7 @@ def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
     nodes.write_text(json.dumps(doc))
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "thaw",
-            "extender",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--nodes",
-            str(nodes),
-            "--threads",
-            "2",
-            *extra,
-        ],
-        env={**os.environ, "THAW_LOG_LEVEL": "info"},
+        extender_command(port, nodes, *extra, log_level="info"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
