@@ -48,6 +48,33 @@ def pod_caps_wrap(extra: tuple[str, ...] = ()) -> list[str]:
     return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all", "--"]
 
 
+# A container sees only the GPUs the device plugin gave it: its /dev holds those /dev/nvidiaN files
+# and no others. ``hide_dev_prefix`` gives a pod that view of this machine's /dev (a tmpfs with
+# bind mounts of every entry but the hidden ones, over /dev in the pod's mount namespace).
+HIDE_DEV_SH = r"""
+set -e
+hide=" $1 "; shift
+d=$(mktemp -d /tmp/thaw-dev.XXXXXX)
+mount -t tmpfs -o mode=755,nosuid tmpfs "$d"
+for e in /dev/* /dev/.[!.]*; do
+  [ -e "$e" ] || [ -L "$e" ] || continue
+  n=${e#/dev/}
+  case "$hide" in *" $n "*) continue;; esac
+  if [ -L "$e" ]; then cp -P "$e" "$d/$n"
+  elif [ -d "$e" ]; then mkdir "$d/$n" && mount --rbind "$e" "$d/$n" || true
+  else touch "$d/$n" && mount --bind "$e" "$d/$n" || true; fi
+done
+mount --rbind "$d" /dev
+exec "$@"
+"""
+
+
+def hide_dev_prefix(names: list[str]) -> list[str]:
+    """argv prefix that runs the rest of the command with ``/dev/<name>`` absent (run it inside the
+    pod's own mount namespace); [] for no names."""
+    return ["sh", "-c", HIDE_DEV_SH, "sh", " ".join(names)] if names else []
+
+
 def lo_up() -> None:
     """Bring up loopback in a new network namespace without iproute2 (the GPU image lacks it)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -111,7 +138,8 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     outcome_path.unlink(missing_ok=True)  # a previous pod's outcome must not be read as this one's
     log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
     argv = [
-        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *spec.get("wrap", []),
+        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+        *hide_dev_prefix(spec.get("hide_dev", [])), *spec.get("wrap", []),
         sys.executable, "-m", "thaw", "exec", *spec["thaw_args"], "--", *spec["cmd"],
     ]  # fmt: skip
     env = {**os.environ, **spec.get("env", {})}

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
+from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap, read_json
 
 # Issue 6's known-good NCCL settings for a checkpointable TP workload (README, "Tensor parallel").
 # NVLS stays off on shared machines whatever else is probed.
@@ -49,7 +49,15 @@ TP_NCCL_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_NCCL_ENABLE_MONITORING": "0",
 }
-PROBE_DROPS = ("NCCL_P2P_DISABLE", "NCCL_SHM_DISABLE", "NCCL_CUMEM_ENABLE")
+# What the probes leave out of TP_NCCL_ENV, one set at a time: nothing (the reference, which also
+# checks the recorded GPU layout), each of SHM and cuMem, both, and P2P (known to fail the restore).
+PROBES: tuple[tuple[str, ...], ...] = (
+    (),
+    ("NCCL_SHM_DISABLE",),
+    ("NCCL_CUMEM_ENABLE",),
+    ("NCCL_SHM_DISABLE", "NCCL_CUMEM_ENABLE"),
+    ("NCCL_P2P_DISABLE",),
+)
 PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
 PORT = 8000
 
@@ -78,6 +86,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-new", type=int, default=32)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs); 1: server.py")
     ap.add_argument("--probe", action="store_true", help="with --tp: probe which NCCL settings are needed")
+    ap.add_argument("--probe-only", action="store_true", help="with --tp: only the probes (small model)")
     args = ap.parse_args(argv)
     start = time.monotonic()
     root: Path = args.dir / args.config
@@ -95,6 +104,21 @@ def main(argv: list[str]) -> int:
         "cpus": os.cpu_count(),
     }
     print(json.dumps(res), flush=True)
+    keys, trust = root / "keys", root / "trust"
+    r = thaw("keys", "generate", "--out", str(keys))
+    assert r.returncode == 0, r.stderr
+    trust.mkdir()
+    shutil.copy(keys / "signing.pub", trust / "signing.pub")
+    if args.probe_only:
+        wrap = pod_caps_wrap(("net_admin",))
+        res["nccl_env"], res["pod_caps"] = (
+            TP_NCCL_ENV,
+            "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE, NET_ADMIN",
+        )
+        res["probes"] = probes(args, root, trust, keys, wrap, args.out / f"{tag}-probes.log", start)
+        (args.out / f"{tag}-probes.json").write_text(json.dumps(res, indent=2))
+        print_probes(res["probes"])
+        return 0
     weights = root / "weights.safetensors"
     t = time.monotonic()
     out = subprocess.run(
@@ -116,11 +140,6 @@ def main(argv: list[str]) -> int:
         return 1
     res["weights_bytes"] = weights.stat().st_size
     res["weights_write_s"] = round(time.monotonic() - t, 2)
-    keys, trust = root / "keys", root / "trust"
-    r = thaw("keys", "generate", "--out", str(keys))
-    assert r.returncode == 0, r.stderr
-    trust.mkdir()
-    shutil.copy(keys / "signing.pub", trust / "signing.pub")
     cmd = [
         "python3",
         str(REPO / "bench/gpu/server.py"),
@@ -312,18 +331,29 @@ def main(argv: list[str]) -> int:
         f"{(rd.get('again') or {}).get('tokens') == ref}; "
         f"restore outcome: {rd.get('outcome', {}).get('result')}"
     )
-    for pr in res.get("probes", []):
+    print_probes(res.get("probes", []))
+    return 0
+
+
+def print_probes(rows: list[dict[str, Any]]) -> None:
+    for pr in rows:
         print(
             f"probe without {pr['dropped']}: checkpoint {pr.get('checkpoint')}, restore {pr.get('restore')}, "
-            f"same tokens {pr.get('same_tokens')}"
+            f"same tokens {pr.get('same_tokens')}, decode ms {pr.get('decode_ms')}; "
+            f"{pr.get('checkpoint_reason') or pr.get('restore_reason') or pr.get('skipped') or ''}"
         )
-    return 0
+        if "gpu_layout" in pr:
+            print(f"  recorded GPU layout: {json.dumps(pr['gpu_layout'])}")
+            print(f"  pod with one GPU fewer: {pr.get('fewer_gpus')}")
 
 
 def probes(  # noqa: PLR0917
     args: argparse.Namespace, root: Path, trust: Path, keys: Path, wrap: list[str], log: Path, start: float
 ) -> list[dict[str, Any]]:
-    """A small TP model, checkpointed and restored with one NCCL setting left out at a time."""
+    """A small TP model, checkpointed and restored with the whole NCCL set and then with settings
+    left out (PROBES). The whole set's snapshot also shows the GPU layout it recorded, and is offered
+    to a pod that sees one GPU fewer (its /dev as a device plugin would give it), which must refuse
+    it before CRIU runs."""
     out: list[dict[str, Any]] = []
     weights = root / "small.safetensors"
     mk = subprocess.run(
@@ -332,12 +362,13 @@ def probes(  # noqa: PLR0917
     )  # fmt: skip
     if mk.returncode != 0:
         return [{"dropped": "-", "error": mk.stderr[-500:]}]
-    for drop in PROBE_DROPS:
+    for drops in PROBES:
+        name = "+".join(drops) or "none"
         if time.monotonic() - start > args.budget_s - 60:
-            out.append({"dropped": drop, "skipped": "time budget"})
+            out.append({"dropped": name, "skipped": "time budget"})
             continue
-        env = {k: v for k, v in TP_NCCL_ENV.items() if k != drop}
-        d = root / f"probe-{drop}"
+        env = {k: v for k, v in TP_NCCL_ENV.items() if k not in drops}
+        d = root / f"probe-{name}"
         cmd = [
             "python3", str(REPO / "bench/gpu/tp_server.py"), "--weights", str(weights), "--config", "small",
             "--port", str(PORT), "--tp", str(args.tp), "--run-dir", str(d), "--compile", "none",
@@ -356,7 +387,7 @@ def probes(  # noqa: PLR0917
         ck = phase(
             {
                 **common,
-                "name": f"probe-ckpt-{drop}",
+                "name": f"probe-ckpt-{name}",
                 "wait_checkpoint": True,
                 "outcome": str(d / "a/outcome.json"),
                 "thaw_args": [
@@ -371,7 +402,7 @@ def probes(  # noqa: PLR0917
                     "--name",
                     "probe",
                     "--workload",
-                    drop,
+                    name,
                     "--outcome",
                     str(d / "a/outcome.json"),
                     "--tcp-established",
@@ -380,40 +411,48 @@ def probes(  # noqa: PLR0917
         )
         c = ck.get("outcome", {}).get("checkpoint", {})
         row: dict[str, Any] = {
-            "dropped": drop,
+            "dropped": name,
+            "env": env,
             "checkpoint": c.get("status"),
             "checkpoint_reason": c.get("reason"),
+            "checkpoint_timings": {k: v for k, v in c.items() if k.endswith("_s")},
         }
         if c.get("status") == "published":
             plan = d / "b/plan.json"
             thaw(
-                "fetch",
-                "--store",
-                str(d / "store"),
-                "--cache",
-                str(d / "cache"),
-                "--name",
-                "probe",
-                "--workload",
-                drop,
-                "--trust",
-                str(trust),
-                "--plan",
-                str(plan),
-            )
-            rs = phase(
-                {
-                    **common,
-                    "name": f"probe-restore-{drop}",
-                    "outcome": str(plan.parent / "outcome.json"),
-                    "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
-                }
-            )
+                "fetch", "--store", str(d / "store"), "--cache", str(d / "cache"), "--name", "probe",
+                "--workload", name, "--trust", str(trust), "--plan", str(plan),
+            )  # fmt: skip
+            restore = {
+                **common,
+                "name": f"probe-restore-{name}",
+                "outcome": str(plan.parent / "outcome.json"),
+                "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
+            }
+            rs = phase(restore)
             row["restore"] = rs.get("outcome", {}).get("result")
             row["restore_reason"] = rs.get("outcome", {}).get("reason")
+            row["restore_timings"] = rs.get("outcome", {}).get("timings")
             ref = (ck.get("first") or {}).get("tokens")
             row["same_tokens"] = ref is not None and (rs.get("first") or {}).get("tokens") == ref
             row["decode_ms"] = [(ck.get("first") or {}).get("ms"), (rs.get("first") or {}).get("ms")]
+            if not drops:
+                snap = Path(read_json(plan).get("path", ""))
+                row["gpu_layout"] = read_json(snap / "thaw-exec.json").get("gpu")
+                # a pod given one GPU fewer: refused before CRIU, the whole workload cold
+                fewer = phase(
+                    {
+                        **restore,
+                        "name": "probe-fewer-gpus",
+                        "timeout": 60,
+                        "hide_dev": [f"nvidia{args.tp - 1}"],
+                    }
+                )
+                row["fewer_gpus"] = {
+                    "result": fewer.get("outcome", {}).get("result"),
+                    "reason": fewer.get("outcome", {}).get("reason"),
+                    "timings": fewer.get("outcome", {}).get("timings"),
+                }
         print(json.dumps(row), flush=True)
         out.append(row)
     return out

@@ -65,3 +65,34 @@ def test_rank_env_reads_only_the_rank_variables() -> None:
     env = rank_env(os.getpid())
     assert set(env) <= {"RANK", "LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"}
     assert rank_env(2**22 + 7) == {}  # no such process
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts in a new mount namespace need root")
+def test_bench_pod_view_of_dev_hides_only_the_named_devices() -> None:
+    # The GPU benchmark gives a pod one GPU fewer this way (as a device plugin would); here the
+    # hidden entries are ordinary devices, the mechanism is the same.
+    import subprocess
+
+    from bench.gpu.harness import hide_dev_prefix
+
+    script = "ls -a /dev; echo x > /dev/null; test -d /dev/shm && echo shm-ok"
+    out = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            *hide_dev_prefix(["zero", "full"]),
+            "sh",
+            "-c",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout.split()
+    assert "zero" not in out and "full" not in out
+    assert {"null", "random", "shm", "pts", "shm-ok"} <= set(out)
+    assert hide_dev_prefix([]) == []
+    assert Path("/dev/zero").exists()  # the caller's /dev is untouched
