@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from thaw.annotations import EXTENDED_RESOURCE
+from thaw.nccl import NCCL_ENV
 from thaw.workload import EnvAllowlist
 from webhook.config import WebhookConfig
 from webhook.types import JsonObject, PatchOp, add, pointer, remove, replace
@@ -247,18 +248,10 @@ def capability_ops(
     return [add(base + "/capabilities/add/-", c) for c in caps if c not in have and f"CAP_{c}" not in have]
 
 
-# Tensor-parallel workloads (issue 6; README "Tensor parallel" gives each setting's reason and cost).
-# NCCL transports that the CUDA checkpoint cannot carry are turned off; NCCL's bootstrap sockets
-# between ranks are kept open across the dump (--tcp-established), which needs TCP repair mode.
-TP_ENV: tuple[tuple[str, str], ...] = (
-    ("NCCL_P2P_DISABLE", "1"),  # CUDA IPC between GPUs: cuCheckpointProcessRestore fails with it on
-    ("NCCL_CUMEM_ENABLE", "0"),  # cuMem buffers exported between ranks, like P2P's IPC
-    ("NCCL_SHM_DISABLE", "1"),  # host shared memory registered with CUDA across processes
-    ("NCCL_IB_DISABLE", "1"),  # RDMA registrations cannot be dumped
-    ("NCCL_NVLS_ENABLE", "0"),  # NVLink multicast objects cannot be checkpointed
-    ("TORCH_NCCL_ENABLE_MONITORING", "0"),  # the watchdog's heartbeat would see a restore as a hang
-    ("THAW_TCP_ESTABLISHED", "true"),  # thaw exec --tcp-established
-)
+# Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/nccl.py gives each
+# one's reason; README "Tensor parallel" the probes and costs), and NCCL's bootstrap sockets between
+# ranks kept open across the dump (--tcp-established), which needs TCP repair mode.
+TP_ENV: tuple[tuple[str, str], ...] = (*NCCL_ENV, ("THAW_TCP_ESTABLISHED", "true"))
 TP_CAPABILITIES = ("NET_ADMIN",)  # TCP repair mode for the established connections
 GPU_RESOURCE = "nvidia.com/gpu"
 

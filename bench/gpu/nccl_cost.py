@@ -22,16 +22,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repo on the path
+from thaw.nccl import NCCL_ENV
+
 SIZES = {"8KiB": 8 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 BASE = {"NCCL_NVLS_ENABLE": "0", "NCCL_IB_DISABLE": "1", "TORCH_NCCL_ENABLE_MONITORING": "0"}
 VARIANTS: dict[str, dict[str, str]] = {
     "nccl defaults (P2P over NVLink, SHM, cuMem)": {},
-    "P2P off": {"NCCL_P2P_DISABLE": "1"},
-    "P2P off, SHM off, cuMem off": {
-        "NCCL_P2P_DISABLE": "1",
-        "NCCL_SHM_DISABLE": "1",
-        "NCCL_CUMEM_ENABLE": "0",
-    },
+    "P2P off (not checkpointable: SHM + cuMem)": {"NCCL_P2P_DISABLE": "1"},
+    "Thaw: P2P off, cuMem off (SHM on)": dict(NCCL_ENV),
+    "issue 6 set: P2P off, SHM off, cuMem off": {**dict(NCCL_ENV), "NCCL_SHM_DISABLE": "1"},
 }
 
 

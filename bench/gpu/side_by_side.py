@@ -38,19 +38,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap, read_json
+from thaw.nccl import NCCL_ENV
 
-# Issue 6's known-good NCCL settings for a checkpointable TP workload (README, "Tensor parallel").
-# NVLS stays off on shared machines whatever else is probed.
-TP_NCCL_ENV = {
-    "NCCL_CUMEM_ENABLE": "0",
-    "NCCL_P2P_DISABLE": "1",
-    "NCCL_SHM_DISABLE": "1",
-    "NCCL_IB_DISABLE": "1",
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_NCCL_ENABLE_MONITORING": "0",
-}
-# What the probes leave out of TP_NCCL_ENV, one set at a time: nothing (the reference, which also
-# checks the recorded GPU layout), each of SHM and cuMem, both, and P2P (known to fail the restore).
+# The NCCL settings of a checkpointable TP workload: the webhook's (thaw/nccl.py).
+TP_NCCL_ENV = dict(NCCL_ENV)
+# Issue 6's known-good set, which the probes start from: the minimal set plus shared memory off.
+ISSUE6_NCCL_ENV = {**TP_NCCL_ENV, "NCCL_SHM_DISABLE": "1"}
+# What the probes leave out of ISSUE6_NCCL_ENV, one set at a time: nothing (the reference, which
+# also checks the recorded GPU layout), each of SHM and cuMem, both, and P2P.
 PROBES: tuple[tuple[str, ...], ...] = (
     (),
     ("NCCL_SHM_DISABLE",),
@@ -112,7 +107,7 @@ def main(argv: list[str]) -> int:
     if args.probe_only:
         wrap = pod_caps_wrap(("net_admin",))
         res["nccl_env"], res["pod_caps"] = (
-            TP_NCCL_ENV,
+            ISSUE6_NCCL_ENV,
             "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE, NET_ADMIN",
         )
         res["probes"] = probes(args, root, trust, keys, wrap, args.out / f"{tag}-probes.log", start)
@@ -367,7 +362,7 @@ def probes(  # noqa: PLR0917
         if time.monotonic() - start > args.budget_s - 60:
             out.append({"dropped": name, "skipped": "time budget"})
             continue
-        env = {k: v for k, v in TP_NCCL_ENV.items() if k not in drops}
+        env = {k: v for k, v in ISSUE6_NCCL_ENV.items() if k not in drops}
         d = root / f"probe-{name}"
         cmd = [
             "python3", str(REPO / "bench/gpu/tp_server.py"), "--weights", str(weights), "--config", "small",

@@ -65,9 +65,16 @@ def test_exact_ops_for_tp_env_and_caps() -> None:
         {"op": "add", "path": "/spec/containers/0/securityContext/capabilities/add/-", "value": "NET_ADMIN"},
     ]
     env_op: Any = next(op for op in result.ops if op["path"] == "/spec/containers/0/env")
+    # the measured minimal set (README "Tensor parallel"), pinned: a change here is a contract change
     assert env_op["op"] == "add" and env_op["value"][-len(TP_ENV) :] == [
-        {"name": k, "value": v} for k, v in TP_ENV
+        {"name": "NCCL_P2P_DISABLE", "value": "1"},
+        {"name": "NCCL_CUMEM_ENABLE", "value": "0"},
+        {"name": "NCCL_IB_DISABLE", "value": "1"},
+        {"name": "NCCL_NVLS_ENABLE", "value": "0"},
+        {"name": "TORCH_NCCL_ENABLE_MONITORING", "value": "0"},
+        {"name": "THAW_TCP_ESTABLISHED", "value": "true"},
     ]
+    assert "NCCL_SHM_DISABLE" not in {e["name"] for e in env_op["value"]}
 
 
 def test_user_env_overrides_a_tp_setting() -> None:
