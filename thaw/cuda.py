@@ -10,11 +10,11 @@ the reason, and callers treat the workload as having no CUDA state.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
 import os
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 CUDA_SUCCESS = 0
@@ -70,6 +70,9 @@ _SYMBOLS = (
 @dataclass
 class Cuda:
     lib: ctypes.CDLL
+    # One rank after another instead of all at once: THAW_CUDA_SERIAL=true (a fallback should a
+    # driver ever mishandle concurrent checkpoint calls; 580 handles them, README "Tensor parallel").
+    serial: bool = False
 
     @classmethod
     def load(cls, path: str = LIBCUDA) -> Cuda:
@@ -82,7 +85,7 @@ class Cuda:
             raise CudaUnavailable(
                 f"{path} lacks {', '.join(missing)} (the checkpoint API needs driver 570 or newer)"
             )
-        cuda = cls(lib)
+        cuda = cls(lib, serial=os.environ.get("THAW_CUDA_SERIAL", "").lower() in ("1", "true", "yes"))
         rc = int(lib.cuInit(0))
         if rc != CUDA_SUCCESS:
             raise CudaUnavailable(f"cuInit failed: {cuda.error_name(rc)} ({rc})")
@@ -130,40 +133,48 @@ class Cuda:
         self._check("cuCheckpointProcessUnlock", pid, rc)
 
     # Whole-tree operations, in the order issue 6 asks for: every rank frozen before any is
-    # checkpointed, and on failure everything already done is undone in reverse.
+    # checkpointed, and on failure everything already done is undone. Within a step (lock, checkpoint,
+    # restore, unlock) the ranks go at once, one thread each: the driver does each process's copy in
+    # that process, on its
+    # own GPU, so N ranks take about one rank's time, not N times it (ctypes releases the GIL).
 
     def cuda_pids(self, pids: Iterable[int]) -> list[int]:
         return [p for p in pids if self.state(p) is not None]
 
     def freeze(self, pids: list[int], timeout_ms: int) -> None:
         """Lock all, then checkpoint all. On failure, put back what was done, then raise."""
-        locked: list[int] = []
+        locked, err = self._each(lambda pid: self.lock(pid, timeout_ms), pids)
         checkpointed: list[int] = []
-        try:
-            for pid in pids:
-                self.lock(pid, timeout_ms)
-                locked.append(pid)
-            for pid in pids:
-                self.checkpoint(pid)
-                checkpointed.append(pid)
-        except CudaError:
-            for pid in reversed(checkpointed):
-                _quietly(self.restore, pid)
-            for pid in reversed(locked):
-                _quietly(self.unlock, pid)
-            raise
+        if err is None:
+            checkpointed, err = self._each(self.checkpoint, pids)
+        if err is not None:
+            self._each(self.restore, checkpointed)
+            self._each(self.unlock, locked)
+            raise err
 
     def thaw(self, pids: list[int]) -> None:
-        """Restore all, then unlock all (the mirror of freeze). Raises on the first failure."""
-        for pid in pids:
-            if self.state(pid) == ProcessState.CHECKPOINTED:
-                self.restore(pid)
-        for pid in pids:
-            if self.state(pid) == ProcessState.LOCKED:
-                self.unlock(pid)
+        """Restore all, then unlock all (the mirror of freeze). Raises the first failure."""
+        _, err = self._each(self.restore, [p for p in pids if self.state(p) == ProcessState.CHECKPOINTED])
+        if err is None:
+            _, err = self._each(self.unlock, [p for p in pids if self.state(p) == ProcessState.LOCKED])
+        if err is not None:
+            raise err
+
+    def _each(self, step: Callable[[int], None], pids: list[int]) -> tuple[list[int], CudaError | None]:
+        """Run ``step`` for every pid (at once unless ``serial``), waiting for all. Returns the pids
+        it succeeded for and the first CudaError in pid order (other exceptions propagate)."""
+        if self.serial or len(pids) < 2:
+            results = [_attempt(step, pid) for pid in pids]
+        else:
+            with ThreadPoolExecutor(max_workers=len(pids), thread_name_prefix="thaw-cuda") as pool:
+                results = list(pool.map(lambda pid: _attempt(step, pid), pids))
+        done = [pid for pid, exc in zip(pids, results, strict=True) if exc is None]
+        return done, next((exc for exc in results if exc is not None), None)
 
 
-def _quietly(fn: Callable[[int], None], pid: int) -> None:
-    # Undoing after a failure: the first error is the one reported.
-    with contextlib.suppress(CudaError):
-        fn(pid)
+def _attempt(step: Callable[[int], None], pid: int) -> CudaError | None:
+    try:
+        step(pid)
+    except CudaError as exc:
+        return exc
+    return None
