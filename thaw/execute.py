@@ -153,6 +153,11 @@ class RestoreFailed(Exception):
     """A restore step failed; the message is the reason recorded for the cold start."""
 
 
+class WorkloadBroken(RuntimeError):
+    """A checkpoint failed after the CUDA state left the GPUs and could not be put back: the
+    workload cannot go on (its ranks are frozen), so it is stopped and the container restarts cold."""
+
+
 # --- outcome ----------------------------------------------------------------------------------
 
 
@@ -566,8 +571,14 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         timings["criu_dump_s"] = round(time.monotonic() - t, 3)
     finally:
         if frozen and cuda is not None:
+            from thaw.cuda import CudaError
+
             t = time.monotonic()
-            cuda.thaw(cuda_pids)
+            try:
+                cuda.thaw(cuda_pids)
+            except CudaError as exc:
+                why = f"the CUDA state could not be put back after the checkpoint: {exc}"
+                raise WorkloadBroken(why) from exc
             timings["cuda_restore_s"] = round(time.monotonic() - t, 3)
     meta = {
         "format": META_FORMAT,
@@ -642,6 +653,18 @@ def checkpoint(
     try:
         images = images_dir(cfg.cache)
         meta = dump(root, cmd, images, cfg)
+    except WorkloadBroken as exc:
+        # Never half a server: a frozen tree would pass a TCP probe and answer nothing. Stopped,
+        # the container restarts cold, and the outcome file (the pod's emptyDir) keeps the restart
+        # from trying again (checkpoint_blocked).
+        if images is not None:
+            shutil.rmtree(images, ignore_errors=True)
+        log.error("checkpoint failed and the workload cannot go on; stopping it: %s", exc)
+        outcome.update(
+            checkpoint={"status": "failed", "reason": str(exc), "ready_s": ready_s, "stopped_workload": True}
+        )
+        sup.kill_tree(criu.tree(root) or [root])
+        return None
     except Exception as exc:
         if images is not None:
             shutil.rmtree(images, ignore_errors=True)
@@ -658,6 +681,32 @@ def checkpoint(
 
 
 # --- the command ------------------------------------------------------------------------------
+
+
+def read_outcome(path: Path | None) -> dict[str, Any]:
+    """The outcome file an earlier run of this container left (the pod's emptyDir), or {}."""
+    if path is None:
+        return {}
+    try:
+        value = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def checkpoint_blocked(earlier: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint record for this run when an earlier run in this pod had to stop the workload
+    to checkpoint it (so a restart would only do it again), else None."""
+    ck = earlier.get("checkpoint")
+    if not isinstance(ck, Mapping) or not ck.get("stopped_workload"):
+        return None
+    first = str(ck.get("first_reason") or ck.get("reason", ""))
+    return {
+        "status": "skipped",
+        "reason": f"an earlier checkpoint in this pod had to stop the workload: {first}",
+        "first_reason": first,
+        "stopped_workload": True,
+    }
 
 
 def logs_dir(outcome_path: Path | None) -> Path:
@@ -726,6 +775,10 @@ def run(args: argparse.Namespace) -> int:
         extra=criu.detect_mode_flags(),  # --unprivileged without CAP_SYS_ADMIN, as in a pod
     )
     cfg = checkpoint_config(args, opts, logs)
+    blocked = checkpoint_blocked(read_outcome(outcome_path)) if cfg is not None else None
+    if blocked is not None:
+        log.error("no checkpoint in this pod: %s (delete the pod to try again)", blocked["reason"])
+        cfg = None
     ready: ReadySpec | None = None
     if args.ready:
         try:
@@ -741,6 +794,8 @@ def run(args: argparse.Namespace) -> int:
     if pod:
         log.info("pod %s", " ".join(f"{k}={v}" for k, v in pod.items()))
     outcome = Outcome(outcome_path, {"plan": dict(plan), "cmd": cmd, **({"pod": pod} if pod else {})})
+    if blocked is not None:
+        outcome.update(checkpoint=blocked)
     restored = False
     if plan["action"] == "restore":
         restored = restore(plan, cmd=cmd, sup=sup, opts=opts, logs=logs, ready=ready, outcome=outcome)

@@ -128,3 +128,61 @@ def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
     finally:
         p.terminate()
         p.communicate(timeout=20)
+
+
+# The CUDA checkpoint cannot run here (no GPU): this starts thaw exec with dump() replaced by one
+# that fails as the driver did on 2x H200 when NCCL's cuMem and shared-memory transports were both
+# on (bench/gpu/results/h200x2-tp2-probes-2026-11-28.*): after CRIU's dump, the CUDA restore fails.
+BROKEN_DUMP = """
+import sys
+import thaw.execute as e
+from thaw.cli import main
+
+def dump(*_args, **_kw):
+    raise e.WorkloadBroken("the CUDA state could not be put back after the checkpoint: "
+                           "cuCheckpointProcessRestore(pid 4128) failed: CUDA_ERROR_NOT_SUPPORTED (801)")
+
+e.dump = dump
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> None:
+    port = 8174
+    outcome = tmp_path / "o.json"
+    argv = [
+        sys.executable, "-c", BROKEN_DUMP, "exec", "--checkpoint", "on-ready", "--ready", f"tcp:{port}",
+        "--store", str(tmp_path / "store"), "--name", "n", "--workload", "w", "--outcome", str(outcome),
+        "--pid-floor", "0", "--", "python3", str(STATE_SERVER), str(port),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # First run: the server is stopped (not left frozen) and thaw exec exits non-zero, so the
+    # container restarts.
+    first = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
+    assert first.returncode != 0
+    ck = read_json(outcome)["checkpoint"]
+    assert ck["status"] == "failed" and ck["stopped_workload"] is True
+    assert "CUDA_ERROR_NOT_SUPPORTED" in ck["reason"] and "stopping it" in first.stderr
+    # The restart (same pod, same emptyDir): a cold start that serves and does not checkpoint again.
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        import urllib.request
+
+        def answers() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=2) as r:
+                    return b"counter" in r.read()
+            except OSError:
+                return False
+
+        wait_for(answers, 30, "the restarted server to answer")
+        time.sleep(1.0)  # time in which a checkpoint would have started
+        assert p.poll() is None
+        ck = read_json(outcome)["checkpoint"]
+        assert ck["status"] == "skipped" and ck["stopped_workload"] is True
+        assert ck["reason"].startswith("an earlier checkpoint in this pod had to stop the workload: ")
+        assert "CUDA_ERROR_NOT_SUPPORTED" in ck["first_reason"]
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=20)
+    assert "no checkpoint in this pod" in err and "delete the pod to try again" in err
