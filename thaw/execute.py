@@ -57,12 +57,13 @@ import orjson
 
 from thaw import criu
 from thaw.cli import UsageError
+from thaw.manifest import EXEC_META_NAME
 from thaw.plan import Plan, read_plan
 from thaw.ready import ReadySpec, ReadySpecError, parse_ready, wait_ready
 
 log = logging.getLogger("thaw.exec")
 
-META_NAME = "thaw-exec.json"
+META_NAME = EXEC_META_NAME  # signed with the snapshot: the manifest lists it, and copies its GPU layout
 META_FORMAT = 1
 PR_SET_CHILD_SUBREAPER = 36
 DEFAULT_PID_FLOOR = 4096

@@ -4,7 +4,12 @@ Format 1::
 
     {"format": 1, "id": "sha256:<hex>", "name": ..., "workload": ..., "facts": {...}, "compat": ...,
      "files": [{"path": ..., "size": ..., "sha256": ...}, ...], "total_bytes": ..., "created": RFC 3339,
+     "gpu": {"count": N, "ranks": [{"pid": ..., "env": {"RANK": ..., ...}, "gpus": [0, ...]}, ...]},
      "signature": {"key_id": ..., "alg": "ed25519", "value": base64}}
+
+``gpu`` (optional; absent for a workload without CUDA processes) is the GPU layout ``thaw exec``
+recorded at the checkpoint (``thaw-exec.json``): the GPU count of the container and, per CUDA
+process in lock order (the tensor-parallel ranks), its rank variables and GPU ordinals.
 
 The id is ``sha256:`` + sha256 of the canonical JSON (thaw.canonical) of the manifest without ``id``
 and ``signature`` (the *body*); the signature is over the same canonical bytes. So the id names the
@@ -33,6 +38,7 @@ from thaw.signing import ALG, TrustedKeys, key_id, sign, verify
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
+EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/execute.py)
 ID_PREFIX = "sha256:"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
 CHUNK = 4 * 1024 * 1024
@@ -55,6 +61,17 @@ class Signature(TypedDict):
     value: str  # base64
 
 
+class RankInfo(TypedDict):
+    pid: int
+    env: dict[str, str]  # RANK, LOCAL_RANK, WORLD_SIZE, CUDA_VISIBLE_DEVICES where set
+    gpus: list[int]  # ordinals (within the container's GPUs) whose device files it had open
+
+
+class GpuLayout(TypedDict):
+    count: int  # GPUs the container saw
+    ranks: list[RankInfo]
+
+
 class Manifest(TypedDict):
     format: int
     id: str
@@ -65,6 +82,7 @@ class Manifest(TypedDict):
     files: list[FileEntry]
     total_bytes: int
     created: str
+    gpu: NotRequired[GpuLayout]
     signature: NotRequired[Signature]
 
 
@@ -159,8 +177,58 @@ def hash_files(images: Path, progress: Callable[[int], None] | None = None) -> l
     return entries
 
 
+def gpu_layout_problem(value: Any) -> str | None:
+    """Why ``value`` is not a GPU layout, or None when it is."""
+    if not isinstance(value, dict):
+        return "must be an object {count, ranks}"
+    count, ranks = value.get("count"), value.get("ranks")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        return f"count must be an integer >= 0, got {count!r}"
+    if not isinstance(ranks, list):
+        return f"ranks must be a list, got {type(ranks).__name__}"
+    for i, r in enumerate(ranks):
+        if not isinstance(r, dict):
+            return f"ranks[{i}] must be an object {{pid, env, gpus}}"
+        pid, env, gpus = r.get("pid"), r.get("env"), r.get("gpus")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return f"ranks[{i}].pid must be a positive integer"
+        if not isinstance(env, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            return f"ranks[{i}].env must map names to strings"
+        if not isinstance(gpus, list) or not all(
+            isinstance(g, int) and not isinstance(g, bool) and 0 <= g < count for g in gpus
+        ):
+            return f"ranks[{i}].gpus must be GPU ordinals 0..{count - 1}"
+    return None
+
+
+def image_gpu_layout(images: Path) -> GpuLayout | None:
+    """The GPU layout ``thaw exec`` recorded among the image files, or None (no CUDA process, or
+    images not taken by thaw exec). A malformed one is refused: it would be signed into the manifest."""
+    try:
+        meta = orjson.loads((images / EXEC_META_NAME).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ManifestError("malformed", f"{EXEC_META_NAME} in {images} is unreadable: {exc}") from None
+    layout = meta.get("gpu") if isinstance(meta, dict) else None
+    if not layout or not layout.get("ranks"):
+        return None
+    why = gpu_layout_problem(layout)
+    if why:
+        raise ManifestError("malformed", f"{EXEC_META_NAME} gpu layout: {why}")
+    return {"count": layout["count"], "ranks": layout["ranks"]}
+
+
 def build_manifest(
-    name: str, workload: str, facts: NodeFacts, files: list[FileEntry], created: str | None = None
+    name: str,
+    workload: str,
+    facts: NodeFacts,
+    files: list[FileEntry],
+    created: str | None = None,
+    *,
+    gpu: GpuLayout | None = None,
 ) -> Manifest:
     """An unsigned manifest with its id computed."""
     if not is_dns1123_label(name):
@@ -177,6 +245,8 @@ def build_manifest(
         "total_bytes": sum(e["size"] for e in files),
         "created": created or now_rfc3339(),
     }
+    if gpu is not None:
+        m["gpu"] = gpu
     m["id"] = compute_id(m)
     return m  # type: ignore[return-value]  # built field by field above
 
@@ -251,6 +321,10 @@ def validate_manifest(value: Any) -> Manifest:
             "malformed",
             f"manifest total_bytes {value.get('total_bytes')!r} is not the sum of its files ({total})",
         )
+    if "gpu" in value:
+        why = gpu_layout_problem(value["gpu"])
+        if why:
+            raise ManifestError("malformed", f"manifest gpu: {why}")
     sig = value.get("signature")
     if sig is not None and (
         not isinstance(sig, dict) or not all(isinstance(sig.get(k), str) for k in ("key_id", "alg", "value"))

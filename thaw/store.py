@@ -39,6 +39,7 @@ from thaw.manifest import (
     dump_manifest,
     hash_files,
     hex_of,
+    image_gpu_layout,
     load_manifest,
     sign_manifest,
 )
@@ -229,7 +230,7 @@ def publish(  # noqa: PLR0917  (the documented signature)
     from thaw.signing import load_private_key
 
     private = load_private_key(signing_key) if signing_key is not None else None  # fail before hashing
-    manifest = build_manifest(name, workload, facts, hash_files(images))
+    manifest = build_manifest(name, workload, facts, hash_files(images), gpu=image_gpu_layout(images))
     if private is not None:
         manifest = sign_manifest(manifest, private)
     store.put(manifest, images, progress)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from thaw.manifest import (
     check_file_path,
     compute_id,
     hash_files,
+    image_gpu_layout,
     parse_manifest,
     sign_manifest,
     validate_manifest,
@@ -179,6 +181,87 @@ def test_malformed_manifests_name_the_field(images: Path, keydir: Path) -> None:
         assert needle in str(exc.value), (key, str(exc.value))
     with pytest.raises(ManifestError, match="not JSON"):
         parse_manifest(b"{")
+
+
+# --- GPU layout (issue 6: the manifest records the ranks) ----------------------------------------
+
+LAYOUT = {
+    "count": 2,
+    "ranks": [
+        {"pid": 4128, "env": {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"}, "gpus": [0, 1]},
+        {"pid": 4129, "env": {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}, "gpus": [0, 1]},
+    ],
+}  # as thaw exec recorded it on 2x H200 (bench/gpu/results/h200x2-tp2-probes-2026-11-28.json)
+
+
+def test_published_manifest_records_the_ranks_and_its_id_covers_them(
+    images: Path, keydir: Path, tmp_path: Path
+) -> None:
+    from thaw.store import DirectoryStore, publish
+
+    (images / "thaw-exec.json").write_bytes(orjson.dumps({"format": 1, "gpu": LAYOUT, "pids": [4096]}))
+    m = publish(DirectoryStore(tmp_path / "store"), "demo", "w1", images, keydir / "signing.key", FACTS)
+    assert m["gpu"] == LAYOUT
+    verify_manifest(m, load_trusted_keys(keydir))
+    one_rank = {**m, "gpu": {"count": 1, "ranks": [{**LAYOUT["ranks"][0], "gpus": [0]}]}}
+    with pytest.raises(ManifestError) as exc:
+        validate_manifest(one_rank)
+    assert exc.value.kind == "id-mismatch"
+
+
+@pytest.mark.parametrize(
+    ("meta", "want"),
+    [
+        (None, None),  # not taken by thaw exec
+        ({"format": 1, "pids": [4096]}, None),  # an older thaw-exec.json
+        ({"format": 1, "gpu": {"count": 0, "ranks": []}}, None),  # no CUDA process
+        ({"format": 1, "gpu": LAYOUT}, LAYOUT),
+    ],
+)
+def test_image_gpu_layout(images: Path, meta: Any, want: Any) -> None:
+    if meta is not None:
+        (images / "thaw-exec.json").write_bytes(orjson.dumps(meta))
+    assert image_gpu_layout(images) == want
+    assert ("gpu" in build_manifest("demo", "w1", FACTS, hash_files(images), gpu=want)) is (want is not None)
+
+
+@pytest.mark.parametrize(
+    ("gpu", "needle"),
+    [
+        ([], "must be an object"),
+        ({"count": -1, "ranks": []}, "count must be an integer >= 0"),
+        ({"count": True, "ranks": []}, "count must be an integer >= 0"),
+        ({"count": 2, "ranks": {}}, "ranks must be a list"),
+        ({"count": 2, "ranks": [7]}, "ranks[0] must be an object"),
+        (
+            {"count": 2, "ranks": [{"pid": 0, "env": {}, "gpus": []}]},
+            "ranks[0].pid must be a positive integer",
+        ),
+        ({"count": 2, "ranks": [{"pid": 5, "env": {"RANK": 0}, "gpus": []}]}, "ranks[0].env must map"),
+        (
+            {"count": 2, "ranks": [{"pid": 5, "env": {}, "gpus": [2]}]},
+            "ranks[0].gpus must be GPU ordinals 0..1",
+        ),
+    ],
+)
+def test_malformed_gpu_layouts_are_refused_with_the_field(
+    images: Path, keydir: Path, gpu: Any, needle: str
+) -> None:
+    m = dict(build_manifest("demo", "w1", FACTS, hash_files(images)))
+    m["gpu"] = gpu
+    m["id"] = compute_id(m)  # well-addressed, so only the layout is wrong
+    with pytest.raises(ManifestError, match="manifest gpu: " + re.escape(needle)):
+        validate_manifest(m)
+    (images / "thaw-exec.json").write_bytes(orjson.dumps({"format": 1, "gpu": gpu}))
+    if isinstance(gpu, dict) and gpu.get("ranks"):
+        with pytest.raises(ManifestError, match="thaw-exec.json gpu layout: " + re.escape(needle)):
+            image_gpu_layout(images)
+
+
+def test_unreadable_exec_metadata_is_refused(images: Path) -> None:
+    (images / "thaw-exec.json").write_bytes(b"{")
+    with pytest.raises(ManifestError, match=r"thaw-exec\.json in .* is unreadable"):
+        image_gpu_layout(images)
 
 
 def test_hash_files_refuses_symlinks(images: Path) -> None:
