@@ -53,9 +53,52 @@ class _LockArgs(ctypes.Structure):
 
 
 class _ZeroArgs(ctypes.Structure):
-    # CUcheckpointCheckpointArgs / UnlockArgs: cuuint64_t reserved[8]. CUcheckpointRestoreArgs is
-    # also 64 bytes (gpuPairs pointer, count, reserved); all zero means "same GPUs, no remapping".
+    # CUcheckpointCheckpointArgs / UnlockArgs: cuuint64_t reserved[8].
     _fields_ = [("reserved", ctypes.c_uint64 * 8)]
+
+
+class _Uuid(ctypes.Structure):
+    _fields_ = [("bytes", ctypes.c_ubyte * 16)]  # CUuuid
+
+
+class _GpuPair(ctypes.Structure):
+    _fields_ = [("oldUuid", _Uuid), ("newUuid", _Uuid)]  # CUcheckpointGpuPair
+
+
+class _RestoreArgs(ctypes.Structure):
+    # CUcheckpointRestoreArgs, 64 bytes: gpuPairs, gpuPairsCount, then reserved (zero). No pairs
+    # means the GPUs the process had; pairs remap them (every checkpointed GPU must be listed).
+    _fields_ = [
+        ("gpuPairs", ctypes.POINTER(_GpuPair)),
+        ("gpuPairsCount", ctypes.c_uint),
+        ("reserved", ctypes.c_ubyte * (64 - 8 - 4)),
+    ]
+
+
+def format_uuid(raw: bytes) -> str:
+    """A CUuuid as nvidia-smi writes it: GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx."""
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
+
+
+def parse_uuid(text: str) -> bytes:
+    """The 16 bytes of a ``GPU-…`` UUID; ValueError for anything else."""
+    h = text.removeprefix("GPU-").replace("-", "")
+    raw = bytes.fromhex(h)
+    if len(raw) != 16:
+        raise ValueError(f"not a GPU UUID: {text!r}")
+    return raw
+
+
+def gpu_remap(old: list[str], new: list[str]) -> list[tuple[str, str]] | None:
+    """UUID pairs restoring the GPUs of the checkpoint (``old``, in CUDA's order) onto this
+    container's (``new``, same order), so rank i keeps computing on ordinal i. None when they are
+    the same GPUs (the restore then passes no pairs) or when the checkpoint recorded none."""
+    if not old or old == new:
+        return None
+    if len(old) != len(new):
+        raise ValueError(f"the snapshot's {len(old)} GPUs cannot be mapped onto this container's {len(new)}")
+    return list(zip(old, new, strict=True))
 
 
 _SYMBOLS = (
@@ -122,10 +165,31 @@ class Cuda:
         rc = int(self.lib.cuCheckpointProcessCheckpoint(ctypes.c_int(pid), ctypes.byref(args)))
         self._check("cuCheckpointProcessCheckpoint", pid, rc)
 
-    def restore(self, pid: int) -> None:
-        args = _ZeroArgs()
+    def restore(self, pid: int, pairs: list[tuple[str, str]] | None = None) -> None:
+        args = _RestoreArgs()
+        if pairs:
+            array = (_GpuPair * len(pairs))()
+            for i, (old, new) in enumerate(pairs):
+                array[i].oldUuid.bytes[:] = list(parse_uuid(old))
+                array[i].newUuid.bytes[:] = list(parse_uuid(new))
+            args.gpuPairs = ctypes.cast(array, ctypes.POINTER(_GpuPair))
+            args.gpuPairsCount = len(pairs)
         rc = int(self.lib.cuCheckpointProcessRestore(ctypes.c_int(pid), ctypes.byref(args)))
         self._check("cuCheckpointProcessRestore", pid, rc)
+
+    def gpu_uuids(self) -> list[str]:
+        """The UUIDs of the GPUs this process sees, in CUDA's device order."""
+        count = ctypes.c_int(0)
+        self._check("cuDeviceGetCount", 0, int(self.lib.cuDeviceGetCount(ctypes.byref(count))))
+        out = []
+        get_uuid = getattr(self.lib, "cuDeviceGetUuid_v2", None) or self.lib.cuDeviceGetUuid
+        for ordinal in range(count.value):
+            dev = ctypes.c_int(0)
+            self._check("cuDeviceGet", 0, int(self.lib.cuDeviceGet(ctypes.byref(dev), ordinal)))
+            uuid = _Uuid()
+            self._check("cuDeviceGetUuid", 0, int(get_uuid(ctypes.byref(uuid), dev)))
+            out.append(format_uuid(bytes(uuid.bytes)))
+        return out
 
     def unlock(self, pid: int) -> None:
         args = _ZeroArgs()
@@ -152,9 +216,11 @@ class Cuda:
             self._each(self.unlock, locked)
             raise err
 
-    def thaw(self, pids: list[int]) -> None:
-        """Restore all, then unlock all (the mirror of freeze). Raises the first failure."""
-        _, err = self._each(self.restore, [p for p in pids if self.state(p) == ProcessState.CHECKPOINTED])
+    def thaw(self, pids: list[int], pairs: list[tuple[str, str]] | None = None) -> None:
+        """Restore all (onto other GPUs where ``pairs`` says so), then unlock all (the mirror of
+        freeze). Raises the first failure."""
+        checkpointed = [p for p in pids if self.state(p) == ProcessState.CHECKPOINTED]
+        _, err = self._each(lambda pid: self.restore(pid, pairs), checkpointed)
         if err is None:
             _, err = self._each(self.unlock, [p for p in pids if self.state(p) == ProcessState.LOCKED])
         if err is not None:

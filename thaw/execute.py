@@ -118,10 +118,15 @@ def rank_env(pid: int) -> dict[str, str]:
 
 
 def gpu_layout(
-    cuda_pids: list[int], fds: dict[int, dict[int, str]], visible: list[int], envs: dict[int, dict[str, str]]
+    cuda_pids: list[int],
+    fds: dict[int, dict[int, str]],
+    visible: list[int],
+    envs: dict[int, dict[str, str]],
+    uuids: list[str] | None = None,
 ) -> dict[str, Any]:
-    """What a restore needs to map GPUs in order: the container's GPU count, and per CUDA process
-    (lock order) its rank variables and the ordinals of the GPUs it had open."""
+    """What a restore needs to map GPUs in order: the container's GPU count and their UUIDs in
+    CUDA's order, and per CUDA process (lock order) its rank variables and the ordinals of the GPUs
+    it had open."""
     order = {minor: i for i, minor in enumerate(visible)}
     ranks = []
     for pid in cuda_pids:
@@ -133,7 +138,10 @@ def gpu_layout(
                 "gpus": [order[m] for m in minors if m in order],
             }
         )
-    return {"count": len(visible), "ranks": ranks}
+    layout: dict[str, Any] = {"count": len(visible), "ranks": ranks}
+    if uuids:
+        layout["uuids"] = uuids
+    return layout
 
 
 def gpu_layout_problem(layout: dict[str, Any] | None, visible_count: int) -> str | None:
@@ -473,11 +481,16 @@ def restore(
             cuda_pids = [int(p) for p in meta.get("cuda_pids", [])]
             if cuda_pids:
                 t1 = time.monotonic()
-                from thaw.cuda import Cuda, CudaError, CudaUnavailable
+                from thaw.cuda import Cuda, CudaError, CudaUnavailable, gpu_remap
 
                 try:
-                    Cuda.load().thaw(cuda_pids)
-                except (CudaError, CudaUnavailable) as exc:
+                    cuda = Cuda.load()
+                    pairs = gpu_remap(list(meta.get("gpu", {}).get("uuids", [])), cuda.gpu_uuids())
+                    if pairs:
+                        log.info("restoring onto other GPUs: %s", ", ".join(f"{o} -> {n}" for o, n in pairs))
+                        timings["gpu_remap"] = len(pairs)
+                    cuda.thaw(cuda_pids, pairs)
+                except (CudaError, CudaUnavailable, ValueError) as exc:
                     raise RestoreFailed(f"CUDA restore failed: {exc}") from exc
                 timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
         if ready is not None:
@@ -526,6 +539,21 @@ def stdio_names() -> dict[str, str]:
     return out
 
 
+def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
+    """This container's GPU UUIDs (CUDA's order) for the layout; None without CUDA or on error (a
+    restore onto other GPUs is then left to the driver's default)."""
+    if cuda is None:
+        return None
+    from thaw.cuda import CudaError
+
+    try:
+        uuids: list[str] = cuda.gpu_uuids()
+    except CudaError as exc:
+        log.warning("cannot read the GPUs' UUIDs (%s): a restore will not remap GPUs", exc)
+        return None
+    return uuids
+
+
 def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict[str, Any]:
     """Lock+checkpoint CUDA, dump with CRIU leaving the tree running, restore+unlock CUDA.
 
@@ -549,6 +577,7 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         except CudaUnavailable as exc:
             raise RuntimeError(f"processes {gpu_users} use the GPU but {exc}") from exc
         cuda_pids = cuda.cuda_pids(pids)
+    uuids = gpu_uuids_or_none(cuda)
     frozen = False
     try:
         if cuda is not None and cuda_pids:
@@ -589,7 +618,9 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         "cmd": cmd,
         "stdio": stdio_names(),
         "tcp_established": cfg.opts.tcp_established,
-        "gpu": gpu_layout(cuda_pids, fds_before, visible_gpu_minors(), {p: rank_env(p) for p in cuda_pids}),
+        "gpu": gpu_layout(
+            cuda_pids, fds_before, visible_gpu_minors(), {p: rank_env(p) for p in cuda_pids}, uuids
+        ),
         "timings": timings,
     }
     (images / META_NAME).write_bytes(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))

@@ -4,12 +4,14 @@ Format 1::
 
     {"format": 1, "id": "sha256:<hex>", "name": ..., "workload": ..., "facts": {...}, "compat": ...,
      "files": [{"path": ..., "size": ..., "sha256": ...}, ...], "total_bytes": ..., "created": RFC 3339,
-     "gpu": {"count": N, "ranks": [{"pid": ..., "env": {"RANK": ..., ...}, "gpus": [0, ...]}, ...]},
+     "gpu": {"count": N, "uuids": ["GPU-…", ...],
+             "ranks": [{"pid": ..., "env": {"RANK": ..., ...}, "gpus": [0, ...]}, ...]},
      "signature": {"key_id": ..., "alg": "ed25519", "value": base64}}
 
 ``gpu`` (optional; absent for a workload without CUDA processes) is the GPU layout ``thaw exec``
-recorded at the checkpoint (``thaw-exec.json``): the GPU count of the container and, per CUDA
-process in lock order (the tensor-parallel ranks), its rank variables and GPU ordinals.
+recorded at the checkpoint (``thaw-exec.json``): the GPU count of the container, their UUIDs in
+CUDA's order, and per CUDA process in lock order (the tensor-parallel ranks) its rank variables and
+GPU ordinals.
 
 The id is ``sha256:`` + sha256 of the canonical JSON (thaw.canonical) of the manifest without ``id``
 and ``signature`` (the *body*); the signature is over the same canonical bytes. So the id names the
@@ -43,6 +45,7 @@ ID_PREFIX = "sha256:"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
 CHUNK = 4 * 1024 * 1024
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_GPU_UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 ErrorKind = Literal[
     "malformed", "id-mismatch", "unsigned", "no-trusted-keys", "untrusted-key", "bad-signature"
@@ -70,6 +73,7 @@ class RankInfo(TypedDict):
 class GpuLayout(TypedDict):
     count: int  # GPUs the container saw
     ranks: list[RankInfo]
+    uuids: NotRequired[list[str]]  # those GPUs' UUIDs in CUDA's order (a restore onto others remaps)
 
 
 class Manifest(TypedDict):
@@ -186,6 +190,11 @@ def gpu_layout_problem(value: Any) -> str | None:
         return f"count must be an integer >= 0, got {count!r}"
     if not isinstance(ranks, list):
         return f"ranks must be a list, got {type(ranks).__name__}"
+    uuids = value.get("uuids", [])
+    if not isinstance(uuids, list) or not all(isinstance(u, str) and _GPU_UUID.match(u) for u in uuids):
+        return "uuids must be GPU UUIDs (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
+    if uuids and len(uuids) != count:
+        return f"uuids must name all {count} GPUs, got {len(uuids)}"
     for i, r in enumerate(ranks):
         if not isinstance(r, dict):
             return f"ranks[{i}] must be an object {{pid, env, gpus}}"
@@ -218,7 +227,10 @@ def image_gpu_layout(images: Path) -> GpuLayout | None:
     why = gpu_layout_problem(layout)
     if why:
         raise ManifestError("malformed", f"{EXEC_META_NAME} gpu layout: {why}")
-    return {"count": layout["count"], "ranks": layout["ranks"]}
+    out: GpuLayout = {"count": layout["count"], "ranks": layout["ranks"]}
+    if layout.get("uuids"):
+        out["uuids"] = layout["uuids"]
+    return out
 
 
 def build_manifest(

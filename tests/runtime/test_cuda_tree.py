@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from thaw.cuda import Cuda, CudaError, ProcessState
+from thaw.cuda import Cuda, CudaError, ProcessState, format_uuid, gpu_remap, parse_uuid
 
 OK, INVALID_VALUE, NOT_SUPPORTED = 0, 1, 801
 
@@ -28,6 +28,20 @@ class FakeCheckpointApi:
             step: threading.Barrier(len(pids), timeout=5) for step in ("lock", "ckpt", "rst", "unl")
         }
         self.meet = meet
+        self.restore_args: dict[int, tuple[list[tuple[bytes, bytes]], bytes]] = {}
+        self.devices = [bytes(range(16)), bytes(range(16, 32))]  # this container's GPUs, CUDA order
+
+    def cuDeviceGetCount(self, out: Any) -> int:
+        out._obj.value = len(self.devices)
+        return OK
+
+    def cuDeviceGet(self, out: Any, ordinal: int) -> int:
+        out._obj.value = ordinal
+        return OK
+
+    def cuDeviceGetUuid_v2(self, out: Any, dev: Any) -> int:
+        out._obj.bytes[:] = list(self.devices[dev.value])
+        return OK
 
     def _step(self, name: str, pid: Any, want: ProcessState, then: ProcessState) -> int:
         pid = pid.value
@@ -49,7 +63,14 @@ class FakeCheckpointApi:
     def cuCheckpointProcessCheckpoint(self, pid: Any, _args: Any) -> int:
         return self._step("ckpt", pid, ProcessState.LOCKED, ProcessState.CHECKPOINTED)
 
-    def cuCheckpointProcessRestore(self, pid: Any, _args: Any) -> int:
+    def cuCheckpointProcessRestore(self, pid: Any, args: Any) -> int:
+        a = args._obj  # CUcheckpointRestoreArgs as the driver would read it
+        pairs = [
+            (bytes(a.gpuPairs[i].oldUuid.bytes), bytes(a.gpuPairs[i].newUuid.bytes))
+            for i in range(a.gpuPairsCount)
+        ]
+        with self.lock:
+            self.restore_args[pid.value] = (pairs, bytes(a))
         return self._step("rst", pid, ProcessState.CHECKPOINTED, ProcessState.LOCKED)
 
     def cuCheckpointProcessUnlock(self, pid: Any, _args: Any) -> int:
@@ -135,3 +156,54 @@ def test_lock_passes_the_timeout_to_the_driver() -> None:
 
     cuda(Api(RANKS[:1])).freeze(RANKS[:1], 2500)
     assert seen == [2500]
+
+
+# --- restoring onto other GPUs ----------------------------------------------------------------
+
+A = "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f"  # the stand-in's GPU 0
+B = "GPU-10111213-1415-1617-1819-1a1b1c1d1e1f"  # its GPU 1
+X = "GPU-e127b204-c9b7-2af2-5b9f-09825cd678f2"  # GPUs of the machine the checkpoint was taken on
+Y = "GPU-ad9af744-de18-081b-7eb9-396651549436"
+
+
+def test_uuids_in_cuda_order_written_like_nvidia_smi() -> None:
+    assert cuda(FakeCheckpointApi(RANKS)).gpu_uuids() == [A, B]
+    assert format_uuid(parse_uuid(X)) == X
+    with pytest.raises(ValueError, match="not a GPU UUID"):
+        parse_uuid("GPU-1234")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "pairs"),
+    [
+        ([], [A, B], None),  # a snapshot that recorded no UUIDs: the driver's default
+        ([A, B], [A, B], None),  # the same GPUs: no pairs, exactly the call that was measured
+        ([X, Y], [A, B], [(X, A), (Y, B)]),  # another node: ordinal i onto ordinal i
+        ([X, Y], [B, A], [(X, B), (Y, A)]),
+    ],
+)
+def test_gpu_remap(old: list[str], new: list[str], pairs: Any) -> None:
+    assert gpu_remap(old, new) == pairs
+
+
+def test_gpu_remap_refuses_another_count() -> None:
+    with pytest.raises(ValueError, match="2 GPUs cannot be mapped onto this container's 1"):
+        gpu_remap([X, Y], [A])
+
+
+def test_restore_passes_every_pair_to_every_rank() -> None:
+    api = FakeCheckpointApi(RANKS[:2])
+    c = cuda(api)
+    c.freeze(RANKS[:2], 1000)
+    c.thaw(RANKS[:2], [(X, A), (Y, B)])
+    want = [(parse_uuid(X), parse_uuid(A)), (parse_uuid(Y), parse_uuid(B))]
+    assert {pid: pairs for pid, (pairs, _) in api.restore_args.items()} == dict.fromkeys(RANKS[:2], want)
+    assert set(api.states.values()) == {ProcessState.RUNNING}
+
+
+def test_restore_without_pairs_passes_64_zero_bytes() -> None:
+    api = FakeCheckpointApi(RANKS[:2])
+    c = cuda(api)
+    c.freeze(RANKS[:2], 1000)
+    c.thaw(RANKS[:2])
+    assert [raw for _, raw in api.restore_args.values()] == [bytes(64)] * 2

@@ -46,6 +46,8 @@ def test_layout_maps_host_minors_to_ordinals_in_lock_order() -> None:
         ],
     }
     assert gpu_layout_problem(layout, 2) is None
+    uuids = ["GPU-e127b204-c9b7-2af2-5b9f-09825cd678f2", "GPU-ad9af744-de18-081b-7eb9-396651549436"]
+    assert gpu_layout([10, 20], fds, [2, 6], envs, uuids) == {**layout, "uuids": uuids}
 
 
 @pytest.mark.parametrize("visible", [0, 1, 4])

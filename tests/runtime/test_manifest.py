@@ -185,8 +185,10 @@ def test_malformed_manifests_name_the_field(images: Path, keydir: Path) -> None:
 
 # --- GPU layout (issue 6: the manifest records the ranks) ----------------------------------------
 
-LAYOUT = {
+UUIDS = ["GPU-e127b204-c9b7-2af2-5b9f-09825cd678f2", "GPU-ad9af744-de18-081b-7eb9-396651549436"]
+LAYOUT: dict[str, Any] = {
     "count": 2,
+    "uuids": UUIDS,
     "ranks": [
         {"pid": 4128, "env": {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "2"}, "gpus": [0, 1]},
         {"pid": 4129, "env": {"LOCAL_RANK": "1", "RANK": "1", "WORLD_SIZE": "2"}, "gpus": [0, 1]},
@@ -232,6 +234,8 @@ def test_image_gpu_layout(images: Path, meta: Any, want: Any) -> None:
         ({"count": -1, "ranks": []}, "count must be an integer >= 0"),
         ({"count": True, "ranks": []}, "count must be an integer >= 0"),
         ({"count": 2, "ranks": {}}, "ranks must be a list"),
+        ({"count": 1, "ranks": [], "uuids": ["GPU-1"]}, "uuids must be GPU UUIDs"),
+        ({"count": 2, "ranks": [], "uuids": UUIDS[:1]}, "uuids must name all 2 GPUs, got 1"),
         ({"count": 2, "ranks": [7]}, "ranks[0] must be an object"),
         (
             {"count": 2, "ranks": [{"pid": 0, "env": {}, "gpus": []}]},
