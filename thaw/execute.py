@@ -485,7 +485,9 @@ def restore(
 
                 try:
                     cuda = Cuda.load()
-                    pairs = gpu_remap(list(meta.get("gpu", {}).get("uuids", [])), cuda.gpu_uuids())
+                    here = gpu_uuids_or_none(cuda)  # unreadable: no remap, the driver's default
+                    old = list(meta.get("gpu", {}).get("uuids", []))
+                    pairs = gpu_remap(old, here) if here is not None else None
                     if pairs:
                         log.info("restoring onto other GPUs: %s", ", ".join(f"{o} -> {n}" for o, n in pairs))
                         timings["gpu_remap"] = len(pairs)
@@ -540,8 +542,8 @@ def stdio_names() -> dict[str, str]:
 
 
 def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
-    """This container's GPU UUIDs (CUDA's order) for the layout; None without CUDA or on error (a
-    restore onto other GPUs is then left to the driver's default)."""
+    """This container's GPU UUIDs (CUDA's order); None without CUDA or on error, so that reading
+    them never fails a checkpoint or a restore (remapping is then left to the driver's default)."""
     if cuda is None:
         return None
     from thaw.cuda import CudaError
@@ -549,7 +551,7 @@ def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
     try:
         uuids: list[str] = cuda.gpu_uuids()
     except CudaError as exc:
-        log.warning("cannot read the GPUs' UUIDs (%s): a restore will not remap GPUs", exc)
+        log.warning("cannot read the GPUs' UUIDs (%s): no GPU remapping", exc)
         return None
     return uuids
 
