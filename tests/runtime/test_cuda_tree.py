@@ -207,3 +207,15 @@ def test_restore_without_pairs_passes_64_zero_bytes() -> None:
     c.freeze(RANKS[:2], 1000)
     c.thaw(RANKS[:2])
     assert [raw for _, raw in api.restore_args.values()] == [bytes(64)] * 2
+
+
+def test_unreadable_uuids_mean_no_remap_never_a_failure() -> None:
+    from thaw.execute import gpu_uuids_or_none
+
+    class NoUuids(FakeCheckpointApi):
+        def cuDeviceGetCount(self, out: Any) -> int:
+            return NOT_SUPPORTED
+
+    assert gpu_uuids_or_none(cuda(FakeCheckpointApi(RANKS))) == [A, B]
+    assert gpu_uuids_or_none(cuda(NoUuids(RANKS))) is None
+    assert gpu_uuids_or_none(None) is None
