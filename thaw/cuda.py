@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import logging
 import os
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 CUDA_SUCCESS = 0
 CUDA_ERROR_NOT_INITIALIZED = 3
+CUDA_ERROR_NOT_READY = 600  # cuCheckpointProcessLock: the timeout passed with work still in flight
 LIBCUDA = os.environ.get("THAW_LIBCUDA", "libcuda.so.1")
+
+log = logging.getLogger("thaw.cuda")
 
 
 class ProcessState(enum.IntEnum):
@@ -204,6 +209,26 @@ class Cuda:
 
     def cuda_pids(self, pids: Iterable[int]) -> list[int]:
         return [p for p in pids if self.state(p) is not None]
+
+    def freeze_retrying(self, pids: list[int], timeout_ms: int, *, attempts: int, pause_s: float) -> int:
+        """``freeze``, tried again after a lock timeout; returns the attempts it took.
+
+        Ranks locked while a request is being served can wait on each other: a locked rank launches
+        no more work, so a collective that another rank already started never finishes and that
+        rank's lock times out (CUDA_ERROR_NOT_READY; seen on 4x H200 when the checkpoint began
+        during the first request). ``freeze`` then unlocks them all, the collective completes, and
+        a later attempt finds the ranks between kernels. Other failures are not retried.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self.freeze(pids, timeout_ms)
+                return attempt
+            except CudaError as exc:
+                if exc.code != CUDA_ERROR_NOT_READY or attempt == attempts:
+                    raise
+                log.warning("lock timed out (%s); all ranks unlocked, trying again in %.0f s", exc, pause_s)
+                time.sleep(pause_s)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def freeze(self, pids: list[int], timeout_ms: int) -> None:
         """Lock all, then checkpoint all. On failure, put back what was done, then raise."""

@@ -67,7 +67,11 @@ META_NAME = EXEC_META_NAME  # signed with the snapshot: the manifest lists it, a
 META_FORMAT = 1
 PR_SET_CHILD_SUBREAPER = 36
 DEFAULT_PID_FLOOR = 4096
-CUDA_LOCK_TIMEOUT_MS = 30_000
+# Locking waits only for kernels already launched (milliseconds), unless ranks wait on each other in
+# a collective (Cuda.freeze_retrying): then it times out, every rank is unlocked and it is tried again.
+CUDA_LOCK_TIMEOUT_MS = 10_000
+CUDA_LOCK_ATTEMPTS = 6
+CUDA_LOCK_PAUSE_S = 5.0
 CRIU_DUMP_TIMEOUT_S = 1800.0
 # A restore gets this long plus its image at a slow disk's rate: a damaged image can send CRIU's
 # restorer into an endless loop (seen with a truncated pages image: preadv returning 0 forever).
@@ -584,9 +588,13 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
     try:
         if cuda is not None and cuda_pids:
             t = time.monotonic()
-            cuda.freeze(cuda_pids, CUDA_LOCK_TIMEOUT_MS)
+            tries = cuda.freeze_retrying(
+                cuda_pids, CUDA_LOCK_TIMEOUT_MS, attempts=CUDA_LOCK_ATTEMPTS, pause_s=CUDA_LOCK_PAUSE_S
+            )
             frozen = True
             timings["cuda_checkpoint_s"] = round(time.monotonic() - t, 3)
+            if tries > 1:
+                timings["cuda_lock_attempts"] = tries
         fds = {p: criu.fd_targets(p) for p in pids}
         left = criu.device_fds(fds)
         if left:

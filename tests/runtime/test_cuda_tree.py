@@ -219,3 +219,47 @@ def test_unreadable_uuids_mean_no_remap_never_a_failure() -> None:
     assert gpu_uuids_or_none(cuda(FakeCheckpointApi(RANKS))) == [A, B]
     assert gpu_uuids_or_none(cuda(NoUuids(RANKS))) is None
     assert gpu_uuids_or_none(None) is None
+
+
+# --- lock timeouts while ranks wait on each other ----------------------------------------------
+
+NOT_READY = 600
+
+
+class Deadlocking(FakeCheckpointApi):
+    """Rank 4129's lock times out ``times`` times (its all-reduce waits for a rank already locked),
+    then succeeds, as once every rank was unlocked the collective could finish."""
+
+    def __init__(self, pids: list[int], times: int) -> None:
+        super().__init__(pids)
+        self.times = times
+
+    def cuCheckpointProcessLock(self, pid: Any, args: Any) -> int:
+        if pid.value == 4129 and self.times > 0:
+            self.times -= 1
+            with self.lock:
+                self.calls.append(("lock", pid.value))
+            return NOT_READY
+        return super().cuCheckpointProcessLock(pid, args)
+
+
+def test_a_lock_timeout_unlocks_every_rank_and_tries_again() -> None:
+    api = Deadlocking(RANKS, times=2)
+    assert cuda(api).freeze_retrying(RANKS, 1000, attempts=3, pause_s=0) == 3
+    assert set(api.states.values()) == {ProcessState.CHECKPOINTED}
+    # between the attempts the ranks that had locked were unlocked (the collective can finish)
+    assert sorted(p for n, p in api.calls if n == "unl") == sorted([p for p in RANKS if p != 4129] * 2)
+
+
+def test_lock_timeouts_past_the_attempts_fail_with_every_rank_running() -> None:
+    api = Deadlocking(RANKS, times=5)
+    with pytest.raises(CudaError, match=r"cuCheckpointProcessLock\(pid 4129\).*\(600\)"):
+        cuda(api).freeze_retrying(RANKS, 1000, attempts=2, pause_s=0)
+    assert set(api.states.values()) == {ProcessState.RUNNING}
+
+
+def test_other_failures_are_not_retried() -> None:
+    api = FakeCheckpointApi(RANKS, fail={("ckpt", 4130): NOT_SUPPORTED})
+    with pytest.raises(CudaError, match="NOT_SUPPORTED"):
+        cuda(api).freeze_retrying(RANKS, 1000, attempts=5, pause_s=0)
+    assert [n for n, _ in api.calls].count("ckpt") == 4  # one attempt
