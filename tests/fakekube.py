@@ -12,7 +12,11 @@ What the official ``kubernetes`` Python client (or kubectl) sees is what kube-ap
 - ``GET /api/v1/nodes/NAME``, ``PATCH /api/v1/nodes/NAME`` with ``application/merge-patch+json``
   or ``application/strategic-merge-patch+json`` (for maps such as ``metadata.annotations`` the two
   are the same: ``null`` deletes a key), each change a new resourceVersion and a MODIFIED event.
-- Errors are ``Status`` objects (``NotFound`` 404, ``UnsupportedMediaType`` 415, ``BadRequest``).
+- ``POST /api/v1/namespaces/NS/events``: creates a core/v1 Event (201 with the stored object, its
+  uid, resourceVersion and creationTimestamp set); a name that exists gets 409 ``AlreadyExists``, a
+  body whose namespace differs from the path's 400, as kube-apiserver answers.
+- Errors are ``Status`` objects (``NotFound`` 404, ``UnsupportedMediaType`` 415, ``BadRequest``,
+  ``AlreadyExists`` 409).
 
 Test controls (Python): :meth:`FakeKube.add`, :meth:`update`, :meth:`delete`, :meth:`compact`
 (expire old resourceVersions), :meth:`drop_watches` (cut every open watch mid-stream, no final
@@ -115,7 +119,8 @@ class FakeKube(FakeServer):
         self._rv = 100
         self._compacted = 0
         self.nodes: dict[str, dict[str, Any]] = {}
-        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.events: list[tuple[int, str, dict[str, Any]]] = []  # the Node watch's history
+        self.core_events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
         self._watch_sockets: set[socket.socket] = set()
         self._fail_lists = 0
         self.requests: list[str] = []  # "METHOD path?query" in order
@@ -237,6 +242,48 @@ class FakeKube(FakeServer):
                     patch.get("metadata", {}).pop("resourceVersion", None)
                     node = kube.update(name, patch)
                 self._json(200, node)
+
+            def do_POST(self) -> None:
+                kube.requests.append(f"POST {self.path}")
+                parts = urlsplit(self.path).path.strip("/").split("/")
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if (
+                    len(parts) != 5
+                    or parts[:2] != ["api", "v1"]
+                    or parts[2] != "namespaces"
+                    or parts[4] != "events"
+                ):
+                    self._json(
+                        404, status(404, "NotFound", "the server could not find the requested resource")
+                    )
+                    return
+                namespace = parts[3]
+                try:
+                    event = json.loads(raw)
+                    name = event["metadata"]["name"]
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._json(400, status(400, "BadRequest", f"error decoding Event: {exc}"))
+                    return
+                if event["metadata"].get("namespace", namespace) != namespace:
+                    msg = (
+                        "the namespace of the provided object does not match the namespace sent on "
+                        "the request"
+                    )
+                    self._json(400, status(400, "BadRequest", msg))
+                    return
+                with kube._cond:
+                    if (namespace, name) in kube.core_events:
+                        self._json(409, status(409, "AlreadyExists", f'events "{name}" already exists'))
+                        return
+                    kube._rv += 1
+                    event["metadata"].update(
+                        namespace=namespace,
+                        uid=f"00000000-0000-4000-8000-{kube._rv:012d}",
+                        resourceVersion=str(kube._rv),
+                        creationTimestamp=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    )
+                    kube.core_events[(namespace, name)] = event
+                self._json(201, event)
 
         return Handler
 

@@ -4,7 +4,9 @@ Each pass: detect the node's facts (a driver or CRIU upgrade changes them), remo
 processes left (interrupted fetches, half-deleted snapshots), evict snapshots this node can no
 longer restore, evict least recently used snapshots until the cache fits its byte budget (never one
 that a restore holds), record the budget for ``thaw fetch``, and patch this Node's ``thaw.dev/facts``
-and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client).
+and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client), and
+post an Event on each Thaw pod of this node saying how it started and how its checkpoint went (from
+the outcome copies ``thaw exec`` leaves in the cache: thaw/events.py).
 Without ``--node`` it prints the annotations instead (a dry run for people and demos).
 """
 
@@ -16,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -26,11 +29,13 @@ from thaw.cache import clean_stale, enforce_budget, inventory, remove_incompatib
 from thaw.canonical import canonical_json
 from thaw.cli import UsageError
 from thaw.compat import NodeFacts
+from thaw.events import node_events
 from thaw.inventory import Inventory, render_inventory
 
 log = logging.getLogger("thaw.agent")
 
 RESYNC_S = 300.0  # patch even when nothing changed, in case someone removed the annotations
+HTTP_CONFLICT = 409
 MERGE_PATCH = "application/merge-patch+json"
 
 
@@ -69,6 +74,30 @@ def core_api() -> Any:
     return client.CoreV1Api()
 
 
+def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) -> int:
+    """Create the Events not yet posted (``posted`` remembers names across passes; one that exists
+    already, 409, counts as posted). Returns how many were created. An API error other than 409 is
+    logged and the Event tried again next pass."""
+    from kubernetes.client.exceptions import ApiException
+
+    created = 0
+    for body in events:
+        name = body["metadata"]["name"]
+        if name in posted:
+            continue
+        try:
+            api.create_namespaced_event(body["metadata"]["namespace"], body)
+            created += 1
+            log.info("event %s on pod %s/%s: %s", body["reason"], body["metadata"]["namespace"],
+                     body["involvedObject"]["name"], body["message"])  # fmt: skip
+        except ApiException as exc:
+            if exc.status != HTTP_CONFLICT:
+                log.warning("cannot post event %s: %s %s", name, exc.status, exc.reason)
+                continue
+        posted.add(name)
+    return created
+
+
 def patch_node(api: Any, node: str, annotations: dict[str, str]) -> None:
     """Merge-patch ``annotations`` onto Node ``node``: other annotations and fields stay untouched."""
     api.patch_node(node, {"metadata": {"annotations": annotations}}, _content_type=MERGE_PATCH)
@@ -96,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
     api = core_api() if args.node else None
+    posted: set[str] = set()
     last_sent: dict[str, str] | None = None
     last_sent_at = 0.0
     failed = False
@@ -122,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
                     len(result.inventory["snapshots"]),
                     result.inventory["free_bytes"],
                 )
+            if api is not None:
+                # How each Thaw pod on this node started, as Events on the pod (thaw/events.py).
+                post_events(api, node_events(args.cache, args.node), posted)
             failed = False
         except Exception as exc:
             # A transient API or disk error must not crash-loop the DaemonSet: log it, try again.

@@ -153,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--name", default=None, help="snapshot name")
     _add(p, "--workload", default=None, help="workload hash")
     _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
-    _add(p, "--cache", type=Path, default=None, help="node cache: keep the snapshot taken here")
+    _add(
+        p,
+        "--cache",
+        type=Path,
+        default=None,
+        help="node cache: keep the snapshot taken here; leave the outcome for the agent's Events",
+    )
     _add(p, "--outcome", type=Path, default=None, help="outcome JSON (default: outcome.json beside --plan)")
     _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
     _add(p, "--pid-floor", type=int, default=4096, help="start the workload at or above this PID")

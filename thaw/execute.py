@@ -181,17 +181,27 @@ class Outcome:
     path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The node cache, where a copy goes for the agent to post as Events (thaw/events.py): with the
+    # pod's uid only (a container the webhook did not inject has none).
+    cache: Path | None = None
 
     def update(self, **values: Any) -> None:
         with self.lock:
             self.data.update(values)
             self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-            if self.path is None:
-                return
-            try:
-                write_json_atomic(self.path, self.data)
-            except OSError as exc:
-                log.warning("cannot write outcome file %s: %s", self.path, exc)
+            if self.path is not None:
+                try:
+                    write_json_atomic(self.path, self.data)
+                except OSError as exc:
+                    log.warning("cannot write outcome file %s: %s", self.path, exc)
+            uid = self.data.get("pod", {}).get("uid")
+            if self.cache is not None and uid:
+                from thaw.events import write_outcome_copy
+
+                try:
+                    write_outcome_copy(self.cache, uid, orjson.dumps(self.data))
+                except (OSError, ValueError) as exc:
+                    log.warning("cannot leave the outcome in the node cache %s: %s", self.cache, exc)
 
 
 # The pod's identity, as the webhook injects it (downward API), so an outcome file read off a node
@@ -199,6 +209,7 @@ class Outcome:
 POD_ENV = {
     "name": "THAW_POD_NAME",
     "namespace": "THAW_POD_NAMESPACE",
+    "uid": "THAW_POD_UID",
     "node": "THAW_NODE_NAME",
     "container": "THAW_CONTAINER",
 }
@@ -835,7 +846,12 @@ def run(args: argparse.Namespace) -> int:
     pod = pod_identity(os.environ)
     if pod:
         log.info("pod %s", " ".join(f"{k}={v}" for k, v in pod.items()))
-    outcome = Outcome(outcome_path, {"plan": dict(plan), "cmd": cmd, **({"pod": pod} if pod else {})})
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    outcome = Outcome(
+        outcome_path,
+        {"plan": dict(plan), "cmd": cmd, "started": started, **({"pod": pod} if pod else {})},
+        cache=args.cache,
+    )
     if blocked is not None:
         outcome.update(checkpoint=blocked)
     restored = False

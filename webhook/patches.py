@@ -151,6 +151,7 @@ class Prepared:
             {"name": "THAW_CRIU", "value": CRIU_BIN},
             _downward("THAW_POD_NAME", "metadata.name"),
             _downward("THAW_POD_NAMESPACE", "metadata.namespace"),
+            _downward("THAW_POD_UID", "metadata.uid"),  # names the outcome copy the agent posts as Events
             _downward("THAW_NODE_NAME", "spec.nodeName"),
         ]
         key_env = {"name": "THAW_KEY", "value": f"{KEY_DIR}/{config.signing_key_file}"}

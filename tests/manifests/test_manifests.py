@@ -373,7 +373,10 @@ def test_each_piece_has_only_the_permissions_it_uses() -> None:
     assert _rules_for(objs, "thaw-extender") == [
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}
     ]
-    assert _rules_for(objs, AGENT) == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]
+    assert _rules_for(objs, AGENT) == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    ]
     certs = _rules_for(objs, "thaw-certs")
     assert {
         "apiGroups": [""],

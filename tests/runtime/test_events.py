@@ -1,0 +1,214 @@
+"""Events on Thaw pods: the outcome -> Event mapping (pure, table-driven), the copies thaw exec
+leaves in the node cache, and the agent posting them through the official client to
+tests/fakekube.py (each Event valid for the Kubernetes 1.30 schema; posting twice creates nothing)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import orjson
+import pytest
+
+from tests.fakekube import running
+from tests.runtime.snapshots import FACTS, World, kubeconfig, node, thaw
+from thaw.events import (
+    OUTCOME_MAX_AGE_S,
+    event_body,
+    node_events,
+    outcome_copy_path,
+    outcome_specs,
+    write_outcome_copy,
+)
+
+UID = "5d3c1a2b-9f8e-4d7c-8b6a-0f1e2d3c4b5a"
+POD = {"name": "qwen-2", "namespace": "ml", "node": "gpu-1", "container": "vllm", "uid": UID}
+SNAP = "sha256:39fa6a2306965fb2eba35e9f308f1acba706dccc1e74a59fd9039"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "want"),
+    [
+        (
+            {
+                "result": "restored",
+                "plan": {"snapshot": SNAP},
+                "timings": {
+                    "criu_restore_s": 3.873,
+                    "cuda_restore_s": 2.55,
+                    "ready_s": 0.523,
+                    "total_s": 6.949,
+                },
+            },
+            [
+                (
+                    "Normal",
+                    "ThawRestored",
+                    f"restored snapshot {SNAP} in 6.949 s (CRIU 3.873 s, CUDA 2.55 s, ready 0.523 s)",
+                )
+            ],
+        ),
+        (
+            {"result": "cold", "reason": "no snapshot: none published under 'qwen3-8b-vllm' yet"},
+            [
+                (
+                    "Normal",
+                    "ThawColdStart",
+                    "cold start: no snapshot: none published under 'qwen3-8b-vllm' yet",
+                )
+            ],
+        ),
+        (
+            {
+                "result": "cold",
+                "reason": "restore failed: the snapshot's 2 CUDA processes ran on a container "
+                "with 2 GPUs (ordinals [0, 1] in use); this container sees 1",
+            },
+            [
+                (
+                    "Warning",
+                    "ThawRestoreFailed",
+                    "restore failed: the snapshot's 2 CUDA processes ran on a "
+                    "container with 2 GPUs (ordinals [0, 1] in use); this container sees 1; started cold",
+                )
+            ],
+        ),
+        (
+            {
+                "result": "cold",
+                "reason": "no plan",
+                "checkpoint": {
+                    "status": "published",
+                    "snapshot": SNAP,
+                    "bytes": 14464960647,
+                    "publish_s": 40.365,
+                },
+            },
+            [
+                ("Normal", "ThawColdStart", "cold start: no plan"),
+                ("Normal", "ThawCheckpointPublished", f"published snapshot {SNAP} (14.46 GB) in 40.365 s"),
+            ],
+        ),
+        (
+            {
+                "result": "cold",
+                "reason": "x",
+                "checkpoint": {
+                    "status": "failed",
+                    "stopped_workload": True,
+                    "reason": "the CUDA state could not be put back after the checkpoint: boom",
+                },
+            },
+            [
+                ("Normal", "ThawColdStart", "cold start: x"),
+                (
+                    "Warning",
+                    "ThawCheckpointFailed",
+                    "the CUDA state could not be put back after the checkpoint: "
+                    "boom; the workload was stopped, the container restarts cold",
+                ),
+            ],
+        ),
+        (
+            {
+                "result": "cold",
+                "reason": "x",
+                "checkpoint": {"status": "skipped", "reason": "an earlier one"},
+            },
+            [
+                ("Normal", "ThawColdStart", "cold start: x"),
+                ("Warning", "ThawCheckpointSkipped", "an earlier one"),
+            ],
+        ),
+        # still under way: nothing to say yet
+        ({"checkpoint": {"status": "waiting for ready"}}, []),
+        (
+            {"result": "cold", "reason": "x", "checkpoint": {"status": "publishing"}},
+            [("Normal", "ThawColdStart", "cold start: x")],
+        ),
+        ({}, []),
+    ],
+)
+def test_outcome_to_events(outcome: dict[str, Any], want: list[tuple[str, str, str]]) -> None:
+    assert [(s["type"], s["reason"], s["message"]) for s in outcome_specs(outcome)] == want
+
+
+def test_messages_are_bounded() -> None:
+    (spec,) = outcome_specs({"result": "cold", "reason": "restore failed: " + "x" * 5000})
+    assert len(spec["message"]) == 1024
+
+
+def test_event_body_is_a_valid_event_on_the_pod_and_named_stably() -> None:
+    outcome = {"result": "cold", "reason": "no plan", "pod": POD, "started": "2026-11-28T09:00:00Z"}
+    (spec,) = outcome_specs(outcome)
+    body = event_body(spec, outcome, UID, "gpu-1", "2026-11-28T09:00:05Z")
+    assert body is not None
+    kubernetes_validate.validate(body, "1.30", strict=True)
+    assert body["involvedObject"] == {
+        "apiVersion": "v1", "kind": "Pod", "name": "qwen-2", "namespace": "ml", "uid": UID,
+        "fieldPath": "spec.containers{vllm}",
+    }  # fmt: skip
+    assert body["metadata"]["namespace"] == "ml" and body["metadata"]["name"].startswith("qwen-2.thaw.")
+    assert body["source"] == {"component": "thaw", "host": "gpu-1"}
+    assert (body["type"], body["reason"], body["count"]) == ("Normal", "ThawColdStart", 1)
+    # the same outcome, later: the same name (a repost is a 409); another start of the container: another
+    again = event_body(spec, outcome, UID, "gpu-1", "2026-11-28T10:00:00Z")
+    restarted = event_body(spec, {**outcome, "started": "2026-11-28T09:30:00Z"}, UID, "gpu-1", "x")
+    assert again is not None and restarted is not None
+    assert again["metadata"]["name"] == body["metadata"]["name"] != restarted["metadata"]["name"]
+
+
+def test_no_event_without_the_pod_identity() -> None:
+    outcome = {"result": "cold", "reason": "no plan"}
+    (spec,) = outcome_specs(outcome)
+    assert event_body(spec, outcome, UID, "gpu-1", "t") is None
+    assert event_body(spec, {**outcome, "pod": POD}, "", "gpu-1", "t") is None
+
+
+@pytest.mark.parametrize("uid", ["../x", "a/b", "", ".hidden", "X" * 80])
+def test_copy_names_must_be_uids(tmp_path: Path, uid: str) -> None:
+    with pytest.raises(ValueError, match="is not a Kubernetes UID"):
+        outcome_copy_path(tmp_path, uid)
+
+
+def test_node_events_read_the_copies_and_age_them_out(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    write_outcome_copy(cache, UID, orjson.dumps({"result": "cold", "reason": "no plan", "pod": POD}))
+    old_uid = "11111111-2222-4333-8444-555555555555"
+    write_outcome_copy(cache, old_uid, orjson.dumps({"result": "cold", "reason": "old", "pod": POD}))
+    old = outcome_copy_path(cache, old_uid)
+    os.utime(old, (time.time() - OUTCOME_MAX_AGE_S - 10,) * 2)
+    (cache / ".outcomes" / f"{UID[:8]}-dead-writer.json.tmp").write_bytes(b"{")  # a writer that died
+    (cache / ".outcomes" / "22222222-2222-4333-8444-555555555555.json").write_bytes(b"{half")  # mid-write
+    assert oct(outcome_copy_path(cache, UID).parent.stat().st_mode & 0o777) == "0o700"
+    events = list(node_events(cache, "gpu-1"))
+    assert [(e["reason"], e["message"]) for e in events] == [("ThawColdStart", "cold start: no plan")]
+    assert not old.exists()
+    assert list(node_events(tmp_path / "no-cache", "gpu-1")) == []
+
+
+def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.setup_keys()
+    env = {"THAW_POD_NAME": "qwen-2", "THAW_POD_NAMESPACE": "ml", "THAW_POD_UID": UID,
+           "THAW_NODE_NAME": "gpu-1", "THAW_CONTAINER": "vllm"}  # fmt: skip
+    out = thaw("exec", "--cache", world.cache, "--outcome", tmp_path / "o.json", "--", "true", env=env)
+    assert out.returncode == 0, out.stderr
+    copy = orjson.loads(outcome_copy_path(world.cache, UID).read_bytes())
+    assert copy == orjson.loads((tmp_path / "o.json").read_bytes())
+    assert copy["pod"]["uid"] == UID and copy["result"] == "cold" and copy["started"]
+    with running() as kube:
+        kube.add(node("gpu-1"))
+        kenv = {"KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", kube.url)), "THAW_NODE": "gpu-1"}
+        for _ in range(2):  # the second pass (as after an agent restart) creates nothing more
+            run = thaw("agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts",
+                       world.facts_for(FACTS), "--once", env=kenv)  # fmt: skip
+            assert run.returncode == 0, run.stderr
+        assert len(kube.core_events) == 1
+        ((ns, _), event), *_ = kube.core_events.items()
+        assert ns == "ml" and event["reason"] == "ThawColdStart" and event["involvedObject"]["uid"] == UID
+        assert sum(r.startswith("POST /api/v1/namespaces/ml/events") for r in kube.requests) == 2
+        kubernetes_validate.validate(event, "1.30", strict=True)
