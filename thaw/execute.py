@@ -184,6 +184,7 @@ class Outcome:
     # The node cache, where a copy goes for the agent to post as Events (thaw/events.py): with the
     # pod's uid only (a container the webhook did not inject has none).
     cache: Path | None = None
+    copy_failed: bool = False
 
     def update(self, **values: Any) -> None:
         with self.lock:
@@ -201,7 +202,9 @@ class Outcome:
                 try:
                     write_outcome_copy(self.cache, uid, orjson.dumps(self.data))
                 except (OSError, ValueError) as exc:
-                    log.warning("cannot leave the outcome in the node cache %s: %s", self.cache, exc)
+                    if not self.copy_failed:  # once: every later update would fail the same way
+                        log.warning("cannot leave the outcome in the node cache %s: %s", self.cache, exc)
+                    self.copy_failed = True
 
 
 # The pod's identity, as the webhook injects it (downward API), so an outcome file read off a node
@@ -561,11 +564,9 @@ def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
     them never fails a checkpoint or a restore (remapping is then left to the driver's default)."""
     if cuda is None:
         return None
-    from thaw.cuda import CudaError
-
     try:
         uuids: list[str] = cuda.gpu_uuids()
-    except CudaError as exc:
+    except Exception as exc:  # a best-effort probe: whatever it meets, checkpoint and restore go on
         log.warning("cannot read the GPUs' UUIDs (%s): no GPU remapping", exc)
         return None
     return uuids

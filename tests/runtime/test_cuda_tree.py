@@ -263,3 +263,13 @@ def test_other_failures_are_not_retried() -> None:
     with pytest.raises(CudaError, match="NOT_SUPPORTED"):
         cuda(api).freeze_retrying(RANKS, 1000, attempts=5, pause_s=0)
     assert [n for n, _ in api.calls].count("ckpt") == 4  # one attempt
+
+
+def test_any_failure_reading_uuids_means_no_remap() -> None:
+    from thaw.execute import gpu_uuids_or_none
+
+    class Odd(FakeCheckpointApi):
+        def cuDeviceGetUuid_v2(self, out: Any, dev: Any) -> int:
+            raise TypeError("an unexpected driver binding")
+
+    assert gpu_uuids_or_none(cuda(Odd(RANKS))) is None
