@@ -82,6 +82,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (GPUs); 1: server.py")
     ap.add_argument("--probe", action="store_true", help="with --tp: probe which NCCL settings are needed")
     ap.add_argument("--probe-only", action="store_true", help="with --tp: only the probes (small model)")
+    ap.add_argument(
+        "--remap-probe", action="store_true", help="only restore a one-GPU snapshot onto another GPU (2 GPUs)"
+    )
     args = ap.parse_args(argv)
     start = time.monotonic()
     root: Path = args.dir / args.config
@@ -104,6 +107,12 @@ def main(argv: list[str]) -> int:
     assert r.returncode == 0, r.stderr
     trust.mkdir()
     shutil.copy(keys / "signing.pub", trust / "signing.pub")
+    if args.remap_probe:
+        wrap = pod_caps_wrap()
+        res["remap"] = remap_probes(root, trust, keys, wrap, args.out / "remap-probes.log")
+        (args.out / "remap-probes.json").write_text(json.dumps(res, indent=2))
+        print_probes(res["remap"])
+        return 0
     if args.probe_only:
         wrap = pod_caps_wrap(("net_admin",))
         res["nccl_env"], res["pod_caps"] = (
@@ -335,13 +344,102 @@ def main(argv: list[str]) -> int:
 def print_probes(rows: list[dict[str, Any]]) -> None:
     for pr in rows:
         print(
-            f"probe without {pr['dropped']}: checkpoint {pr.get('checkpoint')}, restore {pr.get('restore')}, "
+            f"probe {pr['dropped']}: checkpoint {pr.get('checkpoint')}, restore {pr.get('restore')}, "
             f"same tokens {pr.get('same_tokens')}, decode ms {pr.get('decode_ms')}; "
             f"{pr.get('checkpoint_reason') or pr.get('restore_reason') or pr.get('skipped') or ''}"
         )
         if "gpu_layout" in pr:
-            print(f"  recorded GPU layout: {json.dumps(pr['gpu_layout'])}")
-            print(f"  pod with one GPU fewer: {pr.get('fewer_gpus')}")
+            print(
+                f"  recorded GPU layout: {json.dumps(pr['gpu_layout'])}; "
+                f"restore timings {pr.get('restore_timings')}"
+            )
+        if "fewer_gpus" in pr:
+            print(f"  pod with one GPU fewer: {pr['fewer_gpus']}")
+
+
+def small_weights(root: Path) -> Path | str:
+    """The small config's weights (written once), or the error text."""
+    weights = root / "small.safetensors"
+    if weights.exists():
+        return weights
+    mk = subprocess.run(
+        [sys.executable, str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
+         "--make-weights"], capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    return weights if mk.returncode == 0 else mk.stderr[-500:]
+
+
+def probe_once(
+    name: str,
+    cmd: list[str],
+    env: dict[str, str],
+    d: Path,
+    ctx: dict[str, Any],
+    *,
+    tcp_established: bool,
+    ckpt_hide: list[str] | None = None,
+    restore_hide: list[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Checkpoint ``cmd`` in one pod (seeing /dev without ``ckpt_hide``), fetch, restore in another
+    (without ``restore_hide``). Returns the row and the restore phase's spec (None if no snapshot).
+    ``ctx``: keys, trust, wrap, log."""
+    d.mkdir(parents=True, exist_ok=True)
+    common = {
+        "url": f"http://127.0.0.1:{PORT}/generate",
+        "body": {"prompt": PROMPT, "max_new_tokens": 8},
+        "cmd": cmd,
+        "timeout": 120,
+        "request_timeout": 30,
+        "wrap": ctx["wrap"],
+        "log": str(ctx["log"]),
+        "env": env,
+    }
+    ck = phase(
+        {
+            **common,
+            "name": f"probe-ckpt-{name}",
+            "wait_checkpoint": True,
+            "outcome": str(d / "a/outcome.json"),
+            "hide_dev": ckpt_hide or [],
+            "thaw_args": [
+                "--checkpoint", "on-ready", "--ready", f"http://127.0.0.1:{PORT}/health",
+                "--store", str(d / "store"), "--key", str(ctx["keys"] / "signing.key"), "--name", "probe",
+                "--workload", name, "--outcome", str(d / "a/outcome.json"),
+                *(["--tcp-established"] if tcp_established else []),
+            ],
+        }
+    )  # fmt: skip
+    c = ck.get("outcome", {}).get("checkpoint", {})
+    row: dict[str, Any] = {
+        "dropped": name,
+        "env": env,
+        "checkpoint": c.get("status"),
+        "checkpoint_reason": c.get("reason"),
+        "checkpoint_timings": {k: v for k, v in c.items() if k.endswith("_s") or k == "cuda_lock_attempts"},
+    }
+    if c.get("status") != "published":
+        return row, None
+    plan = d / "b/plan.json"
+    thaw(
+        "fetch", "--store", str(d / "store"), "--cache", str(d / "cache"), "--name", "probe",
+        "--workload", name, "--trust", str(ctx["trust"]), "--plan", str(plan),
+    )  # fmt: skip
+    restore = {
+        **common,
+        "name": f"probe-restore-{name}",
+        "outcome": str(plan.parent / "outcome.json"),
+        "hide_dev": restore_hide or [],
+        "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
+    }
+    rs = phase(restore)
+    row["restore"] = rs.get("outcome", {}).get("result")
+    row["restore_reason"] = rs.get("outcome", {}).get("reason")
+    row["restore_timings"] = rs.get("outcome", {}).get("timings")
+    ref = (ck.get("first") or {}).get("tokens")
+    row["same_tokens"] = ref is not None and (rs.get("first") or {}).get("tokens") == ref
+    row["decode_ms"] = [(ck.get("first") or {}).get("ms"), (rs.get("first") or {}).get("ms")]
+    row["gpu_layout"] = read_json(Path(read_json(plan).get("path", "")) / "thaw-exec.json").get("gpu")
+    return row, restore
 
 
 def probes(  # noqa: PLR0917
@@ -351,105 +449,52 @@ def probes(  # noqa: PLR0917
     left out (PROBES). The whole set's snapshot also shows the GPU layout it recorded, and is offered
     to a pod that sees one GPU fewer (its /dev as a device plugin would give it), which must refuse
     it before CRIU runs."""
+    weights = small_weights(root)
+    if isinstance(weights, str):
+        return [{"dropped": "-", "error": weights}]
+    ctx = {"keys": keys, "trust": trust, "wrap": wrap, "log": log}
     out: list[dict[str, Any]] = []
-    weights = root / "small.safetensors"
-    mk = subprocess.run(
-        [sys.executable, str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
-         "--make-weights"], capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if mk.returncode != 0:
-        return [{"dropped": "-", "error": mk.stderr[-500:]}]
     for drops in PROBES:
         name = "+".join(drops) or "none"
         if time.monotonic() - start > args.budget_s - 60:
             out.append({"dropped": name, "skipped": "time budget"})
             continue
-        env = {k: v for k, v in ISSUE6_NCCL_ENV.items() if k not in drops}
         d = root / f"probe-{name}"
         cmd = [
             "python3", str(REPO / "bench/gpu/tp_server.py"), "--weights", str(weights), "--config", "small",
             "--port", str(PORT), "--tp", str(args.tp), "--run-dir", str(d), "--compile", "none",
         ]  # fmt: skip
-        d.mkdir(parents=True, exist_ok=True)
-        common = {
-            "url": f"http://127.0.0.1:{PORT}/generate",
-            "body": {"prompt": PROMPT, "max_new_tokens": 8},
-            "cmd": cmd,
-            "timeout": 120,
-            "request_timeout": 30,
-            "wrap": wrap,
-            "log": str(log),
-            "env": env,
-        }
-        ck = phase(
-            {
-                **common,
-                "name": f"probe-ckpt-{name}",
-                "wait_checkpoint": True,
-                "outcome": str(d / "a/outcome.json"),
-                "thaw_args": [
-                    "--checkpoint",
-                    "on-ready",
-                    "--ready",
-                    f"http://127.0.0.1:{PORT}/health",
-                    "--store",
-                    str(d / "store"),
-                    "--key",
-                    str(keys / "signing.key"),
-                    "--name",
-                    "probe",
-                    "--workload",
-                    name,
-                    "--outcome",
-                    str(d / "a/outcome.json"),
-                    "--tcp-established",
-                ],
-            }
-        )
-        c = ck.get("outcome", {}).get("checkpoint", {})
-        row: dict[str, Any] = {
-            "dropped": name,
-            "env": env,
-            "checkpoint": c.get("status"),
-            "checkpoint_reason": c.get("reason"),
-            "checkpoint_timings": {k: v for k, v in c.items() if k.endswith("_s")},
-        }
-        if c.get("status") == "published":
-            plan = d / "b/plan.json"
-            thaw(
-                "fetch", "--store", str(d / "store"), "--cache", str(d / "cache"), "--name", "probe",
-                "--workload", name, "--trust", str(trust), "--plan", str(plan),
-            )  # fmt: skip
-            restore = {
-                **common,
-                "name": f"probe-restore-{name}",
-                "outcome": str(plan.parent / "outcome.json"),
-                "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
-            }
-            rs = phase(restore)
-            row["restore"] = rs.get("outcome", {}).get("result")
-            row["restore_reason"] = rs.get("outcome", {}).get("reason")
-            row["restore_timings"] = rs.get("outcome", {}).get("timings")
-            ref = (ck.get("first") or {}).get("tokens")
-            row["same_tokens"] = ref is not None and (rs.get("first") or {}).get("tokens") == ref
-            row["decode_ms"] = [(ck.get("first") or {}).get("ms"), (rs.get("first") or {}).get("ms")]
-            if not drops:
-                snap = Path(read_json(plan).get("path", ""))
-                row["gpu_layout"] = read_json(snap / "thaw-exec.json").get("gpu")
-                # a pod given one GPU fewer: refused before CRIU, the whole workload cold
-                fewer = phase(
-                    {
-                        **restore,
-                        "name": "probe-fewer-gpus",
-                        "timeout": 60,
-                        "hide_dev": [f"nvidia{args.tp - 1}"],
-                    }
-                )
-                row["fewer_gpus"] = {
-                    "result": fewer.get("outcome", {}).get("result"),
-                    "reason": fewer.get("outcome", {}).get("reason"),
-                    "timings": fewer.get("outcome", {}).get("timings"),
-                }
+        env = {k: v for k, v in ISSUE6_NCCL_ENV.items() if k not in drops}
+        row, restore = probe_once(name, cmd, env, d, ctx, tcp_established=True)
+        if not drops and restore is not None:
+            # a pod given one GPU fewer: refused before CRIU, the whole workload cold
+            fewer = phase(
+                {**restore, "name": "probe-fewer-gpus", "timeout": 60, "hide_dev": [f"nvidia{args.tp - 1}"]}
+            )
+            row["fewer_gpus"] = {k: fewer.get("outcome", {}).get(k) for k in ("result", "reason", "timings")}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def remap_probes(root: Path, trust: Path, keys: Path, wrap: list[str], log: Path) -> list[dict[str, Any]]:
+    """A small one-GPU model checkpointed in a pod that sees only GPU 1 and restored in a pod that
+    sees only GPU 0 (another UUID: thaw exec passes UUID pairs), and, as the control, restored on
+    GPU 1 again (the same UUID: no pairs). Needs two GPUs."""
+    weights = small_weights(root)
+    if isinstance(weights, str):
+        return [{"dropped": "-", "error": weights}]
+    ctx = {"keys": keys, "trust": trust, "wrap": wrap, "log": log}
+    cmd = [
+        "python3", str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
+        "--port", str(PORT), "--compile", "none",
+    ]  # fmt: skip
+    out = []
+    for name, restore_hide in (("same-gpu", ["nvidia0"]), ("other-gpu", ["nvidia1"])):
+        row, _ = probe_once(
+            name, cmd, {}, root / f"remap-{name}", ctx, tcp_established=False,
+            ckpt_hide=["nvidia0"], restore_hide=restore_hide,
+        )  # fmt: skip
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
