@@ -36,7 +36,7 @@ from typing import BinaryIO, TextIO
 import orjson
 
 from thaw.compat import NodeFacts, compat_key
-from thaw.inventory import INVENTORY_VERSION, CachedSnapshot, Inventory, Tier
+from thaw.inventory import INVENTORY_VERSION, CachedSnapshot, Inventory
 from thaw.manifest import MANIFEST_NAME, Manifest, ManifestError, dump_manifest, hex_of, load_manifest
 from thaw.store import DigestMismatch, Progress, Store, copy_verified, fsync_dir
 
@@ -53,6 +53,7 @@ STALE_DUMP_S = 24 * 3600
 # ways far worse than a cold start.
 FS_RESERVE_BYTES = 256 * 1024 * 1024
 MEMORY_FS = frozenset({"tmpfs", "ramfs"})
+MEMORY_RESIDENT_FRACTION = 0.9  # of a snapshot's bytes in the page cache: its tier is "memory"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -496,6 +497,14 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def in_page_cache(entry: CachedEntry) -> bool:
+    """Whether (nearly) all of a snapshot's image is in node memory: it restores at page-cache speed."""
+    from thaw.residency import resident_fraction
+
+    files = (entry.path / f["path"] for f in entry.manifest["files"])
+    return resident_fraction(files) >= MEMORY_RESIDENT_FRACTION
+
+
 def inventory(cache_dir: Path, facts: NodeFacts, budget: int | None = None) -> Inventory:
     """What the node holds that it can restore (snapshots whose compat is the node's key), the bytes
     it can still take, and how many restores are running: the ``thaw.dev/cache`` annotation."""
@@ -503,7 +512,7 @@ def inventory(cache_dir: Path, facts: NodeFacts, budget: int | None = None) -> I
         budget = read_budget(cache_dir)
     entries = list_cached(cache_dir) if cache_dir.is_dir() else []
     key = compat_key(facts)
-    tier: Tier = "memory" if _fs_type(cache_dir) in MEMORY_FS else "disk"
+    in_memory_fs = _fs_type(cache_dir) in MEMORY_FS
     used = sum(e.bytes for e in entries)
     try:
         st = os.statvfs(cache_dir)
@@ -519,7 +528,7 @@ def inventory(cache_dir: Path, facts: NodeFacts, budget: int | None = None) -> I
             "workload": e.manifest["workload"],
             "compat": e.manifest["compat"],
             "bytes": e.bytes,
-            "tier": tier,
+            "tier": "memory" if in_memory_fs or in_page_cache(e) else "disk",
             "last_used": rfc3339(e.last_used),
         }
         for e in entries

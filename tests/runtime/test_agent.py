@@ -17,6 +17,7 @@ import pytest
 from tests.fakekube import FakeKube, running
 from tests.runtime.snapshots import FACTS, THAW, World, facts, kubeconfig, node, thaw
 from thaw.annotations import NODE_CACHE, NODE_FACTS
+from thaw.cache import MEMORY_FS, _fs_type
 from thaw.canonical import canonical_json
 from thaw.compat import compat_key
 from thaw.inventory import parse_inventory
@@ -88,8 +89,10 @@ def test_agent_publishes_facts_and_inventory_on_its_own_node_only(world: World, 
     assert a["team"] == "ml"  # a merge patch: the node's other annotations are untouched
     assert a[NODE_FACTS] == canonical_json(FACTS).decode()
     inv = parse_inventory(a[NODE_CACHE])
+    # just fetched, so its pages are in node memory: the "memory" tier (when the cache is on disk)
+    in_memory_fs = _fs_type(world.cache) in MEMORY_FS
     assert [(s["name"], s["id"], s["compat"], s["tier"]) for s in inv["snapshots"]] == [
-        ("demo", plan["snapshot"], compat_key(FACTS), "disk")
+        ("demo", plan["snapshot"], compat_key(FACTS), "memory")
     ]
     assert inv["snapshots"][0]["bytes"] == 100_001
     assert 0 < inv["free_bytes"] <= GIB - 100_001
@@ -98,6 +101,15 @@ def test_agent_publishes_facts_and_inventory_on_its_own_node_only(world: World, 
     assert [r for r in kube.requests if r.startswith("PATCH")] == ["PATCH /api/v1/nodes/gpu-1"]
     # The agent records its budget for thaw fetch.
     assert orjson.loads((world.cache / ".config.json").read_bytes()) == {"budget": GIB}
+    # Out of the page cache (memory pressure), it is on disk again.
+    if not in_memory_fs:
+        for f in Path(plan["path"]).iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        assert agent(world, kube).returncode == 0
+        tiers = [s["tier"] for s in parse_inventory(node_annotations(kube)[NODE_CACHE])["snapshots"]]
+        assert tiers == ["disk"]
 
 
 def test_driver_upgrade_removes_snapshots_the_node_can_no_longer_restore(

@@ -1,0 +1,57 @@
+"""The page-cache residency probe behind the ``memory`` tier: real files, real page cache
+(written pages are resident; ``POSIX_FADV_DONTNEED`` after ``fsync`` drops them on a disk
+filesystem)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from thaw.cache import _fs_type
+from thaw.residency import PAGE, resident_bytes, resident_fraction
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def disk_dir(tmp_path: Path) -> Path:
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip("the temporary directory is in memory: its pages cannot leave the page cache")
+    return tmp_path
+
+
+def write(path: Path, size: int) -> Path:
+    with open(path, "wb") as f:
+        f.write(os.urandom(size))
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def drop(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_written_pages_are_resident_and_dropped_ones_are_not(disk_dir: Path) -> None:
+    f = write(disk_dir / "pages-1.img", 8 * MIB + 123)
+    assert resident_bytes(f) == (8 * MIB + 123, 8 * MIB + 123)
+    drop(f)
+    have, size = resident_bytes(f)
+    assert size == 8 * MIB + 123 and have <= 2 * PAGE  # DONTNEED is advice: allow a straggler page
+    with open(f, "rb") as r:  # reading half brings half back
+        r.read(4 * MIB)
+    assert 4 * MIB <= resident_bytes(f)[0] <= 4 * MIB + 64 * PAGE  # readahead may add a little
+
+
+def test_fraction_over_a_snapshots_files(disk_dir: Path) -> None:
+    a, b = write(disk_dir / "a.img", 3 * MIB), write(disk_dir / "b.img", MIB)
+    drop(b)
+    assert resident_fraction([a, b]) == pytest.approx(0.75, abs=0.01)
+    assert resident_fraction([write(disk_dir / "empty.img", 0)]) == 0.0
+    assert resident_fraction([disk_dir / "missing.img"]) == 0.0  # unreadable: "disk", the safe answer
