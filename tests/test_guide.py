@@ -33,6 +33,7 @@ EXERCISED = {
     "fetch": ["thaw/demo_node.py", "tests/runtime/test_exec_criu.py"],
     "exec": ["thaw/sandbox.py", "tests/runtime/test_exec_criu.py"],
     "agent": ["thaw/demo_node.py", "tests/runtime/test_agent.py"],
+    "healthcheck": ["tests/runtime/test_agent.py"],
     "publish": ["tests/runtime/test_store.py"],
     "status": ["tests/runtime/test_status.py"],
     "simulate": ["tests/extender/test_simulate.py"],

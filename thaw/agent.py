@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -161,5 +162,36 @@ def run(args: argparse.Namespace) -> int:
             failed = True
             log.error("agent pass failed: %s: %s", type(exc).__name__, exc)
             log.debug("agent pass failed", exc_info=True)
+        if args.heartbeat is not None:
+            touch(args.heartbeat)  # the loop is alive, whatever the pass met
         if args.once or stop.event.wait(args.interval):
             return 1 if failed else 0
+
+
+def touch(path: Path) -> None:
+    try:
+        path.touch()
+        os.utime(path)
+    except OSError as exc:
+        log.warning("cannot touch heartbeat %s: %s", path, exc)
+
+
+def heartbeat_problem(path: Path, max_age: float, now: float) -> str | None:
+    """Why the heartbeat says the loop is stuck, or None."""
+    try:
+        age = now - path.stat().st_mtime
+    except OSError as exc:
+        return f"no heartbeat at {path}: {exc.strerror}"
+    if age > max_age:
+        return f"heartbeat {path} is {age:.0f} s old (more than {max_age:.0f} s): the agent's loop is stuck"
+    return None
+
+
+def run_healthcheck(args: argparse.Namespace) -> int:
+    """``thaw healthcheck --file PATH --max-age S``: a liveness probe for a loop without a server
+    (the agent: a pass hung on the API would otherwise go unnoticed)."""
+    why = heartbeat_problem(args.file, args.max_age, time.time())
+    if why:
+        sys.stderr.write(f"thaw healthcheck: {why}\n")
+        return 1
+    return 0

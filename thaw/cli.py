@@ -179,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
     _add(p, "--interval", type=float, default=30.0, help="seconds between passes")
     _add(p, "--once", action="store_true", default=False, help="one pass, then exit")
+    _add(p, "--heartbeat", type=Path, default=None, help="file touched after every pass (liveness)")
+
+    p = sub.add_parser("healthcheck", help="exit 0 if a heartbeat file was touched recently (a probe)")
+    _add(p, "--file", type=Path, required=True, help="the heartbeat file")
+    _add(p, "--max-age", type=float, required=True, help="seconds since its last touch")
 
     p = sub.add_parser("simulate", help="replay a synthetic cluster through the placement policies")
     _add(p, "--nodes", type=int, default=64, help="number of GPU nodes")
@@ -202,6 +207,7 @@ COMMANDS: dict[str, str] = {
     "fetch": "thaw.fetch:run",
     "exec": "thaw.execute:run",
     "agent": "thaw.agent:run",
+    "healthcheck": "thaw.agent:run_healthcheck",
     "simulate": "extender.simulate:run",
     "status": "thaw.status:run",
     "demo": "thaw.demo:run",

@@ -447,10 +447,9 @@ def test_no_privileged_container_and_no_host_access_outside_the_agent(overlay: s
             assert c.get("securityContext", {}).get("runAsUser", 1) != 0, f"{name}/{c['name']}"
 
 
-# The agent has no server and no heartbeat to probe: its loop logs and retries every failure and
-# only the process dying ends it, which kubelet's restartPolicy already covers. A liveness probe
-# would need a health signal from thaw agent (a /healthz or a file touched each pass).
-NO_PROBES = {AGENT: "thaw agent exposes no health signal (see above)"}
+# The agent serves nothing, so it has no readiness to report (a DaemonSet takes no traffic); its
+# liveness is a heartbeat file checked by `thaw healthcheck` (test_agent_liveness_is_its_heartbeat).
+NO_READINESS = {AGENT: "thaw agent serves nothing"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -460,9 +459,22 @@ def test_every_container_has_requests_limits_and_probes(overlay: str) -> None:
             res = c.get("resources", {})
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{name}/{c['name']} lacks {kind}"
-            if name in NO_PROBES:
-                continue
-            assert "readinessProbe" in c and "livenessProbe" in c, f"{name}/{c['name']} lacks probes"
+            assert "livenessProbe" in c, f"{name}/{c['name']} lacks a liveness probe"
+            if name not in NO_READINESS:
+                assert "readinessProbe" in c, f"{name}/{c['name']} lacks a readiness probe"
+
+
+def test_agent_liveness_is_its_heartbeat() -> None:
+    ds = find(render("default"), "DaemonSet", AGENT)
+    [c] = ds["spec"]["template"]["spec"]["containers"]
+    args = dict(a.split("=", 1) for a in c["args"] if a.startswith("--"))
+    probe = c["livenessProbe"]
+    cmd = dict(a.split("=", 1) for a in probe["exec"]["command"] if a.startswith("--"))
+    assert probe["exec"]["command"][:2] == ["/opt/thaw/bin/thaw", "healthcheck"]
+    assert cmd["--file"] == args["--heartbeat"]
+    assert cmd["--file"].startswith("/tmp/")  # the writable emptyDir: the root filesystem is read-only
+    # a stuck loop is caught, a slow pass (the 30 s interval plus a large cache's scan) is not
+    assert float(cmd["--max-age"]) >= 5 * float(args.get("--interval", "30"))
 
 
 @pytest.mark.parametrize("name", ["thaw-webhook", "thaw-extender", "thaw-scheduler"])

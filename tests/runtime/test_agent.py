@@ -197,3 +197,18 @@ def test_without_a_node_it_prints_the_annotations(world: World) -> None:
     a = orjson.loads(out.stdout)
     assert set(a) == {NODE_FACTS, NODE_CACHE}
     assert len(a[NODE_CACHE].encode()) < 64 * 1024
+
+
+def test_heartbeat_and_healthcheck(world: World, kube: FakeKube) -> None:
+    beat = world.root / "alive"
+    assert agent(world, kube, "--heartbeat", str(beat)).returncode == 0
+    assert time.time() - beat.stat().st_mtime < 60
+    ok = thaw("healthcheck", "--file", beat, "--max-age", "300")
+    assert ok.returncode == 0 and ok.stderr == ""
+    os.utime(beat, (time.time() - 1000,) * 2)
+    stale = thaw("healthcheck", "--file", beat, "--max-age", "300")
+    assert (
+        stale.returncode == 1 and "is 1000 s old (more than 300 s): the agent's loop is stuck" in stale.stderr
+    )
+    missing = thaw("healthcheck", "--file", world.root / "none", "--max-age", "300")
+    assert missing.returncode == 1 and "no heartbeat at" in missing.stderr
