@@ -75,20 +75,18 @@ def core_api() -> Any:
     return client.CoreV1Api()
 
 
-def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) -> int:
+def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) -> None:
     """Create the Events not yet posted (``posted`` remembers names across passes; one that exists
-    already, 409, counts as posted). Returns how many were created. An API error other than 409 is
-    logged and the Event tried again next pass."""
+    already, 409, counts as posted). An API error other than 409 is logged and the Event tried again
+    next pass."""
     from kubernetes.client.exceptions import ApiException
 
-    created = 0
     for body in events:
         name = body["metadata"]["name"]
         if name in posted:
             continue
         try:
             api.create_namespaced_event(body["metadata"]["namespace"], body)
-            created += 1
             log.info("event %s on pod %s/%s: %s", body["reason"], body["metadata"]["namespace"],
                      body["involvedObject"]["name"], body["message"])  # fmt: skip
         except ApiException as exc:
@@ -96,7 +94,6 @@ def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) ->
                 log.warning("cannot post event %s: %s %s", name, exc.status, exc.reason)
                 continue
         posted.add(name)
-    return created
 
 
 def patch_node(api: Any, node: str, annotations: dict[str, str]) -> None:

@@ -202,10 +202,10 @@ class Cuda:
         self._check("cuCheckpointProcessUnlock", pid, rc)
 
     # Whole-tree operations, in the order issue 6 asks for: every rank frozen before any is
-    # checkpointed, and on failure everything already done is undone. Within a step (lock, checkpoint,
-    # restore, unlock) the ranks go at once, one thread each: the driver does each process's copy in
-    # that process, on its
-    # own GPU, so N ranks take about one rank's time, not N times it (ctypes releases the GIL).
+    # checkpointed, and on failure everything already done is undone. Within a step (lock,
+    # checkpoint, restore, unlock) the ranks go at once, one thread each: the driver does each
+    # process's copy in that process, on its own GPU, so N ranks take about one rank's time, not N
+    # times it (ctypes releases the GIL).
 
     def cuda_pids(self, pids: Iterable[int]) -> list[int]:
         return [p for p in pids if self.state(p) is not None]
@@ -219,16 +219,17 @@ class Cuda:
         during the first request). ``freeze`` then unlocks them all, the collective completes, and
         a later attempt finds the ranks between kernels. Other failures are not retried.
         """
-        for attempt in range(1, attempts + 1):
+        for attempt in range(1, attempts):
             try:
                 self.freeze(pids, timeout_ms)
                 return attempt
             except CudaError as exc:
-                if exc.code != CUDA_ERROR_NOT_READY or attempt == attempts:
+                if exc.code != CUDA_ERROR_NOT_READY:
                     raise
                 log.warning("lock timed out (%s); all ranks unlocked, trying again in %.0f s", exc, pause_s)
                 time.sleep(pause_s)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        self.freeze(pids, timeout_ms)  # the last attempt: its failure is the one reported
+        return attempts
 
     def freeze(self, pids: list[int], timeout_ms: int) -> None:
         """Lock all, then checkpoint all. On failure, put back what was done, then raise."""
