@@ -14,8 +14,9 @@ the node agent, which already has the cache and a ServiceAccount, turns each int
 | ``checkpoint.status: skipped`` | Warning | ``ThawCheckpointSkipped`` |
 
 An Event's name is derived from the pod, the container's start and the message, so the agent posting
-it again (a restart of the agent) is answered 409 and changes nothing. Pure functions here; the
-agent does the I/O.
+it again (a restart of the agent) is answered 409 and changes nothing. ``outcome_specs`` and
+``event_body`` are pure; ``write_outcome_copy`` (thaw exec) and ``node_events`` (the agent) are the
+file I/O around them; the agent posts.
 """
 
 from __future__ import annotations
