@@ -87,13 +87,17 @@ def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) ->
             continue
         try:
             api.create_namespaced_event(body["metadata"]["namespace"], body)
-            log.info("event %s on pod %s/%s: %s", body["reason"], body["metadata"]["namespace"],
-                     body["involvedObject"]["name"], body["message"])  # fmt: skip
+            log.info("event: %s", event_line(body))
         except ApiException as exc:
             if exc.status != HTTP_CONFLICT:
                 log.warning("cannot post event %s: %s %s", name, exc.status, exc.reason)
                 continue
         posted.add(name)
+
+
+def event_line(body: dict[str, Any]) -> str:
+    ref = body["involvedObject"]
+    return f"{body['type']} {body['reason']} on pod {ref['namespace']}/{ref['name']}: {body['message']}"
 
 
 def patch_node(api: Any, node: str, annotations: dict[str, str]) -> None:
@@ -150,9 +154,12 @@ def run(args: argparse.Namespace) -> int:
                     len(result.inventory["snapshots"]),
                     result.inventory["free_bytes"],
                 )
+            # How each Thaw pod on this node started, as Events on the pod (thaw/events.py).
             if api is not None:
-                # How each Thaw pod on this node started, as Events on the pod (thaw/events.py).
                 post_events(api, node_events(args.cache, args.node), posted)
+            else:
+                for body in node_events(args.cache, "(dry run)"):
+                    log.info("event (dry run): %s", event_line(body))
             failed = False
         except Exception as exc:
             # A transient API or disk error must not crash-loop the DaemonSet: log it, try again.

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -156,6 +157,7 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
     fields = {
         "metadata.name": name,
         "metadata.namespace": "llm-serving",
+        "metadata.uid": str(uuid.uuid4()),
         "spec.nodeName": LOCAL_NODE,
     }
     node_env = {"THAW_FACTS": str(node_dir / "facts.json")}  # --facts: no GPU to detect here
@@ -244,6 +246,10 @@ def agent_once(ctx: DemoContext) -> dict[str, str]:
         )
     if not inv.get("snapshots"):
         ctx.say(f"    {NODE_CACHE}: no snapshots; free {inv.get('free_bytes', 0) / 1e9:.0f} GB")
+    # what it would post on this node's pods (kubectl describe pod), from thaw exec's outcome copies
+    for line in res.stderr.splitlines():
+        if "event (dry run): " in line:
+            ctx.say(f"    event: {line.split('event (dry run): ', 1)[1]}")
     return annotations
 
 
@@ -316,6 +322,7 @@ def restore_step(ctx: DemoContext) -> None:
         f"(CRIU restores PIDs)"
     )
     restored = run.outcome.get("result") == "restored"
+    agent_once(ctx)  # its events now include the restore's (the annotations the extender saw stay)
     ctx.record("restore", f"{name}: fetch", run.plan.get("action", "?"), run.plan.get("snapshot", ""))
     ctx.record(
         "restore",

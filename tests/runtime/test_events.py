@@ -212,3 +212,13 @@ def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> 
         assert ns == "ml" and event["reason"] == "ThawColdStart" and event["involvedObject"]["uid"] == UID
         assert sum(r.startswith("POST /api/v1/namespaces/ml/events") for r in kube.requests) == 2
         kubernetes_validate.validate(event, "1.30", strict=True)
+
+
+def test_agent_dry_run_logs_the_events_it_would_post(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    write_outcome_copy(world.cache, UID, orjson.dumps({"result": "cold", "reason": "no plan", "pod": POD}))
+    run = thaw(
+        "agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts", world.facts_for(FACTS), "--once"
+    )
+    assert run.returncode == 0, run.stderr
+    assert "event (dry run): Normal ThawColdStart on pod ml/qwen-2: cold start: no plan" in run.stderr
