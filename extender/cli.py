@@ -64,14 +64,5 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--nodes {exc}") from None
     params = load_params(getattr(args, "scoring", None))
     app_module.CONFIG = app_module.AppConfig(nodes_file=nodes, params=params)
-    serve(
-        ServeOptions(
-            app="extender.app:create_app",
-            host=args.host,
-            port=args.port,
-            cert_dir=args.cert_dir,
-            workers=args.workers,
-            threads=args.threads,
-        )
-    )
+    serve(ServeOptions.from_args("extender.app:create_app", args))
     return 0

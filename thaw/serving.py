@@ -51,6 +51,18 @@ class ServeOptions:
     post_worker_init: Callable[[], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def from_args(cls, app: str, args: Any) -> ServeOptions:
+        """The options every server command takes (--host, --port, --cert-dir, --workers, --threads)."""
+        return cls(
+            app=app,
+            host=args.host,
+            port=args.port,
+            cert_dir=args.cert_dir,
+            workers=args.workers,
+            threads=args.threads,
+        )
+
 
 def prepare_metrics_dir(workers: int) -> Path | None:
     """Point prometheus_client at a shared directory when several processes serve.

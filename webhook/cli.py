@@ -26,14 +26,5 @@ def run(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
     else:
         os.environ.pop(CONFIG_ENV, None)
-    serve(
-        ServeOptions(
-            app="webhook.app:create_app",
-            host=args.host,
-            port=args.port,
-            cert_dir=args.cert_dir,
-            workers=args.workers,
-            threads=args.threads,
-        )
-    )
+    serve(ServeOptions.from_args("webhook.app:create_app", args))
     return 0

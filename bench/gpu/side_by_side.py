@@ -72,6 +72,27 @@ def thaw(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def checkpoint_args(
+    store: Path, key: Path, name: str, workload: str, outcome: Path, *, tcp: bool
+) -> list[str]:
+    """``thaw exec`` flags of a checkpointing pod (signed publish to ``store``)."""
+    return [
+        "--checkpoint", "on-ready", "--ready", f"http://127.0.0.1:{PORT}/health", "--store", str(store),
+        "--key", str(key), "--name", name, "--workload", workload, "--outcome", str(outcome),
+        *(["--tcp-established"] if tcp else []),
+    ]  # fmt: skip
+
+
+def fetch(
+    store: Path, cache: Path, name: str, workload: str, *, trust: Path, plan: Path
+) -> subprocess.CompletedProcess[str]:
+    """``thaw fetch`` into another node's ``cache``: the plan a restoring pod gets."""
+    return thaw(
+        "fetch", "--store", str(store), "--cache", str(cache), "--name", name, "--workload", workload,
+        "--trust", str(trust), "--plan", str(plan),
+    )  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="bench")
@@ -199,23 +220,11 @@ def main(argv: list[str]) -> int:
         "outcome": str(ck_outcome),
         "log": str(args.out / f"{tag}-checkpoint.log"),
         "thaw_args": [
-            "--checkpoint",
-            "on-ready",
-            "--ready",
-            f"http://127.0.0.1:{PORT}/health",
-            "--store",
-            str(root / "store"),
-            "--key",
-            str(keys / "signing.key"),
-            "--name",
-            "standin",
-            "--workload",
-            f"bench-{tag}",
+            *checkpoint_args(
+                root / "store", keys / "signing.key", "standin", f"bench-{tag}", ck_outcome, tcp=args.tp > 1
+            ),
             "--cache",
             str(root / "cache-a"),
-            "--outcome",
-            str(ck_outcome),
-            *(["--tcp-established"] if args.tp > 1 else []),
         ],
     }
     ckpt = phase(ck_spec)
@@ -238,21 +247,7 @@ def main(argv: list[str]) -> int:
     # 4. fetch into another node's cache
     plan = root / "pod-restore/plan.json"
     t = time.monotonic()
-    r = thaw(
-        "fetch",
-        "--store",
-        str(root / "store"),
-        "--cache",
-        str(root / "cache-b"),
-        "--name",
-        "standin",
-        "--workload",
-        f"bench-{tag}",
-        "--trust",
-        str(trust),
-        "--plan",
-        str(plan),
-    )
+    r = fetch(root / "store", root / "cache-b", "standin", f"bench-{tag}", trust=trust, plan=plan)
     res["fetch_s"] = round(time.monotonic() - t, 2)
     res["fetch_log"] = r.stderr[-600:]
     print("fetch:", res["fetch_s"], "s", r.stderr[-300:], flush=True)
@@ -401,14 +396,16 @@ def probe_once(
             "wait_checkpoint": True,
             "outcome": str(d / "a/outcome.json"),
             "hide_dev": ckpt_hide or [],
-            "thaw_args": [
-                "--checkpoint", "on-ready", "--ready", f"http://127.0.0.1:{PORT}/health",
-                "--store", str(d / "store"), "--key", str(ctx["keys"] / "signing.key"), "--name", "probe",
-                "--workload", name, "--outcome", str(d / "a/outcome.json"),
-                *(["--tcp-established"] if tcp_established else []),
-            ],
+            "thaw_args": checkpoint_args(
+                d / "store",
+                ctx["keys"] / "signing.key",
+                "probe",
+                name,
+                d / "a/outcome.json",
+                tcp=tcp_established,
+            ),
         }
-    )  # fmt: skip
+    )
     c = ck.get("outcome", {}).get("checkpoint", {})
     row: dict[str, Any] = {
         "dropped": name,
@@ -420,10 +417,7 @@ def probe_once(
     if c.get("status") != "published":
         return row, None
     plan = d / "b/plan.json"
-    thaw(
-        "fetch", "--store", str(d / "store"), "--cache", str(d / "cache"), "--name", "probe",
-        "--workload", name, "--trust", str(ctx["trust"]), "--plan", str(plan),
-    )  # fmt: skip
+    fetch(d / "store", d / "cache", "probe", name, trust=ctx["trust"], plan=plan)
     restore = {
         **common,
         "name": f"probe-restore-{name}",
