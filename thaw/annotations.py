@@ -12,12 +12,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from thaw.hooks import HookError, check_pair
+
 PREFIX = "thaw.dev/"
 SNAPSHOT = "thaw.dev/snapshot"
 CONTAINER = "thaw.dev/container"
 CHECKPOINT = "thaw.dev/checkpoint"
 PLACEMENT = "thaw.dev/placement"
 TENSOR_PARALLEL = "thaw.dev/tensor-parallel"
+SLEEP = "thaw.dev/sleep"
+WAKE = "thaw.dev/wake"
 # Set by the webhook, never by users.
 INJECTED = "thaw.dev/injected"
 WORKLOAD = "thaw.dev/workload"
@@ -34,7 +38,7 @@ RESTORE_LABEL_VALUE = "allowed"
 # (removeMissingExtendedResources), so the request never blocks a pod on the node.
 EXTENDED_RESOURCE = "thaw.dev/restore"
 
-USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT, TENSOR_PARALLEL)
+USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT, TENSOR_PARALLEL, SLEEP, WAKE)
 WEBHOOK_KEYS = (INJECTED, WORKLOAD)
 
 CheckpointMode = Literal["on-ready", "never"]
@@ -59,6 +63,9 @@ class ThawSpec:
     checkpoint: CheckpointMode
     placement: Placement
     tensor_parallel: TensorParallel = "auto"
+    # Hooks (thaw.hooks): URLs or paths on the readiness URL's server; both or neither.
+    sleep: str | None = None
+    wake: str | None = None
 
 
 def is_dns1123_label(value: str) -> bool:
@@ -93,10 +100,17 @@ def parse_spec(annotations: Mapping[str, str] | None) -> ThawSpec | None:
     checkpoint = _choice(annotations, CHECKPOINT, CHECKPOINT_MODES, "on-ready")
     placement = _choice(annotations, PLACEMENT, PLACEMENTS, "preferred")
     tensor_parallel = _choice(annotations, TENSOR_PARALLEL, TENSOR_PARALLEL_MODES, "auto")
+    sleep, wake = annotations.get(SLEEP), annotations.get(WAKE)
+    try:
+        check_pair(sleep, wake, (f"annotation {SLEEP}", f"annotation {WAKE}"))
+    except HookError as exc:
+        raise AnnotationError(str(exc)) from exc
     return ThawSpec(
         snapshot=snapshot,
         container=container,
         checkpoint=checkpoint,  # type: ignore[arg-type]  # checked by _choice
         placement=placement,  # type: ignore[arg-type]
         tensor_parallel=tensor_parallel,  # type: ignore[arg-type]
+        sleep=sleep,
+        wake=wake,
     )

@@ -16,7 +16,8 @@ Order of decisions (each one documented in README.md, "Webhook"):
 5. namespace not allowed: untouched, with a warning that says why the pod cold-starts and how to
    allow restore;
 6. no target container, target without ``command``, a volume, init container or mount path that
-   clashes with Thaw's: refused (400) with what to change;
+   clashes with Thaw's, a sleep/wake hook given as a path with no http(s) readiness URL to resolve
+   it against: refused (400) with what to change;
 7. otherwise: the full injection (``webhook.patches``).
 """
 
@@ -32,11 +33,14 @@ from thaw.annotations import (
     INJECTED,
     RESTORE_LABEL,
     RESTORE_LABEL_VALUE,
+    SLEEP,
+    WAKE,
     WORKLOAD,
     AnnotationError,
     ThawSpec,
     parse_spec,
 )
+from thaw.hooks import HookError, resolve_pair
 from thaw.workload import workload_hash
 from webhook import patches as P
 from webhook.types import PatchOp
@@ -207,7 +211,7 @@ def _inject(  # noqa: PLR0917  (private; called once)
     index: int,
     container: Mapping[str, Any],
     prepared: P.Prepared,
-) -> Mutation:
+) -> Mutation | Refusal:
     config = prepared.config
     warnings: list[str] = []
     workload = workload_hash(container, prepared.allowlist)
@@ -222,6 +226,10 @@ def _inject(  # noqa: PLR0917  (private; called once)
     ready, note = P.ready_target(container, config.ready_default)
     if note is not None:
         warnings.append(f"thaw: container {container.get('name')!r}: {note}")
+    try:  # a path needs the readiness URL's server: known only now, with the container
+        hooks = resolve_pair(spec.sleep, spec.wake, ready, (f"annotation {SLEEP}", f"annotation {WAKE}"))
+    except HookError as exc:
+        return Refusal(400, f"thaw: container {container.get('name')!r}: {exc}")
     if publish and ready is None:
         warnings.append(
             f"thaw: container {container.get('name')!r} has no readinessProbe: thaw exec cannot tell when "
@@ -240,6 +248,9 @@ def _inject(  # noqa: PLR0917  (private; called once)
     env.append({"name": "THAW_CHECKPOINT", "value": checkpoint})
     if ready is not None:
         env.append({"name": "THAW_READY", "value": ready})
+    if hooks is not None:
+        env.append({"name": "THAW_SLEEP", "value": hooks[0]})
+        env.append({"name": "THAW_WAKE", "value": hooks[1]})
     env.append({"name": "THAW_NAME", "value": spec.snapshot})
     env.append({"name": "THAW_WORKLOAD", "value": workload})
     env.append({"name": "THAW_CONTAINER", "value": str(container.get("name"))})

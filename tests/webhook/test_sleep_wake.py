@@ -1,0 +1,78 @@
+"""The webhook's sleep/wake hooks (thaw.dev/sleep, thaw.dev/wake): validated at admission, resolved
+against the container's readinessProbe, handed to thaw exec as THAW_SLEEP / THAW_WAKE."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from webhook.mutate import Mutation, Refusal
+
+from .test_mutate import SNAP, env_of, mutated, pod, run
+
+PROBE = {"readinessProbe": {"httpGet": {"path": "/health", "port": "http"}}}
+PORTS = {"ports": [{"name": "http", "containerPort": 8000}]}
+HOOKS = {"thaw.dev/sleep": "/sleep?level=1", "thaw.dev/wake": "/wake_up"}
+
+
+def test_paths_resolve_against_the_readiness_probe() -> None:
+    out, result = mutated(pod({**SNAP, **HOOKS}, **PROBE, **PORTS))
+    env = env_of(out)
+    assert env["THAW_READY"] == "http://127.0.0.1:8000/health"
+    assert env["THAW_SLEEP"] == "http://127.0.0.1:8000/sleep?level=1"
+    assert env["THAW_WAKE"] == "http://127.0.0.1:8000/wake_up"
+    assert result.warnings == []
+
+
+def test_exact_env_ops() -> None:
+    hooks = {"thaw.dev/sleep": "http://127.0.0.1:9000/sleep", "thaw.dev/wake": "http://127.0.0.1:9000/wake"}
+    result = run(pod({**SNAP, **hooks}))
+    assert isinstance(result, Mutation)
+    env_op: Any = next(op for op in result.ops if op["path"] == "/spec/containers/0/env")
+    names = [e["name"] for e in env_op["value"]]
+    i = names.index("THAW_SLEEP")
+    assert env_op["value"][i : i + 3] == [
+        {"name": "THAW_SLEEP", "value": "http://127.0.0.1:9000/sleep"},
+        {"name": "THAW_WAKE", "value": "http://127.0.0.1:9000/wake"},
+        {"name": "THAW_NAME", "value": "qwen3-8b-vllm"},
+    ]
+
+
+def test_without_hooks_no_env() -> None:
+    out, _ = mutated(pod(SNAP, **PROBE, **PORTS))
+    assert not {"THAW_SLEEP", "THAW_WAKE"} & set(env_of(out))
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize(
+    ("hooks", "words"),
+    [
+        ({"thaw.dev/sleep": "/sleep"}, "annotation thaw.dev/sleep needs annotation thaw.dev/wake too"),
+        ({"thaw.dev/wake": "/wake"}, "annotation thaw.dev/wake needs annotation thaw.dev/sleep too"),
+        (
+            {"thaw.dev/sleep": "sleep", "thaw.dev/wake": "/wake"},
+            "annotation thaw.dev/sleep='sleep' is not valid: use an http:// or https:// URL",
+        ),
+        (
+            {"thaw.dev/sleep": "/sleep", "thaw.dev/wake": "tcp:8000"},
+            "annotation thaw.dev/wake='tcp:8000' is not valid",
+        ),
+    ],
+)
+def test_invalid_hooks_refused_on_both_paths(hooks: dict[str, str], words: str, restore: bool) -> None:
+    result = run(pod({**SNAP, **hooks}, **PROBE, **PORTS), restore=restore)
+    assert isinstance(result, Refusal) and result.code == 400
+    assert words in result.message
+
+
+def test_a_path_without_an_http_probe_is_refused_with_the_fix() -> None:
+    tcp = {"readinessProbe": {"tcpSocket": {"port": 8000}}}
+    result = run(pod({**SNAP, **HOOKS}, **tcp))
+    assert isinstance(result, Refusal) and result.code == 400
+    assert "container 'server'" in result.message
+    assert "annotation thaw.dev/sleep='/sleep?level=1' is a path" in result.message
+    assert "tcp:8000" in result.message and "give a full http:// URL" in result.message
+    # full URLs need no probe
+    full = {"thaw.dev/sleep": "http://127.0.0.1:8000/sleep", "thaw.dev/wake": "http://127.0.0.1:8000/wake"}
+    assert isinstance(run(pod({**SNAP, **full}, **tcp)), Mutation)

@@ -1,0 +1,116 @@
+"""Sleep and wake hooks: the workload's own way to shrink what a snapshot must carry.
+
+A vLLM-class server preallocates most of the GPU's memory as KV cache (``--gpu-memory-utilization
+0.9``: ~125 GB of an H200), and the CUDA checkpoint copies every allocated byte into host memory,
+so into the snapshot. A server that can let go of that memory and take it back (vLLM's sleep mode:
+``POST /sleep?level=1`` offloads the weights to host memory and drops the KV cache, ``POST
+/wake_up`` undoes it) is put to sleep just before the checkpoint and woken right after it, and every
+restored replica is woken before its readiness check: the snapshot carries the weights, not an
+empty cache.
+
+A hook is an ``http(s)://`` URL, or a path (``/sleep?level=1``) on the server that the readiness
+URL names. Thaw POSTs to it with an empty body and ``Connection: close`` (no socket left behind for
+the dump) and waits for a 2xx answer. Parsing is pure; :func:`call` does the one request.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+# Moving even 140 GB of weights between GPU and host memory takes seconds (10-50 GB/s); beyond this a
+# hook is taken as hung.
+HOOK_TIMEOUT_S = 300.0
+MAX_HOOK_LENGTH = 2048
+
+
+class HookError(ValueError):
+    """A hook value that is not one of the allowed forms; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True, slots=True)
+class HookFailed:
+    """Why a hook call did not succeed. ``refused``: the server answered 4xx (no such endpoint, not
+    allowed), so it did not act on the request; after a 5xx, a timeout or a lost connection it may
+    have acted on it in part."""
+
+    reason: str
+    refused: bool
+
+
+def check_hook(name: str, value: str) -> None:
+    """Raise HookError unless ``value`` is an http(s) URL with a host, or a path starting with ``/``."""
+    allowed = "an http:// or https:// URL, or a path starting with '/' on the readiness URL's server"
+    if (
+        not isinstance(value, str)  # annotations arrive as JSON: be sure
+        or not value
+        or len(value) > MAX_HOOK_LENGTH
+        or any(c.isspace() or ord(c) < 32 for c in value)
+    ):
+        raise HookError(
+            f"{name}={value!r} is not valid: use {allowed} (no spaces, at most {MAX_HOOK_LENGTH})"
+        )
+    if value.startswith("/"):
+        if value.startswith("//"):
+            raise HookError(f"{name}={value!r} is not valid: a path must not start with '//'; use {allowed}")
+        return
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise HookError(f"{name}={value!r} is not valid: use {allowed}")
+
+
+def resolve_hook(name: str, value: str, ready: str | None) -> str:
+    """The URL to POST to: ``value`` itself, or the path joined to the readiness URL's origin.
+
+    ``ready`` is the ``--ready``/``THAW_READY`` value; a path needs it to be an http(s) URL.
+    """
+    check_hook(name, value)
+    if not value.startswith("/"):
+        return value
+    if ready is None or not ready.startswith(("http://", "https://")):
+        raise HookError(
+            f"{name}={value!r} is a path, which needs an http(s) readiness URL to name the server "
+            f"(the readiness check is {ready or 'not set'}); give a full http:// URL instead"
+        )
+    origin = urlsplit(ready)
+    return f"{origin.scheme}://{origin.netloc}{value}"
+
+
+def check_pair(sleep: str | None, wake: str | None, names: tuple[str, str]) -> None:
+    """Raise HookError unless both hooks are valid or neither is set. One without the other is an
+    error: a server put to sleep with no way to wake it would never serve again."""
+    if sleep is None and wake is None:
+        return
+    if sleep is None or wake is None:
+        given, missing = names if wake is None else names[::-1]
+        raise HookError(f"{given} needs {missing} too (set both, or neither)")
+    check_hook(names[0], sleep)
+    check_hook(names[1], wake)
+
+
+def resolve_pair(
+    sleep: str | None, wake: str | None, ready: str | None, names: tuple[str, str]
+) -> tuple[str, str] | None:
+    """Both hooks resolved (:func:`resolve_hook`), or None when neither is set."""
+    check_pair(sleep, wake, names)
+    if sleep is None or wake is None:
+        return None
+    return resolve_hook(names[0], sleep, ready), resolve_hook(names[1], wake, ready)
+
+
+def call(url: str, timeout: float = HOOK_TIMEOUT_S) -> HookFailed | None:
+    """POST to ``url``; None on a 2xx answer, else why not."""
+    req = urllib.request.Request(url, data=b"", method="POST", headers={"Connection": "close"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status = int(resp.status)
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (OSError, ValueError) as exc:
+        return HookFailed(f"POST {url}: {exc}", refused=False)
+    if 200 <= status < 300:
+        return None
+    return HookFailed(f"POST {url} answered {status}", refused=400 <= status < 500)
