@@ -138,7 +138,7 @@ def test_webhook_env_names_match_the_flags_the_injection_uses() -> None:
     fetch = {a.dest for a in _sub("fetch")._actions}
     exec_ = {a.dest for a in _sub("exec")._actions}
     assert {"store", "cache", "name", "workload", "trust", "plan"} <= fetch
-    assert {"plan", "checkpoint", "ready", "store", "key", "name", "workload"} <= exec_
+    assert {"plan", "checkpoint", "ready", "store", "key", "name", "workload", "sleep", "wake"} <= exec_
 
 
 def _sub(name: str) -> argparse.ArgumentParser:

@@ -162,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(p, "--outcome", type=Path, default=None, help="outcome JSON (default: outcome.json beside --plan)")
     _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
+    _add(p, "--sleep", default=None, help="URL (or path on --ready's server) to POST before the checkpoint")
+    _add(p, "--wake", default=None, help="URL (or path) to POST after the checkpoint and after a restore")
     _add(p, "--pid-floor", type=int, default=4096, help="start the workload at or above this PID")
     _add(
         p,

@@ -55,8 +55,9 @@ from typing import Any
 
 import orjson
 
-from thaw import criu
+from thaw import criu, hooks
 from thaw.cli import UsageError
+from thaw.hooks import HookError, resolve_pair
 from thaw.manifest import EXEC_META_NAME
 from thaw.plan import Plan, read_plan
 from thaw.ready import ReadySpec, ReadySpecError, parse_ready, wait_ready
@@ -513,6 +514,13 @@ def restore(
                 except (CudaError, CudaUnavailable, ValueError) as exc:
                     raise RestoreFailed(f"CUDA restore failed: {exc}") from exc
                 timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
+        wake = meta.get("wake")  # the snapshot was taken asleep (thaw.hooks): wake this replica
+        if isinstance(wake, str):
+            t3 = time.monotonic()
+            failed = hooks.call(wake)
+            if failed is not None:
+                raise RestoreFailed(f"restored server did not wake: {failed.reason}")
+            timings["wake_s"] = round(time.monotonic() - t3, 3)
         if ready is not None:
             t2 = time.monotonic()
             why = wait_ready(ready, RESTORE_READY_TIMEOUT_S, alive=sup.alive)
@@ -549,6 +557,7 @@ class CheckpointConfig:
     cache: Path | None
     opts: criu.CriuOptions
     logs: Path
+    hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.hooks
 
 
 def stdio_names() -> dict[str, str]:
@@ -573,7 +582,8 @@ def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
 
 
 def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict[str, Any]:
-    """Lock+checkpoint CUDA, dump with CRIU leaving the tree running, restore+unlock CUDA.
+    """Sleep hook, lock+checkpoint CUDA, dump with CRIU leaving the tree running, restore+unlock
+    CUDA, wake hook.
 
     Returns the metadata written into ``images``. Raises RuntimeError with the reason.
     """
@@ -596,42 +606,43 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
             raise RuntimeError(f"processes {gpu_users} use the GPU but {exc}") from exc
         cuda_pids = cuda.cuda_pids(pids)
     uuids = gpu_uuids_or_none(cuda)
-    frozen = False
-    try:
-        if cuda is not None and cuda_pids:
+    with _asleep(cfg.hooks, timings):
+        frozen = False
+        try:
+            if cuda is not None and cuda_pids:
+                t = time.monotonic()
+                tries = cuda.freeze_retrying(
+                    cuda_pids, CUDA_LOCK_TIMEOUT_MS, attempts=CUDA_LOCK_ATTEMPTS, pause_s=CUDA_LOCK_PAUSE_S
+                )
+                frozen = True
+                timings["cuda_checkpoint_s"] = round(time.monotonic() - t, 3)
+                if tries > 1:
+                    timings["cuda_lock_attempts"] = tries
+            fds = {p: criu.fd_targets(p) for p in pids}
+            left = criu.device_fds(fds)
+            if left:
+                log.warning("GPU device files still open after the CUDA checkpoint: %s", "; ".join(left))
+            reasons = criu.undumpable_reasons(fds)
+            if reasons:
+                raise RuntimeError("; ".join(reasons))
             t = time.monotonic()
-            tries = cuda.freeze_retrying(
-                cuda_pids, CUDA_LOCK_TIMEOUT_MS, attempts=CUDA_LOCK_ATTEMPTS, pause_s=CUDA_LOCK_PAUSE_S
+            criu.run(
+                criu.dump_args(binary, root, images, cfg.logs, cfg.opts),
+                cfg.logs / "dump.log",
+                CRIU_DUMP_TIMEOUT_S,
             )
-            frozen = True
-            timings["cuda_checkpoint_s"] = round(time.monotonic() - t, 3)
-            if tries > 1:
-                timings["cuda_lock_attempts"] = tries
-        fds = {p: criu.fd_targets(p) for p in pids}
-        left = criu.device_fds(fds)
-        if left:
-            log.warning("GPU device files still open after the CUDA checkpoint: %s", "; ".join(left))
-        reasons = criu.undumpable_reasons(fds)
-        if reasons:
-            raise RuntimeError("; ".join(reasons))
-        t = time.monotonic()
-        criu.run(
-            criu.dump_args(binary, root, images, cfg.logs, cfg.opts),
-            cfg.logs / "dump.log",
-            CRIU_DUMP_TIMEOUT_S,
-        )
-        timings["criu_dump_s"] = round(time.monotonic() - t, 3)
-    finally:
-        if frozen and cuda is not None:
-            from thaw.cuda import CudaError
+            timings["criu_dump_s"] = round(time.monotonic() - t, 3)
+        finally:
+            if frozen and cuda is not None:
+                from thaw.cuda import CudaError
 
-            t = time.monotonic()
-            try:
-                cuda.thaw(cuda_pids)
-            except CudaError as exc:
-                why = f"the CUDA state could not be put back after the checkpoint: {exc}"
-                raise WorkloadBroken(why) from exc
-            timings["cuda_restore_s"] = round(time.monotonic() - t, 3)
+                t = time.monotonic()
+                try:
+                    cuda.thaw(cuda_pids)
+                except CudaError as exc:
+                    why = f"the CUDA state could not be put back after the checkpoint: {exc}"
+                    raise WorkloadBroken(why) from exc
+                timings["cuda_restore_s"] = round(time.monotonic() - t, 3)
     meta = {
         "format": META_FORMAT,
         "root_pid": root,
@@ -645,8 +656,40 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         ),
         "timings": timings,
     }
+    if cfg.hooks is not None:
+        meta["wake"] = cfg.hooks[1]  # a restored replica is as asleep as this server was: wake it
     (images / META_NAME).write_bytes(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
     return meta
+
+
+@contextlib.contextmanager
+def _asleep(pair: tuple[str, str] | None, timings: dict[str, float]) -> Iterator[None]:
+    """Run the body with the workload asleep (its sleep hook called, its wake hook after). Raises
+    RuntimeError when it would not sleep, WorkloadBroken when it may be asleep and would not wake."""
+    if pair is None:
+        yield
+        return
+    sleep, wake = pair
+    t = time.monotonic()
+    failed = hooks.call(sleep)
+    if failed is not None and failed.refused:  # it did nothing, so it is awake: nothing to undo
+        raise RuntimeError(f"sleep hook: {failed.reason}")
+    timings["sleep_s"] = round(time.monotonic() - t, 3)
+    broken = False
+    try:
+        if failed is not None:  # it may be half asleep: the wake below still runs
+            raise RuntimeError(f"sleep hook: {failed.reason}")
+        yield
+    except WorkloadBroken:
+        broken = True  # the tree stays frozen and is stopped: a wake would only hang
+        raise
+    finally:
+        if not broken:
+            t = time.monotonic()
+            woke = hooks.call(wake)
+            if woke is not None:
+                raise WorkloadBroken(f"the server did not wake after the checkpoint: {woke.reason}")
+            timings["wake_s"] = round(time.monotonic() - t, 3)
 
 
 def images_dir(cache: Path | None) -> Path:
@@ -803,7 +846,8 @@ def checkpoint_config(
         raise UsageError(f"--checkpoint on-ready needs {', '.join(missing)}")
     try:
         ready = parse_ready(args.ready)
-    except ReadySpecError as exc:
+        hooks = resolve_pair(args.sleep, args.wake, args.ready, ("--sleep", "--wake"))
+    except (ReadySpecError, HookError) as exc:
         raise UsageError(str(exc)) from exc
     return CheckpointConfig(
         ready=ready,
@@ -816,6 +860,7 @@ def checkpoint_config(
         cache=args.cache,
         opts=opts,
         logs=logs,
+        hooks=hooks,
     )
 
 

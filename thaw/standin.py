@@ -5,6 +5,10 @@ bench/runtime_cpu.py (plain stdlib: it runs as a file, ``python3 thaw/standin.py
 fills N MiB of memory (what a real server spends its start on), then serves on 127.0.0.1:PORT:
 ``GET /state`` -> JSON with a counter and a digest of the warm-up's result; ``POST /bump`` adds one
 to the counter. A restored server must answer with the counter it had when it was checkpointed.
+
+Sleep mode, as vLLM's (Thaw's sleep/wake hooks, thaw/hooks.py): ``POST /sleep`` lets go of the
+``--mem-mb`` memory (a KV cache's stand-in: its content need not survive) and answers 503 to
+everything else until ``POST /wake`` allocates it again.
 """
 
 from __future__ import annotations
@@ -22,25 +26,50 @@ class State:
     digest = ""
     started = 0.0
     pid = 0
+    mem_mb = 0
+    blob = bytearray()
+    asleep = False
 
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"  # one request per connection: nothing established stays behind
 
-    def _send(self, body: dict[str, object]) -> None:
+    def _send(self, body: dict[str, object], status: int = 200) -> None:
         raw = json.dumps(body).encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(raw)))
         self.end_headers()
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
-        self._send({"counter": State.counter, "digest": State.digest, "pid": os.getpid()})
+        if State.asleep:
+            self._send({"error": "asleep"}, 503)
+            return
+        self._send(
+            {
+                "counter": State.counter,
+                "digest": State.digest,
+                "pid": os.getpid(),
+                "mem_mb": len(State.blob) >> 20,
+            }
+        )
 
     def do_POST(self) -> None:
-        State.counter += 1
-        self._send({"counter": State.counter})
+        if self.path == "/sleep":
+            State.blob, State.asleep = bytearray(), True  # freed: large buffers go back to the kernel
+            self._send({"asleep": True})
+        elif self.path == "/wake":
+            if State.asleep:  # allocated and touched again; its old content is forgotten, as a KV cache's
+                State.blob, State.asleep = bytearray(b"\x5a") * (State.mem_mb << 20), False
+            self._send({"asleep": False})
+        elif State.asleep:
+            self._send({"error": "asleep"}, 503)
+        elif self.path == "/bump":
+            State.counter += 1
+            self._send({"counter": State.counter})
+        else:
+            self._send({"error": f"no such endpoint: POST {self.path}"}, 404)
 
     def log_message(self, format: str, *args: object) -> None:
         sys.stdout.write("request " + (format % args) + "\n")
@@ -57,8 +86,8 @@ def main(argv: list[str]) -> int:
     while time.monotonic() < deadline:
         h.update(n.to_bytes(8, "little") * 512)
         n += 1
-    blob = bytearray(os.urandom(1 << 20)) * mem_mb  # memory the snapshot must carry
-    h.update(bytes(blob[:4096]))
+    State.mem_mb, State.blob = mem_mb, bytearray(os.urandom(1 << 20)) * mem_mb  # memory a snapshot carries
+    h.update(bytes(State.blob[:4096]))
     State.digest = h.hexdigest()
     server = HTTPServer(("127.0.0.1", port), Handler)
     print(f"serving on {port} after {n} warm-up rounds", flush=True)

@@ -92,6 +92,14 @@ def test_usage_errors() -> None:
     )
     _, err = p.communicate(timeout=30)
     assert p.returncode == 2 and "not allowed" in err
+    ckpt = ["--checkpoint", "on-ready", "--store", "/s", "--name", "n", "--workload", "w"]
+    for hooks, words in (
+        (["--ready", "tcp:8000", "--sleep", "/sleep"], "--sleep needs --wake too"),
+        (["--ready", "tcp:8000", "--sleep", "/sleep", "--wake", "/wake"], "--sleep='/sleep' is a path"),
+    ):
+        p = _exec(*ckpt, *hooks, "--", "true")
+        _, err = p.communicate(timeout=30)
+        assert p.returncode == 2 and words in err, err
 
 
 def test_missing_plan_is_a_cold_start(tmp_path: Path) -> None:

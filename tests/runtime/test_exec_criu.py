@@ -6,11 +6,14 @@ midway falls back to the cold command with the reason recorded.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,7 +35,7 @@ pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why
 
 PORT = 8171
 NAME = "state-server"
-WORKLOAD = "w-test-1"
+WORKLOAD = f"w-{NAME}"
 CMD = ["python3", str(STATE_SERVER), str(PORT)]
 URL = f"http://127.0.0.1:{PORT}"
 
@@ -45,72 +48,110 @@ class Snapshot:
     trust: Path
     facts: Path
     snapshot_id: str
-    checkpoint_outcome: dict[str, object]
+    checkpoint_outcome: dict[str, Any]
+    name: str = NAME
+    workload: str = WORKLOAD
+    cmd: list[str] = field(default_factory=lambda: list(CMD))
 
 
-@pytest.fixture(scope="module")
-def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
-    """Checkpoint the server once (counter bumped to 2 first) through thaw exec; then stop that pod."""
+@contextlib.contextmanager
+def _checkpointing(
+    root: Path, name: str, cmd: list[str], extra: tuple[str, ...] = ()
+) -> Iterator[tuple[Netns, Pod, Callable[[], dict[str, Any]]]]:
+    """A pod (fresh namespaces, the webhook's capabilities) that checkpoints ``cmd`` once it is
+    "ready": yields the namespace, the pod, and a function that makes it ready and returns the
+    checkpoint's outcome (published or failed)."""
     from thaw.signing import generate_keypair
 
-    root = tmp_path_factory.mktemp("ckpt")
     keys, trust = root / "keys", root / "trust"
-    generate_keypair(keys)
-    trust.mkdir()
-    shutil.copy(keys / "signing.pub", trust / "signing.pub")
+    if not keys.exists():
+        generate_keypair(keys)
+        trust.mkdir()
+        shutil.copy(keys / "signing.pub", trust / "signing.pub")
     facts = write_facts(root / "facts.json")
-    ready_flag = root / "ready.flag"
-    outcome_path = root / "pod-a" / "outcome.json"
-    ns = Netns()
-    pod = Pod(
-        ns,
-        [
-            "--checkpoint", "on-ready", "--ready", f"file:{ready_flag}", "--store", str(root / "store"),
-            "--key", str(keys / "signing.key"), "--name", NAME, "--workload", WORKLOAD,
-            "--facts", str(facts), "--cache", str(root / "cache-a"), "--outcome", str(outcome_path),
-        ],
-        CMD,
-        wrap=with_caps(THAW_CAPS),  # the capabilities the webhook grants, no more
-    )  # fmt: skip
-    try:
-        wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server to answer")
-        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
-        assert ns.http("POST", f"{URL}/bump") == {"counter": 2}
-        ready_flag.touch()  # "ready" only now, so the snapshot holds counter == 2
-        out = wait_for(
+    ready_flag = root / f"{name}.ready"
+    outcome_path = root / f"pod-{name}" / "outcome.json"
+
+    def checkpoint() -> dict[str, Any]:
+        ready_flag.touch()
+        out: dict[str, Any] = wait_for(
             lambda: (
                 (o := read_json(outcome_path).get("checkpoint"))
                 and o.get("status") in ("published", "failed")
                 and o
             ),
             90,
-            "the checkpoint to be published",
+            "the checkpoint to end",
+            pod,
         )
-        assert out["status"] == "published", f"{out}\n{pod.output}"
-        # The server keeps serving after its snapshot was taken, and its state moves on.
-        assert ns.http("POST", f"{URL}/bump") == {"counter": 3}
-        yield Snapshot(root, root / "store", keys, trust, facts, str(out["snapshot"]), out)
+        return out
+
+    ns = Netns()
+    pod = Pod(
+        ns,
+        [
+            "--checkpoint", "on-ready", "--ready", f"file:{ready_flag}", "--store", str(root / "store"),
+            "--key", str(keys / "signing.key"), "--name", name, "--workload", f"w-{name}",
+            "--facts", str(facts), "--cache", str(root / f"cache-{name}"), "--outcome", str(outcome_path),
+            *extra,
+        ],
+        cmd,
+        wrap=with_caps(THAW_CAPS),  # the capabilities the webhook grants, no more
+    )  # fmt: skip
+    try:
+        wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server to answer", pod)
+        yield ns, pod, checkpoint
     finally:
         pod.stop()
         ns.delete()
 
 
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
+    """Checkpoint the server once (counter bumped to 2 first) through thaw exec; then stop that pod."""
+    root = tmp_path_factory.mktemp("ckpt")
+    with _checkpointing(root, NAME, CMD) as (ns, pod, checkpoint):
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 2}
+        out = checkpoint()  # "ready" only now, so the snapshot holds counter == 2
+        assert out["status"] == "published", f"{out}\n{pod.output}"
+        # The server keeps serving after its snapshot was taken, and its state moves on.
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 3}
+        yield Snapshot(
+            root,
+            root / "store",
+            root / "keys",
+            root / "trust",
+            root / "facts.json",
+            str(out["snapshot"]),
+            out,
+        )
+
+
 def _fetch(snap: Snapshot, store: Path, pod_dir: Path) -> dict[str, object]:
     plan = pod_dir / "plan.json"
     res = thaw_cli(
-        "fetch", "--store", str(store), "--cache", str(pod_dir / "cache"), "--name", NAME,
-        "--workload", WORKLOAD, "--trust", str(snap.trust), "--plan", str(plan), "--facts", str(snap.facts),
+        "fetch", "--store", str(store), "--cache", str(pod_dir / "cache"), "--name", snap.name,
+        "--workload", snap.workload, "--trust", str(snap.trust), "--plan", str(plan),
+        "--facts", str(snap.facts),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     return read_json(plan)
 
 
 def _run_pod(
-    plan: Path, env: dict[str, str] | None = None, caps: tuple[str, ...] = THAW_CAPS
+    plan: Path, env: dict[str, str] | None = None, caps: tuple[str, ...] = THAW_CAPS, cmd: list[str] = CMD
 ) -> tuple[Netns, Pod]:
     ns = Netns()
-    pod = Pod(ns, ["--plan", str(plan), "--ready", f"{URL}/state"], CMD, env, wrap=with_caps(caps))
+    pod = Pod(ns, ["--plan", str(plan), "--ready", f"{URL}/state"], cmd, env, wrap=with_caps(caps))
     return ns, pod
+
+
+def _restore_outcome(pod_dir: Path, pod: Pod) -> dict[str, Any]:
+    out: dict[str, Any] = wait_for(
+        lambda: (o := read_json(pod_dir / "outcome.json")).get("result") and o, 60, "the restore outcome", pod
+    )
+    return out
 
 
 def test_checkpoint_records_what_it_took(snapshot: Snapshot) -> None:
@@ -133,12 +174,7 @@ def test_restore_answers_with_pre_checkpoint_state(snapshot: Snapshot, tmp_path:
     assert plan["action"] == "restore", plan
     ns, pod = _run_pod(tmp_path / "plan.json")
     try:
-        outcome = wait_for(
-            lambda: (o := read_json(tmp_path / "outcome.json")).get("result") and o,
-            60,
-            "the restore outcome",
-            pod,
-        )
+        outcome = _restore_outcome(tmp_path, pod)
         assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
         state = ns.http("GET", f"{URL}/state")
         assert state is not None
@@ -154,21 +190,31 @@ def test_restore_answers_with_pre_checkpoint_state(snapshot: Snapshot, tmp_path:
         ns.delete()
 
 
-def _corrupt_copy(snap: Snapshot, dest_store: Path) -> None:
-    """The snapshot with its memory pages truncated, re-published (so re-signed) by the trusted key:
-    fetch accepts it, and CRIU fails midway through the restore."""
+def _republish(snap: Snapshot, dest_store: Path, change: Callable[[Path], None]) -> None:
+    """The snapshot's images, changed, re-published (so re-signed) by the trusted key: fetch accepts
+    them, and the restore meets the change."""
     from thaw.nodefacts import node_facts
     from thaw.store import DirectoryStore, publish
 
-    images = dest_store.parent / "corrupt-images"
-    shutil.copytree(snap.store / NAME / snap.snapshot_id.split(":", 1)[1], images)
+    images = dest_store.parent / "changed-images"
+    shutil.copytree(snap.store / snap.name / snap.snapshot_id.split(":", 1)[1], images)
     (images / "manifest.json").unlink()
+    change(images)
+    publish(
+        DirectoryStore(dest_store),
+        snap.name,
+        snap.workload,
+        images,
+        snap.keys / "signing.key",
+        node_facts(snap.facts),
+    )
+
+
+def _truncate_pages(images: Path) -> None:
+    """CRIU fails midway through the restore of these."""
     pages = sorted(images.glob("pages-*.img"))[0]
     with open(pages, "r+b") as f:
         f.truncate(pages.stat().st_size // 2)
-    publish(
-        DirectoryStore(dest_store), NAME, WORKLOAD, images, snap.keys / "signing.key", node_facts(snap.facts)
-    )
 
 
 @pytest.mark.parametrize("failure", ["corrupt-pages", "criu-missing", "no-checkpoint-restore"])
@@ -178,16 +224,14 @@ def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: P
         caps = tuple(c for c in THAW_CAPS if c != "checkpoint_restore")
     elif failure == "corrupt-pages":
         store = tmp_path / "store"
-        _corrupt_copy(snapshot, store)
+        _republish(snapshot, store, _truncate_pages)
     else:
         env = {"THAW_CRIU": str(tmp_path / "no-such-criu")}
     plan = _fetch(snapshot, store, tmp_path)
     assert plan["action"] == "restore", plan
     ns, pod = _run_pod(tmp_path / "plan.json", env, caps)
     try:
-        outcome = wait_for(
-            lambda: (o := read_json(tmp_path / "outcome.json")).get("result") and o, 60, "the outcome", pod
-        )
+        outcome = _restore_outcome(tmp_path, pod)
         assert outcome["result"] == "cold", outcome
         reason = str(outcome["reason"])
         assert reason.startswith("restore failed:")
@@ -208,3 +252,106 @@ def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: P
     finally:
         pod.stop()
         ns.delete()
+
+
+# --- sleep and wake hooks (thaw/hooks.py) ---------------------------------------------------------
+
+SLEEPY = "sleepy-server"
+SLEEPY_CMD = [*CMD, "--mem-mb", "64"]  # 64 MiB that sleep lets go of, as vLLM's KV cache
+MIB = 1 << 20
+
+
+def _pages_bytes(snap: Snapshot) -> int:
+    images = snap.store / snap.name / snap.snapshot_id.split(":", 1)[1]
+    return sum(f.stat().st_size for f in images.glob("pages-*.img"))
+
+
+@pytest.fixture(scope="module")
+def sleepy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
+    """The stand-in with 64 MiB of cache, checkpointed asleep; the pod is stopped afterwards."""
+    root = tmp_path_factory.mktemp("sleepy")
+    hooks = ("--sleep", f"{URL}/sleep", "--wake", f"{URL}/wake")
+    with _checkpointing(root, SLEEPY, SLEEPY_CMD, hooks) as (ns, pod, checkpoint):
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
+        out = checkpoint()
+        assert out["status"] == "published", f"{out}\n{pod.output}"
+        state = ns.http("GET", f"{URL}/state")  # woken after the checkpoint: serving, memory back
+        assert state is not None and state["mem_mb"] == 64 and state["counter"] == 1
+        yield Snapshot(
+            root,
+            root / "store",
+            root / "keys",
+            root / "trust",
+            root / "facts.json",
+            str(out["snapshot"]),
+            out,
+            name=SLEEPY,
+            workload=f"w-{SLEEPY}",
+            cmd=SLEEPY_CMD,
+        )
+
+
+def test_asleep_checkpoint_leaves_the_cache_out(sleepy: Snapshot, snapshot: Snapshot) -> None:
+    out = sleepy.checkpoint_outcome
+    assert out["sleep_s"] >= 0 and out["wake_s"] >= 0
+    meta = read_json(sleepy.store / SLEEPY / sleepy.snapshot_id.split(":", 1)[1] / "thaw-exec.json")
+    assert meta["wake"] == f"{URL}/wake"  # signed with the images: the replica wakes the same way
+    # Side by side with the same server without the 64 MiB (the `snapshot` fixture): the sleeping
+    # server's pages are about as small; awake, the 64 MiB would be in them.
+    assert _pages_bytes(sleepy) < _pages_bytes(snapshot) + 16 * MIB
+
+
+def test_restored_replica_is_woken_before_its_readiness_check(sleepy: Snapshot, tmp_path: Path) -> None:
+    assert _fetch(sleepy, sleepy.store, tmp_path)["action"] == "restore"
+    ns, pod = _run_pod(tmp_path / "plan.json", cmd=SLEEPY_CMD)
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
+        assert outcome["timings"]["wake_s"] >= 0
+        state = ns.http("GET", f"{URL}/state")
+        assert state is not None and state["counter"] == 1 and state["mem_mb"] == 64
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+def test_replica_that_does_not_wake_starts_cold(sleepy: Snapshot, tmp_path: Path) -> None:
+    def wake_elsewhere(images: Path) -> None:
+        meta = read_json(images / "thaw-exec.json")
+        (images / "thaw-exec.json").write_text(json.dumps({**meta, "wake": f"{URL}/nope"}))
+
+    store = tmp_path / "store"
+    _republish(sleepy, store, wake_elsewhere)
+    assert _fetch(sleepy, store, tmp_path)["action"] == "restore"
+    ns, pod = _run_pod(tmp_path / "plan.json", cmd=SLEEPY_CMD)
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "cold"  # the asleep replica answers 503 to all but /wake
+        assert (
+            outcome["reason"] == f"restore failed: restored server did not wake: POST {URL}/nope answered 503"
+        )
+        state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold-started server", pod)
+        assert state["counter"] == 0  # the cold command, not the asleep replica
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+def test_refused_sleep_fails_the_checkpoint_and_the_server_goes_on(tmp_path: Path) -> None:
+    hooks = ("--sleep", f"{URL}/nope", "--wake", f"{URL}/wake")
+    with _checkpointing(tmp_path, "refuses-sleep", SLEEPY_CMD, hooks) as (ns, pod, checkpoint):
+        out = checkpoint()
+        assert out["status"] == "failed" and out["reason"] == f"sleep hook: POST {URL}/nope answered 404"
+        assert "stopped_workload" not in out
+        state = ns.http("GET", f"{URL}/state")
+        assert state is not None and state["mem_mb"] == 64 and pod.proc.poll() is None
+
+
+def test_server_that_does_not_wake_after_the_checkpoint_is_stopped(tmp_path: Path) -> None:
+    hooks = ("--sleep", f"{URL}/sleep", "--wake", f"{URL}/nope")
+    with _checkpointing(tmp_path, "never-wakes", SLEEPY_CMD, hooks) as (_, pod, checkpoint):
+        out = checkpoint()
+        assert out["status"] == "failed" and out["stopped_workload"] is True
+        assert out["reason"] == f"the server did not wake after the checkpoint: POST {URL}/nope answered 503"
+        # stopped, not left asleep: the container exits and restarts cold
+        wait_for(lambda: pod.proc.poll() is not None, 30, "thaw exec to exit", pod)
