@@ -5,6 +5,7 @@ admitted with full injection by the webhook."""
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import re
 import shlex
@@ -132,3 +133,9 @@ def test_example_deployment_is_admitted_with_full_injection() -> None:
     response = json.loads(answer.body)["response"]
     assert response["allowed"] and "patch" in response, response
     assert not response.get("warnings"), response["warnings"]
+    ops = json.loads(base64.b64decode(response["patch"]))
+    added = [op["value"] for op in ops if op["path"] == "/spec/containers/0/env/-"]  # the pod has env
+    env = {e["name"]: e.get("value") for e in added}
+    assert env["THAW_READY"] == "http://127.0.0.1:8000/health"
+    assert env["THAW_SLEEP"] == "http://127.0.0.1:8000/sleep?level=1"  # vLLM's sleep mode endpoints
+    assert env["THAW_WAKE"] == "http://127.0.0.1:8000/wake_up"
