@@ -9,6 +9,10 @@ HTTP: ``GET /health`` (200 once warm: the server listens only after warm-up), ``
 with ``{"prompt": [token ids], "max_new_tokens": N}`` -> ``{"tokens": [...], "ms": ...}``. One request
 at a time (CUDA graphs are not for concurrent use), HTTP/1.0 (no connection stays open).
 
+``--pool-gb G`` reserves G GiB of GPU memory up front, as vLLM's ``--gpu-memory-utilization`` takes
+its KV cache, and offers sleep mode for Thaw's hooks: ``POST /sleep`` frees the reservation (the
+decode step's own small cache stays: CUDA graphs point at it), ``POST /wake`` takes it again.
+
 Shapes are static (a KV cache of ``max_seq`` positions, one token per step, the position a device
 tensor) so that ``torch.compile(mode="reduce-overhead")`` captures the decode step as CUDA graphs.
 """
@@ -170,6 +174,14 @@ class Engine:
 
 
 ENGINE: Engine | None = None
+POOL_GB = 0.0
+POOL: list[torch.Tensor] = []  # the KV cache's reservation (--pool-gb); empty while asleep
+
+
+def reserve() -> None:
+    if POOL_GB > 0 and not POOL:
+        POOL.append(torch.zeros(int(POOL_GB * 2**30), dtype=torch.uint8, device="cuda"))
+        torch.cuda.synchronize()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -188,6 +200,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         assert ENGINE is not None
+        if self.path in ("/sleep", "/wake"):
+            if self.path == "/sleep":
+                POOL.clear()
+                torch.cuda.empty_cache()  # back to the driver: the checkpoint copies what is allocated
+            else:
+                reserve()
+            self._send(200, {"asleep": not POOL, "reserved_gib": torch.cuda.memory_reserved() / 2**30})
+            return
         try:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
             t = time.perf_counter()
@@ -207,6 +227,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--compile", default="reduce-overhead", help="torch.compile mode, or 'none'")
     ap.add_argument("--make-weights", action="store_true")
+    ap.add_argument("--pool-gb", type=float, default=0.0, help="GPU memory to reserve as a KV cache would")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.make_weights:
@@ -219,8 +240,10 @@ def main(argv: list[str]) -> int:
     weights = load_file(args.weights, device="cuda")
     torch.cuda.synchronize()
     t_load = time.monotonic()
-    global ENGINE
+    global ENGINE, POOL_GB
     ENGINE = Engine(Model(cfg, weights), None if args.compile == "none" else args.compile)
+    POOL_GB = args.pool_gb
+    reserve()
     for _ in range(3):  # warm-up: compile, capture graphs, settle the allocator
         ENGINE.generate([1, 2, 3, 4, 5, 6, 7, 8], 8)
     torch.cuda.synchronize()

@@ -106,6 +106,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument(
         "--remap-probe", action="store_true", help="only restore a one-GPU snapshot onto another GPU (2 GPUs)"
     )
+    ap.add_argument(
+        "--sleep-probe", type=float, default=0.0, metavar="GB",
+        help="only a small model with GB of KV-cache-like reservation, checkpointed awake and asleep",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     start = time.monotonic()
     root: Path = args.dir / args.config
@@ -133,6 +137,13 @@ def main(argv: list[str]) -> int:
         res["remap"] = remap_probes(root, trust, keys, wrap, args.out / "remap-probes.log")
         (args.out / "remap-probes.json").write_text(json.dumps(res, indent=2))
         print_probes(res["remap"])
+        return 0
+    if args.sleep_probe:
+        res["sleep"] = sleep_probes(
+            root, trust, keys, pod_caps_wrap(), args.out / "sleep-probes.log", pool_gb=args.sleep_probe
+        )
+        (args.out / "sleep-probes.json").write_text(json.dumps(res, indent=2))
+        print_probes(res["sleep"])
         return 0
     if args.probe_only:
         wrap = pod_caps_wrap(("net_admin",))
@@ -343,6 +354,12 @@ def print_probes(rows: list[dict[str, Any]]) -> None:
             f"same tokens {pr.get('same_tokens')}, decode ms {pr.get('decode_ms')}; "
             f"{pr.get('checkpoint_reason') or pr.get('restore_reason') or pr.get('skipped') or ''}"
         )
+        if pr.get("image_bytes"):
+            print(
+                f"  image {pr['image_bytes'] / 1e9:.2f} GB; checkpoint {pr.get('checkpoint_timings')}; "
+                f"restore first answer {pr.get('restore_first_answer_s')} s, "
+                f"timings {pr.get('restore_timings')}"
+            )
         if "gpu_layout" in pr:
             print(
                 f"  recorded GPU layout: {json.dumps(pr['gpu_layout'])}; "
@@ -374,10 +391,13 @@ def probe_once(
     tcp_established: bool,
     ckpt_hide: list[str] | None = None,
     restore_hide: list[str] | None = None,
+    ckpt_extra: tuple[str, ...] = (),
+    drop_before_restore: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Checkpoint ``cmd`` in one pod (seeing /dev without ``ckpt_hide``), fetch, restore in another
-    (without ``restore_hide``). Returns the row and the restore phase's spec (None if no snapshot).
-    ``ctx``: keys, trust, wrap, log."""
+    """Checkpoint ``cmd`` in one pod (seeing /dev without ``ckpt_hide``; more ``thaw exec`` flags in
+    ``ckpt_extra``), fetch, restore in another (without ``restore_hide``; the page cache dropped
+    first with ``drop_before_restore``). Returns the row and the restore phase's spec (None if no
+    snapshot). ``ctx``: keys, trust, wrap, log."""
     d.mkdir(parents=True, exist_ok=True)
     common = {
         "url": f"http://127.0.0.1:{PORT}/generate",
@@ -403,7 +423,8 @@ def probe_once(
                 name,
                 d / "a/outcome.json",
                 tcp=tcp_established,
-            ),
+            )
+            + list(ckpt_extra),
         }
     )
     c = ck.get("outcome", {}).get("checkpoint", {})
@@ -413,6 +434,7 @@ def probe_once(
         "checkpoint": c.get("status"),
         "checkpoint_reason": c.get("reason"),
         "checkpoint_timings": {k: v for k, v in c.items() if k.endswith("_s") or k == "cuda_lock_attempts"},
+        "image_bytes": c.get("bytes"),
     }
     if c.get("status") != "published":
         return row, None
@@ -425,7 +447,10 @@ def probe_once(
         "hide_dev": restore_hide or [],
         "thaw_args": ["--plan", str(plan), "--ready", f"http://127.0.0.1:{PORT}/health"],
     }
+    if drop_before_restore:
+        drop_caches()
     rs = phase(restore)
+    row["restore_first_answer_s"] = rs.get("first_answer_s")
     row["restore"] = rs.get("outcome", {}).get("result")
     row["restore_reason"] = rs.get("outcome", {}).get("reason")
     row["restore_timings"] = rs.get("outcome", {}).get("timings")
@@ -488,6 +513,31 @@ def remap_probes(root: Path, trust: Path, keys: Path, wrap: list[str], log: Path
         row, _ = probe_once(
             name, cmd, {}, root / f"remap-{name}", ctx, tcp_established=False,
             ckpt_hide=["nvidia0"], restore_hide=restore_hide,
+        )  # fmt: skip
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
+def sleep_probes(
+    root: Path, trust: Path, keys: Path, wrap: list[str], log: Path, *, pool_gb: float
+) -> list[dict[str, Any]]:
+    """A small one-GPU model holding ``pool_gb`` of KV-cache-like reservation, checkpointed awake
+    and then asleep (``--sleep /sleep --wake /wake``: the reservation freed before the CUDA lock),
+    each restored from disk (page cache dropped): what sleep mode saves in image and restore."""
+    weights = small_weights(root)
+    if isinstance(weights, str):
+        return [{"dropped": "-", "error": weights}]
+    ctx = {"keys": keys, "trust": trust, "wrap": wrap, "log": log}
+    cmd = [
+        "python3", str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
+        "--port", str(PORT), "--compile", "none", "--pool-gb", str(pool_gb),
+    ]  # fmt: skip
+    out = []
+    for name, hooks in (("awake", ()), ("asleep", ("--sleep", "/sleep", "--wake", "/wake"))):
+        row, _ = probe_once(
+            name, cmd, {}, root / f"sleep-{name}", ctx, tcp_established=False, ckpt_extra=hooks,
+            drop_before_restore=True,
         )  # fmt: skip
         print(json.dumps(row), flush=True)
         out.append(row)
