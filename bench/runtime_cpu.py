@@ -2,7 +2,7 @@
 of state) started by ``thaw exec`` cold, then checkpointed by ``thaw exec --checkpoint on-ready``,
 fetched by ``thaw fetch`` into another cache and restored by ``thaw exec --plan``, each pod in fresh
 PID, mount and network namespaces. Twice, side by side: checkpointed awake, and asleep (``--sleep
-/sleep --wake /wake``: the stand-in lets go of its 256 MiB, as vLLM's sleep mode drops its KV cache,
+/sleep --wake /wake_up``: the stand-in lets go of its 256 MiB, as vLLM's sleep mode drops its KV cache,
 and every replica is woken before its readiness check). Needs root and CRIU (``make criu``); says so
 and skips otherwise.
 """
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
         )
         base = rows[0][1].get("first_answer_s")
         failed = 0
-        for variant, hooks in (("awake", []), ("asleep", ["--sleep", "/sleep", "--wake", "/wake"])):
+        for variant, hooks in (("awake", []), ("asleep", ["--sleep", "/sleep", "--wake", "/wake_up"])):
             result = _snapshot_and_restore(root, variant, hooks, common)
             if isinstance(result, str):
                 print(f"runtime_cpu: {variant}: {result}")

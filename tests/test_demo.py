@@ -134,6 +134,8 @@ def test_demo_checkpoints_places_and_restores_for_real(tmp_path: Path) -> None:
     assert ctx.restored.plan["action"] == "restore"
     assert ctx.restored.plan["snapshot"] == ctx.cold.outcome["checkpoint"]["snapshot"]
     assert ctx.restored.outcome["result"] == "restored", ctx.restored.outcome
+    # the demo's pods use sleep mode: the checkpoint was taken asleep, the replica woken
+    assert ctx.cold.outcome["checkpoint"]["wake_s"] >= 0 and ctx.restored.outcome["timings"]["wake_s"] >= 0
     assert ctx.restored.answer is not None and ctx.cold.answer is not None
     assert ctx.restored.answer["digest"] == ctx.cold.answer["digest"]
     # The agent's inventory is what the extender saw for this machine's node.

@@ -174,7 +174,8 @@ class _Case:
 
 
 def _cases() -> list[_Case]:
-    snap = {"thaw.dev/snapshot": SNAPSHOT}
+    # vLLM's sleep mode (README, "Sleep mode"): the stand-in serves the same endpoints
+    snap = {"thaw.dev/snapshot": SNAPSHOT, "thaw.dev/sleep": "/sleep?level=1", "thaw.dev/wake": "/wake_up"}
     cases: list[_Case] = []
 
     def case(name: str, path: str, pod: dict[str, Any], ns: str, expect: str) -> None:

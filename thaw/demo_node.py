@@ -282,7 +282,8 @@ def cold_step(ctx: DemoContext) -> None:
     ctx.say(f"    thaw exec: cold start; server ready after {ready} (fetch included)")
     ctx.say(
         f"    checkpoint: {ck.get('status')} {ck.get('snapshot', '')[:19]} {ck.get('bytes', 0) / 1e6:.0f} MB "
-        f"(criu dump {ck.get('criu_dump_s', '-')} s, publish {ck.get('publish_s', '-')} s) "
+        f"(asleep: sleep {ck.get('sleep_s', '-')} s, criu dump {ck.get('criu_dump_s', '-')} s, "
+        f"wake {ck.get('wake_s', '-')} s; publish {ck.get('publish_s', '-')} s) "
         f"{ck.get('reason', '')}"
     )
     ok = run.answer is not None and ck.get("status") == "published"

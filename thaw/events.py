@@ -104,7 +104,12 @@ def restored_message(snapshot: str, outcome: Mapping[str, Any]) -> str:
     return f"restored snapshot {snapshot}{took}" + (f" ({', '.join(parts)})" if parts else "")
 
 
-_TIMING_LABELS = (("criu_restore_s", "CRIU"), ("cuda_restore_s", "CUDA"), ("ready_s", "ready"))
+_TIMING_LABELS = (
+    ("criu_restore_s", "CRIU"),
+    ("cuda_restore_s", "CUDA"),
+    ("wake_s", "wake"),
+    ("ready_s", "ready"),
+)
 
 
 def event_body(

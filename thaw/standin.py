@@ -6,9 +6,9 @@ fills N MiB of memory (what a real server spends its start on), then serves on 1
 ``GET /state`` -> JSON with a counter and a digest of the warm-up's result; ``POST /bump`` adds one
 to the counter. A restored server must answer with the counter it had when it was checkpointed.
 
-Sleep mode, as vLLM's (Thaw's sleep/wake hooks, thaw/hooks.py): ``POST /sleep`` lets go of the
-``--mem-mb`` memory (a KV cache's stand-in: its content need not survive) and answers 503 to
-everything else until ``POST /wake`` allocates it again.
+Sleep mode, with vLLM's endpoints (Thaw's sleep/wake hooks, thaw/hooks.py): ``POST /sleep``
+(``?level=N`` accepted) lets go of the ``--mem-mb`` memory (a KV cache's stand-in: its content need
+not survive) and answers 503 to everything else until ``POST /wake_up`` allocates it again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from urllib.parse import urlsplit
 
 
 class State:
@@ -56,16 +57,17 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def do_POST(self) -> None:
-        if self.path == "/sleep":
+        path = urlsplit(self.path).path
+        if path == "/sleep":
             State.blob, State.asleep = bytearray(), True  # freed: large buffers go back to the kernel
             self._send({"asleep": True})
-        elif self.path == "/wake":
+        elif path == "/wake_up":
             if State.asleep:  # allocated and touched again; its old content is forgotten, as a KV cache's
                 State.blob, State.asleep = bytearray(b"\x5a") * (State.mem_mb << 20), False
             self._send({"asleep": False})
         elif State.asleep:
             self._send({"error": "asleep"}, 503)
-        elif self.path == "/bump":
+        elif path == "/bump":
             State.counter += 1
             self._send({"counter": State.counter})
         else:

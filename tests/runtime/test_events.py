@@ -51,6 +51,20 @@ SNAP = "sha256:39fa6a2306965fb2eba35e9f308f1acba706dccc1e74a59fd9039"
                 )
             ],
         ),
+        (  # a snapshot taken asleep: the wake is part of the restore (README, Sleep mode)
+            {
+                "result": "restored",
+                "plan": {"snapshot": SNAP},
+                "timings": {"criu_restore_s": 0.051, "wake_s": 0.092, "ready_s": 0.001, "total_s": 0.143},
+            },
+            [
+                (
+                    "Normal",
+                    "ThawRestored",
+                    f"restored snapshot {SNAP} in 0.143 s (CRIU 0.051 s, wake 0.092 s, ready 0.001 s)",
+                )
+            ],
+        ),
         (
             {"result": "cold", "reason": "no snapshot: none published under 'qwen3-8b-vllm' yet"},
             [

@@ -270,7 +270,7 @@ def _pages_bytes(snap: Snapshot) -> int:
 def sleepy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
     """The stand-in with 64 MiB of cache, checkpointed asleep; the pod is stopped afterwards."""
     root = tmp_path_factory.mktemp("sleepy")
-    hooks = ("--sleep", f"{URL}/sleep", "--wake", f"{URL}/wake")
+    hooks = ("--sleep", f"{URL}/sleep?level=1", "--wake", f"{URL}/wake_up")
     with _checkpointing(root, SLEEPY, SLEEPY_CMD, hooks) as (ns, pod, checkpoint):
         assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
         out = checkpoint()
@@ -295,7 +295,7 @@ def test_asleep_checkpoint_leaves_the_cache_out(sleepy: Snapshot, snapshot: Snap
     out = sleepy.checkpoint_outcome
     assert out["sleep_s"] >= 0 and out["wake_s"] >= 0
     meta = read_json(sleepy.store / SLEEPY / sleepy.snapshot_id.split(":", 1)[1] / "thaw-exec.json")
-    assert meta["wake"] == f"{URL}/wake"  # signed with the images: the replica wakes the same way
+    assert meta["wake"] == f"{URL}/wake_up"  # signed with the images: the replica wakes the same way
     # Side by side with the same server without the 64 MiB (the `snapshot` fixture): the sleeping
     # server's pages are about as small; awake, the 64 MiB would be in them.
     assert _pages_bytes(sleepy) < _pages_bytes(snapshot) + 16 * MIB
@@ -326,7 +326,7 @@ def test_replica_that_does_not_wake_starts_cold(sleepy: Snapshot, tmp_path: Path
     ns, pod = _run_pod(tmp_path / "plan.json", cmd=SLEEPY_CMD)
     try:
         outcome = _restore_outcome(tmp_path, pod)
-        assert outcome["result"] == "cold"  # the asleep replica answers 503 to all but /wake
+        assert outcome["result"] == "cold"  # the asleep replica answers 503 to all but /wake_up
         assert (
             outcome["reason"] == f"restore failed: restored server did not wake: POST {URL}/nope answered 503"
         )
@@ -338,7 +338,7 @@ def test_replica_that_does_not_wake_starts_cold(sleepy: Snapshot, tmp_path: Path
 
 
 def test_refused_sleep_fails_the_checkpoint_and_the_server_goes_on(tmp_path: Path) -> None:
-    hooks = ("--sleep", f"{URL}/nope", "--wake", f"{URL}/wake")
+    hooks = ("--sleep", f"{URL}/nope", "--wake", f"{URL}/wake_up")
     with _checkpointing(tmp_path, "refuses-sleep", SLEEPY_CMD, hooks) as (ns, pod, checkpoint):
         out = checkpoint()
         assert out["status"] == "failed" and out["reason"] == f"sleep hook: POST {URL}/nope answered 404"
