@@ -22,6 +22,7 @@ PLACEMENT = "thaw.dev/placement"
 TENSOR_PARALLEL = "thaw.dev/tensor-parallel"
 SLEEP = "thaw.dev/sleep"
 WAKE = "thaw.dev/wake"
+HOOK_NAMES = (f"annotation {SLEEP}", f"annotation {WAKE}")  # how errors name the two
 # Set by the webhook, never by users.
 INJECTED = "thaw.dev/injected"
 WORKLOAD = "thaw.dev/workload"
@@ -102,7 +103,7 @@ def parse_spec(annotations: Mapping[str, str] | None) -> ThawSpec | None:
     tensor_parallel = _choice(annotations, TENSOR_PARALLEL, TENSOR_PARALLEL_MODES, "auto")
     sleep, wake = annotations.get(SLEEP), annotations.get(WAKE)
     try:
-        check_pair(sleep, wake, (f"annotation {SLEEP}", f"annotation {WAKE}"))
+        check_pair(sleep, wake, HOOK_NAMES)
     except HookError as exc:
         raise AnnotationError(str(exc)) from exc
     return ThawSpec(

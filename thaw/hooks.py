@@ -1,7 +1,7 @@
 """Sleep and wake hooks: the workload's own way to shrink what a snapshot must carry.
 
 A vLLM-class server preallocates most of the GPU's memory as KV cache (``--gpu-memory-utilization
-0.9``: ~125 GB of an H200), and the CUDA checkpoint copies every allocated byte into host memory,
+0.9``: ~127 GB of an H200), and the CUDA checkpoint copies every allocated byte into host memory,
 so into the snapshot. A server that can let go of that memory and take it back (vLLM's sleep mode:
 ``POST /sleep?level=1`` offloads the weights to host memory and drops the KV cache, ``POST
 /wake_up`` undoes it) is put to sleep just before the checkpoint and woken right after it, and every

@@ -30,11 +30,10 @@ from typing import Any
 from thaw.annotations import (
     CHECKPOINT,
     CONTAINER,
+    HOOK_NAMES,
     INJECTED,
     RESTORE_LABEL,
     RESTORE_LABEL_VALUE,
-    SLEEP,
-    WAKE,
     WORKLOAD,
     AnnotationError,
     ThawSpec,
@@ -227,7 +226,7 @@ def _inject(  # noqa: PLR0917  (private; called once)
     if note is not None:
         warnings.append(f"thaw: container {container.get('name')!r}: {note}")
     try:  # a path needs the readiness URL's server: known only now, with the container
-        hooks = resolve_pair(spec.sleep, spec.wake, ready, (f"annotation {SLEEP}", f"annotation {WAKE}"))
+        hooks = resolve_pair(spec.sleep, spec.wake, ready, HOOK_NAMES)
     except HookError as exc:
         return Refusal(400, f"thaw: container {container.get('name')!r}: {exc}")
     if publish and ready is None:
