@@ -8,13 +8,15 @@ so into the snapshot. A server that can let go of that memory and take it back (
 restored replica is woken before its readiness check: the snapshot carries the weights, not an
 empty cache.
 
-A hook is an ``http(s)://`` URL, or a path (``/sleep?level=1``) on the server that the readiness
-URL names. Thaw POSTs to it with an empty body and ``Connection: close`` (no socket left behind for
-the dump) and waits for a 2xx answer. Parsing is pure; :func:`call` does the one request.
+A hook is an ``http(s)://`` URL on the pod's loopback, or a path (``/sleep?level=1``) on the server
+that the readiness URL names. Thaw POSTs to it with an empty body and ``Connection: close`` (no
+socket left behind for the dump) and waits for a 2xx answer. Parsing is pure; :func:`call` does the
+one request.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -59,6 +61,22 @@ def check_hook(name: str, value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HookError(f"{name}={value!r} is not valid: use {allowed}")
+    if not _is_loopback(parts.hostname):
+        # The snapshot records the wake URL and every replica calls it: only a loopback address
+        # names the replica's own server (another pod's IP would wake, or sleep, someone else).
+        raise HookError(
+            f"{name}={value!r} is not valid: the host must be this pod's own loopback "
+            f"(127.0.0.1, ::1 or localhost), not {parts.hostname!r}"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def resolve_hook(name: str, value: str, ready: str | None) -> str:

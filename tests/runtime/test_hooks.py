@@ -20,6 +20,8 @@ READY = "http://127.0.0.1:8000/health"
     [
         ("http://127.0.0.1:8000/sleep?level=1", None, "http://127.0.0.1:8000/sleep?level=1"),
         ("https://localhost:9443/wake_up", "tcp:8000", "https://localhost:9443/wake_up"),
+        ("http://[::1]:8000/sleep", None, "http://[::1]:8000/sleep"),
+        ("http://127.0.0.2:8000/sleep", None, "http://127.0.0.2:8000/sleep"),
         ("/sleep?level=1", READY, "http://127.0.0.1:8000/sleep?level=1"),
         ("/wake_up", "https://127.0.0.1:8443/v1/health", "https://127.0.0.1:8443/wake_up"),
     ],
@@ -38,6 +40,8 @@ def test_resolve(value: str, ready: str | None, url: str) -> None:
         ("/sleep level=1", "no spaces"),
         ("//host/sleep", "must not start with '//'"),
         ("/" + "a" * 2048, "at most 2048"),
+        ("http://10.0.0.5:8000/sleep", "must be this pod's own loopback"),  # a replica has another IP
+        ("http://vllm.llm-serving.svc:8000/sleep", "not 'vllm.llm-serving.svc'"),
     ],
 )
 def test_invalid_forms_name_the_value_and_what_is_allowed(value: str, words: str) -> None:
