@@ -35,23 +35,51 @@ pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why
 
 PORT = 8171
 NAME = "state-server"
-WORKLOAD = f"w-{NAME}"
 CMD = ["python3", str(STATE_SERVER), str(PORT)]
 URL = f"http://127.0.0.1:{PORT}"
 
 
 @dataclass
 class Snapshot:
+    """A snapshot ``_checkpointing`` published under ``root``."""
+
     root: Path
-    store: Path
-    keys: Path
-    trust: Path
-    facts: Path
-    snapshot_id: str
     checkpoint_outcome: dict[str, Any]
     name: str = NAME
-    workload: str = WORKLOAD
     cmd: list[str] = field(default_factory=lambda: list(CMD))
+
+    @property
+    def store(self) -> Path:
+        return self.root / "store"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def trust(self) -> Path:
+        return self.root / "trust"
+
+    @property
+    def facts(self) -> Path:
+        return self.root / "facts.json"
+
+    @property
+    def workload(self) -> str:
+        return _workload(self.name)
+
+    @property
+    def snapshot_id(self) -> str:
+        return str(self.checkpoint_outcome["snapshot"])
+
+    @property
+    def images(self) -> Path:
+        """Its directory in the store."""
+        return self.store / self.name / self.snapshot_id.split(":", 1)[1]
+
+
+def _workload(name: str) -> str:
+    return f"w-{name}"
 
 
 @contextlib.contextmanager
@@ -91,7 +119,7 @@ def _checkpointing(
         ns,
         [
             "--checkpoint", "on-ready", "--ready", f"file:{ready_flag}", "--store", str(root / "store"),
-            "--key", str(keys / "signing.key"), "--name", name, "--workload", f"w-{name}",
+            "--key", str(keys / "signing.key"), "--name", name, "--workload", _workload(name),
             "--facts", str(facts), "--cache", str(root / f"cache-{name}"), "--outcome", str(outcome_path),
             *extra,
         ],
@@ -117,15 +145,7 @@ def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
         assert out["status"] == "published", f"{out}\n{pod.output}"
         # The server keeps serving after its snapshot was taken, and its state moves on.
         assert ns.http("POST", f"{URL}/bump") == {"counter": 3}
-        yield Snapshot(
-            root,
-            root / "store",
-            root / "keys",
-            root / "trust",
-            root / "facts.json",
-            str(out["snapshot"]),
-            out,
-        )
+        yield Snapshot(root, out)
 
 
 def _fetch(snap: Snapshot, store: Path, pod_dir: Path) -> dict[str, object]:
@@ -157,9 +177,9 @@ def _restore_outcome(pod_dir: Path, pod: Pod) -> dict[str, Any]:
 def test_checkpoint_records_what_it_took(snapshot: Snapshot) -> None:
     from thaw.manifest import load_manifest
 
-    snap_dir = snapshot.store / NAME / snapshot.snapshot_id.split(":", 1)[1]
+    snap_dir = snapshot.images
     manifest = load_manifest(snap_dir / "manifest.json")
-    assert manifest["workload"] == WORKLOAD
+    assert manifest["workload"] == snapshot.workload
     paths = {f["path"] for f in manifest["files"]}
     assert "thaw-exec.json" in paths and "pstree.img" in paths
     meta = read_json(snap_dir / "thaw-exec.json")
@@ -197,7 +217,7 @@ def _republish(snap: Snapshot, dest_store: Path, change: Callable[[Path], None])
     from thaw.store import DirectoryStore, publish
 
     images = dest_store.parent / "changed-images"
-    shutil.copytree(snap.store / snap.name / snap.snapshot_id.split(":", 1)[1], images)
+    shutil.copytree(snap.images, images)
     (images / "manifest.json").unlink()
     change(images)
     publish(
@@ -262,8 +282,7 @@ MIB = 1 << 20
 
 
 def _pages_bytes(snap: Snapshot) -> int:
-    images = snap.store / snap.name / snap.snapshot_id.split(":", 1)[1]
-    return sum(f.stat().st_size for f in images.glob("pages-*.img"))
+    return sum(f.stat().st_size for f in snap.images.glob("pages-*.img"))
 
 
 @pytest.fixture(scope="module")
@@ -277,24 +296,13 @@ def sleepy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
         assert out["status"] == "published", f"{out}\n{pod.output}"
         state = ns.http("GET", f"{URL}/state")  # woken after the checkpoint: serving, memory back
         assert state is not None and state["mem_mb"] == 64 and state["counter"] == 1
-        yield Snapshot(
-            root,
-            root / "store",
-            root / "keys",
-            root / "trust",
-            root / "facts.json",
-            str(out["snapshot"]),
-            out,
-            name=SLEEPY,
-            workload=f"w-{SLEEPY}",
-            cmd=SLEEPY_CMD,
-        )
+        yield Snapshot(root, out, name=SLEEPY, cmd=SLEEPY_CMD)
 
 
 def test_asleep_checkpoint_leaves_the_cache_out(sleepy: Snapshot, snapshot: Snapshot) -> None:
     out = sleepy.checkpoint_outcome
     assert out["sleep_s"] >= 0 and out["wake_s"] >= 0
-    meta = read_json(sleepy.store / SLEEPY / sleepy.snapshot_id.split(":", 1)[1] / "thaw-exec.json")
+    meta = read_json(sleepy.images / "thaw-exec.json")
     assert meta["wake"] == f"{URL}/wake_up"  # signed with the images: the replica wakes the same way
     # Side by side with the same server without the 64 MiB (the `snapshot` fixture): the sleeping
     # server's pages are about as small; awake, the 64 MiB would be in them.
