@@ -25,6 +25,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from thaw.criu import children
+from thaw.sandbox import read_json
+
 REPO = Path(__file__).resolve().parents[2]
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
 
@@ -104,21 +107,6 @@ def request(url: str, body: dict[str, Any] | None, timeout: float) -> dict[str, 
             return value
     except (OSError, urllib.error.URLError, ValueError):
         return None
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value: dict[str, Any] = json.loads(path.read_text())
-        return value
-    except (OSError, ValueError):
-        return {}
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
 
 
 def _copy(proc: subprocess.Popen[bytes], log: Any) -> None:

@@ -10,8 +10,9 @@ with ``{"prompt": [token ids], "max_new_tokens": N}`` -> ``{"tokens": [...], "ms
 at a time (CUDA graphs are not for concurrent use), HTTP/1.0 (no connection stays open).
 
 ``--pool-gb G`` reserves G GiB of GPU memory up front, as vLLM's ``--gpu-memory-utilization`` takes
-its KV cache, and offers sleep mode for Thaw's hooks: ``POST /sleep`` frees the reservation (the
-decode step's own small cache stays: CUDA graphs point at it), ``POST /wake`` takes it again.
+its KV cache, and offers sleep mode for Thaw's hooks with vLLM's endpoints: ``POST /sleep``
+(``?level=N`` accepted) frees the reservation (the decode step's own small cache stays: CUDA graphs
+point at it), ``POST /wake_up`` takes it again.
 
 Shapes are static (a KV cache of ``max_seq`` positions, one token per step, the position a device
 tensor) so that ``torch.compile(mode="reduce-overhead")`` captures the decode step as CUDA graphs.
@@ -97,18 +98,19 @@ class Model(torch.nn.Module):
     """Weights and the KV cache are registered buffers: static addresses, so the compiled step may
     update the cache in place and still be captured as CUDA graphs."""
 
-    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor]) -> None:
+    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], heads: int | None = None) -> None:
+        """``heads``: the attention heads this process holds (all of them, or a tensor-parallel
+        rank's share: bench/gpu/tp_server.py)."""
         super().__init__()
         self.cfg = cfg
+        self.h = heads or cfg.n_heads
         self.names = {n: n.replace(".", "_") for n in weights}
         for n, t in weights.items():
             self.register_buffer(self.names[n], t, persistent=False)
         dev = weights["embed"].device
         self.register_buffer(
             "k_cache",
-            torch.zeros(
-                cfg.n_layers, cfg.n_heads, cfg.max_seq, cfg.head_dim, dtype=torch.bfloat16, device=dev
-            ),
+            torch.zeros(cfg.n_layers, self.h, cfg.max_seq, cfg.head_dim, dtype=torch.bfloat16, device=dev),
         )
         self.register_buffer("v_cache", torch.zeros_like(self.k_cache))
         self.register_buffer("positions", torch.arange(cfg.max_seq, device=dev))
@@ -200,8 +202,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         assert ENGINE is not None
-        if self.path in ("/sleep", "/wake"):
-            if self.path == "/sleep":
+        path = self.path.split("?", 1)[0]
+        if path in ("/sleep", "/wake_up"):
+            if path == "/sleep":
                 POOL.clear()
                 torch.cuda.empty_cache()  # back to the driver: the checkpoint copies what is allocated
             else:

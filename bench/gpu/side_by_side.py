@@ -37,8 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap, read_json
+from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
 from thaw.nccl import NCCL_ENV
+from thaw.sandbox import read_json
 
 # The NCCL settings of a checkpointable TP workload: the webhook's (thaw/nccl.py).
 TP_NCCL_ENV = dict(NCCL_ENV)
@@ -381,6 +382,17 @@ def small_weights(root: Path) -> Path | str:
     return weights if mk.returncode == 0 else mk.stderr[-500:]
 
 
+def small_server(root: Path, *extra: str) -> list[str] | str:
+    """The command of the small one-GPU stand-in (no compilation), or the error text."""
+    weights = small_weights(root)
+    if isinstance(weights, str):
+        return weights
+    return [
+        "python3", str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
+        "--port", str(PORT), "--compile", "none", *extra,
+    ]  # fmt: skip
+
+
 def probe_once(
     name: str,
     cmd: list[str],
@@ -500,14 +512,10 @@ def remap_probes(root: Path, trust: Path, keys: Path, wrap: list[str], log: Path
     """A small one-GPU model checkpointed in a pod that sees only GPU 1 and restored in a pod that
     sees only GPU 0 (another UUID: thaw exec passes UUID pairs), and, as the control, restored on
     GPU 1 again (the same UUID: no pairs). Needs two GPUs."""
-    weights = small_weights(root)
-    if isinstance(weights, str):
-        return [{"dropped": "-", "error": weights}]
+    cmd = small_server(root)
+    if isinstance(cmd, str):
+        return [{"dropped": "-", "error": cmd}]
     ctx = {"keys": keys, "trust": trust, "wrap": wrap, "log": log}
-    cmd = [
-        "python3", str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
-        "--port", str(PORT), "--compile", "none",
-    ]  # fmt: skip
     out = []
     for name, restore_hide in (("same-gpu", ["nvidia0"]), ("other-gpu", ["nvidia1"])):
         row, _ = probe_once(
@@ -523,18 +531,15 @@ def sleep_probes(
     root: Path, trust: Path, keys: Path, wrap: list[str], log: Path, *, pool_gb: float
 ) -> list[dict[str, Any]]:
     """A small one-GPU model holding ``pool_gb`` of KV-cache-like reservation, checkpointed awake
-    and then asleep (``--sleep /sleep --wake /wake``: the reservation freed before the CUDA lock),
+    and then asleep (``--sleep /sleep?level=1 --wake /wake_up``, vLLM's endpoints: the reservation
+    freed before the CUDA lock),
     each restored from disk (page cache dropped): what sleep mode saves in image and restore."""
-    weights = small_weights(root)
-    if isinstance(weights, str):
-        return [{"dropped": "-", "error": weights}]
+    cmd = small_server(root, "--pool-gb", str(pool_gb))
+    if isinstance(cmd, str):
+        return [{"dropped": "-", "error": cmd}]
     ctx = {"keys": keys, "trust": trust, "wrap": wrap, "log": log}
-    cmd = [
-        "python3", str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", "small",
-        "--port", str(PORT), "--compile", "none", "--pool-gb", str(pool_gb),
-    ]  # fmt: skip
     out = []
-    for name, hooks in (("awake", ()), ("asleep", ("--sleep", "/sleep", "--wake", "/wake"))):
+    for name, hooks in (("awake", ()), ("asleep", ("--sleep", "/sleep?level=1", "--wake", "/wake_up"))):
         row, _ = probe_once(
             name, cmd, {}, root / f"sleep-{name}", ctx, tcp_established=False, ckpt_extra=hooks,
             drop_before_restore=True,

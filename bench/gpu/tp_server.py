@@ -39,7 +39,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repo on the path
-from bench.gpu.server import CONFIGS, Config, rms_norm  # the single-GPU model's config and norm
+from bench.gpu.server import CONFIGS, Config, Model, rms_norm  # the single-GPU model, shared
 
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
@@ -94,35 +94,12 @@ def load_shard(path: str, cfg: Config, tp: int, rank: int, device: str) -> dict[
     return out
 
 
-class ShardedModel(torch.nn.Module):
+class ShardedModel(Model):
     """One rank's part of bench/gpu/server.py's Model; static shapes, buffers at fixed addresses."""
 
     def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], tp: int, group: Any) -> None:
-        super().__init__()
-        self.cfg, self.tp, self.group = cfg, tp, group
-        self.h = cfg.n_heads // tp
-        self.names = {n: n.replace(".", "_") for n in weights}
-        for n, t in weights.items():
-            self.register_buffer(self.names[n], t, persistent=False)
-        dev, dtype = weights["embed"].device, weights["embed"].dtype
-        shape = (cfg.n_layers, self.h, cfg.max_seq, cfg.head_dim)
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=dev))
-        self.register_buffer("v_cache", torch.zeros_like(self.k_cache))
-        self.register_buffer("positions", torch.arange(cfg.max_seq, device=dev))
-        half = cfg.head_dim // 2
-        inv = 1.0 / (10000 ** (torch.arange(half, device=dev, dtype=torch.float32) / half))
-        ang = torch.outer(torch.arange(cfg.max_seq, device=dev, dtype=torch.float32), inv)
-        self.register_buffer("cos", ang.cos())
-        self.register_buffer("sin", ang.sin())
-
-    def p(self, name: str) -> torch.Tensor:
-        t: torch.Tensor = getattr(self, self.names[name])
-        return t
-
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos[pos].view(1, 1, -1), self.sin[pos].view(1, 1, -1)
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+        super().__init__(cfg, weights, cfg.n_heads // tp)  # buffers, p and _rope: the one-GPU model's
+        self.tp, self.group = tp, group
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         return funcol.all_reduce(t, "sum", self.group)

@@ -29,6 +29,7 @@ from tests.runtime.pods import (
     with_caps,
     write_facts,
 )
+from tests.runtime.snapshots import World
 
 _why = missing_prerequisites()
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why or "")]
@@ -40,25 +41,12 @@ URL = f"http://127.0.0.1:{PORT}"
 
 
 @dataclass
-class Snapshot:
-    """A snapshot ``_checkpointing`` published under ``root``."""
+class Snapshot(World):
+    """A snapshot ``_checkpointing`` published under ``root`` (its keys, trust and store: World's)."""
 
-    root: Path
-    checkpoint_outcome: dict[str, Any]
+    checkpoint_outcome: dict[str, Any] = field(default_factory=dict)
     name: str = NAME
     cmd: list[str] = field(default_factory=lambda: list(CMD))
-
-    @property
-    def store(self) -> Path:
-        return self.root / "store"
-
-    @property
-    def keys(self) -> Path:
-        return self.root / "keys"
-
-    @property
-    def trust(self) -> Path:
-        return self.root / "trust"
 
     @property
     def facts(self) -> Path:
@@ -73,7 +61,7 @@ class Snapshot:
         return str(self.checkpoint_outcome["snapshot"])
 
     @property
-    def images(self) -> Path:
+    def directory(self) -> Path:
         """Its directory in the store."""
         return self.store / self.name / self.snapshot_id.split(":", 1)[1]
 
@@ -89,13 +77,9 @@ def _checkpointing(
     """A pod (fresh namespaces, the webhook's capabilities) that checkpoints ``cmd`` once it is
     "ready": yields the namespace, the pod, and a function that makes it ready and returns the
     checkpoint's outcome (published or failed)."""
-    from thaw.signing import generate_keypair
-
-    keys, trust = root / "keys", root / "trust"
-    if not keys.exists():
-        generate_keypair(keys)
-        trust.mkdir()
-        shutil.copy(keys / "signing.pub", trust / "signing.pub")
+    world = World(root)
+    if not world.keys.exists():
+        world.setup_keys()
     facts = write_facts(root / "facts.json")
     ready_flag = root / f"{name}.ready"
     outcome_path = root / f"pod-{name}" / "outcome.json"
@@ -119,7 +103,7 @@ def _checkpointing(
         ns,
         [
             "--checkpoint", "on-ready", "--ready", f"file:{ready_flag}", "--store", str(root / "store"),
-            "--key", str(keys / "signing.key"), "--name", name, "--workload", _workload(name),
+            "--key", str(world.keys / "signing.key"), "--name", name, "--workload", _workload(name),
             "--facts", str(facts), "--cache", str(root / f"cache-{name}"), "--outcome", str(outcome_path),
             *extra,
         ],
@@ -177,7 +161,7 @@ def _restore_outcome(pod_dir: Path, pod: Pod) -> dict[str, Any]:
 def test_checkpoint_records_what_it_took(snapshot: Snapshot) -> None:
     from thaw.manifest import load_manifest
 
-    snap_dir = snapshot.images
+    snap_dir = snapshot.directory
     manifest = load_manifest(snap_dir / "manifest.json")
     assert manifest["workload"] == snapshot.workload
     paths = {f["path"] for f in manifest["files"]}
@@ -217,7 +201,7 @@ def _republish(snap: Snapshot, dest_store: Path, change: Callable[[Path], None])
     from thaw.store import DirectoryStore, publish
 
     images = dest_store.parent / "changed-images"
-    shutil.copytree(snap.images, images)
+    shutil.copytree(snap.directory, images)
     (images / "manifest.json").unlink()
     change(images)
     publish(
@@ -282,7 +266,7 @@ MIB = 1 << 20
 
 
 def _pages_bytes(snap: Snapshot) -> int:
-    return sum(f.stat().st_size for f in snap.images.glob("pages-*.img"))
+    return sum(f.stat().st_size for f in snap.directory.glob("pages-*.img"))
 
 
 @pytest.fixture(scope="module")
@@ -302,7 +286,7 @@ def sleepy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
 def test_asleep_checkpoint_leaves_the_cache_out(sleepy: Snapshot, snapshot: Snapshot) -> None:
     out = sleepy.checkpoint_outcome
     assert out["sleep_s"] >= 0 and out["wake_s"] >= 0
-    meta = read_json(sleepy.images / "thaw-exec.json")
+    meta = read_json(sleepy.directory / "thaw-exec.json")
     assert meta["wake"] == f"{URL}/wake_up"  # signed with the images: the replica wakes the same way
     # Side by side with the same server without the 64 MiB (the `snapshot` fixture): the sleeping
     # server's pages are about as small; awake, the 64 MiB would be in them.
