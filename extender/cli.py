@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 
 log = logging.getLogger(__name__)
 

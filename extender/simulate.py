@@ -49,7 +49,7 @@ from typing import Any
 
 from extender.nodes import CachedCopy, NodeEntry
 from extender.scoring import DEFAULT_PARAMS, Decision, Params, Variant, cold_seconds, decide, restore_seconds
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 
 GPUS_PER_NODE = 8
 DISK_BUDGET = 1_000 * 10**9

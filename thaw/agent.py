@@ -28,8 +28,8 @@ from typing import Any
 from thaw.annotations import NODE_CACHE, NODE_FACTS
 from thaw.cache import clean_stale, enforce_budget, inventory, remove_incompatible, write_budget
 from thaw.canonical import canonical_json
-from thaw.cli import UsageError
 from thaw.compat import NodeFacts
+from thaw.errors import UsageError
 from thaw.events import node_events
 from thaw.inventory import Inventory, render_inventory
 

@@ -363,7 +363,7 @@ def _api_client(kubeconfig: str | None) -> Any:
 
 
 def run_auto(args: argparse.Namespace) -> int:
-    from thaw.cli import UsageError
+    from thaw.errors import UsageError
 
     if not args.dns:
         raise UsageError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 from thaw.tls import write_cert_dir
 
 

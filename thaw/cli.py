@@ -19,11 +19,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from thaw.errors import UsageError
+
 log = logging.getLogger("thaw")
-
-
-class UsageError(Exception):
-    """A command was called wrongly: exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):

@@ -56,7 +56,7 @@ from typing import Any
 import orjson
 
 from thaw import criu, hooks
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 from thaw.hooks import HookError, resolve_pair
 from thaw.manifest import EXEC_META_NAME
 from thaw.plan import Plan, read_plan

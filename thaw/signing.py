@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 
 log = logging.getLogger("thaw.signing")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from thaw.cli import UsageError
+from thaw.errors import UsageError
 from thaw.serving import ServeOptions, serve
 
 # Not webhook.app: prometheus_client must be imported only after thaw.serving has chosen the

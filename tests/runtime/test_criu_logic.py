@@ -89,7 +89,7 @@ def test_restore_timeout_grows_with_the_image() -> None:
 
 
 def test_workload_command() -> None:
-    from thaw.cli import UsageError
+    from thaw.errors import UsageError
 
     assert workload_command(["--", "python3", "-m", "x"]) == ["python3", "-m", "x"]
     assert workload_command(["python3"]) == ["python3"]
