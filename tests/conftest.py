@@ -8,6 +8,9 @@ from typing import Any
 
 import pytest
 
+# Session-wide image builds (debootstrap + buildah), shared by tests/manifests and tests/e2e.
+from tests.images import buildah, debian_base, thaw_image  # noqa: F401
+
 REPO = Path(__file__).resolve().parent.parent
 
 
