@@ -4,7 +4,7 @@ Client: a precise Python client (``http.client``, one keep-alive connection, req
 ``perf_counter_ns`` around each request: send, wait, read the whole answer) — the scheduler's own
 pattern (one extender call at a time per scheduling cycle). Servers: ``thaw extender --nodes FILE``
 and, as the baseline, a Flask handler that returns ``[]`` served by the same
-``thaw.serving.serve`` settings (1 gthread worker). Plain HTTP on loopback.
+``thaw.serve.serving.serve`` settings (1 gthread worker). Plain HTTP on loopback.
 
 Also: the handler alone (in process, no HTTP: ``extender.handlers`` on the same request bodies), so
 the share of the end-to-end time that is Thaw's own work is clear, and memory of a 5,000-node index
@@ -30,7 +30,7 @@ import orjson
 from extender.index import NodeIndex
 from extender.launch import extender_command, start_ready
 from extender.synthetic import WORKLOAD, cluster
-from thaw.serving import free_port
+from thaw.serve.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
 GOALS = {("names", 5000): 2.0, ("nodes", 5000): 150.0}  # p99 ms
@@ -157,7 +157,7 @@ def main(argv: list[str]) -> int:
                 [
                     env_py,
                     "-c",
-                    "from thaw.serving import ServeOptions, serve; serve(ServeOptions("
+                    "from thaw.serve.serving import ServeOptions, serve; serve(ServeOptions("
                     f"app='bench.extender:trivial_app', host='127.0.0.1', port={ports['trivial']}, "
                     "cert_dir=None, workers=1, threads=4))",
                 ],

@@ -31,7 +31,7 @@ def _why_not() -> str | None:
     if shutil.which("unshare") is None:
         return "needs unshare (util-linux)"
     try:
-        from thaw.criu import find_criu
+        from thaw.runtime.criu import find_criu
 
         find_criu()
     except Exception as exc:
@@ -44,8 +44,8 @@ def main(argv: list[str]) -> int:
     if why:
         print(f"runtime_cpu: skipped ({why})")
         return 0
-    from thaw.sandbox import STANDIN, write_facts
-    from thaw.signing import generate_keypair
+    from thaw.contract.signing import generate_keypair
+    from thaw.dev.sandbox import STANDIN, write_facts
 
     root = Path(tempfile.mkdtemp(prefix="thaw-bench-cpu-"))
     try:
@@ -98,7 +98,7 @@ def _snapshot_and_restore(
 ) -> dict[str, Any] | str:
     """Checkpoint (with ``hooks``: the server asleep), fetch into another cache, restore from disk
     and from page cache. The results, or why it stopped."""
-    from thaw.sandbox import thaw_cli
+    from thaw.dev.sandbox import thaw_cli
 
     root, keys, trust, facts = top / variant, top / "keys", top / "trust", top / "facts.json"
     root.mkdir()

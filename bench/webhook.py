@@ -79,7 +79,7 @@ def baseline_app() -> Flask:
 
 
 def _serve_baseline(port: int, cert_dir: str) -> None:
-    from thaw.serving import ServeOptions, serve
+    from thaw.serve.serving import ServeOptions, serve
 
     serve(
         ServeOptions(app="bench.webhook:baseline_app", host="127.0.0.1", port=port, cert_dir=Path(cert_dir))
@@ -88,7 +88,7 @@ def _serve_baseline(port: int, cert_dir: str) -> None:
 
 @contextmanager
 def _baseline_server(cert_dir: Path, log_file: Path) -> Iterator[str]:
-    from thaw.serving import free_port
+    from thaw.serve.serving import free_port
     from webhook.launch import Running, _stop, _wait_ready
 
     port = free_port()

@@ -24,7 +24,7 @@ from extender.index import NodeIndex
 from extender.nodes import load_node_list
 from extender.scoring import DEFAULT_PARAMS, Params
 from extender.watch import NodeWatch
-from thaw.serving import metrics_payload
+from thaw.serve.serving import metrics_payload
 
 log = logging.getLogger(__name__)
 

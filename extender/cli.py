@@ -42,7 +42,7 @@ def load_params(path: Path | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     from extender import app as app_module
     from extender.nodes import load_node_list
-    from thaw.serving import ServeOptions, serve
+    from thaw.serve.serving import ServeOptions, serve
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a TCP port (1..65535)")

@@ -27,9 +27,9 @@ from extender.index import NodeIndex
 from extender.launch import extender_command, start_ready
 from extender.scoring import DEFAULT_PARAMS, Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
-from thaw.annotations import NODE_CACHE
-from thaw.inventory import parse_inventory, render_inventory
-from thaw.serving import free_port
+from thaw.contract.annotations import NODE_CACHE
+from thaw.contract.inventory import parse_inventory, render_inventory
+from thaw.serve.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
 SIZE = 8_100_000_000

@@ -31,7 +31,7 @@ import orjson
 from extender.index import UNKNOWN_REASON, Memo, NodeIndex, failure_message
 from extender.nodes import NodeError, parse_node
 from extender.scoring import Decision
-from thaw.annotations import WORKLOAD, AnnotationError, Placement, parse_spec
+from thaw.contract.annotations import WORKLOAD, AnnotationError, Placement, parse_spec
 
 log = logging.getLogger("extender.decisions")
 

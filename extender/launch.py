@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from thaw.ready import parse_ready, wait_ready
+from thaw.runtime.ready import parse_ready, wait_ready
 
 
 def extender_command(

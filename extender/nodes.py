@@ -21,9 +21,9 @@ from typing import Any, Literal
 
 import orjson
 
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.compat import FactsError, compat_key, validate_facts
-from thaw.inventory import InventoryError, Tier, parse_inventory
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.facts import FactsError, compat_key, validate_facts
+from thaw.contract.inventory import InventoryError, Tier, parse_inventory
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 A node built here is what kube-apiserver would return for a Node that the Thaw agent annotated:
 ``thaw.dev/facts`` from :data:`H100_FACTS`-style facts and ``thaw.dev/cache`` rendered by
-:func:`thaw.inventory.render_inventory`, plus the usual labels and status.
+:func:`thaw.contract.inventory.render_inventory`, plus the usual labels and status.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from typing import Any
 
 import orjson
 
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.compat import NodeFacts, compat_key
-from thaw.inventory import CachedSnapshot, Inventory, Tier, render_inventory
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.facts import NodeFacts, compat_key
+from thaw.contract.inventory import CachedSnapshot, Inventory, Tier, render_inventory
 
 H100_FACTS: NodeFacts = {
     "arch": "x86_64",

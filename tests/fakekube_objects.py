@@ -1,6 +1,6 @@
 """A small kube-apiserver for Secrets and MutatingWebhookConfigurations, in the real wire format.
 
-A sibling of tests/fakekube.py (Nodes, watches) for the certificate controller (thaw/certmanager.py):
+A sibling of tests/fakekube.py (Nodes, watches) for the certificate controller (thaw/serve/certctl.py):
 
 - ``GET|PUT /api/v1/namespaces/NS/secrets/NAME``, ``POST /api/v1/namespaces/NS/secrets``;
 - ``GET|PUT|PATCH /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/NAME``,

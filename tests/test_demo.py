@@ -15,10 +15,10 @@ import pytest
 
 from extender.demo import bump_restoring, place_pods
 from extender.synthetic import cached, node
-from thaw import demo, demo_node
-from thaw.demo import DemoContext, print_summary
-from thaw.inventory import parse_inventory
-from thaw.sandbox import REPO, STANDIN, missing_prerequisites
+from thaw.contract.inventory import parse_inventory
+from thaw.dev import demo, demo_node
+from thaw.dev.demo import DemoContext, print_summary
+from thaw.dev.sandbox import REPO, STANDIN, missing_prerequisites
 
 WHY_NO_CRIU = missing_prerequisites()
 

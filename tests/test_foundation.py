@@ -1,4 +1,4 @@
-"""The foundation: thaw/tls.py (generation, CA reuse, hot reload) and thaw/cli.py (env fallbacks,
+"""The foundation: thaw/serve/tls.py (generation, CA reuse, hot reload) and thaw/cli.py (env fallbacks,
 exit codes)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from thaw import cli
-from thaw.tls import ReloadingContext, generate, write_cert_dir
+from thaw.serve.tls import ReloadingContext, generate, write_cert_dir
 
 # --- tls ------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import REPO
 from thaw.cli import build_parser
-from thaw.demo import admission_review
+from thaw.dev.demo import admission_review
 from webhook.config import WebhookConfig
 from webhook.patches import Prepared
 from webhook.review import build_response
@@ -23,17 +23,17 @@ from webhook.review import build_response
 README = REPO / "README.md"
 EXAMPLE = REPO / "manifests" / "examples" / "vllm-deployment.yaml"
 
-# Where each command of the guide really runs: the demo (thaw/demo*.py, checked by
+# Where each command of the guide really runs: the demo (thaw/dev/demo*.py, checked by
 # tests/test_demo.py) or a test that calls it through the CLI.
 EXERCISED = {
     "demo": ["tests/test_demo.py"],
-    "webhook": ["thaw/demo.py", "tests/webhook/test_server.py"],
+    "webhook": ["thaw/dev/demo.py", "tests/webhook/test_server.py"],
     "extender": ["extender/demo.py", "tests/extender/test_server.py"],
     "certs": ["webhook/launch.py", "tests/test_foundation.py"],
-    "keys": ["thaw/demo_node.py"],
-    "fetch": ["thaw/demo_node.py", "tests/runtime/test_exec_criu.py"],
-    "exec": ["thaw/sandbox.py", "tests/runtime/test_exec_criu.py"],
-    "agent": ["thaw/demo_node.py", "tests/runtime/test_agent.py"],
+    "keys": ["thaw/dev/demo_node.py"],
+    "fetch": ["thaw/dev/demo_node.py", "tests/runtime/test_exec_criu.py"],
+    "exec": ["thaw/dev/sandbox.py", "tests/runtime/test_exec_criu.py"],
+    "agent": ["thaw/dev/demo_node.py", "tests/runtime/test_agent.py"],
     "healthcheck": ["tests/runtime/test_agent.py"],
     "publish": ["tests/runtime/test_store.py"],
     "status": ["tests/runtime/test_status.py"],

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--ip", action="append", default=[], help="IP address for the certificate (repeatable)")
     _add(p, "--days", type=int, default=None, help="serving certificate validity (365; 90 --auto)")
     # --auto: keep a CA and serving certificate in Secrets and the webhook's caBundle current
-    # (thaw/certmanager.py, manifests/overlays/default).
+    # (thaw/serve/certctl.py, manifests/overlays/default).
     _add(p, "--auto", action="store_true", help="run the certificate controller (Secrets, caBundle, renewal)")
     _add(p, "--once", action="store_true", help="with --auto: reconcile once and exit")
     _add(p, "--namespace", default="thaw-system", help="with --auto: namespace of the Secrets")
@@ -201,16 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, str] = {
     "webhook": "webhook.cli:run",
     "extender": "extender.cli:run",
-    "certs": "thaw.certs_cmd:run",
-    "keys": "thaw.signing:run_keys",
-    "publish": "thaw.store:run_publish",
-    "fetch": "thaw.fetch:run",
-    "exec": "thaw.execute:run",
-    "agent": "thaw.agent:run",
-    "healthcheck": "thaw.agent:run_healthcheck",
+    "certs": "thaw.serve.certs_cmd:run",
+    "keys": "thaw.contract.signing:run_keys",
+    "publish": "thaw.snapshot.store:run_publish",
+    "fetch": "thaw.snapshot.fetch:run",
+    "exec": "thaw.runtime.execute:run",
+    "agent": "thaw.node.agent:run",
+    "healthcheck": "thaw.node.agent:run_healthcheck",
     "simulate": "extender.simulate:run",
-    "status": "thaw.status:run",
-    "demo": "thaw.demo:run",
+    "status": "thaw.node.status:run",
+    "demo": "thaw.dev.demo:run",
 }
 
 

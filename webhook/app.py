@@ -3,7 +3,7 @@
 ``POST /mutate``: namespaces *not* labelled ``thaw.dev/restore=allowed`` (admitted unchanged, with a
 warning, for opted-in pods); ``POST /mutate-restore``: namespaces with the label (full injection).
 kube-apiserver picks the path with two webhook entries and ``namespaceSelector``. ``GET /healthz``,
-``/readyz``, ``/metrics``. Served by gunicorn through ``thaw.serving`` (``thaw webhook``).
+``/readyz``, ``/metrics``. Served by gunicorn through ``thaw.serve.serving`` (``thaw webhook``).
 
 The configuration file is named by ``THAW_CONFIG`` (``--config``; the CLI checks it before forking)
 and turned into ``Prepared`` once per worker.
@@ -21,7 +21,7 @@ from flask import Flask, Response, request
 from prometheus_client import Counter, Histogram
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from thaw.serving import metrics_payload
+from thaw.serve.serving import metrics_payload
 from webhook.config import CONFIG_ENV, load_config
 from webhook.patches import Prepared
 from webhook.review import Outcome, build_response

@@ -6,9 +6,9 @@ import argparse
 import os
 
 from thaw.errors import UsageError
-from thaw.serving import ServeOptions, serve
+from thaw.serve.serving import ServeOptions, serve
 
-# Not webhook.app: prometheus_client must be imported only after thaw.serving has chosen the
+# Not webhook.app: prometheus_client must be imported only after thaw.serve.serving has chosen the
 # multiprocess metrics directory, that is in the workers.
 from webhook.config import CONFIG_ENV, ConfigError, load_config
 

@@ -46,7 +46,7 @@ from typing import Any
 import orjson
 import yaml
 
-from thaw.annotations import is_dns1123_label
+from thaw.contract.annotations import is_dns1123_label
 
 # How the CLI hands --config to the gunicorn workers (the same name as --config's env fallback).
 CONFIG_ENV = "THAW_CONFIG"

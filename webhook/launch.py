@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from thaw.serving import free_port
+from thaw.serve.serving import free_port
 
 
 def make_certs(out: Path) -> Path:

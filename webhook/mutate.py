@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from thaw.annotations import (
+from thaw.contract.annotations import (
     CHECKPOINT,
     CONTAINER,
     HOOK_NAMES,
@@ -39,8 +39,8 @@ from thaw.annotations import (
     ThawSpec,
     parse_spec,
 )
-from thaw.hooks import HookError, resolve_pair
-from thaw.workload import workload_hash
+from thaw.contract.hooks import HookError, resolve_pair
+from thaw.contract.workload import workload_hash
 from webhook import patches as P
 from webhook.types import PatchOp
 

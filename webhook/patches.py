@@ -24,9 +24,9 @@ from typing import Any
 
 import orjson
 
-from thaw.annotations import EXTENDED_RESOURCE
-from thaw.nccl import NCCL_ENV
-from thaw.workload import EnvAllowlist
+from thaw.contract.annotations import EXTENDED_RESOURCE
+from thaw.contract.nccl import NCCL_ENV
+from thaw.contract.workload import EnvAllowlist
 from webhook.config import WebhookConfig
 from webhook.types import JsonObject, PatchOp, add, pointer, remove, replace
 
@@ -42,7 +42,7 @@ VOL_KEY = "thaw-key"
 INIT_CONTAINER_NAMES = (TOOLS_CONTAINER, FETCH_CONTAINER)
 VOLUME_NAMES = (VOL_TOOLS, VOL_PLAN, VOL_CACHE, VOL_STORE, VOL_TRUST, VOL_KEY)
 
-# Paths inside the containers (thaw.workload.EXCLUDED_MOUNT_PATHS lists the target's).
+# Paths inside the containers (thaw.contract.workload.EXCLUDED_MOUNT_PATHS lists the target's).
 TOOLS_DIR = "/thaw"
 THAW_BIN = "/thaw/bin/thaw"
 # The bundled CRIU (4.2, with its own glibc) copied beside thaw: the workload image has none.
@@ -249,7 +249,7 @@ def capability_ops(
     return [add(base + "/capabilities/add/-", c) for c in caps if c not in have and f"CAP_{c}" not in have]
 
 
-# Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/nccl.py gives each
+# Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/contract/nccl.py gives each
 # one's reason; README "Tensor parallel" the probes and costs), and NCCL's bootstrap sockets between
 # ranks kept open across the dump (--tcp-established), which needs TCP repair mode.
 TP_ENV: tuple[tuple[str, str], ...] = (*NCCL_ENV, ("THAW_TCP_ESTABLISHED", "true"))

@@ -25,8 +25,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from thaw.criu import children
-from thaw.sandbox import read_json
+from thaw.dev.sandbox import read_json
+from thaw.runtime.criu import children
 
 REPO = Path(__file__).resolve().parents[2]
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repo on the path
-from thaw.nccl import NCCL_ENV
+from thaw.contract.nccl import NCCL_ENV
 
 SIZES = {"8KiB": 8 << 10, "1MiB": 1 << 20, "64MiB": 64 << 20}
 BASE = {"NCCL_NVLS_ENABLE": "0", "NCCL_IB_DISABLE": "1", "TORCH_NCCL_ENABLE_MONITORING": "0"}

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
-from thaw.nccl import NCCL_ENV
-from thaw.sandbox import read_json
+from thaw.contract.nccl import NCCL_ENV
+from thaw.dev.sandbox import read_json
 
-# The NCCL settings of a checkpointable TP workload: the webhook's (thaw/nccl.py).
+# The NCCL settings of a checkpointable TP workload: the webhook's (thaw/contract/nccl.py).
 TP_NCCL_ENV = dict(NCCL_ENV)
 # Issue 6's known-good set, which the probes start from: the minimal set plus shared memory off.
 ISSUE6_NCCL_ENV = {**TP_NCCL_ENV, "NCCL_SHM_DISABLE": "1"}

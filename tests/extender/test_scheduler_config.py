@@ -9,8 +9,8 @@ import yaml
 
 from extender.app import AppConfig, create_app
 from extender.synthetic import cluster
-from thaw.annotations import EXTENDED_RESOURCE
 from thaw.cli import build_parser
+from thaw.contract.annotations import EXTENDED_RESOURCE
 
 CONFIG = Path(__file__).resolve().parents[2] / "extender" / "scheduler-config.yaml"
 

@@ -10,8 +10,8 @@ from extender.index import NodeIndex
 from extender.nodes import parse_node
 from extender.scoring import DEFAULT_PARAMS, Params, Variant, cold_seconds, decide, restore_seconds
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.compat import compat_key
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.facts import compat_key
 
 SNAP = "qwen3-8b-vllm"
 GB = 10**9

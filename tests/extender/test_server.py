@@ -18,8 +18,8 @@ from extender.launch import extender_command
 from extender.synthetic import cluster
 from tests.conftest import load_fixture
 from tests.extender.conftest import annotate, fixture_nodes
-from thaw.serving import free_port
-from thaw.tls import generate
+from thaw.serve.serving import free_port
+from thaw.serve.tls import generate
 
 
 def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:

@@ -13,7 +13,7 @@ from extender.index import NodeIndex
 from extender.synthetic import H100_FACTS, WORKLOAD, cached, node
 from extender.watch import NodeWatch
 from tests.fakekube import FakeKube, running
-from thaw.annotations import NODE_CACHE
+from thaw.contract.annotations import NODE_CACHE
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:

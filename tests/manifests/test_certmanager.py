@@ -15,9 +15,9 @@ import pytest
 from cryptography import x509
 
 from tests.fakekube_objects import FakeObjects
-from thaw.certmanager import CertController, Health, Settings, bundle, plan
 from thaw.cli import main
-from thaw.tls import ReloadingContext, generate
+from thaw.serve.certctl import CertController, Health, Settings, bundle, plan
+from thaw.serve.tls import ReloadingContext, generate
 
 NS = "thaw-system"
 DNS = ("thaw-webhook.thaw-system.svc", "thaw-extender.thaw-system.svc")

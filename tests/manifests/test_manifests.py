@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO
-from thaw.annotations import EXTENDED_RESOURCE, RESTORE_LABEL, RESTORE_LABEL_VALUE, SNAPSHOT
 from thaw.cli import build_parser
+from thaw.contract.annotations import EXTENDED_RESOURCE, RESTORE_LABEL, RESTORE_LABEL_VALUE, SNAPSHOT
 
 MANIFESTS = REPO / "manifests"
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").exists())

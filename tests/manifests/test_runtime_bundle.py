@@ -46,6 +46,9 @@ def test_runtime_ignores_the_callers_python_environment(runtime: Path, tmp_path:
     )
     assert out.returncode == 0, out.stderr
     assert "webhook" in out.stdout and "exec" in out.stdout
+    # The demo, the tests' pod sandbox and the stand-in (thaw/dev) stay out of workload pods.
+    site = runtime / "python" / "site" / "thaw"
+    assert (site / "runtime" / "execute.py").is_file() and not (site / "dev").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")

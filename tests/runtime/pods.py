@@ -1,9 +1,9 @@
-"""The pod sandbox of the CRIU tests: it lives in :mod:`thaw.sandbox` (``thaw demo`` and
+"""The pod sandbox of the CRIU tests: it lives in :mod:`thaw.dev.sandbox` (``thaw demo`` and
 bench/runtime_cpu.py use it too); these names are re-exported for the tests."""
 
 from __future__ import annotations
 
-from thaw.sandbox import (
+from thaw.dev.sandbox import (
     REPO,
     RUNTIME_DEFAULT_CAPS,
     STANDIN,

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from thaw.compat import NodeFacts, compat_key
+from thaw.contract.facts import NodeFacts, compat_key
 
 REPO = Path(__file__).resolve().parents[2]
 THAW = str(Path(sys.executable).parent / "thaw")

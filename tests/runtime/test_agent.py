@@ -16,11 +16,11 @@ import pytest
 
 from tests.fakekube import FakeKube, running
 from tests.runtime.snapshots import FACTS, THAW, World, facts, kubeconfig, node, thaw
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.cache import MEMORY_FS, _fs_type
-from thaw.canonical import canonical_json
-from thaw.compat import compat_key
-from thaw.inventory import parse_inventory
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.canonical import canonical_json
+from thaw.contract.facts import compat_key
+from thaw.contract.inventory import parse_inventory
+from thaw.snapshot.cache import MEMORY_FS, _fs_type
 
 GIB = 1 << 30
 
@@ -70,10 +70,10 @@ def cached(world: World, tag: str, name: str | None = None) -> dict[str, Any]:
 
 
 def hold(path: str) -> subprocess.Popen[str]:
-    """A process holding a snapshot the way a restoring ``thaw exec`` does (thaw.cache.in_use)."""
+    """A process holding a snapshot the way a restoring ``thaw exec`` does (thaw.snapshot.cache.in_use)."""
     p = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from thaw.cache import in_use\n"
+         "import sys; from pathlib import Path; from thaw.snapshot.cache import in_use\n"
          "with in_use(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()", path],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

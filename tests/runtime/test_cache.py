@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.runtime.snapshots import FACTS, World, facts
-from thaw.cache import (
+from thaw.contract.facts import compat_key
+from thaw.contract.manifest import Manifest, build_manifest, hash_files
+from thaw.snapshot.cache import (
     SnapshotGone,
     StderrProgress,
     add_local,
@@ -26,9 +28,7 @@ from thaw.cache import (
     stage,
     write_budget,
 )
-from thaw.compat import compat_key
-from thaw.manifest import Manifest, build_manifest, hash_files
-from thaw.store import DigestMismatch, DirectoryStore, publish
+from thaw.snapshot.store import DigestMismatch, DirectoryStore, publish
 
 
 def images(tmp_path: Path, tag: str, size: int = 50_000) -> Path:

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from thaw import criu
-from thaw.cuda import Cuda, CudaUnavailable
-from thaw.execute import inherit_list, restore_timeout, workload_command
-from thaw.ready import ReadySpecError, parse_ready, probe
+from thaw.runtime import criu
+from thaw.runtime.cuda import Cuda, CudaUnavailable
+from thaw.runtime.execute import inherit_list, restore_timeout, workload_command
+from thaw.runtime.ready import ReadySpecError, parse_ready, probe
 
 
 def test_dump_flags_leave_server_running_and_close_tcp() -> None:

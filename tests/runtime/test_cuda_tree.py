@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from thaw.cuda import Cuda, CudaError, ProcessState, format_uuid, gpu_remap, parse_uuid
+from thaw.runtime.cuda import Cuda, CudaError, ProcessState, format_uuid, gpu_remap, parse_uuid
 
 OK, INVALID_VALUE, NOT_SUPPORTED = 0, 1, 801
 
@@ -210,7 +210,7 @@ def test_restore_without_pairs_passes_64_zero_bytes() -> None:
 
 
 def test_unreadable_uuids_mean_no_remap_never_a_failure() -> None:
-    from thaw.execute import gpu_uuids_or_none
+    from thaw.runtime.execute import gpu_uuids_or_none
 
     class NoUuids(FakeCheckpointApi):
         def cuDeviceGetCount(self, out: Any) -> int:
@@ -266,7 +266,7 @@ def test_other_failures_are_not_retried() -> None:
 
 
 def test_any_failure_reading_uuids_means_no_remap() -> None:
-    from thaw.execute import gpu_uuids_or_none
+    from thaw.runtime.execute import gpu_uuids_or_none
 
     class Odd(FakeCheckpointApi):
         def cuDeviceGetUuid_v2(self, out: Any, dev: Any) -> int:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fakekube import running
 from tests.runtime.snapshots import FACTS, World, kubeconfig, node, thaw
-from thaw.events import (
+from thaw.node.events import (
     OUTCOME_MAX_AGE_S,
     event_body,
     node_events,

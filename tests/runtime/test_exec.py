@@ -143,7 +143,7 @@ def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
 # on (bench/gpu/results/h200x2-tp2-probes-2026-11-28.*): after CRIU's dump, the CUDA restore fails.
 BROKEN_DUMP = """
 import sys
-import thaw.execute as e
+import thaw.runtime.execute as e
 from thaw.cli import main
 
 def dump(*_args, **_kw):

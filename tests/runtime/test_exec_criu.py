@@ -159,7 +159,7 @@ def _restore_outcome(pod_dir: Path, pod: Pod) -> dict[str, Any]:
 
 
 def test_checkpoint_records_what_it_took(snapshot: Snapshot) -> None:
-    from thaw.manifest import load_manifest
+    from thaw.contract.manifest import load_manifest
 
     snap_dir = snapshot.directory
     manifest = load_manifest(snap_dir / "manifest.json")
@@ -197,8 +197,8 @@ def test_restore_answers_with_pre_checkpoint_state(snapshot: Snapshot, tmp_path:
 def _republish(snap: Snapshot, dest_store: Path, change: Callable[[Path], None]) -> None:
     """The snapshot's images, changed, re-published (so re-signed) by the trusted key: fetch accepts
     them, and the restore meets the change."""
-    from thaw.nodefacts import node_facts
-    from thaw.store import DirectoryStore, publish
+    from thaw.snapshot.nodefacts import node_facts
+    from thaw.snapshot.store import DirectoryStore, publish
 
     images = dest_store.parent / "changed-images"
     shutil.copytree(snap.directory, images)
@@ -258,7 +258,7 @@ def test_failed_restore_falls_back_to_cold_start(snapshot: Snapshot, tmp_path: P
         ns.delete()
 
 
-# --- sleep and wake hooks (thaw/hooks.py) ---------------------------------------------------------
+# --- sleep and wake hooks (thaw/contract/hooks.py) -----------------------------------------------
 
 SLEEPY = "sleepy-server"
 SLEEPY_CMD = [*CMD, "--mem-mb", "64"]  # 64 MiB that sleep lets go of, as vLLM's KV cache

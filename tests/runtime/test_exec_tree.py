@@ -32,7 +32,7 @@ TREE_CAPS = (*THAW_CAPS, "net_admin")
 
 
 def test_tree_with_established_connection_restores_as_one(tmp_path: Path) -> None:
-    from thaw.signing import generate_keypair
+    from thaw.contract.signing import generate_keypair
 
     generate_keypair(tmp_path / "keys")
     (tmp_path / "trust").mkdir()

@@ -17,9 +17,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.runtime.snapshots import FACTS, THAW, World, cache_entries, facts, read_json, thaw
-from thaw.manifest import compute_id, dump_manifest, hex_of, sign_manifest
-from thaw.plan import read_plan
-from thaw.store import DirectoryStore, publish
+from thaw.contract.manifest import compute_id, dump_manifest, hex_of, sign_manifest
+from thaw.contract.plan import read_plan
+from thaw.snapshot.store import DirectoryStore, publish
 
 MIB = 1024 * 1024
 
@@ -181,7 +181,7 @@ def test_lru_makes_room_but_never_evicts_a_snapshot_in_use(world: World) -> None
     assert first["snapshot"] == a
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from thaw.cache import in_use\n"
+         "import sys; from pathlib import Path; from thaw.snapshot.cache import in_use\n"
          "with in_use(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()",
          first["path"]],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from thaw.execute import gpu_layout, gpu_layout_problem, gpu_minors, rank_env, visible_gpu_minors
+from thaw.runtime.execute import gpu_layout, gpu_layout_problem, gpu_minors, rank_env, visible_gpu_minors
 
 
 def test_gpu_minors_only_numbered_devices() -> None:

@@ -1,4 +1,4 @@
-"""Sleep and wake hooks (thaw/hooks.py): the allowed forms, resolution against the readiness URL,
+"""Sleep and wake hooks (thaw/contract/hooks.py): the allowed forms, resolution against the readiness URL,
 and one real POST against a real HTTP server for each way a call ends."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from thaw.hooks import HookError, HookFailed, call, check_hook, resolve_hook, resolve_pair
+from thaw.contract.hooks import HookError, HookFailed, call, check_hook, resolve_hook, resolve_pair
 
 READY = "http://127.0.0.1:8000/health"
 

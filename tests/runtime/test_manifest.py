@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.runtime.snapshots import FACTS, facts, thaw
-from thaw.canonical import canonical_json
-from thaw.compat import FactsError, compat_key
-from thaw.manifest import (
+from thaw.contract.canonical import canonical_json
+from thaw.contract.facts import FactsError, compat_key
+from thaw.contract.manifest import (
     ManifestError,
     build_manifest,
     check_file_path,
@@ -28,7 +28,9 @@ from thaw.manifest import (
     validate_manifest,
     verify_manifest,
 )
-from thaw.nodefacts import (
+from thaw.contract.plan import cold_plan, read_plan, restore_plan, write_plan
+from thaw.contract.signing import key_id, load_private_key, load_trusted_keys
+from thaw.snapshot.nodefacts import (
     detect_criu,
     facts_difference,
     gfd_product,
@@ -37,8 +39,6 @@ from thaw.nodefacts import (
     parse_criu_version,
     parse_proc_version,
 )
-from thaw.plan import cold_plan, read_plan, restore_plan, write_plan
-from thaw.signing import key_id, load_private_key, load_trusted_keys
 
 
 @pytest.fixture
@@ -199,7 +199,7 @@ LAYOUT: dict[str, Any] = {
 def test_published_manifest_records_the_ranks_and_its_id_covers_them(
     images: Path, keydir: Path, tmp_path: Path
 ) -> None:
-    from thaw.store import DirectoryStore, publish
+    from thaw.snapshot.store import DirectoryStore, publish
 
     (images / "thaw-exec.json").write_bytes(orjson.dumps({"format": 1, "gpu": LAYOUT, "pids": [4096]}))
     m = publish(DirectoryStore(tmp_path / "store"), "demo", "w1", images, keydir / "signing.key", FACTS)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from thaw.cache import _fs_type
-from thaw.residency import PAGE, resident_bytes, resident_fraction
+from thaw.snapshot.cache import _fs_type
+from thaw.snapshot.residency import PAGE, resident_bytes, resident_fraction
 
 MIB = 1 << 20
 

@@ -10,10 +10,10 @@ import pytest
 
 from tests.fakekube import FakeKube, running
 from tests.runtime.snapshots import FACTS, facts, kubeconfig, node, thaw
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.canonical import canonical_json
-from thaw.compat import compat_key
-from thaw.status import node_status, render_table
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.canonical import canonical_json
+from thaw.contract.facts import compat_key
+from thaw.node.status import node_status, render_table
 
 SNAP = {
     "name": "qwen3-8b-vllm",

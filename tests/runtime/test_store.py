@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.runtime.snapshots import FACTS, THAW, World, read_json, thaw
-from thaw.manifest import check_files, hex_of, verify_manifest
-from thaw.signing import load_trusted_keys
-from thaw.store import DirectoryStore, StoreError
+from thaw.contract.manifest import check_files, hex_of, verify_manifest
+from thaw.contract.signing import load_trusted_keys
+from thaw.snapshot.store import DirectoryStore, StoreError
 
 BIG_FILES = 6
 BIG_FILE_BYTES = 48 * 1024 * 1024

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from thaw.demo import STEPS, DemoContext, print_summary, webhook_step
+from thaw.dev.demo import STEPS, DemoContext, print_summary, webhook_step
 
 
 def test_webhook_step_behaves_and_leaves_the_mutated_pod(tmp_path: Path) -> None:

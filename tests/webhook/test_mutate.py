@@ -9,7 +9,7 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from thaw.workload import EnvAllowlist, workload_hash
+from thaw.contract.workload import EnvAllowlist, workload_hash
 from webhook.config import ConfigError, WebhookConfig, load_config, parse_config
 from webhook.mutate import MalformedPod, Mutation, Refusal, mutate
 from webhook.patches import Prepared

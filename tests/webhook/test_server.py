@@ -17,7 +17,7 @@ from cryptography import x509
 
 from tests.conftest import load_fixture
 from tests.webhook.helpers import annotated
-from thaw.tls import ReloadingContext, write_cert_dir
+from thaw.serve.tls import ReloadingContext, write_cert_dir
 from webhook.app import MAX_BODY_BYTES
 from webhook.launch import Running, make_certs, running_webhook
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from thaw.annotations import AnnotationError, parse_spec
+from thaw.contract.annotations import AnnotationError, parse_spec
 from webhook.mutate import Mutation
 from webhook.patches import TP_ENV
 

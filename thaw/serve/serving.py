@@ -2,7 +2,7 @@
 
 One place for the serving choices the webhook and the extender share: gthread workers (keep-alive,
 so kube-apiserver and kube-scheduler reuse TLS connections), a TLS context that follows certificate
-rotation (``thaw.tls.ReloadingContext``), Prometheus metrics that add up across worker processes,
+rotation (``thaw.serve.tls.ReloadingContext``), Prometheus metrics that add up across worker processes,
 and a ``post_worker_init`` hook for per-process start-up (the extender's node watch).
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from thaw.tls import CERT_FILE, KEY_FILE, ReloadingContext
+from thaw.serve.tls import CERT_FILE, KEY_FILE, ReloadingContext
 
 log = logging.getLogger(__name__)
 

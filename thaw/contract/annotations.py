@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from thaw.hooks import HookError, check_pair
+from thaw.contract.hooks import HookError, check_pair
 
 PREFIX = "thaw.dev/"
 SNAPSHOT = "thaw.dev/snapshot"
@@ -64,7 +64,7 @@ class ThawSpec:
     checkpoint: CheckpointMode
     placement: Placement
     tensor_parallel: TensorParallel = "auto"
-    # Hooks (thaw.hooks): URLs or paths on the readiness URL's server; both or neither.
+    # Hooks (thaw.contract.hooks): URLs or paths on the readiness URL's server; both or neither.
     sleep: str | None = None
     wake: str | None = None
 

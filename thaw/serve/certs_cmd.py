@@ -6,12 +6,12 @@ import argparse
 import sys
 
 from thaw.errors import UsageError
-from thaw.tls import write_cert_dir
+from thaw.serve.tls import write_cert_dir
 
 
 def run(args: argparse.Namespace) -> int:
     if args.auto:
-        from thaw.certmanager import SERVING_DAYS, run_auto
+        from thaw.serve.certctl import SERVING_DAYS, run_auto
 
         if args.days is None:
             args.days = SERVING_DAYS

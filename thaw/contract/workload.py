@@ -8,7 +8,7 @@ compares it with the ``workload`` in each node's ``thaw.dev/cache``. One functio
 disagree.
 
 Contract (version 1): the first 32 hex digits of the sha256 of the canonical JSON
-(``thaw.canonical``) of::
+(``thaw.contract.canonical``) of::
 
     {"v": 1, "image": ..., "command": [...], "args": [...], "env": {NAME: value-or-ref},
      "resources": {...}, "mounts": [{"mountPath", "readOnly", "subPath", "subPathExpr",
@@ -33,8 +33,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from thaw.annotations import EXTENDED_RESOURCE
-from thaw.canonical import digest
+from thaw.contract.annotations import EXTENDED_RESOURCE
+from thaw.contract.canonical import digest
 
 WORKLOAD_HASH_VERSION = 1
 WORKLOAD_HASH_HEX_DIGITS = 32

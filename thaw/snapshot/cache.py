@@ -35,10 +35,17 @@ from typing import BinaryIO, TextIO
 
 import orjson
 
-from thaw.compat import NodeFacts, compat_key
-from thaw.inventory import INVENTORY_VERSION, CachedSnapshot, Inventory
-from thaw.manifest import MANIFEST_NAME, Manifest, ManifestError, dump_manifest, hex_of, load_manifest
-from thaw.store import DigestMismatch, Progress, Store, copy_verified, fsync_dir
+from thaw.contract.facts import NodeFacts, compat_key
+from thaw.contract.inventory import INVENTORY_VERSION, CachedSnapshot, Inventory
+from thaw.contract.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ManifestError,
+    dump_manifest,
+    hex_of,
+    load_manifest,
+)
+from thaw.snapshot.store import DigestMismatch, Progress, Store, copy_verified, fsync_dir
 
 log = logging.getLogger("thaw.cache")
 
@@ -343,7 +350,7 @@ def stage(
     (a second fetch of the same snapshot on this node waits, then finds it staged: one copy), makes
     room (LRU eviction within ``budget``, default the agent's recorded budget), copies every file
     from the store into a temporary directory verifying size and sha256 while copying, and renames
-    it into place. Raises CacheFull, DigestMismatch, thaw.store.StoreError, or OSError; nothing
+    it into place. Raises CacheFull, DigestMismatch, thaw.snapshot.store.StoreError, or OSError; nothing
     partial is ever left under the snapshot's name.
     """
     if budget is None:
@@ -499,7 +506,7 @@ def rfc3339(ts: float) -> str:
 
 def in_page_cache(entry: CachedEntry) -> bool:
     """Whether (nearly) all of a snapshot's image is in node memory: it restores at page-cache speed."""
-    from thaw.residency import resident_fraction
+    from thaw.snapshot.residency import resident_fraction
 
     files = (entry.path / f["path"] for f in entry.manifest["files"])
     return resident_fraction(files) >= MEMORY_RESIDENT_FRACTION

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypedDict
 
-from thaw.canonical import digest
+from thaw.contract.canonical import digest
 
 COMPAT_KEY_HEX_DIGITS = 16
 

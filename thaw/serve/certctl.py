@@ -37,7 +37,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from thaw.tls import CA_FILE, CERT_FILE, KEY_FILE, _write_atomic, generate
+from thaw.serve.tls import CA_FILE, CERT_FILE, KEY_FILE, _write_atomic, generate
 
 log = logging.getLogger("thaw.certs")
 

@@ -1,5 +1,5 @@
 """The node steps of ``thaw demo``: this machine plays GPU node ``gpu-local`` and runs the runtime for
-real, with CRIU, on a CPU stand-in server (thaw/standin.py: warm-up work and memory, then HTTP).
+real, with CRIU, on a CPU stand-in server (thaw/dev/standin.py: warm-up work and memory, then HTTP).
 
 1. ``cold_step``: the first replica finds no snapshot. ``thaw fetch`` (the ``thaw-fetch`` init
    container) writes a cold plan; ``thaw exec`` (the wrapper) starts the server, waits for its
@@ -7,7 +7,7 @@ real, with CRIU, on a CPU stand-in server (thaw/standin.py: warm-up work and mem
    copy in the node cache. ``thaw agent --once`` then prints the node's ``thaw.dev/facts`` and
    ``thaw.dev/cache`` annotations, which the extender step reads as ``gpu-local``'s.
 2. ``restore_step``: a replica the extender placed on ``gpu-local`` runs ``thaw fetch`` + ``thaw exec``
-   again, in a fresh network namespace and process tree (:mod:`thaw.sandbox`), and is restored.
+   again, in a fresh network namespace and process tree (:mod:`thaw.dev.sandbox`), and is restored.
 
 Both pods get exactly the ``THAW_*`` environment the webhook injected into the mutated pod (the
 ``thaw-fetch`` init container's and the target container's), with the pod's mount paths mapped to
@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from thaw.annotations import NODE_CACHE
-from thaw.sandbox import STANDIN, Netns, Pod, missing_prerequisites, read_json, with_caps
+from thaw.contract.annotations import NODE_CACHE
+from thaw.dev.sandbox import STANDIN, Netns, Pod, missing_prerequisites, read_json, with_caps
 
 if TYPE_CHECKING:
-    from thaw.demo import DemoContext
+    from thaw.dev.demo import DemoContext
 
 LOCAL_NODE = "gpu-local"
 PORT = 8000  # the vLLM pod's containerPort: its readinessProbe becomes THAW_READY
@@ -62,7 +62,7 @@ POD_PATHS = {
 def install_tools(pod_dir: Path) -> None:
     """What the ``thaw-tools`` init container does for a pod: put CRIU under the pod's ``/thaw/bin``
     (here a link to this machine's CRIU 4.2, as ``make criu`` installed it)."""
-    from thaw.criu import find_criu
+    from thaw.runtime.criu import find_criu
 
     bin_dir = pod_dir / "tools" / "bin"
     bin_dir.mkdir(parents=True)
@@ -118,7 +118,7 @@ def pod_containers(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 
 def node_facts_file(path: Path) -> dict[str, Any]:
     """This machine's detected facts with the simulated GPU (there is none to detect here)."""
-    from thaw.nodefacts import node_facts
+    from thaw.snapshot.nodefacts import node_facts
 
     facts: dict[str, Any] = {**node_facts(None), **SIMULATED_GPU}
     path.write_text(json.dumps(facts))
@@ -129,7 +129,7 @@ def _cli(
     argv: list[str], env: dict[str, str], netns: Netns | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``thaw ARGV`` as a container would run it: configured by its environment only."""
-    from thaw.sandbox import REPO
+    from thaw.dev.sandbox import REPO
 
     prefix = ["ip", "netns", "exec", netns.name] if netns is not None else []
     clean = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}

@@ -17,14 +17,14 @@ import logging
 import sys
 from pathlib import Path
 
-from thaw.annotations import is_dns1123_label
-from thaw.cache import CacheError, CacheFull, StderrProgress, stage
-from thaw.compat import NodeFacts, compat_key
-from thaw.manifest import Manifest, ManifestError, verify_manifest
-from thaw.nodefacts import facts_difference
-from thaw.plan import Plan, cold_plan, restore_plan, write_plan
-from thaw.signing import TrustedKeys, load_trusted_keys
-from thaw.store import DigestMismatch, DirectoryStore, Store, StoreError
+from thaw.contract.annotations import is_dns1123_label
+from thaw.contract.facts import NodeFacts, compat_key
+from thaw.contract.manifest import Manifest, ManifestError, verify_manifest
+from thaw.contract.plan import Plan, cold_plan, restore_plan, write_plan
+from thaw.contract.signing import TrustedKeys, load_trusted_keys
+from thaw.snapshot.cache import CacheError, CacheFull, StderrProgress, stage
+from thaw.snapshot.nodefacts import facts_difference
+from thaw.snapshot.store import DigestMismatch, DirectoryStore, Store, StoreError
 
 log = logging.getLogger("thaw.fetch")
 
@@ -187,7 +187,7 @@ def _attempt(  # noqa: PLR0917
 
 def run(args: argparse.Namespace) -> int:
     """``thaw fetch``: write the plan; exit 0 whatever the outcome (cold is an outcome, not a failure)."""
-    from thaw.nodefacts import node_facts
+    from thaw.snapshot.nodefacts import node_facts
 
     # A plan left by an earlier attempt of this init container must not outlive this one.
     with contextlib.suppress(OSError):

@@ -21,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The stand-in server (plain stdlib, run as a file so any python3 in a pod can run it).
 STANDIN = Path(__file__).resolve().parent / "standin.py"
 
 
 # What a container runtime grants by default (containerd's and Docker's default set), and what the
 # webhook adds for CRIU (README, "Webhook"). Without SYS_ADMIN, thaw exec runs CRIU --unprivileged;
-# with full root CRIU would instead need SYS_ADMIN, NET_ADMIN and SYS_TIME (measured, thaw/criu.py).
+# with full root CRIU would instead need SYS_ADMIN, NET_ADMIN and SYS_TIME (measured, thaw/runtime/criu.py).
 RUNTIME_DEFAULT_CAPS = (
     "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
     "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write",
@@ -50,7 +50,7 @@ def missing_prerequisites() -> str | None:
         if shutil.which(tool) is None:
             return f"needs {tool} (iproute2 / util-linux)"
     try:
-        from thaw.criu import find_criu
+        from thaw.runtime.criu import find_criu
 
         find_criu()
     except Exception as exc:
@@ -127,7 +127,7 @@ class Pod:
 
     def thaw_pid(self) -> int | None:
         """thaw exec's PID as seen from here (the child of unshare, PID 1 inside)."""
-        from thaw.criu import children
+        from thaw.runtime.criu import children
 
         kids = children(self.proc.pid)
         return kids[0] if kids else None

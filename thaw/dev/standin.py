@@ -1,12 +1,12 @@
 """A small stand-in inference server with state, for ``thaw demo``, the CRIU tests and
-bench/runtime_cpu.py (plain stdlib: it runs as a file, ``python3 thaw/standin.py``, in any pod).
+bench/runtime_cpu.py (plain stdlib: it runs as a file, ``python3 thaw/dev/standin.py``, in any pod).
 
 ``python3 standin.py PORT [--warmup S] [--mem-mb N]``: "warms up" for S seconds of CPU work and
 fills N MiB of memory (what a real server spends its start on), then serves on 127.0.0.1:PORT:
 ``GET /state`` -> JSON with a counter and a digest of the warm-up's result; ``POST /bump`` adds one
 to the counter. A restored server must answer with the counter it had when it was checkpointed.
 
-Sleep mode, with vLLM's endpoints (Thaw's sleep/wake hooks, thaw/hooks.py): ``POST /sleep``
+Sleep mode, with vLLM's endpoints (Thaw's sleep/wake hooks, thaw/contract/hooks.py): ``POST /sleep``
 (``?level=N`` accepted) lets go of the ``--mem-mb`` memory (a KV cache's stand-in: its content need
 not survive) and answers 503 to everything else until ``POST /wake_up`` allocates it again.
 """

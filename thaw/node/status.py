@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.compat import FactsError, NodeFacts, compat_key, validate_facts
-from thaw.inventory import Inventory, InventoryError, parse_inventory
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.facts import FactsError, NodeFacts, compat_key, validate_facts
+from thaw.contract.inventory import Inventory, InventoryError, parse_inventory
 
 GFD_PRODUCT = "nvidia.com/gpu.product"
 GFD_COUNT = "nvidia.com/gpu.count"
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     """``thaw status [--output table|json]``."""
     import logging
 
-    from thaw.agent import core_api
+    from thaw.node.agent import core_api
 
     logging.getLogger("urllib3").setLevel(logging.ERROR)  # one line on failure, not a retry log
     api = core_api()

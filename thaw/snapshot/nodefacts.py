@@ -1,4 +1,5 @@
-"""Detecting this node's facts (thaw.compat.NodeFacts): GPU product and count, driver, CRIU, kernel, arch.
+"""Detecting this node's facts (thaw.contract.facts.NodeFacts): GPU product and count, driver, CRIU,
+kernel, arch.
 
 Sources, first that works: NVML through nvidia-ml-py; ``nvidia-smi``; ``/proc/driver/nvidia``. With
 none of them the node has no GPU (product "none", count 0, driver "none"). The product is written
@@ -19,12 +20,12 @@ from typing import Any
 
 import orjson
 
-from thaw.compat import FactsError, GpuFacts, NodeFacts, validate_facts
+from thaw.contract.facts import FactsError, GpuFacts, NodeFacts, validate_facts
 
 log = logging.getLogger("thaw.nodefacts")
 
 NONE = "none"
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUNDLED_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
 PROC_NVIDIA = Path("/proc/driver/nvidia")
 TOOL_TIMEOUT_S = 20

@@ -42,7 +42,7 @@ from pathlib import Path
 
 GHOST_LIMIT = 256 * 1024 * 1024
 LOG_TAIL_LINES = 12
-REPO_CRIU = Path(__file__).resolve().parent.parent / ".tools" / "criu" / "bin" / "criu"
+REPO_CRIU = Path(__file__).resolve().parents[2] / ".tools" / "criu" / "bin" / "criu"
 
 
 class CriuError(RuntimeError):

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from thaw.compat import NodeFacts
-from thaw.manifest import (
+from thaw.contract.facts import NodeFacts
+from thaw.contract.manifest import (
     CHUNK,
     MANIFEST_NAME,
     FileEntry,
@@ -67,7 +67,8 @@ class Store(Protocol):
     def list_snapshots(self, name: str, problems: list[str] | None = None) -> list[Manifest]:
         """Valid manifests published under ``name``, newest first. Entries that cannot be read or are
         malformed are skipped, with a reason appended to ``problems``. Raises StoreError when the
-        store itself cannot be read. Signatures are not checked here (thaw.manifest.verify_manifest)."""
+        store itself cannot be read. Signatures are not checked here
+        (thaw.contract.manifest.verify_manifest)."""
         ...
 
     def open_file(self, manifest: Manifest, path: str) -> BinaryIO:
@@ -227,7 +228,7 @@ def publish(  # noqa: PLR0917  (the documented signature)
     ``signing_key`` None publishes an unsigned snapshot (nodes refuse it unless they opt out): for
     tests and for clusters that chose not to sign; ``thaw publish`` always signs.
     """
-    from thaw.signing import load_private_key
+    from thaw.contract.signing import load_private_key
 
     private = load_private_key(signing_key) if signing_key is not None else None  # fail before hashing
     manifest = build_manifest(name, workload, facts, hash_files(images), gpu=image_gpu_layout(images))
@@ -239,7 +240,7 @@ def publish(  # noqa: PLR0917  (the documented signature)
 
 def run_publish(args: argparse.Namespace) -> int:
     """``thaw publish --store DIR --name NAME --workload HASH --images DIR --key FILE [--facts FILE]``."""
-    from thaw.nodefacts import node_facts
+    from thaw.snapshot.nodefacts import node_facts
 
     facts = node_facts(args.facts)
     manifest = publish(DirectoryStore(args.store), args.name, args.workload, args.images, args.key, facts)

@@ -6,7 +6,7 @@ longer restore, evict least recently used snapshots until the cache fits its byt
 that a restore holds), record the budget for ``thaw fetch``, and patch this Node's ``thaw.dev/facts``
 and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client), and
 post an Event on each Thaw pod of this node saying how it started and how its checkpoint went (from
-the outcome copies ``thaw exec`` leaves in the cache: thaw/events.py).
+the outcome copies ``thaw exec`` leaves in the cache: thaw/node/events.py).
 Without ``--node`` it prints the annotations instead (a dry run for people and demos).
 """
 
@@ -25,13 +25,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from thaw.annotations import NODE_CACHE, NODE_FACTS
-from thaw.cache import clean_stale, enforce_budget, inventory, remove_incompatible, write_budget
-from thaw.canonical import canonical_json
-from thaw.compat import NodeFacts
+from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
+from thaw.contract.canonical import canonical_json
+from thaw.contract.facts import NodeFacts
+from thaw.contract.inventory import Inventory, render_inventory
 from thaw.errors import UsageError
-from thaw.events import node_events
-from thaw.inventory import Inventory, render_inventory
+from thaw.node.events import node_events
+from thaw.snapshot.cache import clean_stale, enforce_budget, inventory, remove_incompatible, write_budget
 
 log = logging.getLogger("thaw.agent")
 
@@ -116,7 +116,7 @@ class _Stop:
 
 def run(args: argparse.Namespace) -> int:
     """``thaw agent --cache DIR --budget BYTES [--node NAME] [--facts FILE] [--interval S] [--once]``."""
-    from thaw.nodefacts import node_facts
+    from thaw.snapshot.nodefacts import node_facts
 
     if args.budget < 0:
         raise UsageError(f"--budget must be a byte count >= 0, got {args.budget}")
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                     len(result.inventory["snapshots"]),
                     result.inventory["free_bytes"],
                 )
-            # How each Thaw pod on this node started, as Events on the pod (thaw/events.py).
+            # How each Thaw pod on this node started, as Events on the pod (thaw/node/events.py).
             if api is not None:
                 post_events(api, node_events(args.cache, args.node), posted)
             else:

@@ -55,12 +55,13 @@ from typing import Any
 
 import orjson
 
-from thaw import criu, hooks
+from thaw.contract import hooks
+from thaw.contract.hooks import HookError, resolve_pair
+from thaw.contract.manifest import EXEC_META_NAME
+from thaw.contract.plan import Plan, read_plan
 from thaw.errors import UsageError
-from thaw.hooks import HookError, resolve_pair
-from thaw.manifest import EXEC_META_NAME
-from thaw.plan import Plan, read_plan
-from thaw.ready import ReadySpec, ReadySpecError, parse_ready, wait_ready
+from thaw.runtime import criu
+from thaw.runtime.ready import ReadySpec, ReadySpecError, parse_ready, wait_ready
 
 log = logging.getLogger("thaw.exec")
 
@@ -182,7 +183,7 @@ class Outcome:
     path: Path | None
     data: dict[str, Any] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # The node cache, where a copy goes for the agent to post as Events (thaw/events.py): with the
+    # The node cache, where a copy goes for the agent to post as Events (thaw/node/events.py): with the
     # pod's uid only (a container the webhook did not inject has none).
     cache: Path | None = None
     copy_failed: bool = False
@@ -198,7 +199,7 @@ class Outcome:
                     log.warning("cannot write outcome file %s: %s", self.path, exc)
             uid = self.data.get("pod", {}).get("uid")
             if self.cache is not None and uid:
-                from thaw.events import write_outcome_copy
+                from thaw.node.events import write_outcome_copy
 
                 try:
                     write_outcome_copy(self.cache, uid, orjson.dumps(self.data))
@@ -413,7 +414,7 @@ def restore_timeout(nbytes: int) -> float:
 def _holding(snapshot_dir: Path) -> Iterator[None]:
     """The node cache's in-use mark, so the agent never evicts a snapshot being restored."""
     try:
-        from thaw.cache import in_use
+        from thaw.snapshot.cache import in_use
     except ImportError:
         yield
         return
@@ -500,7 +501,7 @@ def restore(
             cuda_pids = [int(p) for p in meta.get("cuda_pids", [])]
             if cuda_pids:
                 t1 = time.monotonic()
-                from thaw.cuda import Cuda, CudaError, CudaUnavailable, gpu_remap
+                from thaw.runtime.cuda import Cuda, CudaError, CudaUnavailable, gpu_remap
 
                 try:
                     cuda = Cuda.load()
@@ -514,7 +515,7 @@ def restore(
                 except (CudaError, CudaUnavailable, ValueError) as exc:
                     raise RestoreFailed(f"CUDA restore failed: {exc}") from exc
                 timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
-        wake = meta.get("wake")  # the snapshot was taken asleep (thaw.hooks): wake this replica
+        wake = meta.get("wake")  # the snapshot was taken asleep (thaw.contract.hooks): wake this replica
         if isinstance(wake, str):
             t3 = time.monotonic()
             failed = hooks.call(wake)
@@ -557,7 +558,7 @@ class CheckpointConfig:
     cache: Path | None
     opts: criu.CriuOptions
     logs: Path
-    hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.hooks
+    hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.contract.hooks
 
 
 def stdio_names() -> dict[str, str]:
@@ -598,7 +599,7 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
     cuda = None
     cuda_pids: list[int] = []
     if gpu_users:
-        from thaw.cuda import Cuda, CudaUnavailable
+        from thaw.runtime.cuda import Cuda, CudaUnavailable
 
         try:
             cuda = Cuda.load()
@@ -634,7 +635,7 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
             timings["criu_dump_s"] = round(time.monotonic() - t, 3)
         finally:
             if frozen and cuda is not None:
-                from thaw.cuda import CudaError
+                from thaw.runtime.cuda import CudaError
 
                 t = time.monotonic()
                 try:
@@ -701,8 +702,8 @@ def images_dir(cache: Path | None) -> Path:
 
 
 def publish_images(images: Path, cfg: CheckpointConfig, outcome: Outcome) -> None:
-    from thaw.nodefacts import node_facts
-    from thaw.store import DirectoryStore, publish
+    from thaw.snapshot.nodefacts import node_facts
+    from thaw.snapshot.store import DirectoryStore, publish
 
     t = time.monotonic()
     try:
@@ -716,7 +717,7 @@ def publish_images(images: Path, cfg: CheckpointConfig, outcome: Outcome) -> Non
         }
         if cfg.cache is not None:
             try:
-                from thaw.cache import add_local
+                from thaw.snapshot.cache import add_local
 
                 add_local(cfg.cache, manifest, images)
                 info["cached"] = True

@@ -13,7 +13,7 @@ recorded at the checkpoint (``thaw-exec.json``): the GPU count of the container,
 CUDA's order, and per CUDA process in lock order (the tensor-parallel ranks) its rank variables and
 GPU ordinals.
 
-The id is ``sha256:`` + sha256 of the canonical JSON (thaw.canonical) of the manifest without ``id``
+The id is ``sha256:`` + sha256 of the canonical JSON (thaw.contract.canonical) of the manifest without ``id``
 and ``signature`` (the *body*); the signature is over the same canonical bytes. So the id names the
 content (files by digest, facts, workload, time), and a signature check also proves the id.
 Pure functions except ``hash_files`` and ``check_files``, which read the image files.
@@ -33,14 +33,14 @@ from typing import Any, Literal, NotRequired, TypedDict
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from thaw.annotations import is_dns1123_label
-from thaw.canonical import canonical_json
-from thaw.compat import FactsError, NodeFacts, compat_key, validate_facts
-from thaw.signing import ALG, TrustedKeys, key_id, sign, verify
+from thaw.contract.annotations import is_dns1123_label
+from thaw.contract.canonical import canonical_json
+from thaw.contract.facts import FactsError, NodeFacts, compat_key, validate_facts
+from thaw.contract.signing import ALG, TrustedKeys, key_id, sign, verify
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
-EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/execute.py)
+EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/runtime/execute.py)
 ID_PREFIX = "sha256:"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
 CHUNK = 4 * 1024 * 1024

@@ -28,7 +28,7 @@ import jsonpatch  # type: ignore[import-untyped,unused-ignore]
 
 if TYPE_CHECKING:
     from extender.demo import Placement
-    from thaw.demo_node import PodRun
+    from thaw.dev.demo_node import PodRun
 
 SNAPSHOT = "qwen3-8b-vllm"
 RESTORE_NS = "llm-serving"  # labelled thaw.dev/restore=allowed: kube-apiserver calls /mutate-restore
@@ -52,7 +52,7 @@ class DemoContext:
     # Mutated pods by name, as kube-apiserver would store them after the webhook (for later steps).
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: int = 0
-    # Left by the node step (thaw/demo_node.py): this machine's facts, the annotations `thaw agent
+    # Left by the node step (thaw/dev/demo_node.py): this machine's facts, the annotations `thaw agent
     # --once` printed, and the cold pod's run; by the extender step: placements; by the restore step.
     facts: dict[str, Any] | None = None
     node_annotations: dict[str, str] = field(default_factory=dict)
@@ -328,8 +328,8 @@ def demo_cluster(ctx: DemoContext, workload: str) -> dict[str, Any]:
     took (same id and size) in memory, on disk, or not at all; one has other facts (an H200); one
     has only GPU Feature Discovery labels."""
     from extender.synthetic import H200_FACTS, cached, node
-    from thaw.demo_node import LOCAL_NODE
-    from thaw.inventory import parse_inventory
+    from thaw.contract.inventory import parse_inventory
+    from thaw.dev.demo_node import LOCAL_NODE
 
     facts: Any = ctx.facts
     held = []
@@ -399,13 +399,13 @@ def extender_step(ctx: DemoContext) -> None:
 
 
 def _node_step(ctx: DemoContext) -> None:
-    from thaw.demo_node import cold_step
+    from thaw.dev.demo_node import cold_step
 
     cold_step(ctx)
 
 
 def _restore_step(ctx: DemoContext) -> None:
-    from thaw.demo_node import restore_step
+    from thaw.dev.demo_node import restore_step
 
     restore_step(ctx)
 
@@ -419,7 +419,7 @@ STEPS: list[tuple[str, Step]] = [
 
 
 def _time_to_ready(ctx: DemoContext) -> None:
-    from thaw.demo_node import MEM_MB, WARMUP_S
+    from thaw.dev.demo_node import MEM_MB, WARMUP_S
 
     runs = [("cold start", ctx.cold), ("restore", ctx.restored)]
     if not any(r for _, r in runs):

@@ -1,0 +1,5 @@
+"""HTTP servers: gunicorn serving with TLS reload and metrics, certificates, and the certificate
+controller (``thaw certs``).
+
+Imports ``thaw.contract`` and ``thaw.errors``.
+"""
