@@ -15,14 +15,8 @@ import pytest
 
 from tests.fakekube import running
 from tests.runtime.snapshots import FACTS, World, kubeconfig, node, thaw
-from thaw.node.events import (
-    OUTCOME_MAX_AGE_S,
-    event_body,
-    node_events,
-    outcome_copy_path,
-    outcome_specs,
-    write_outcome_copy,
-)
+from thaw.node.events import OUTCOME_MAX_AGE_S, event_body, node_events, outcome_specs
+from thaw.snapshot.outcome_copy import outcome_copy_path, write_outcome_copy
 
 UID = "5d3c1a2b-9f8e-4d7c-8b6a-0f1e2d3c4b5a"
 POD = {"name": "qwen-2", "namespace": "ml", "node": "gpu-1", "container": "vllm", "uid": UID}

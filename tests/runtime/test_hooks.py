@@ -1,5 +1,5 @@
-"""Sleep and wake hooks (thaw/contract/hooks.py): the allowed forms, resolution against the readiness URL,
-and one real POST against a real HTTP server for each way a call ends."""
+"""Sleep and wake hooks (thaw/contract/hooks.py, thaw/runtime/hooks.py): the allowed forms, resolution
+against the readiness URL, and one real POST against a real HTTP server for each way a call ends."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from thaw.contract.hooks import HookError, HookFailed, call, check_hook, resolve_hook, resolve_pair
+from thaw.contract.hooks import HookError, check_hook, resolve_hook, resolve_pair
+from thaw.runtime.hooks import HookFailed, call
 
 READY = "http://127.0.0.1:8000/health"
 

@@ -10,36 +10,20 @@ empty cache.
 
 A hook is an ``http(s)://`` URL on the pod's loopback, or a path (``/sleep?level=1``) on the server
 that the readiness URL names. Thaw POSTs to it with an empty body and ``Connection: close`` (no
-socket left behind for the dump) and waits for a 2xx answer. Parsing is pure; :func:`call` does the
-one request.
+socket left behind for the dump) and waits for a 2xx answer. This module checks and resolves the
+forms (pure: the webhook checks the annotations with it); :mod:`thaw.runtime.hooks` does the request.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-# Moving even 140 GB of weights between GPU and host memory takes seconds (10-50 GB/s); beyond this a
-# hook is taken as hung.
-HOOK_TIMEOUT_S = 300.0
 MAX_HOOK_LENGTH = 2048
 
 
 class HookError(ValueError):
     """A hook value that is not one of the allowed forms; the message names it and what is allowed."""
-
-
-@dataclass(frozen=True, slots=True)
-class HookFailed:
-    """Why a hook call did not succeed. ``refused``: the server answered 4xx (no such endpoint, not
-    allowed), so it did not act on the request; after a 5xx, a timeout or a lost connection it may
-    have acted on it in part."""
-
-    reason: str
-    refused: bool
 
 
 def check_hook(name: str, value: str) -> None:
@@ -116,19 +100,3 @@ def resolve_pair(
     if sleep is None or wake is None:
         return None
     return resolve_hook(names[0], sleep, ready), resolve_hook(names[1], wake, ready)
-
-
-def call(url: str, timeout: float = HOOK_TIMEOUT_S) -> HookFailed | None:
-    """POST to ``url``; None on a 2xx answer, else why not."""
-    req = urllib.request.Request(url, data=b"", method="POST", headers={"Connection": "close"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            status = int(resp.status)
-            resp.read()
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except (OSError, ValueError) as exc:
-        return HookFailed(f"POST {url}: {exc}", refused=False)
-    if 200 <= status < 300:
-        return None
-    return HookFailed(f"POST {url} answered {status}", refused=400 <= status < 500)

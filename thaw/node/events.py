@@ -15,15 +15,13 @@ the node agent, which already has the cache and a ServiceAccount, turns each int
 
 An Event's name is derived from the pod, the container's start and the message, so the agent posting
 it again (a restart of the agent) is answered 409 and changes nothing. ``outcome_specs`` and
-``event_body`` are pure; ``write_outcome_copy`` (thaw exec) and ``node_events`` (the agent) are the
-file I/O around them; the agent posts.
+``event_body`` are pure; ``write_outcome_copy`` (thaw exec, :mod:`thaw.snapshot.outcome_copy`) and
+``node_events`` (the agent) are the file I/O around them; the agent posts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,7 +29,8 @@ from typing import Any, TypedDict
 
 import orjson
 
-OUTCOMES_DIR = ".outcomes"  # in the node cache; a dot-entry, so never taken for a snapshot name
+from thaw.snapshot.outcome_copy import OUTCOMES_DIR
+
 OUTCOME_MAX_AGE_S = 7 * 24 * 3600  # copies not updated for this long belong to pods long gone
 MESSAGE_MAX = 1024  # what kubectl shows comfortably; the API allows more
 COMPONENT = "thaw"
@@ -50,16 +49,6 @@ class EventSpec(TypedDict):
     type: str  # Normal | Warning
     reason: str
     message: str
-
-
-_UID = re.compile(r"^[0-9a-f][0-9a-f-]{0,63}$")  # Kubernetes UIDs are UUIDs
-
-
-def outcome_copy_path(cache: Path, uid: str) -> Path:
-    """Where a pod's copy goes; ValueError for a uid that is not a UUID (it names a file)."""
-    if not _UID.match(uid):
-        raise ValueError(f"pod uid {uid!r} is not a Kubernetes UID")
-    return cache / OUTCOMES_DIR / f"{uid}.json"
 
 
 def outcome_specs(outcome: Mapping[str, Any]) -> list[EventSpec]:
@@ -173,12 +162,3 @@ def node_events(cache: Path, node: str, now: float | None = None) -> Iterator[di
             body = event_body(spec, outcome, f.stem, node, stamp)
             if body is not None:
                 yield body
-
-
-def write_outcome_copy(cache: Path, uid: str, data: bytes) -> None:
-    """Atomically replace this pod's copy (root-only directory, like the cache)."""
-    dest = outcome_copy_path(cache, uid)
-    dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = dest.parent / f".{uid}.{os.getpid()}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, dest)

@@ -55,12 +55,11 @@ from typing import Any
 
 import orjson
 
-from thaw.contract import hooks
 from thaw.contract.hooks import HookError, resolve_pair
 from thaw.contract.manifest import EXEC_META_NAME
 from thaw.contract.plan import Plan, read_plan
 from thaw.errors import UsageError
-from thaw.runtime import criu
+from thaw.runtime import criu, hooks
 from thaw.runtime.ready import ReadySpec, ReadySpecError, parse_ready, wait_ready
 
 log = logging.getLogger("thaw.exec")
@@ -199,7 +198,7 @@ class Outcome:
                     log.warning("cannot write outcome file %s: %s", self.path, exc)
             uid = self.data.get("pod", {}).get("uid")
             if self.cache is not None and uid:
-                from thaw.node.events import write_outcome_copy
+                from thaw.snapshot.outcome_copy import write_outcome_copy
 
                 try:
                     write_outcome_copy(self.cache, uid, orjson.dumps(self.data))
