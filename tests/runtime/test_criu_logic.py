@@ -9,8 +9,9 @@ import pytest
 
 from thaw.runtime import criu
 from thaw.runtime.cuda import Cuda, CudaUnavailable
-from thaw.runtime.execute import inherit_list, restore_timeout, workload_command
+from thaw.runtime.execute import workload_command
 from thaw.runtime.ready import ReadySpecError, parse_ready, probe
+from thaw.runtime.restore import inherit_list, restore_timeout
 
 
 def test_dump_flags_leave_server_running_and_close_tcp() -> None:

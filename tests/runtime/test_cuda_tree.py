@@ -210,7 +210,7 @@ def test_restore_without_pairs_passes_64_zero_bytes() -> None:
 
 
 def test_unreadable_uuids_mean_no_remap_never_a_failure() -> None:
-    from thaw.runtime.execute import gpu_uuids_or_none
+    from thaw.runtime.gpu import gpu_uuids_or_none
 
     class NoUuids(FakeCheckpointApi):
         def cuDeviceGetCount(self, out: Any) -> int:
@@ -266,7 +266,7 @@ def test_other_failures_are_not_retried() -> None:
 
 
 def test_any_failure_reading_uuids_means_no_remap() -> None:
-    from thaw.runtime.execute import gpu_uuids_or_none
+    from thaw.runtime.gpu import gpu_uuids_or_none
 
     class Odd(FakeCheckpointApi):
         def cuDeviceGetUuid_v2(self, out: Any, dev: Any) -> int:

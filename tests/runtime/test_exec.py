@@ -143,14 +143,14 @@ def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
 # on (bench/gpu/results/h200x2-tp2-probes-2026-11-28.*): after CRIU's dump, the CUDA restore fails.
 BROKEN_DUMP = """
 import sys
-import thaw.runtime.execute as e
+import thaw.runtime.checkpoint as c
 from thaw.cli import main
 
 def dump(*_args, **_kw):
-    raise e.WorkloadBroken("the CUDA state could not be put back after the checkpoint: "
+    raise c.WorkloadBroken("the CUDA state could not be put back after the checkpoint: "
                            "cuCheckpointProcessRestore(pid 4128) failed: CUDA_ERROR_NOT_SUPPORTED (801)")
 
-e.dump = dump
+c.dump = dump
 sys.exit(main(sys.argv[1:]))
 """
 

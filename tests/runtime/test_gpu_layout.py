@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from thaw.runtime.execute import gpu_layout, gpu_layout_problem, gpu_minors, rank_env, visible_gpu_minors
+from thaw.runtime.gpu import container_gpu_problem, gpu_layout, gpu_minors, rank_env, visible_gpu_minors
 
 
 def test_gpu_minors_only_numbered_devices() -> None:
@@ -45,7 +45,7 @@ def test_layout_maps_host_minors_to_ordinals_in_lock_order() -> None:
             {"pid": 20, "env": {"RANK": "1", "WORLD_SIZE": "2"}, "gpus": [1]},
         ],
     }
-    assert gpu_layout_problem(layout, 2) is None
+    assert container_gpu_problem(layout, 2) is None
     uuids = ["GPU-e127b204-c9b7-2af2-5b9f-09825cd678f2", "GPU-ad9af744-de18-081b-7eb9-396651549436"]
     assert gpu_layout([10, 20], fds, [2, 6], envs, uuids) == {**layout, "uuids": uuids}
 
@@ -53,14 +53,14 @@ def test_layout_maps_host_minors_to_ordinals_in_lock_order() -> None:
 @pytest.mark.parametrize("visible", [0, 1, 4])
 def test_restore_refused_unless_the_gpu_count_matches(visible: int) -> None:
     layout = {"count": 2, "ranks": [{"pid": 10, "env": {}, "gpus": [0]}, {"pid": 20, "env": {}, "gpus": [1]}]}
-    why = gpu_layout_problem(layout, visible)
+    why = container_gpu_problem(layout, visible)
     assert why is not None
     assert "2 CUDA processes" in why and "2 GPUs" in why and f"sees {visible}" in why and "[0, 1]" in why
 
 
 def test_no_cuda_processes_needs_no_gpu() -> None:
-    assert gpu_layout_problem({"count": 0, "ranks": []}, 3) is None
-    assert gpu_layout_problem(None, 0) is None
+    assert container_gpu_problem({"count": 0, "ranks": []}, 3) is None
+    assert container_gpu_problem(None, 0) is None
 
 
 def test_rank_env_reads_only_the_rank_variables() -> None:

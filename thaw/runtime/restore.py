@@ -1,0 +1,215 @@
+"""Plan ``restore``: CRIU restores the process tree, then the CUDA driver puts GPU memory back
+(restore, then unlock, for every CUDA process of the tree), then the snapshot's wake hook is called
+if it was taken asleep, then, if ``--ready`` is given, the restored server must answer before it is
+accepted.
+
+Any failure kills what was restored and the caller runs CMD (a cold start): a restore never
+crash-loops a pod. Why is logged and written to the outcome file. The restore waits briefly for PIDs
+still held by a dead tree's zombies ("Can't fork for PID: File exists") and retries CRIU once more
+if it still hits one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from thaw.contract.plan import Plan
+from thaw.runtime import criu, hooks
+from thaw.runtime.checkpoint import META_FORMAT, META_NAME
+from thaw.runtime.gpu import container_gpu_problem, gpu_uuids_or_none, visible_gpu_minors
+from thaw.runtime.outcome import Outcome
+from thaw.runtime.ready import ReadySpec, wait_ready
+from thaw.runtime.supervisor import Supervisor
+
+log = logging.getLogger("thaw.exec")
+
+# A restore gets this long plus its image at a slow disk's rate: a damaged image can send CRIU's
+# restorer into an endless loop (seen with a truncated pages image: preadv returning 0 forever).
+CRIU_RESTORE_BASE_S = 10.0
+CRIU_RESTORE_MIN_RATE = 100e6  # bytes/s
+PID_FREE_WAIT_S = 5.0
+RESTORE_READY_TIMEOUT_S = 60.0
+
+
+class RestoreFailed(Exception):
+    """A restore step failed; the message is the reason recorded for the cold start."""
+
+
+def load_meta(images: Path) -> dict[str, Any]:
+    try:
+        meta = orjson.loads((images / META_NAME).read_bytes())
+    except FileNotFoundError as exc:
+        raise RestoreFailed(f"snapshot has no {META_NAME} (not taken by thaw exec)") from exc
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise RestoreFailed(f"snapshot's {META_NAME} is unreadable: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        raise RestoreFailed(f"snapshot's {META_NAME} has an unknown format (want {META_FORMAT})")
+    return meta
+
+
+def inherit_list(stdio: dict[str, str], fds: dict[int, int]) -> list[tuple[int, str]]:
+    """--inherit-fd pairs: the old stdout/stderr (pipes, sockets) -> our current ones (pure).
+
+    ``fds`` maps the workload's fd (1, 2) to the fd number criu gets for it. Paths are reopened by
+    CRIU itself and are not listed; one pipe used for both is listed once.
+    """
+    out: list[tuple[int, str]] = []
+    seen: set[str] = set()
+    for fd in (1, 2):
+        name = stdio.get(str(fd))
+        if not name or name.startswith("/") or name in seen:
+            continue
+        seen.add(name)
+        out.append((fds[fd], name))
+    return out
+
+
+def image_bytes(images: Path) -> int:
+    return sum(p.stat().st_size for p in images.iterdir() if p.is_file())
+
+
+def restore_timeout(nbytes: int) -> float:
+    """How long CRIU may take to restore ``nbytes`` of image before it is given up on (pure)."""
+    return CRIU_RESTORE_BASE_S + nbytes / CRIU_RESTORE_MIN_RATE
+
+
+@contextlib.contextmanager
+def _holding(snapshot_dir: Path) -> Iterator[None]:
+    """The node cache's in-use mark, so the agent never evicts a snapshot being restored."""
+    try:
+        from thaw.snapshot.cache import in_use
+    except ImportError:
+        yield
+        return
+    with in_use(snapshot_dir):
+        yield
+
+
+def restore(
+    plan: Plan,
+    *,
+    cmd: list[str],
+    sup: Supervisor,
+    opts: criu.CriuOptions,
+    logs: Path,
+    ready: ReadySpec | None,
+    outcome: Outcome,
+) -> bool:
+    """Restore the plan's snapshot and adopt its root. False (and the reason recorded) on failure."""
+    snapshot_dir = Path(plan.get("path", ""))
+    t0 = time.monotonic()
+    timings: dict[str, float] = {}
+    restored: list[int] = []
+    pids: list[int] = []
+    try:
+        with _holding(snapshot_dir):
+            binary = criu.find_criu()
+            meta = load_meta(snapshot_dir)
+            if meta.get("cmd") != cmd:
+                raise RestoreFailed(
+                    f"snapshot was taken of command {meta.get('cmd')!r}, this pod runs {cmd!r}"
+                )
+            pids = [int(p) for p in meta.get("pids", [])]
+            # Every rank restores onto the GPU ordinals it had, or none does (never half a server).
+            problem = container_gpu_problem(meta.get("gpu"), len(visible_gpu_minors()))
+            if problem:
+                raise RestoreFailed(problem)
+            # Connections are restored the way they were dumped (closed, or kept inside the tree).
+            opts = replace(opts, tcp_established=bool(meta.get("tcp_established", False)))
+            busy = criu.wait_pids_free(pids, PID_FREE_WAIT_S)
+            if busy:
+                raise RestoreFailed(f"PIDs {busy[:5]} of the snapshot are taken in this container")
+            stdio_fds = {1: os.dup(1), 2: os.dup(2)}
+            pidfile = logs / "restore.pid"
+            pidfile.unlink(missing_ok=True)
+            args = criu.restore_args(
+                binary,
+                snapshot_dir,
+                logs,
+                opts,
+                pidfile=pidfile,
+                inherit=inherit_list(meta.get("stdio", {}), stdio_fds),
+            )
+            try:
+                for attempt in range(3):
+                    try:
+                        criu.run(
+                            args,
+                            logs / "restore.log",
+                            restore_timeout(image_bytes(snapshot_dir)),
+                            list(stdio_fds.values()),
+                        )
+                        break
+                    except criu.CriuError as exc:
+                        text = (
+                            (logs / "restore.log").read_text(errors="replace")
+                            if (logs / "restore.log").exists()
+                            else ""
+                        )
+                        if attempt < 2 and criu.pid_file_busy(text):
+                            sup.reap_nohang()
+                            time.sleep(0.5)
+                            continue
+                        raise RestoreFailed(str(exc)) from exc
+            finally:
+                for fd in stdio_fds.values():
+                    os.close(fd)
+            timings["criu_restore_s"] = round(time.monotonic() - t0, 3)
+            try:
+                root = int(pidfile.read_text().strip())
+            except (OSError, ValueError) as exc:
+                raise RestoreFailed(f"criu restore wrote no root PID ({exc})") from exc
+            restored = criu.tree(root) or [root]
+            sup.adopt(root)
+            cuda_pids = [int(p) for p in meta.get("cuda_pids", [])]
+            if cuda_pids:
+                t1 = time.monotonic()
+                from thaw.runtime.cuda import Cuda, CudaError, CudaUnavailable, gpu_remap
+
+                try:
+                    cuda = Cuda.load()
+                    here = gpu_uuids_or_none(cuda)  # unreadable: no remap, the driver's default
+                    old = list(meta.get("gpu", {}).get("uuids", []))
+                    pairs = gpu_remap(old, here) if here is not None else None
+                    if pairs:
+                        log.info("restoring onto other GPUs: %s", ", ".join(f"{o} -> {n}" for o, n in pairs))
+                        timings["gpu_remap"] = len(pairs)
+                    cuda.thaw(cuda_pids, pairs)
+                except (CudaError, CudaUnavailable, ValueError) as exc:
+                    raise RestoreFailed(f"CUDA restore failed: {exc}") from exc
+                timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
+        wake = meta.get("wake")  # the snapshot was taken asleep (thaw.contract.hooks): wake this replica
+        if isinstance(wake, str):
+            t3 = time.monotonic()
+            failed = hooks.call(wake)
+            if failed is not None:
+                raise RestoreFailed(f"restored server did not wake: {failed.reason}")
+            timings["wake_s"] = round(time.monotonic() - t3, 3)
+        if ready is not None:
+            t2 = time.monotonic()
+            why = wait_ready(ready, RESTORE_READY_TIMEOUT_S, alive=sup.alive)
+            if why is not None:
+                raise RestoreFailed(f"restored server is not ready: {why}")
+            timings["ready_s"] = round(time.monotonic() - t2, 3)
+    except (RestoreFailed, criu.CriuError, OSError) as exc:
+        reason = str(exc)
+        # Whatever of the tree exists now is this restore's (its PIDs were checked free before).
+        leftovers = sorted(set(restored) | set(criu.pids_in_use(pids)) | ({sup.root} if sup.root else set()))
+        if leftovers:
+            sup.kill_tree(leftovers)
+        log.error("restore failed, cold start: %s", reason)
+        outcome.update(result="cold", reason=f"restore failed: {reason}", timings=timings)
+        return False
+    timings["total_s"] = round(time.monotonic() - t0, 3)
+    log.info("restored snapshot %s in %.2fs %s", plan.get("snapshot"), timings["total_s"], timings)
+    outcome.update(result="restored", reason=None, root_pid=sup.root, timings=timings)
+    return True

@@ -1,0 +1,162 @@
+"""PID 1 duties of ``thaw exec``: forward signals to the workload, reap every child (it is also a
+child subreaper where it is not PID 1, as in tests), and start the workload.
+
+PIDs. CRIU restores every process with its old PID, so those PIDs must be free in the new container.
+In a new container only ``thaw exec`` (PID 1) and CRIU (a few PIDs) run before the restore, so the
+workload is started at a high PID at checkpoint time (``--pid-floor``, default 4096): the PID
+counter is moved there through ``/proc/sys/kernel/ns_last_pid`` where writable, else by forking and
+reaping short-lived children until it gets there (containers often mount /proc/sys read-only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from thaw.errors import UsageError
+from thaw.runtime import criu
+
+log = logging.getLogger("thaw.exec")
+
+PR_SET_CHILD_SUBREAPER = 36
+DEFAULT_PID_FLOOR = 4096
+FORWARDED_SIGNALS = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+
+
+def become_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class Supervisor:
+    """Forwards signals to the workload's root process and reaps every child."""
+
+    def __init__(self) -> None:
+        self.root: int | None = None
+        self.status: int | None = None
+        self.signalled: int | None = None
+
+    def install(self) -> None:
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self._forward)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        self.signalled = signum
+        if self.root is not None and self.status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.root, signum)
+
+    def adopt(self, pid: int) -> None:
+        self.root, self.status = pid, None
+
+    def _reaped(self, pid: int, status: int) -> None:
+        if pid == self.root:
+            self.status = exit_code(status)
+
+    def reap_nohang(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self._reaped(pid, status)
+
+    def alive(self) -> bool:
+        self.reap_nohang()
+        if self.root is None:
+            return False
+        if self.status is not None:
+            return False
+        # A restored root is our child only once CRIU has exited and it was re-parented to us.
+        return os.path.exists(f"/proc/{self.root}")
+
+    def wait(self) -> int:
+        """Reap until the root exits; its exit code (128+N for signal N)."""
+        while self.status is None:
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                # The root is not (or no longer) our child: nothing left to wait for.
+                return self.status if self.status is not None else 1
+            self._reaped(pid, status)
+        return self.status
+
+    def kill_tree(self, pids: list[int]) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while criu.pids_in_use(pids) and time.monotonic() < deadline:
+            self.reap_nohang()
+            time.sleep(0.02)
+        self.reap_nohang()
+        self.root, self.status = None, None
+
+
+def last_pid() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/ns_last_pid").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
+def advance_pid_counter(floor: int) -> str:
+    """Make the next PID at least ``floor``; say how (or why not) for the log."""
+    if last_pid() >= floor:
+        return "already past"
+    try:
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(floor - 1))
+        return "ns_last_pid"
+    except OSError:
+        pass
+    # Fork and reap until the counter passes the floor; stops on wrap-around.
+    prev = 0
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        if pid >= floor - 1 or pid < prev:
+            return f"forked up to {pid}"
+        prev = pid
+
+
+def spawn(cmd: list[str], pid_floor: int | None) -> subprocess.Popen[bytes]:
+    if pid_floor:
+        how = advance_pid_counter(pid_floor)
+        log.debug("PID counter moved to %d (%s)", pid_floor, how)
+    try:
+        # Own session: the dumped tree then has no session or terminal outside itself (no
+        # --shell-job). stdin from /dev/null, which every container has; stdout/stderr are ours.
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+    except OSError as exc:
+        raise UsageError(f"cannot run {cmd[0]!r}: {exc.strerror or exc}") from exc
+    if pid_floor and proc.pid < pid_floor:
+        log.warning(
+            "workload got PID %d below the floor %d: a restore may find it taken", proc.pid, pid_floor
+        )
+    return proc
