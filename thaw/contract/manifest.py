@@ -40,7 +40,7 @@ from thaw.contract.signing import ALG, TrustedKeys, key_id, sign, verify
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
-EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/runtime/execute.py)
+EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/runtime/checkpoint.py)
 ID_PREFIX = "sha256:"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
 CHUNK = 4 * 1024 * 1024
