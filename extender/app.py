@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 from flask import Flask, Response, request
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -42,6 +43,15 @@ READY = Gauge("thaw_extender_ready", "1 when the node view is current (after the
 RELISTS = Gauge("thaw_extender_node_lists", "Full node lists done by the watch (relists + 1)")
 
 FILE_CHECK_S = 0.25  # how often FileView checks a --nodes file for changes: one stat() per check
+
+# The largest request body read. With nodeCacheCapable: true (the shipped configuration) a 5,000-node
+# ExtenderArgs is ~100 KB of names; with false, kube-scheduler sends whole Node objects: 5,000 of
+# extender.synthetic's (labels, status, Thaw's annotations, no managedFields) are 11.7 MB, and real
+# nodes carry more (managedFields, dozens of GPU Feature Discovery labels, images). 64 MiB admits
+# 5,000 nodes of up to ~13 KB each (5x the synthetic ones); larger clusters or nodes should use
+# nodeCacheCapable: true. A bigger body is answered 413 with the reason, before it is read (by
+# Content-Length) or as soon as it passes the limit (chunked).
+MAX_BODY_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -111,11 +121,16 @@ class FileView:
         return self.index.synced
 
 
-_STATUS = {200: "200 OK", 400: "400 Bad Request"}
+_STATUS = {200: "200 OK", 400: "400 Bad Request", 413: "413 Content Too Large"}
 
 
-def read_body(environ: dict[str, Any]) -> bytes:
-    """The request body in one read (Content-Length, or to the end of a chunked body)."""
+class TooLarge(ValueError):
+    """A request body over MAX_BODY_BYTES."""
+
+
+def read_body(environ: dict[str, Any], limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body in one read (Content-Length, or to the end of a chunked body); at most
+    ``limit`` bytes: a longer body raises TooLarge, having read no more than ``limit + 1`` bytes."""
     stream = environ["wsgi.input"]
     length = environ.get("CONTENT_LENGTH")
     if length:
@@ -123,10 +138,42 @@ def read_body(environ: dict[str, Any]) -> bytes:
             n = int(length)
         except ValueError:
             return b""
+        if n > limit:
+            raise TooLarge(f"Content-Length {n}")
         return bytes(stream.read(n)) if n > 0 else b""
     if environ.get("wsgi.input_terminated"):  # chunked: the server marks the end
-        return bytes(stream.read())
+        data = bytes(stream.read(limit + 1))
+        if len(data) > limit:
+            raise TooLarge("a chunked body")
+        return data
     return b""
+
+
+def too_large_body(verb: str, what: str) -> bytes:
+    """The 413 answer: the protocol's shape for the verb, with the reason in Error."""
+    msg = (
+        f"request body ({what}) is larger than the extender's limit of {MAX_BODY_BYTES} bytes; "
+        "for clusters this large use nodeCacheCapable: true (names only)"
+    )
+    return orjson.dumps({"FailedNodes": {}, "Error": msg} if verb == "filter" else {"Error": msg})
+
+
+class _Sent:
+    """A one-piece WSGI body whose close() (called by the server once the answer is sent) runs the
+    handler's deferred work: the request's latency does not include it."""
+
+    def __init__(self, body: bytes, after: Callable[[], None]) -> None:
+        self.body = body
+        self.after = after
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.body
+
+    def close(self) -> None:
+        try:
+            self.after()
+        except Exception:  # bookkeeping must never turn into an error for the scheduler
+            log.exception("extender: noting a placement failed")
 
 
 class Verbs:
@@ -136,8 +183,8 @@ class Verbs:
         self.inner = inner
         self.index = index
         self.verbs = {
-            "/filter": ("filter", handlers.filter_),
-            "/prioritize": ("prioritize", handlers.prioritize),
+            "/filter": ("filter", handlers.filter_deferred),
+            "/prioritize": ("prioritize", handlers.prioritize_deferred),
         }
         # Metric children bound once: labels() is a locked dict lookup on every call otherwise.
         self.latency = {verb: LATENCY.labels(verb) for verb, _ in self.verbs.values()}
@@ -152,9 +199,19 @@ class Verbs:
         if route is None or environ.get("REQUEST_METHOD") != "POST":
             return self.inner(environ, start_response)
         verb, fn = route
-        body = read_body(environ)
+        try:
+            body = read_body(environ)
+        except TooLarge as exc:
+            self.counted[(verb, 413)].inc()
+            out = too_large_body(verb, str(exc))
+            # The rest of the body stays unread: gunicorn drains at most 64 KiB of it before it
+            # would reuse the connection, and otherwise closes it.
+            start_response(
+                _STATUS[413], [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
+            )
+            return [out]
         start = time.perf_counter()
-        status, out = fn(self.index, body)
+        status, out, after = fn(self.index, body)
         self.latency[verb].observe(time.perf_counter() - start)
         counter = self.counted.get((verb, status))
         (counter or REQUESTS.labels(verb, str(status))).inc()
@@ -162,7 +219,7 @@ class Verbs:
             _STATUS.get(status, f"{status} Error"),
             [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
         )
-        return [out]
+        return [out] if after is None else _Sent(out, after)
 
 
 def create_app(config: AppConfig | None = None) -> Flask:
@@ -179,6 +236,7 @@ def create_app(config: AppConfig | None = None) -> Flask:
         view.start()
 
     app = Flask("thaw-extender")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
     app.config["index"] = index
     app.config["view"] = view
 

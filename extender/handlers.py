@@ -7,8 +7,17 @@ Bytes in, (HTTP status, bytes out): no Flask here, so tests and benchmarks call 
   ``FailedNodes`` and, because preempting pods cannot make a node's GPU or driver match,
   also in ``FailedAndUnresolvableNodes`` (the scheduler reads that map first and then skips
   preemption for those nodes; older schedulers read only ``FailedNodes``).
-- ``prioritize``: ``[{"Host", "Score"}]`` with 0..10 from :func:`extender.scoring.decide`; 0
-  everywhere for pods that are not Thaw's.
+- ``prioritize``: ``[{"Host", "Score"}]`` with 1..10 from :func:`extender.scoring.decide`, listing
+  only the nodes that score above 0, in the order asked: kube-scheduler adds an extender's score
+  only to the hosts its list names, so a host left out scores 0 from it (``prioritizeNodes`` in
+  ``pkg/scheduler/schedule_one.go``: ``if score, ok := allNodeExtendersScores[name]; ok {
+  ...TotalScore += score.TotalScore }``, since v1.26; before, ``combinedScores[name]``, a Go map
+  whose missing keys read 0; ``HTTPExtender.Prioritize`` in ``pkg/scheduler/extender.go`` returns
+  the decoded list as it is). ``[]`` for pods that are not Thaw's. Nodes that cannot restore score 0
+  and are left out, which makes the answer for a snapshot few nodes can restore much smaller.
+- Both verbs note where a Thaw pod is likely to land, after the answer is sent (``*_deferred``):
+  the node prioritize scored highest, or the one node a filter left (the scheduler then skips
+  prioritize); :meth:`extender.index.NodeIndex.note_placed` counts it as a restore in progress there.
 - The answer uses the mode of the question: ``NodeNames`` in, ``NodeNames`` out; ``Nodes`` in,
   ``Nodes`` out (the same objects, filtered). Never a node that was not in the input.
 - Bad input gets 400 with the reason (in ``Error`` for filter, whose result has that field).
@@ -22,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,9 +102,14 @@ def item_name(raw: msgspec.Raw) -> str:
         return ""
 
 
+# (HTTP status, body, what to do once the answer is sent: note where the pod will land, or None).
+Deferred = tuple[int, bytes, Callable[[], None] | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Args:
     pod_ref: str  # namespace/name, for logs
+    pod_key: str  # metadata.uid (namespace/name without one): which pod a placement is
     thaw: tuple[str, str, Placement] | None  # (snapshot, workload, placement) for Thaw pods
     names: list[str]
     # When the scheduler sent full Nodes: the NodeList as received, its metadata and its items.
@@ -108,7 +123,7 @@ class Args:
         return orjson.loads(memoryview(self.items[i]))
 
 
-def _pod(pod: Any) -> tuple[str, tuple[str, str, Placement] | None]:
+def _pod(pod: Any) -> tuple[str, str, tuple[str, str, Placement] | None]:
     if not isinstance(pod, dict):
         raise BadRequest("ExtenderArgs.Pod is missing or not an object")
     meta = pod.get("metadata")
@@ -118,6 +133,8 @@ def _pod(pod: Any) -> tuple[str, tuple[str, str, Placement] | None]:
     if not isinstance(ann, dict):
         raise BadRequest("ExtenderArgs.Pod.metadata.annotations must be an object")
     pod_ref = f"{meta.get('namespace', '')}/{meta.get('name', meta.get('generateName', '?'))}"
+    uid = meta.get("uid")
+    pod_key = uid if isinstance(uid, str) and uid else pod_ref
     try:
         spec = parse_spec(ann)
     except AnnotationError as exc:
@@ -125,8 +142,8 @@ def _pod(pod: Any) -> tuple[str, tuple[str, str, Placement] | None]:
     if spec is not None:
         workload = ann.get(WORKLOAD)
         if isinstance(workload, str) and workload:
-            return pod_ref, (spec.snapshot, workload, spec.placement)
-    return pod_ref, None
+            return pod_ref, pod_key, (spec.snapshot, workload, spec.placement)
+    return pod_ref, pod_key, None
 
 
 def _explain(body: bytes) -> BadRequest:
@@ -154,12 +171,12 @@ def parse_args(body: bytes) -> Args:
         pod = orjson.loads(memoryview(top.Pod))
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"ExtenderArgs.Pod is not readable JSON: {exc}") from None
-    pod_ref, thaw = _pod(pod)
+    pod_ref, pod_key, thaw = _pod(pod)
     nodes_null = top.Nodes == _NULL
     if top.NodeNames is not None:
         if not nodes_null:
             raise BadRequest("ExtenderArgs has both Nodes and NodeNames; the scheduler sends one")
-        return Args(pod_ref, thaw, top.NodeNames)
+        return Args(pod_ref, pod_key, thaw, top.NodeNames)
     if nodes_null:
         raise BadRequest("ExtenderArgs has neither Nodes nor NodeNames")
     try:
@@ -170,7 +187,7 @@ def parse_args(body: bytes) -> Args:
     names = [item_name(raw) for raw in items]
     if not all(names):
         raise BadRequest(f"ExtenderArgs.Nodes.items[{names.index('')}] has no metadata.name")
-    return Args(pod_ref, thaw, names, top.Nodes, node_list.metadata, items)
+    return Args(pod_ref, pod_key, thaw, names, top.Nodes, node_list.metadata, items)
 
 
 def _decisions(index: NodeIndex, args: Args, memo: Memo) -> list[Decision]:
@@ -228,24 +245,44 @@ def _nodes_answer(args: Args, keep: list[int] | None) -> bytes:
     )
 
 
+def _placing(index: NodeIndex, args: Args, node: str | None) -> Callable[[], None] | None:
+    """What to run once the answer is sent: count the pod on ``node`` (None: nothing to count)."""
+    if node is None:
+        return None
+    return lambda: index.note_placed(args.pod_key, node)
+
+
 def filter_(index: NodeIndex, body: bytes) -> tuple[int, bytes]:
+    """:func:`filter_deferred`, with its placement noted before it returns (tests, benchmarks)."""
+    status, out, after = filter_deferred(index, body)
+    if after is not None:
+        after()
+    return status, out
+
+
+def filter_deferred(index: NodeIndex, body: bytes) -> Deferred:
     try:
         args = parse_args(body)
     except BadRequest as exc:
-        return 400, _error(str(exc))
+        return 400, _error(str(exc)), None
     if args.thaw is None or args.thaw[2] != "required":
         # Filter nothing: the answer is the question's node set.
+        after = None
+        if args.thaw is not None and len(args.names) == 1:  # the scheduler binds it without asking more
+            memo = index.decisions(args.thaw[0], args.thaw[1])
+            after = _placing(index, args, memo.best(args.names))
         if args.items is not None:
-            return 200, b"".join((b"{", _nodes_answer(args, None), b',"FailedNodes":{},"Error":""}'))
-        return 200, orjson.dumps({"NodeNames": args.names, "FailedNodes": {}, "Error": ""})
+            return 200, b"".join((b"{", _nodes_answer(args, None), b',"FailedNodes":{},"Error":""}')), after
+        return 200, orjson.dumps({"NodeNames": args.names, "FailedNodes": {}, "Error": ""}), after
     memo = index.decisions(args.thaw[0], args.thaw[1])
     names = args.names
     if log.isEnabledFor(logging.DEBUG) or (
         args.items is not None and not all(map(index.nodes.__contains__, names))
     ):
-        return 200, _filter_slow(index, args, memo)
-    # The hot path: dict lookups at C speed, the answer's pieces precomputed (Memo.verdict). A
-    # name in neither dict (new to this memo, or unknown) sends the request round the long way.
+        out, left = _filter_slow(index, args, memo)
+        return 200, out, _placing(index, args, left[0] if len(left) == 1 else None)
+    # The hot path: dict lookups at C speed, the answer's pieces precomputed (Memo). A name in
+    # neither dict (one the view does not know) sends the request round the long way.
     flags = list(map(memo.keeps.get, names))
     keeps = list(filter(None, flags))
     fails = list(filter(None, map(memo.fails.get, names)))
@@ -263,11 +300,15 @@ def filter_(index: NodeIndex, body: bytes) -> tuple[int, bytes]:
     if unresolvable:
         parts += [b',"FailedAndUnresolvableNodes":{', b",".join(unresolvable), b"}"]
     parts.append(b',"Error":""}')
-    return 200, b"".join(parts)
+    after = None
+    if len(keeps) == 1:
+        after = _placing(index, args, names[next(i for i, k in enumerate(flags) if k)])
+    return 200, b"".join(parts), after
 
 
-def _filter_slow(index: NodeIndex, args: Args, memo: Memo) -> bytes:
-    """Filter with a decision object per node: logs it, and reads Nodes the index does not know."""
+def _filter_slow(index: NodeIndex, args: Args, memo: Memo) -> tuple[bytes, list[str]]:
+    """Filter with a decision object per node: logs it, and reads Nodes the index does not know.
+    The answer, and the names it keeps."""
     assert args.thaw is not None
     decisions = _decisions(index, args, memo)
     _log_decision("filter", args, decisions)
@@ -290,27 +331,43 @@ def _filter_slow(index: NodeIndex, args: Args, memo: Memo) -> bytes:
     if unresolvable:
         rest["FailedAndUnresolvableNodes"] = unresolvable
     rest["Error"] = ""
-    return b"{" + kept + b"," + orjson.dumps(rest)[1:]
+    return b"{" + kept + b"," + orjson.dumps(rest)[1:], [args.names[i] for i in keep]
 
 
 def prioritize(index: NodeIndex, body: bytes) -> tuple[int, bytes]:
+    """:func:`prioritize_deferred`, with its placement noted before it returns (tests, benchmarks)."""
+    status, out, after = prioritize_deferred(index, body)
+    if after is not None:
+        after()
+    return status, out
+
+
+def prioritize_deferred(index: NodeIndex, body: bytes) -> Deferred:
     try:
         args = parse_args(body)
     except BadRequest as exc:
-        return 400, orjson.dumps({"Error": str(exc)})
-    names = args.names
+        return 400, orjson.dumps({"Error": str(exc)}), None
     if args.thaw is None:
-        nj = index.name_json
-        return 200, b"[" + b",".join(
-            [b'{"Host":%b,"Score":0}' % (nj.get(n) or orjson.dumps(n)) for n in names]
-        ) + b"]"
+        return 200, b"[]", None  # every node scores 0: none is listed (module docstring)
     memo = index.decisions(args.thaw[0], args.thaw[1])
+    names = args.names
     if not log.isEnabledFor(logging.DEBUG) and (
         args.items is None or all(map(index.nodes.__contains__, names))
     ):
-        # The hot path: one dict lookup per node, fragments precomputed.
-        get = memo.fragments.get
-        return 200, b"[" + b",".join([get(n) or memo.fragment(n) for n in names]) + b"]"
+        # The hot path: one dict lookup per node; nodes scoring 0 (and names the view does not
+        # know) have no fragment and are left out.
+        out = b"[" + b",".join(list(filter(None, map(memo.fragments.get, names)))) + b"]"
+        return 200, out, lambda: _place_best(index, args, memo)
     decisions = _decisions(index, args, memo)
     _log_decision("prioritize", args, decisions)
-    return 200, orjson.dumps([{"Host": n, "Score": d.score} for n, d in zip(names, decisions, strict=True)])
+    scored = [(n, d.score) for n, d in zip(names, decisions, strict=True) if d.score > 0]
+    out = orjson.dumps([{"Host": n, "Score": score} for n, score in scored])
+    top = max((score for _, score in scored), default=0)
+    best = next((n for n, score in scored if score == top), None)
+    return 200, out, _placing(index, args, best)
+
+
+def _place_best(index: NodeIndex, args: Args, memo: Memo) -> None:
+    best = memo.best(args.names)
+    if best is not None:
+        index.note_placed(args.pod_key, best)

@@ -1,24 +1,54 @@
-"""The node index: every Node parsed once, and per-snapshot decisions memoised.
+"""The node index: every Node parsed once, every live decision precomputed, updated per node.
 
-Writers (the watch thread, or a ``--nodes`` file at start) call :meth:`NodeIndex.upsert`,
-:meth:`NodeIndex.delete` and :meth:`NodeIndex.replace_all`; each change drops exactly the memoised
-decisions it can alter. Readers (request threads) call :meth:`NodeIndex.decisions` for a pod's
-``(snapshot, workload)`` and look nodes up by name: a request costs O(nodes in the request), dict
-lookups of values computed at most once per node between changes that concern it, with the
-answer's JSON pieces (``{"Host":..,"Score":..}`` for prioritize, ``Memo.verdict`` for filter)
-precomputed beside each decision, so an answer is a join of bytes.
+Writers (the watch thread, a ``--nodes`` file reload, and requests noting where they placed a pod)
+call :meth:`NodeIndex.upsert`, :meth:`NodeIndex.delete`, :meth:`NodeIndex.replace_all` and
+:meth:`NodeIndex.note_placed`. Readers (request threads) call :meth:`NodeIndex.decisions` for a
+pod's ``(snapshot, workload)``: a :class:`Memo` that holds, for every node in the view, the answer's
+JSON pieces (``{"Host":..,"Score":..}`` for prioritize, ``Memo.keeps``/``Memo.fails`` for filter),
+so that a request is dict lookups and a join of bytes.
 
-Thread safety: writers hold ``_lock``; readers take no lock. Under the GIL single dict operations are
-atomic, readers never iterate the shared dicts, and a reader that races a write answers from a view
-at most one event old, which is what a watch-fed cache gives anyway.
+Incremental. A memo is filled once, on the first request for its key, then kept current by the
+writers: a changed node recomputes its own decision in each memo, and the cluster-wide terms it
+contributes to are compared before and after, so that only the decisions they reach are redone:
+
+- a node's own change (tiers, queue, facts): that node, in every memo;
+- a snapshot's holder count (an add or an evict of it): that build's holders, whose spread damping
+  reads ``holders / nodes``, in that snapshot's memo only;
+- the node count (a node added or removed): every build's holders (the same damping);
+- the set of known facts (a compat key appears or goes): the nodes with GPU-label facts only;
+- a build of the snapshot appearing or going, or its size changing: that memo is refilled (every
+  node's fetch/cold estimate reads them); rare, once per new build.
+
+The decisions are computed on the writer's thread, not in the request path: a request never waits
+for a recomputation, and a busy cluster's annotation churn costs the writer a few microseconds per
+update and memo.
+
+Placed pods. The agents' ``restoring`` counts reach the extender up to one pass (30 s) late, so a
+burst of replicas would see every holder idle and pile onto the best one. The extender therefore
+counts the Thaw pods it placed: for each prioritize answer, the node it scored highest (the one
+kube-scheduler then binds, unless its own plugins outweigh the difference), and for a filter that
+leaves one node (kube-scheduler then skips prioritize), that node. A pod counts as a restore in
+progress on that node for ``Params.placed_window_s``; the queue a decision uses is the larger of the
+node's reported ``restoring`` and that count (not the sum: once the agent reports, it counts the
+same restores). Asked again about the same pod (a retry), the new answer replaces the old.
+
+Memory. Per memo, about 0.5 KB per node; memos are kept while their total stays under
+``MEMO_ENTRIES`` node decisions (least recently used dropped first), and at most ``MEMO_KEYS``.
+Warnings about unreadable annotations are remembered per node as one hash (not the text), so
+annotation churn leaves nothing behind. Placed pods are kept at most ``PLACED_MAX``.
+
+Thread safety: writers hold ``_lock``; readers take no lock. Under the GIL single dict operations
+are atomic, readers never iterate the shared dicts, and a reader that races a write answers from a
+view at most one event old, which is what a watch-fed cache gives anyway.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,41 +56,49 @@ from typing import Any
 import orjson
 
 from extender.nodes import NodeEntry, NodeError, parse_node
-from extender.scoring import DEFAULT_PARAMS, Decision, Params, Variant, decide
+from extender.scoring import DEFAULT_PARAMS, MAX_SCORE, Decision, Params, Variant, decide
 
 log = logging.getLogger(__name__)
 
-# Distinct (snapshot, workload) pairs whose decisions are kept; a cluster runs far fewer models.
-MEMO_KEYS = 256
+# Node decisions kept over all memos (~0.5 KB each: ~80 MB at most), and memos at most: a 5,000-node
+# cluster keeps 32 snapshots' decisions, a 500-node one 64.
+MEMO_ENTRIES = 160_000
+MEMO_KEYS = 64
+# Pods whose placement is remembered (those of the last placed_window_s; the oldest go first).
+PLACED_MAX = 50_000
 UNKNOWN_REASON = "not in the extender's node view (Node not seen by its watch yet)"
+
+Key = tuple[str, str]  # (snapshot, workload)
 
 
 def failure_message(snapshot: str, reason: str) -> str:
     return f"thaw: cannot restore snapshot {snapshot}: {reason}"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Memo:
-    """Decisions for one (snapshot, workload), filled lazily per node, dropped on changes."""
+    """The answers' pieces for one (snapshot, workload), one entry per node in the view."""
 
     snapshot: str
     workload: str
+    index: NodeIndex
     variants: dict[str, Variant]
     known_facts: dict[str, dict[str, str | int]]
     node_count: int
-    params: Params
-    nodes: Mapping[str, NodeEntry]
-    decisions: dict[str, Decision] = field(default_factory=dict)
-    # name -> b'{"Host":"name","Score":N}', the prioritize answer's element, ready to join.
+    # name -> b'{"Host":"name","Score":N}', the prioritize answer's element, ready to join; only
+    # nodes that score above 0 (the answer lists only those: handlers.prioritize).
     fragments: dict[str, bytes] = field(default_factory=dict)
     # The filter answer's pieces (placement: required), by whether the node can restore: the node's
     # JSON name for NodeNames, or ('"name":"reason"' for FailedNodes, the same pair or b"" for
     # FailedAndUnresolvableNodes: not for nodes the view does not know, the watch may catch up).
     keeps: dict[str, bytes] = field(default_factory=dict)
     fails: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
+    # by_score[s]: the nodes that score s (1..10), to name the best node of an answer.
+    by_score: list[set[str]] = field(default_factory=lambda: [set() for _ in range(MAX_SCORE + 1)])
+    used: float = 0.0  # monotonic time of the last request, for least-recently-used eviction
 
     def decide(self, node: NodeEntry) -> Decision:
-        """The decision for ``node`` under this memo's cluster-wide terms (not memoised)."""
+        """The decision for ``node`` under this memo's cluster-wide terms."""
         return decide(
             self.snapshot,
             self.workload,
@@ -68,29 +106,15 @@ class Memo:
             variants=self.variants,
             known_facts=self.known_facts,
             node_count=self.node_count,
-            p=self.params,
+            p=self.index.params,
         )
 
     def decision(self, name: str) -> Decision:
-        d = self.decisions.get(name)
-        if d is None:
-            node = self.nodes.get(name)
-            d = Decision("cold", 0.0, 0.0, 0, False, UNKNOWN_REASON) if node is None else self.decide(node)
-            # A writer may have replaced the node meanwhile and dropped its decisions: keep this
-            # one only if it was computed from the entry that is still current. Names the view does
-            # not know are not kept: a request must not grow the memo with names it made up.
-            if node is not None and self.nodes.get(name) is node:
-                self.decisions[name] = d
-        return d
-
-    def fragment(self, name: str) -> bytes:
-        f = self.fragments.get(name)
-        if f is None:
-            node = self.nodes.get(name)
-            f = b'{"Host":%b,"Score":%d}' % (orjson.dumps(name), self.decision(name).score)
-            if node is not None and self.nodes.get(name) is node:
-                self.fragments[name] = f
-        return f
+        """The decision for the node called ``name`` as the view has it now (computed, not kept)."""
+        node = self.index.effective(name)
+        if node is None:
+            return Decision("cold", 0.0, 0.0, 0, False, UNKNOWN_REASON)
+        return self.decide(node)
 
     def verdict(self, name: str) -> tuple[bytes, bytes, bytes]:
         """(keep, failed, unresolvable) pieces for one node, each b"" where it does not apply."""
@@ -98,21 +122,64 @@ class Memo:
         if keep is not None:
             return keep, b"", b""
         fail = self.fails.get(name)
-        if fail is not None:
-            return b"", fail[0], fail[1]
-        node = self.nodes.get(name)
-        d = self.decision(name)
-        key = orjson.dumps(name)
-        current = node is not None and self.nodes.get(name) is node
-        if d.restorable:
-            if current:
-                self.keeps[name] = key
-            return key, b"", b""
-        pair = key + b":" + orjson.dumps(failure_message(self.snapshot, d.reason))
-        fail = (pair, pair if d.reason != UNKNOWN_REASON else b"")
-        if current:
-            self.fails[name] = fail
+        if fail is None:  # a name the view does not know: never kept (requests may make names up)
+            pair = orjson.dumps(name) + b":" + orjson.dumps(failure_message(self.snapshot, UNKNOWN_REASON))
+            fail = (pair, b"")
         return b"", fail[0], fail[1]
+
+    def best(self, names: list[str]) -> str | None:
+        """The first of ``names`` with the highest score above 0, or None."""
+        wanted: set[str] | None = None
+        for bucket in reversed(self.by_score[1:]):
+            if not bucket:
+                continue
+            if len(bucket) * 8 < len(names):  # few nodes score this: look them up in the names
+                wanted = wanted if wanted is not None else set(names)
+                hits = bucket & wanted
+                if hits:
+                    return min(hits)
+            else:  # many do: the first name in the answer that is one of them comes soon
+                hit = next(filter(bucket.__contains__, names), None)
+                if hit is not None:
+                    return hit
+        return None
+
+    # ---- writers (the index holds its lock) ------------------------------------------------------
+    def _set(self, name: str, d: Decision) -> None:
+        self._drop(name)
+        key = self.index.name_json[name]
+        if d.score > 0:
+            self.fragments[name] = b'{"Host":%b,"Score":%d}' % (key, d.score)
+            self.by_score[d.score].add(name)
+        if d.restorable:
+            self.keeps[name] = key
+        else:
+            pair = key + b":" + orjson.dumps(failure_message(self.snapshot, d.reason))
+            self.fails[name] = (pair, pair)
+
+    def _drop(self, name: str) -> None:
+        if self.fragments.pop(name, None) is not None:
+            for bucket in self.by_score:
+                bucket.discard(name)
+        if self.keeps.pop(name, None) is None:
+            self.fails.pop(name, None)
+
+    def _refresh(self, names: Iterable[str]) -> None:
+        index = self.index
+        for name in names:
+            node = index.effective(name)
+            if node is None:
+                self._drop(name)
+            else:
+                self._set(name, self.decide(node))
+
+    def _fill(self) -> None:
+        self.fragments.clear()
+        self.keeps.clear()
+        self.fails.clear()
+        for bucket in self.by_score:
+            bucket.clear()
+        self._refresh(list(self.index.nodes))
 
 
 class NodeIndex:
@@ -123,19 +190,34 @@ class NodeIndex:
         # (snapshot, workload, compat) -> {node name: bytes}: who holds which compatible build.
         self._holders: dict[tuple[str, str, str], dict[str, int]] = {}
         # (snapshot, workload) -> set of compat keys with at least one holder.
-        self._variant_keys: dict[tuple[str, str], set[str]] = {}
+        self._variant_keys: dict[Key, set[str]] = {}
         # compat key -> (flattened facts, number of nodes with that key).
         self._facts: dict[str, tuple[dict[str, str | int], int]] = {}
-        self._memo: OrderedDict[tuple[str, str], Memo] = OrderedDict()
-        self._logged: set[tuple[str, str]] = set()
+        self._partial: set[str] = set()  # nodes with GPU-label facts only
+        self._memo: dict[Key, Memo] = {}
+        # node -> hash of the problems last logged for it (and the inputs they came from).
+        self._logged: dict[str, int] = {}
+        # Placed pods: pod -> (node, when); in time order; per node the count.
+        self._placed_pod: dict[str, tuple[str, float]] = {}
+        self._placed_q: deque[tuple[float, str, str]] = deque()
+        self.placed_on: dict[str, int] = {}
         # Readiness: set after the first full list; last_sync is when the view was last known current.
         self.synced = False
         self.last_sync = 0.0
         self.resource_version = ""
-        # name -> orjson-encoded name, for answers about pods that are not Thaw's.
+        # name -> orjson-encoded name, for answers' pieces.
         self.name_json: dict[str, bytes] = {}
 
-    # ---- writers -------------------------------------------------------------------------------
+    def effective(self, name: str) -> NodeEntry | None:
+        """The node as decisions read it: its restore queue is the larger of what its agent reported
+        and the Thaw pods placed on it in the last ``placed_window_s``."""
+        e = self.nodes.get(name)
+        if e is None:
+            return None
+        placed = self.placed_on.get(name, 0)
+        return e if placed <= e.restoring else dataclasses.replace(e, restoring=placed)
+
+    # ---- writers: the structures -----------------------------------------------------------------
     def _add(self, e: NodeEntry) -> None:
         self.nodes[e.name] = e
         self.name_json[e.name] = orjson.dumps(e.name)
@@ -145,10 +227,12 @@ class NodeIndex:
         if e.compat is not None:
             flat, n = self._facts.get(e.compat, (e.flat_facts, 0))
             self._facts[e.compat] = (flat, n + 1)
+        if e.partial:
+            self._partial.add(e.name)
 
     def _remove(self, e: NodeEntry) -> None:
         self.nodes.pop(e.name, None)
-        self.name_json.pop(e.name, None)
+        self._partial.discard(e.name)
         for c in e.copies:
             key = (c.name, c.workload, c.compat)
             holders = self._holders.get(key)
@@ -168,34 +252,83 @@ class NodeIndex:
             else:
                 self._facts[e.compat] = (flat, n - 1)
 
+    def _variants(self, key: Key) -> dict[str, Variant]:
+        out: dict[str, Variant] = {}
+        for compat in self._variant_keys.get(key, ()):
+            holders = self._holders[(key[0], key[1], compat)]
+            out[compat] = Variant(max(holders.values()), len(holders))
+        return out
+
+    def _known_facts(self) -> dict[str, dict[str, str | int]]:
+        return {k: flat for k, (flat, _) in self._facts.items()}
+
     def _log_problems(self, e: NodeEntry) -> None:
-        for problem in e.problems:
-            # Once per node and value: upsert re-parses only when the inputs change.
-            key = (e.name, f"{e.source!r}:{problem}")
-            if key not in self._logged:
-                self._logged.add(key)
+        # Once per node and value: only a hash is kept, and only the latest, so a node whose
+        # annotation keeps changing leaves one int behind, not every text it ever had.
+        if not e.problems:
+            self._logged.pop(e.name, None)
+            return
+        mark = hash((e.source, e.problems))
+        if self._logged.get(e.name) != mark:
+            self._logged[e.name] = mark
+            for problem in e.problems:
                 log.warning("node %s: %s", e.name, problem)
 
-    def _invalidate(self, old: NodeEntry | None, new: NodeEntry | None) -> None:
-        """Drop the memoised decisions a change of one node can alter (writers hold the lock).
-
-        A node added or removed, or whose facts changed, moves the cluster-wide terms (node count,
-        known facts): everything goes. Otherwise only (a) every decision about this node (its queue,
-        its tiers) and (b) every decision for a snapshot whose set of holders changed.
-        """
-        if old is None or new is None or old.compat != new.compat or old.partial != new.partial:
-            self._memo.clear()
+    # ---- writers: the memos ----------------------------------------------------------------------
+    def _change(self, old: NodeEntry | None, new: NodeEntry | None) -> None:
+        """Apply one node's change to the structures and to every memo (the lock is held)."""
+        name = new.name if new is not None else old.name if old is not None else ""
+        facts_before = set(self._facts)
+        if old is not None:
+            self._remove(old)
+        if new is not None:
+            self._add(new)
+            self._log_problems(new)
+        else:
+            self.name_json.pop(name, None)
+            self._logged.pop(name, None)
+        if not self._memo:
             return
-        name = new.name
-        if old.copies != new.copies:
-            changed = {(c.name, c.workload) for c in set(old.copies) ^ set(new.copies)}
-            for key in changed:
-                self._memo.pop(key, None)
-        for memo in self._memo.values():
-            memo.decisions.pop(name, None)
-            memo.fragments.pop(name, None)
-            memo.keeps.pop(name, None)
-            memo.fails.pop(name, None)
+        count_moved = (old is None) != (new is None)
+        facts_moved = set(self._facts) != facts_before
+        touched: set[Key] = set()
+        if old is not None:
+            touched |= {(c.name, c.workload) for c in old.copies}
+        if new is not None:
+            touched |= {(c.name, c.workload) for c in new.copies}
+        known = self._known_facts() if facts_moved else None
+        for key, memo in list(self._memo.items()):
+            redo: set[str] = {name}
+            spread_of: set[str] = set()  # compat keys whose holders' spread damping moved
+            if key in touched:
+                variants = self._variants(key)
+                if variants != memo.variants:
+                    before = memo.variants
+                    memo.variants = variants
+                    if set(variants) != set(before) or any(
+                        variants[k].bytes != before[k].bytes for k in variants
+                    ):
+                        memo.node_count = len(self.nodes)
+                        if known is not None:
+                            memo.known_facts = known
+                        memo._fill()
+                        continue
+                    spread_of |= {k for k in variants if variants[k].holders != before[k].holders}
+            if count_moved:
+                memo.node_count = len(self.nodes)
+                spread_of |= set(memo.variants)
+            for compat in spread_of:
+                redo |= set(self._holders.get((key[0], key[1], compat), ()))
+            if known is not None:
+                memo.known_facts = known
+                redo |= self._partial
+            memo._refresh(redo)
+
+    def _refresh_nodes(self, names: Iterable[str]) -> None:
+        """Recompute the given nodes in every memo (their queue moved; the lock is held)."""
+        names = list(names)
+        for memo in list(self._memo.values()):
+            memo._refresh(names)
 
     def upsert(self, node: Mapping[str, Any]) -> bool:
         """Add or update a Node; returns whether anything the decisions read changed."""
@@ -205,11 +338,7 @@ class NodeIndex:
             if old is not None and old.source == e.source:
                 old.resource_version = e.resource_version
                 return False
-            if old is not None:
-                self._remove(old)
-            self._add(e)
-            self._log_problems(e)
-            self._invalidate(old, e)
+            self._change(old, e)
             return True
 
     def delete(self, name: str) -> bool:
@@ -217,30 +346,50 @@ class NodeIndex:
             old = self.nodes.get(name)
             if old is None:
                 return False
-            self._remove(old)
-            self._invalidate(old, None)
+            self._change(old, None)
             return True
 
     def replace_all(self, nodes: Iterable[Mapping[str, Any]], resource_version: str) -> int:
-        """Replace the view with a full list; returns the number of Nodes that could not be read."""
-        entries: list[NodeEntry] = []
+        """Replace the view with a full list; returns the number of Nodes that could not be read.
+
+        Nodes whose inputs did not change are kept as they are; the others are applied one by one
+        as the watch would, unless most of the view changed (a first list, a long outage): then the
+        view is rebuilt and the memos are refilled on their next request.
+        """
+        entries: dict[str, NodeEntry] = {}
         bad = 0
         for node in nodes:
             try:
-                entries.append(parse_node(node))
+                e = parse_node(node)
             except NodeError as exc:
                 bad += 1
                 log.warning("skipping a Node in the list: %s", exc)
+                continue
+            entries[e.name] = e
         with self._lock:
-            self.nodes = {}
-            self.name_json = {}
-            self._holders = {}
-            self._variant_keys = {}
-            self._facts = {}
-            for e in entries:
-                self._add(e)
-                self._log_problems(e)
-            self._memo.clear()
+            gone = [n for n in self.nodes if n not in entries]
+            changed = [
+                e for e in entries.values() if (o := self.nodes.get(e.name)) is None or o.source != e.source
+            ]
+            if len(gone) + len(changed) > max(16, len(entries) // 4):
+                self.nodes = {}
+                self.name_json = {}
+                self._holders = {}
+                self._variant_keys = {}
+                self._facts = {}
+                self._partial = set()
+                self._memo.clear()
+                self._logged = {n: h for n, h in self._logged.items() if n in entries}
+                for e in entries.values():
+                    self._add(e)
+                    self._log_problems(e)
+            else:
+                for name in gone:
+                    self._change(self.nodes[name], None)
+                for e in changed:
+                    self._change(self.nodes.get(e.name), e)
+                for e in entries.values():
+                    self.nodes[e.name].resource_version = e.resource_version
             self.resource_version = resource_version
             self.synced = True
             self.last_sync = time.monotonic()
@@ -252,21 +401,73 @@ class NodeIndex:
             self.resource_version = resource_version
         self.last_sync = time.monotonic()
 
-    # ---- readers -------------------------------------------------------------------------------
+    # ---- placed pods -----------------------------------------------------------------------------
+    def note_placed(self, pod: str, node: str, now: float | None = None) -> None:
+        """Count ``pod`` as restoring on ``node`` from ``now`` (see the module docstring)."""
+        window = self.params.placed_window_s
+        if window <= 0:
+            return
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            moved = self._expire(now)
+            prev = self._placed_pod.get(pod)
+            if prev is not None:
+                self._unplace(prev[0])
+                moved.add(prev[0])
+            self._placed_pod[pod] = (node, now)
+            self._placed_q.append((now, pod, node))
+            self.placed_on[node] = self.placed_on.get(node, 0) + 1
+            moved.add(node)
+            while len(self._placed_pod) > PLACED_MAX:  # keep the newest
+                moved |= self._expire(self._placed_q[0][0] + window)
+            self._refresh_nodes(moved)
+
+    def expire_placed(self, now: float | None = None) -> None:
+        """Forget placements older than the window (called on every request; cheap when none are)."""
+        q = self._placed_q
+        now = time.monotonic() if now is None else now
+        if q and q[0][0] <= now - self.params.placed_window_s:
+            with self._lock:
+                self._refresh_nodes(self._expire(now))
+
+    def _unplace(self, node: str) -> None:
+        n = self.placed_on.get(node, 0) - 1
+        if n > 0:
+            self.placed_on[node] = n
+        else:
+            self.placed_on.pop(node, None)
+
+    def _expire(self, now: float) -> set[str]:
+        moved: set[str] = set()
+        limit = now - self.params.placed_window_s
+        q = self._placed_q
+        while q and q[0][0] <= limit:
+            t, pod, node = q.popleft()
+            if self._placed_pod.get(pod) == (node, t):  # not replaced by a later answer
+                del self._placed_pod[pod]
+                self._unplace(node)
+                moved.add(node)
+        return moved
+
+    # ---- readers ---------------------------------------------------------------------------------
     def decisions(self, snapshot: str, workload: str) -> Memo:
+        self.expire_placed()
         key = (snapshot, workload)
         memo = self._memo.get(key)
-        if memo is not None:
-            return memo
-        with self._lock:
-            variants: dict[str, Variant] = {}
-            for compat in self._variant_keys.get(key, ()):
-                holders = self._holders[(snapshot, workload, compat)]
-                variants[compat] = Variant(max(holders.values()), len(holders))
-            known = {k: flat for k, (flat, _) in self._facts.items()}
-            memo = Memo(snapshot, workload, variants, known, len(self.nodes), self.params, self.nodes)
-            self._memo[key] = memo
-            self._memo.move_to_end(key)
-            while len(self._memo) > MEMO_KEYS:
-                self._memo.popitem(last=False)
+        if memo is None:
+            with self._lock:
+                memo = self._memo.get(key)
+                if memo is None:
+                    memo = self._new_memo(key)
+        memo.used = time.monotonic()
+        return memo
+
+    def _new_memo(self, key: Key) -> Memo:
+        memo = Memo(key[0], key[1], self, self._variants(key), self._known_facts(), len(self.nodes))
+        memo._fill()
+        keep = max(1, min(MEMO_KEYS, MEMO_ENTRIES // max(1, len(self.nodes)))) - 1
+        if len(self._memo) > keep:
+            for old in sorted(self._memo, key=lambda k: self._memo[k].used)[: len(self._memo) - keep]:
+                del self._memo[old]
+        self._memo[key] = memo
         return memo

@@ -26,9 +26,11 @@ and, for nodes that already hold the snapshot, scaled ImageLocality-style by how
 (``holders / nodes``), so that a rare snapshot's only holder wins ties but loses sooner once it is
 busy, and the scheduler's spreading plugins get a say: ``* (1 - SPREAD_WEIGHT * (1 - holders/nodes))``.
 The damping is kept light (0.1): the restore queue above is what makes a busy holder lose, and it
-counts what the node really has in progress (``restoring``, from the node's annotation), where the
-damping only knows how rare the snapshot is. The extender cannot see how many replicas a node runs;
-the scheduler's own spreading (PodTopologySpread, NodeResourcesFit) weighs that.
+counts what the node really has in progress (``restoring``, from the node's annotation, or the Thaw
+pods the extender itself placed there in the last ``placed_window_s``, whichever is larger: the
+annotation lags up to one agent pass), where the damping only knows how rare the snapshot is.
+The extender cannot see how many replicas a node runs; the scheduler's own spreading
+(PodTopologySpread, NodeResourcesFit) weighs that.
 A node that can restore at all scores at least 1; a node that can only cold-start scores 0.
 
 The defaults come from measurements on an H200 node with CRIU 4.2.1 (DESIGN.md): CRIU restores image
@@ -69,6 +71,10 @@ class Params:
     # 0.4 cost 4-8% of the oracle's local hits and did not keep the busiest node lower; 0.1 keeps
     # rare snapshots' holders slightly behind common ones at 0-1.5% of the hits.
     spread_weight: float = 0.1
+    # How long a pod the extender placed counts as a restore in progress on its node (index.py,
+    # "Placed pods"): the agent's pass interval, after which the node's own ``restoring`` has it.
+    # 0 turns the count off (the queue is then only what the agents report, up to 30 s late).
+    placed_window_s: float = 30.0
 
 
 DEFAULT_PARAMS = Params()

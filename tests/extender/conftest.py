@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from extender.index import NodeIndex
+from extender.scoring import Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 
 SNAPSHOT = "qwen3-8b-vllm"
@@ -25,11 +26,23 @@ def fixture_nodes() -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-def index() -> NodeIndex:
-    idx = NodeIndex()
+def make_index(placed_window_s: float = 30.0) -> NodeIndex:
+    """The fixture nodes' index; ``placed_window_s=0``: answers do not count the pods they place,
+    so that asking twice gives the same answer."""
+    idx = NodeIndex(Params(placed_window_s=placed_window_s))
     idx.replace_all(fixture_nodes(), "10")
     return idx
+
+
+@pytest.fixture
+def index() -> NodeIndex:
+    return make_index()
+
+
+@pytest.fixture
+def still() -> NodeIndex:
+    """The fixture nodes' index, not counting placements."""
+    return make_index(0.0)
 
 
 def annotate(args: dict[str, Any], placement: str | None = None, workload: str = WORKLOAD) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from extender.app import AppConfig, create_app
-from extender.synthetic import cluster
+from extender.synthetic import WORKLOAD, cluster
 from thaw.cli import build_parser
 from thaw.contract.annotations import EXTENDED_RESOURCE
 
@@ -24,7 +24,10 @@ def test_scheduler_config_matches_the_server(tmp_path: Path) -> None:
     nodes.write_text(__import__("json").dumps(cluster(3)))
     app = create_app(AppConfig(nodes_file=nodes))
     client = app.test_client()
-    body = {"Pod": {"metadata": {"name": "p"}}, "Nodes": None, "NodeNames": ["gpu-00000"]}
+    # A Thaw pod, and a node that holds its snapshot (a prioritize answer lists only nodes > 0).
+    thaw = {"thaw.dev/snapshot": "qwen3-8b-vllm", "thaw.dev/workload": WORKLOAD}
+    pod = {"metadata": {"name": "p", "annotations": thaw}}
+    body = {"Pod": pod, "Nodes": None, "NodeNames": ["gpu-00000"]}
     for verb in (ext["filterVerb"], ext["prioritizeVerb"]):
         resp = client.post(f"/{verb}", json=body)
         assert resp.status_code == 200 and resp.content_type == "application/json", verb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import sys
@@ -11,21 +12,25 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from extender.launch import extender_command
-from extender.synthetic import cluster
+from extender.synthetic import cached, cluster, node
 from tests.conftest import load_fixture
-from tests.extender.conftest import annotate, fixture_nodes
+from tests.extender.conftest import SIZE, SNAPSHOT, annotate, fixture_nodes
 from thaw.serve.serving import free_port
 from thaw.serve.tls import generate
 
 
-def start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes], int]:
+def start(
+    tmp_path: Path, *extra: str, doc: dict[str, Any] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     nodes = tmp_path / "nodes.json"
-    doc = cluster(20)
-    doc["items"] += fixture_nodes()
+    if doc is None:
+        doc = cluster(20)
+        doc["items"] += fixture_nodes()
     nodes.write_text(json.dumps(doc))
     port = free_port()
     proc = subprocess.Popen(
@@ -146,3 +151,100 @@ def test_chunked_and_kept_alive_bodies_are_read_whole(served: str) -> None:
     resp.read()
     assert resp.status == 405  # the verbs are POST only
     conn.close()
+
+
+def worker_rss_mib(master: int) -> float:
+    """Resident memory of the gunicorn worker under ``master`` (the extender's one worker)."""
+    [child] = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+    for line in Path(f"/proc/{child}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {child}")
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a raw socket."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {buf!r}"
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    length = int(next(h.split(":", 1)[1] for h in lines if h.lower().startswith("content-length:")))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed mid-answer"
+        body += chunk
+    return int(lines[0].split()[1]), body[:length]
+
+
+@pytest.fixture
+def served_proc(tmp_path: Path) -> Iterator[tuple[str, int, int]]:
+    proc, port = start(tmp_path)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc)
+        yield f"http://127.0.0.1:{port}", port, proc.pid
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=15) == 0
+
+
+def test_a_body_over_the_limit_is_refused_unread(served_proc: tuple[str, int, int]) -> None:
+    from extender.app import MAX_BODY_BYTES
+
+    base, port, master = served_proc
+    rss = worker_rss_mib(master)
+    # Declared 300 MB, 1 MiB sent: answered at once from the headers, nothing more read.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(
+            b"POST /prioritize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n{" % (300 * 2**20)
+        )
+        s.sendall(b" " * 2**20)
+        status, body = read_response(s)
+    assert status == 413
+    error = json.loads(body)["Error"]
+    assert f"larger than the extender's limit of {MAX_BODY_BYTES} bytes" in error
+    assert "Content-Length 314572800" in error and "nodeCacheCapable: true" in error
+    # Chunked, just over the limit: read up to limit + 1 bytes, then refused in filter's shape.
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    piece = b" " * 2**20
+    pieces = [b"{", *([piece] * (MAX_BODY_BYTES // len(piece))), b"}"]
+    conn.request("POST", "/filter", body=iter(pieces), encode_chunked=True)
+    resp = conn.getresponse()
+    out = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 413 and out["FailedNodes"] == {} and "a chunked body" in out["Error"]
+    assert worker_rss_mib(master) < rss + 32  # the refused bodies are not kept
+    assert get(base + "/healthz") == (200, b"ok\n")
+    metrics = get(base + "/metrics")[1]
+    assert b'thaw_extender_requests_total{code="413",verb="prioritize"} 1.0' in metrics
+    assert b'thaw_extender_requests_total{code="413",verb="filter"} 1.0' in metrics
+
+
+def test_the_next_pod_sees_the_one_placed_before_it(tmp_path: Path) -> None:
+    """Through gunicorn: a prioritize answer's placement is noted once the answer is sent (the
+    response's close()), so the next pod's answer already counts it: a burst spreads."""
+    snap = cached(SNAPSHOT, SIZE, "memory")
+    items = [node(f"gpu-{c}", snapshots=[snap]) for c in "ab"]
+    proc, port = start(tmp_path, doc={"kind": "NodeList", "metadata": {}, "items": items})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, proc)
+        args = annotate(load_fixture("raw/extender-prioritize-ncc-true-2.json"))
+        args["NodeNames"] = ["gpu-a", "gpu-b"]
+        answers = []
+        for uid in ("pod-a", "pod-b", "pod-c"):
+            args["Pod"]["metadata"]["uid"] = uid
+            status, body = get(base + "/prioritize", data=json.dumps(args).encode())
+            assert status == 200
+            answers.append({h["Host"]: h["Score"] for h in json.loads(body)})
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+    assert answers[0]["gpu-a"] == answers[0]["gpu-b"]  # alike: pod-a goes to the first, gpu-a
+    assert answers[1]["gpu-a"] < answers[1]["gpu-b"]  # pod-a counted there: pod-b goes to gpu-b
+    assert answers[2]["gpu-a"] == answers[2]["gpu-b"] < answers[0]["gpu-a"]  # one each

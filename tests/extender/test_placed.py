@@ -1,0 +1,109 @@
+"""The extender counts the Thaw pods it places, so that a burst of replicas spreads at once instead
+of waiting up to 30 s for the agents' ``restoring`` reports (index.py, "Placed pods")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from extender import handlers
+from extender.index import NodeIndex
+from extender.scoring import Params
+from extender.synthetic import WORKLOAD, cached, node
+from tests.extender.conftest import SIZE, SNAPSHOT, annotate
+
+
+def holders(window: float = 30.0, restoring: int = 0) -> NodeIndex:
+    """Three nodes that hold the snapshot alike (memory), one that could fetch it."""
+    idx = NodeIndex(Params(placed_window_s=window))
+    snap = cached(SNAPSHOT, SIZE, "memory")
+    items = [node(f"gpu-{c}", snapshots=[snap], restoring=restoring) for c in "abc"]
+    idx.replace_all([*items, node("gpu-d", snapshots=[])], "1")
+    return idx
+
+
+def pod(uid: str, placement: str | None = None) -> dict[str, Any]:
+    args = {"Pod": {"metadata": {"name": uid, "namespace": "ml", "uid": uid}}, "Nodes": None}
+    return annotate({**args, "NodeNames": ["gpu-a", "gpu-b", "gpu-c", "gpu-d"]}, placement)
+
+
+def best(idx: NodeIndex, args: dict[str, Any]) -> str:
+    status, out = handlers.prioritize(idx, orjson.dumps(args))
+    scores = orjson.loads(out)
+    assert status == 200
+    top = max(h["Score"] for h in scores)
+    return str(next(h["Host"] for h in scores if h["Score"] == top))
+
+
+def test_a_burst_of_replicas_spreads_over_the_holders() -> None:
+    idx = holders()
+    placed = [best(idx, pod(f"uid-{i}")) for i in range(6)]
+    assert set(placed[:3]) == {"gpu-a", "gpu-b", "gpu-c"}, placed
+    assert max(placed.count(n) for n in set(placed)) <= 2, placed
+    assert sum(idx.placed_on.values()) == 6
+
+
+def test_without_the_count_the_burst_piles_onto_one_node() -> None:
+    # What the extender did before: only the agents' reports, which a burst never sees.
+    idx = holders(window=0.0)
+    assert {best(idx, pod(f"uid-{i}")) for i in range(6)} == {"gpu-a"}
+
+
+def test_a_pod_asked_again_counts_once() -> None:
+    idx = holders()
+    first = best(idx, pod("uid-1"))
+    # A retry of the same pod: its one count moves to the new answer's best node (gpu-a is now
+    # busier by that same pod's count, so another holder), it does not add up.
+    again = best(idx, pod("uid-1"))
+    assert again != first and idx.placed_on == {again: 1}
+
+
+def test_counts_expire_after_the_window_and_the_scores_come_back() -> None:
+    idx = holders()
+    memo = idx.decisions(SNAPSHOT, WORKLOAD)
+    before = memo.fragments["gpu-a"]
+    idx.note_placed("uid-1", "gpu-a", now=100.0)
+    assert idx.placed_on == {"gpu-a": 1} and memo.fragments["gpu-a"] != before
+    idx.expire_placed(now=129.0)
+    assert idx.placed_on == {"gpu-a": 1}
+    idx.expire_placed(now=130.0)
+    assert idx.placed_on == {} and memo.fragments["gpu-a"] == before
+
+
+def test_the_agents_report_takes_over_without_counting_twice() -> None:
+    idx = holders()
+    idx.note_placed("uid-1", "gpu-a")
+    idx.note_placed("uid-2", "gpu-a")
+    memo = idx.decisions(SNAPSHOT, WORKLOAD)
+    two = memo.decision("gpu-a")
+    # The agent's next pass reports the same two restores.
+    idx.upsert(node("gpu-a", snapshots=[cached(SNAPSHOT, SIZE, "memory")], restoring=2, resource_version="2"))
+    assert memo.decision("gpu-a") == two and "2 restore(s) in progress" in two.reason
+    reported = holders(window=0.0, restoring=2).decisions(SNAPSHOT, WORKLOAD).decision("gpu-a")
+    assert (two.seconds, two.score) == (reported.seconds, reported.score)
+
+
+def test_a_filter_that_leaves_one_node_counts_it() -> None:
+    # kube-scheduler binds the only feasible node without calling prioritize.
+    idx = holders()
+    args = pod("uid-1", "required")
+    args["NodeNames"] = ["gpu-b", "nowhere"]
+    status, out = handlers.filter_(idx, orjson.dumps(args))
+    assert status == 200 and orjson.loads(out)["NodeNames"] == ["gpu-b"]
+    assert idx.placed_on == {"gpu-b": 1}
+    args = pod("uid-2")  # preferred: nothing filtered, but one node asked about is the same
+    args["NodeNames"] = ["gpu-c"]
+    handlers.filter_(idx, orjson.dumps(args))
+    assert idx.placed_on == {"gpu-b": 1, "gpu-c": 1}
+
+
+def test_pods_that_are_not_thaws_or_cannot_restore_are_not_counted() -> None:
+    idx = holders()
+    plain = {"Pod": {"metadata": {"name": "p", "uid": "u"}}, "Nodes": None, "NodeNames": ["gpu-a"]}
+    for fn in (handlers.filter_, handlers.prioritize):
+        fn(idx, orjson.dumps(plain))
+    args = pod("uid-9")
+    args["Pod"]["metadata"]["annotations"]["thaw.dev/snapshot"] = "no-such-model"
+    handlers.prioritize(idx, orjson.dumps(args))
+    assert idx.placed_on == {}
