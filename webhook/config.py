@@ -11,7 +11,7 @@ Every key is optional::
     imagePullPolicy: IfNotPresent
     excludedNamespaces: [kube-system, thaw-system]
     tools:
-      command: [cp, -a, /opt/thaw/., /thaw/]   # how thaw-tools copies the runtime into /thaw
+      command: [cp, -R, /opt/thaw/., /thaw/]   # how thaw-tools copies the runtime into /thaw
     cache:
       hostPath: /var/lib/thaw/cache      # node cache (hostPath, DirectoryOrCreate)
     store:                               # exactly one of:
@@ -111,7 +111,10 @@ class WebhookConfig:
     image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     excluded_namespaces: frozenset[str] = frozenset({"kube-system", "thaw-system"})
-    tools_command: tuple[str, ...] = ("cp", "-a", "/opt/thaw/.", "/thaw/")
+    # -R, not -a: the Thaw image runs as 65532 and the emptyDir at /thaw is root's, so preserving
+    # times or owners fails (GNU cp: "preserving times for '/thaw/.': Operation not permitted",
+    # the init container exits 1); -R keeps symlinks and modes, which is all the runtime needs.
+    tools_command: tuple[str, ...] = ("cp", "-R", "/opt/thaw/.", "/thaw/")
     cache_host_path: str = "/var/lib/thaw/cache"
     store: StoreSource = StoreSource(host_path="/var/lib/thaw/store")
     trust: TrustSource = TrustSource(secret_name="thaw-trust")

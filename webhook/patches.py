@@ -48,6 +48,9 @@ THAW_BIN = "/thaw/bin/thaw"
 # The bundled CRIU (4.2, with its own glibc) copied beside thaw: the workload image has none.
 CRIU_BIN = "/thaw/bin/criu"
 RUNTIME_BIN = "/opt/thaw/bin/thaw"  # in the Thaw image itself (thaw-fetch runs there)
+# The same bundle's CRIU, in the Thaw image: thaw-fetch records its version in the node facts, which
+# must equal what the workload's /thaw/bin/criu (a copy of it) records at checkpoint.
+RUNTIME_CRIU = "/opt/thaw/bin/criu"
 PLAN_DIR = "/run/thaw"
 PLAN_FILE = "/run/thaw/plan.json"
 CACHE_DIR = "/var/lib/thaw/cache"
@@ -99,6 +102,9 @@ class Prepared:
                 {"name": "THAW_CACHE", "value": CACHE_DIR},
                 {"name": "THAW_TRUST", "value": TRUST_DIR},
                 {"name": "THAW_PLAN", "value": PLAN_FILE},
+                # Not left to the image's own env: without it fetch finds no CRIU ("criu none") and
+                # every plan is cold (incompatible with the snapshot's CRIU version).
+                {"name": "THAW_CRIU", "value": RUNTIME_CRIU},
             ],
             "volumeMounts": [
                 {"name": VOL_PLAN, "mountPath": PLAN_DIR},
