@@ -5,9 +5,11 @@ them busy restoring; one is empty but compatible; one is an H200 with other fact
 Feature Discovery labels), starts ``thaw extender --nodes FILE`` (real gunicorn), asks it
 ``/filter`` and ``/prioritize`` for each pod as kube-scheduler would (``nodeCacheCapable``), binds
 the pod to the best node, and prints node, tier and estimated time-to-ready against a cold start.
-After each bind it counts a restore in progress on that node in the ``--nodes`` file (``restoring``
-in ``thaw.dev/cache``), which the extender reloads, so the next pods spread over the other nodes.
-Run alone: ``python -m extender.demo``.
+The extender counts each pod it places as a restore in progress on that node, so the next pods
+spread over the other nodes at once. The node agents' own report of it (``restoring`` in
+``thaw.dev/cache``) is played with their lag: it reaches the ``--nodes`` file (which the extender
+reloads) only ``agent_lag_s`` (one agent pass, 30 s) after the bind, so a burst of pods never sees
+it, as in a cluster. Run alone: ``python -m extender.demo``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from thaw.serve.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
 SIZE = 8_100_000_000
+AGENT_LAG_S = 30.0  # the node agent's pass (thaw agent --interval): how late restoring is reported
 
 
 @dataclass(frozen=True)
@@ -136,48 +139,69 @@ def place_pods(
     cluster: dict[str, Any] | None = None,
     spread: bool = True,
     scoring: dict[str, float] | None = None,
+    *,
+    agent_lag_s: float = AGENT_LAG_S,
 ) -> list[Placement]:
     """Place ``pods`` one after another on ``cluster`` (default :func:`demo_cluster`). With
-    ``spread``, each bind counts a restore in progress on the chosen node and rewrites the
-    ``--nodes`` file, which the running extender reloads before the next pod: later pods see the
-    queue and spread over the other nodes that hold the snapshot. ``scoring``: ``--scoring``
-    constants (extender.scoring.Params fields)."""
+    ``spread`` the extender counts the pods it placed (its default), so later pods see the queue and
+    spread over the other nodes that hold the snapshot; without, it counts none
+    (``placed_window_s: 0``, the extender before) and only the agents' reports could spread them.
+    Each bind's report (``restoring`` + 1 in the ``--nodes`` file) is written ``agent_lag_s`` after
+    it, before the next pod that comes that late. ``scoring``: ``--scoring`` constants
+    (extender.scoring.Params fields)."""
     pods = pods if pods is not None else example_pods()
     doc = copy.deepcopy(cluster) if cluster is not None else demo_cluster(workload=_workload(pods))
     names = [n["metadata"]["name"] for n in doc["items"]]
-    explain = NodeIndex(Params(**scoring) if scoring else DEFAULT_PARAMS)
+    constants = dict(scoring or {})
+    if not spread:
+        constants["placed_window_s"] = 0.0
+    params = Params(**constants) if constants else DEFAULT_PARAMS
+    # The same view as the extender's, to print each placement's estimate (counts included).
+    explain = NodeIndex(params)
     explain.replace_all(doc["items"], "1")
     placements: list[Placement] = []
+    reports: list[tuple[float, str]] = []  # (when the node's agent reports the bind, node)
     with tempfile.TemporaryDirectory(prefix="thaw-demo-") as tmp:
         nodes_file = Path(tmp) / "nodes.json"
         _write_atomic(nodes_file, doc)
         extra: list[str] = []
-        if scoring:
-            (Path(tmp) / "scoring.json").write_text(json.dumps(scoring))
+        if constants:
+            (Path(tmp) / "scoring.json").write_text(json.dumps(constants))
             extra = ["--scoring", str(Path(tmp) / "scoring.json")]
         port = free_port()
         proc = start_ready(extender_command(port, nodes_file, *extra), port, timeout_s=30)
         try:
             out(f"extender: thaw extender --nodes ({len(names)} GPU nodes) on 127.0.0.1:{port}")
-            for pod in pods:
-                ann = pod["metadata"].get("annotations") or {}
+            for i, asked in enumerate(pods):
+                due = [node for t, node in reports if t <= time.monotonic()]
+                reports = [(t, node) for t, node in reports if t > time.monotonic()]
+                if any([bump_restoring(doc, node) for node in due]):
+                    _write_atomic(nodes_file, doc)
+                    _wait_version(port, doc["metadata"]["resourceVersion"])
+                    explain.replace_all(doc["items"], doc["metadata"]["resourceVersion"])
+                pod = copy.deepcopy(asked)
+                meta = pod["metadata"]
+                # Each pod is its own to the extender (a uid, as the API server gives every pod):
+                # one asked about twice counts once.
+                meta["uid"] = f"{meta.get('uid') or 'demo'}-{i}"
+                ann = meta.get("annotations") or {}
                 args = {"Pod": pod, "Nodes": None, "NodeNames": names}
                 filtered = _post(port, "/filter", args)
                 scores = _post(port, "/prioritize", {**args, "NodeNames": filtered["NodeNames"]})
-                best = max(scores, key=lambda h: h["Score"])["Host"]
-                d = explain.decisions(ann["thaw.dev/snapshot"], ann["thaw.dev/workload"]).decision(best)
-                p = Placement(pod["metadata"]["name"], best, d.tier, d.seconds, d.cold_seconds, d.score)
+                best = max(scores, key=lambda h: h["Score"])["Host"] if scores else filtered["NodeNames"][0]
+                memo = explain.decisions(ann["thaw.dev/snapshot"], ann["thaw.dev/workload"])
+                d = memo.decision(best)
+                p = Placement(meta["name"], best, d.tier, d.seconds, d.cold_seconds, d.score)
                 placements.append(p)
+                if d.score > 0:  # as the extender does: it counts the restores it placed
+                    explain.note_placed(meta["uid"], best)
                 failed = ", ".join(sorted(filtered["FailedNodes"])) or "none"
                 out(
                     f"  {p.pod:<8} placement={ann.get('thaw.dev/placement', 'preferred'):<9} -> {p.node} "
                     f"(score {p.score}/10, {p.tier}): ready in ~{p.seconds:.1f} s vs cold start "
                     f"~{p.cold_seconds:.1f} s; filtered out: {failed}"
                 )
-                if spread and bump_restoring(doc, best):
-                    _write_atomic(nodes_file, doc)
-                    _wait_version(port, doc["metadata"]["resourceVersion"])
-                    explain.replace_all(doc["items"], doc["metadata"]["resourceVersion"])
+                reports.append((time.monotonic() + agent_lag_s, best))
         finally:
             proc.terminate()
             proc.wait(timeout=15)

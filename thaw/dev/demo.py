@@ -384,8 +384,8 @@ def extender_step(ctx: DemoContext) -> None:
         # a 1 Gb/s link (a snapshot this small would otherwise be as quick to fetch as to hold).
         scoring = {"cold_fixed_s": round(ctx.cold.ready_s, 2), "restore_fixed_s": 0.3, "fetch_bps": 1.0e8}
         ctx.say(f"  thaw extender --scoring (constants for the stand-in): {json.dumps(scoring)}")
-    ctx.say("  after each bind the node's restore queue grows by one (thaw.dev/cache restoring), as its")
-    ctx.say("  agent would report; the extender reloads its --nodes file, so replicas spread\n")
+    ctx.say("  the extender counts each replica it places as a restore in progress on that node, so")
+    ctx.say("  replicas spread at once (the agents' thaw.dev/cache restoring reports lag up to 30 s)\n")
     ctx.placements = place_pods(pods, out=ctx.say, cluster=cluster, scoring=scoring)
     for p in ctx.placements:
         ctx.record(
