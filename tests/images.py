@@ -41,6 +41,15 @@ def missing_image_tools() -> str | None:
     return None
 
 
+def require(reason: str | None) -> None:
+    """Skip with ``reason``; in CI (``CI=true``) fail instead: a missing tool must not pass silently."""
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def run(cmd: Sequence[str], timeout: float = 900, what: str | None = None) -> str:
     """stdout of ``cmd``; a failure fails the test with the command and the tail of its output."""
     try:
@@ -82,9 +91,7 @@ class Buildah:
 
 @pytest.fixture(scope="session")
 def buildah(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buildah]:
-    reason = missing_image_tools()
-    if reason:
-        pytest.skip(reason)
+    require(missing_image_tools())
     store = tmp_path_factory.mktemp("buildah")
     b = Buildah(
         ("buildah", "--root", str(store / "root"), "--runroot", str(store / "run"), "--storage-driver", "vfs")

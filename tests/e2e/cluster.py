@@ -61,15 +61,6 @@ def unavailable() -> str | None:
     return None
 
 
-def require(reason: str | None) -> None:
-    """Skip with ``reason``; in CI (``CI=true``) fail instead: a missing tool must not pass silently."""
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and the real-cluster test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 def sh(cmd: Sequence[str | Path], timeout: float = 600, env: Mapping[str, str] | None = None) -> str:
     """Run a command; a failure fails the test with its output."""
     args = [str(c) for c in cmd]

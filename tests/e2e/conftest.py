@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.e2e.cluster import SUMMARY, Cluster, Thaw, require, unavailable
+from tests.e2e.cluster import SUMMARY, Cluster, Thaw, unavailable
 from tests.e2e.workloads import Workload
-from tests.images import Buildah, build_workload_image, export_image, missing_image_tools
+from tests.images import Buildah, build_workload_image, export_image, missing_image_tools, require
 
 # The names the node's containerd knows the images by (imported, never pulled: imagePullPolicy Never).
 E2E_THAW_IMAGE = "localhost/thaw:e2e"
