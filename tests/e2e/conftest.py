@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -33,14 +34,21 @@ def cluster() -> Iterator[Cluster]:
         c.down()
 
 
+def _load(cluster: Cluster, buildah: Buildah, image: str, name: str, scratch: Path) -> None:
+    """Put a built image into the node's containerd as ``name`` (a docker-archive through ``ctr``)."""
+    archive = export_image(buildah, image, scratch / "image.tar", name)
+    try:
+        cluster.import_image(archive)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="package")
 def thaw(
     cluster: Cluster, buildah: Buildah, thaw_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Thaw]:
     run = tmp_path_factory.mktemp("thaw-e2e")
-    archive = export_image(buildah, thaw_image, run / "thaw.tar", E2E_THAW_IMAGE)
-    cluster.import_image(archive)
-    archive.unlink()
+    _load(cluster, buildah, thaw_image, E2E_THAW_IMAGE, run)
     t = Thaw(cluster, run, E2E_THAW_IMAGE)
     try:
         t.start()
@@ -61,9 +69,7 @@ def workload_image(
         if workload.name not in built:
             ref = f"localhost/thaw-workload-{workload.name}:e2e"
             build_workload_image(buildah, debian_base, ref, workload.program, workload.packages)
-            archive = export_image(buildah, ref, out / f"{workload.name}.tar", ref)
-            cluster.import_image(archive)
-            archive.unlink()
+            _load(cluster, buildah, ref, ref, out)
             built[workload.name] = ref
         return built[workload.name]
 
