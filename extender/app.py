@@ -158,13 +158,40 @@ def too_large_body(verb: str, what: str) -> bytes:
     return orjson.dumps({"FailedNodes": {}, "Error": msg} if verb == "filter" else {"Error": msg})
 
 
+class Deferred:
+    """The handlers' work that waits until an answer is sent (noting where a pod will land), and
+    the order it keeps: a request that arrives while some is pending waits for it (at most
+    ``wait_s``), so the next pod's answer counts the pod placed just before it."""
+
+    def __init__(self, wait_s: float = 0.01) -> None:
+        self.wait_s = wait_s
+        self.pending = 0
+        self._cond = threading.Condition()
+
+    def body(self, out: bytes, after: Callable[[], None]) -> _Sent:
+        with self._cond:
+            self.pending += 1
+        return _Sent(out, after, self)
+
+    def done(self) -> None:
+        with self._cond:
+            self.pending -= 1
+            self._cond.notify_all()
+
+    def settle(self) -> None:
+        if self.pending:  # unlocked read: the common case costs nothing
+            with self._cond:
+                self._cond.wait_for(lambda: not self.pending, timeout=self.wait_s)
+
+
 class _Sent:
     """A one-piece WSGI body whose close() (called by the server once the answer is sent) runs the
     handler's deferred work: the request's latency does not include it."""
 
-    def __init__(self, body: bytes, after: Callable[[], None]) -> None:
+    def __init__(self, body: bytes, after: Callable[[], None], deferred: Deferred) -> None:
         self.body = body
         self.after = after
+        self.deferred = deferred
 
     def __iter__(self) -> Iterator[bytes]:
         yield self.body
@@ -174,6 +201,8 @@ class _Sent:
             self.after()
         except Exception:  # bookkeeping must never turn into an error for the scheduler
             log.exception("extender: noting a placement failed")
+        finally:
+            self.deferred.done()
 
 
 class Verbs:
@@ -182,6 +211,7 @@ class Verbs:
     def __init__(self, inner: Callable[..., Iterable[bytes]], index: NodeIndex) -> None:
         self.inner = inner
         self.index = index
+        self.deferred = Deferred()
         self.verbs = {
             "/filter": ("filter", handlers.filter_deferred),
             "/prioritize": ("prioritize", handlers.prioritize_deferred),
@@ -210,6 +240,7 @@ class Verbs:
                 _STATUS[413], [("Content-Type", "application/json"), ("Content-Length", str(len(out)))]
             )
             return [out]
+        self.deferred.settle()
         start = time.perf_counter()
         status, out, after = fn(self.index, body)
         self.latency[verb].observe(time.perf_counter() - start)
@@ -219,7 +250,7 @@ class Verbs:
             _STATUS.get(status, f"{status} Error"),
             [("Content-Type", "application/json"), ("Content-Length", str(len(out)))],
         )
-        return [out] if after is None else _Sent(out, after)
+        return [out] if after is None else self.deferred.body(out, after)
 
 
 def create_app(config: AppConfig | None = None) -> Flask:

@@ -38,7 +38,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from extender.index import UNKNOWN_REASON, Memo, NodeIndex, failure_message
+from extender.index import UNKNOWN_REASON, Memo, NodeIndex, View, failure_message
 from extender.nodes import NodeError, parse_node
 from extender.scoring import Decision
 from thaw.contract.annotations import WORKLOAD, AnnotationError, Placement, parse_spec
@@ -60,7 +60,7 @@ _NULL = msgspec.Raw(b"null")
 class _Top(msgspec.Struct):
     Pod: msgspec.Raw
     Nodes: msgspec.Raw = _NULL
-    NodeNames: list[str] | None = None
+    NodeNames: msgspec.Raw = _NULL  # as sent: the key of the index's kept answers (Memo.answer)
 
 
 class _NodeList(msgspec.Struct):
@@ -77,6 +77,7 @@ class _Item(msgspec.Struct):
 
 
 _top = msgspec.json.Decoder(_Top)
+_names = msgspec.json.Decoder(list[str])
 _node_list = msgspec.json.Decoder(_NodeList)
 _item = msgspec.json.Decoder(_Item)
 # How Go's encoding/json (kube-scheduler) writes every v1.Node: metadata first, name first in it.
@@ -112,6 +113,7 @@ class Args:
     pod_key: str  # metadata.uid (namespace/name without one): which pod a placement is
     thaw: tuple[str, str, Placement] | None  # (snapshot, workload, placement) for Thaw pods
     names: list[str]
+    names_raw: bytes = b""  # NodeNames as sent (names only)
     # When the scheduler sent full Nodes: the NodeList as received, its metadata and its items.
     node_list: msgspec.Raw | None = None
     list_meta: msgspec.Raw | None = None
@@ -173,10 +175,14 @@ def parse_args(body: bytes) -> Args:
         raise BadRequest(f"ExtenderArgs.Pod is not readable JSON: {exc}") from None
     pod_ref, pod_key, thaw = _pod(pod)
     nodes_null = top.Nodes == _NULL
-    if top.NodeNames is not None:
+    if top.NodeNames != _NULL:
         if not nodes_null:
             raise BadRequest("ExtenderArgs has both Nodes and NodeNames; the scheduler sends one")
-        return Args(pod_ref, pod_key, thaw, top.NodeNames)
+        try:
+            names = _names.decode(top.NodeNames)
+        except msgspec.DecodeError:
+            raise BadRequest("ExtenderArgs.NodeNames must be a list of strings") from None
+        return Args(pod_ref, pod_key, thaw, names, bytes(top.NodeNames))
     if nodes_null:
         raise BadRequest("ExtenderArgs has neither Nodes nor NodeNames")
     try:
@@ -187,7 +193,7 @@ def parse_args(body: bytes) -> Args:
     names = [item_name(raw) for raw in items]
     if not all(names):
         raise BadRequest(f"ExtenderArgs.Nodes.items[{names.index('')}] has no metadata.name")
-    return Args(pod_ref, pod_key, thaw, names, top.Nodes, node_list.metadata, items)
+    return Args(pod_ref, pod_key, thaw, names, b"", top.Nodes, node_list.metadata, items)
 
 
 def _decisions(index: NodeIndex, args: Args, memo: Memo) -> list[Decision]:
@@ -281,8 +287,11 @@ def filter_deferred(index: NodeIndex, body: bytes) -> Deferred:
     ):
         out, left = _filter_slow(index, args, memo)
         return 200, out, _placing(index, args, left[0] if len(left) == 1 else None)
-    # The hot path: dict lookups at C speed, the answer's pieces precomputed (Memo). A name in
-    # neither dict (one the view does not know) sends the request round the long way.
+    if args.items is None:  # names: the answer from the memo's view of this node list
+        out, one = memo.answer(args.names_raw, names, "filter", _render_filter)
+        return 200, out, _placing(index, args, one)
+    # Full Nodes the index knows: dict lookups at C speed, the answer's pieces precomputed (Memo).
+    # A name in neither dict (one the view does not know) sends the request round the long way.
     flags = list(map(memo.keeps.get, names))
     keeps = list(filter(None, flags))
     fails = list(filter(None, map(memo.fails.get, names)))
@@ -304,6 +313,30 @@ def filter_deferred(index: NodeIndex, body: bytes) -> Deferred:
     if len(keeps) == 1:
         after = _placing(index, args, names[next(i for i, k in enumerate(flags) if k)])
     return 200, b"".join(parts), after
+
+
+def _render_filter(v: View) -> bytes:
+    """The filter answer (names, placement: required) from a view's pieces."""
+    keeps = list(filter(None, v.keeps))
+    fails = list(filter(None, v.fails))
+    v.one = v.names[v.keeps.index(keeps[0])] if len(keeps) == 1 else None
+    parts = [
+        b'{"NodeNames":[',
+        b",".join(keeps),
+        b'],"FailedNodes":{',
+        b",".join([f[0] for f in fails]),
+        b"}",
+    ]
+    unresolvable = [f[1] for f in fails if f[1]]
+    if unresolvable:
+        parts += [b',"FailedAndUnresolvableNodes":{', b",".join(unresolvable), b"}"]
+    parts.append(b',"Error":""}')
+    return b"".join(parts)
+
+
+def _render_prioritize(v: View) -> bytes:
+    """The prioritize answer from a view's pieces: the nodes that score above 0, in order."""
+    return b"[" + b",".join(filter(None, v.frags)) + b"]"
 
 
 def _filter_slow(index: NodeIndex, args: Args, memo: Memo) -> tuple[bytes, list[str]]:
@@ -354,9 +387,12 @@ def prioritize_deferred(index: NodeIndex, body: bytes) -> Deferred:
     if not log.isEnabledFor(logging.DEBUG) and (
         args.items is None or all(map(index.nodes.__contains__, names))
     ):
-        # The hot path: one dict lookup per node; nodes scoring 0 (and names the view does not
-        # know) have no fragment and are left out.
-        out = b"[" + b",".join(list(filter(None, map(memo.fragments.get, names)))) + b"]"
+        # The hot path: one dict lookup per node (or the memo's view of this node list); nodes
+        # scoring 0 (and names the view does not know) have no fragment and are left out.
+        if args.items is None:
+            out = memo.answer(args.names_raw, names, "prioritize", _render_prioritize)[0]
+        else:
+            out = b"[" + b",".join(list(filter(None, map(memo.fragments.get, names)))) + b"]"
         return 200, out, lambda: _place_best(index, args, memo)
     decisions = _decisions(index, args, memo)
     _log_decision("prioritize", args, decisions)

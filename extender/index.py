@@ -16,12 +16,14 @@ contributes to are compared before and after, so that only the decisions they re
   reads ``holders / nodes``, in that snapshot's memo only;
 - the node count (a node added or removed): every build's holders (the same damping);
 - the set of known facts (a compat key appears or goes): the nodes with GPU-label facts only;
-- a build of the snapshot appearing or going, or its size changing: that memo is refilled (every
-  node's fetch/cold estimate reads them); rare, once per new build.
+- a build of the snapshot appearing or going, or its size changing: the nodes of that build's
+  facts, and those with GPU-label facts; the whole memo only when the largest build's size moves
+  (every node's cold-start estimate reads it) or the first build appears or the last one goes.
 
 The decisions are computed on the writer's thread, not in the request path: a request never waits
 for a recomputation, and a busy cluster's annotation churn costs the writer a few microseconds per
-update and memo.
+update and memo. A long recomputation (a new holder of a widely held snapshot redoes its holders)
+lets other threads run every ``YIELD_EVERY`` nodes, so a request waits for at most that many.
 
 Placed pods. The agents' ``restoring`` counts reach the extender up to one pass (30 s) late, so a
 burst of replicas would see every holder idle and pile onto the best one. The extender therefore
@@ -49,7 +51,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,12 +69,32 @@ MEMO_KEYS = 64
 # Pods whose placement is remembered (those of the last placed_window_s; the oldest go first).
 PLACED_MAX = 50_000
 UNKNOWN_REASON = "not in the extender's node view (Node not seen by its watch yet)"
+# Decisions a writer computes before it lets request threads run (time.sleep(0) releases the GIL):
+# ~0.2 ms of work, against the interpreter's 5 ms switch interval.
+YIELD_EVERY = 32
 
 Key = tuple[str, str]  # (snapshot, workload)
 
 
 def failure_message(snapshot: str, reason: str) -> str:
     return f"thaw: cannot restore snapshot {snapshot}: {reason}"
+
+
+@dataclass(slots=True, eq=False)
+class View:
+    """One node list as requests send it (kube-scheduler asks about the same feasible nodes for pod
+    after pod), with the memo's pieces at each position: an answer is a join of them, and a memo
+    change patches the positions of the nodes it changed, not the whole list."""
+
+    raw: bytes  # the request's NodeNames, as sent: the key
+    names: list[str]
+    seq: int  # the memo's change count the pieces are current with
+    frags: list[bytes | None]  # prioritize: the fragment, None for nodes that score 0
+    keeps: list[bytes | None]  # filter: the JSON name of a node that can restore
+    fails: list[tuple[bytes, bytes] | None]  # filter: (FailedNodes pair, unresolvable pair or b"")
+    pos: dict[str, list[int]] | None = None  # name -> positions, built on the first patch
+    out: dict[str, bytes] = field(default_factory=dict)  # verb -> answer at seq
+    one: str | None = None  # filter: the one node it keeps, if it keeps one (set by its render)
 
 
 @dataclass(slots=True, eq=False)
@@ -96,6 +118,11 @@ class Memo:
     # by_score[s]: the nodes that score s (1..10), to name the best node of an answer.
     by_score: list[set[str]] = field(default_factory=lambda: [set() for _ in range(MAX_SCORE + 1)])
     used: float = 0.0  # monotonic time of the last request, for least-recently-used eviction
+    # Changes to the pieces: a count, and (the count at the log's start, the names changed since).
+    seq: int = 0
+    log: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
+    view: View | None = None  # the last node list asked about (requests hold view_lock)
+    view_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def decide(self, node: NodeEntry) -> Decision:
         """The decision for ``node`` under this memo's cluster-wide terms."""
@@ -116,15 +143,17 @@ class Memo:
             return Decision("cold", 0.0, 0.0, 0, False, UNKNOWN_REASON)
         return self.decide(node)
 
+    def unknown(self, name: str) -> tuple[bytes, bytes]:
+        """The FailedNodes pair for a name the view does not know (never unresolvable: the watch may
+        catch up; never kept: requests may make names up)."""
+        return orjson.dumps(name) + b":" + orjson.dumps(failure_message(self.snapshot, UNKNOWN_REASON)), b""
+
     def verdict(self, name: str) -> tuple[bytes, bytes, bytes]:
         """(keep, failed, unresolvable) pieces for one node, each b"" where it does not apply."""
         keep = self.keeps.get(name)
         if keep is not None:
             return keep, b"", b""
-        fail = self.fails.get(name)
-        if fail is None:  # a name the view does not know: never kept (requests may make names up)
-            pair = orjson.dumps(name) + b":" + orjson.dumps(failure_message(self.snapshot, UNKNOWN_REASON))
-            fail = (pair, b"")
+        fail = self.fails.get(name) or self.unknown(name)
         return b"", fail[0], fail[1]
 
     def best(self, names: list[str]) -> str | None:
@@ -133,53 +162,138 @@ class Memo:
         for bucket in reversed(self.by_score[1:]):
             if not bucket:
                 continue
-            if len(bucket) * 8 < len(names):  # few nodes score this: look them up in the names
-                wanted = wanted if wanted is not None else set(names)
-                hits = bucket & wanted
-                if hits:
-                    return min(hits)
-            else:  # many do: the first name in the answer that is one of them comes soon
+            if wanted is None:  # usually the first name that is one of these comes soon
                 hit = next(filter(bucket.__contains__, names), None)
                 if hit is not None:
                     return hit
+                wanted = set(names)  # none of them was asked about: look the next ones up
+            else:
+                hits = bucket & wanted
+                if hits:
+                    return min(hits)
         return None
 
+    # ---- the last node list (request threads) ----------------------------------------------------
+    def answer(
+        self, raw: bytes, names: list[str], verb: str, render: Callable[[View], bytes]
+    ) -> tuple[bytes, str | None]:
+        """``render(view)`` for the node list ``names`` (sent as ``raw``), from the view kept for
+        the last list: reused when the list and the memo are unchanged, patched where the memo
+        changed, rebuilt for another list. With the view's ``one``."""
+        with self.view_lock:
+            v = self.view
+            if v is None or v.raw != raw:
+                v = self.view = self._view(raw, names)
+            elif v.seq != self.seq:
+                self._patch(v)
+            out = v.out.get(verb)
+            if out is None:
+                out = v.out[verb] = render(v)
+            return out, v.one
+
+    def _view(self, raw: bytes, names: list[str]) -> View:
+        seq = self.seq
+        keeps = list(map(self.keeps.get, names))
+        fails: list[tuple[bytes, bytes] | None] = list(map(self.fails.get, names))
+        if len(list(filter(None, keeps))) + len(list(filter(None, fails))) != len(names):
+            for i, (name, k, f) in enumerate(zip(names, keeps, fails, strict=True)):
+                if k is None and f is None:
+                    fails[i] = self.unknown(name)
+        return View(raw, names, seq, list(map(self.fragments.get, names)), keeps, fails)
+
+    def _patch(self, v: View) -> None:
+        seq = self.seq
+        base, log = self.log
+        if v.seq < base or seq - v.seq > max(16, len(v.names) // 16):  # too much changed: rebuild
+            fresh = self._view(v.raw, v.names)
+            v.seq, v.frags, v.keeps, v.fails, v.pos = fresh.seq, fresh.frags, fresh.keeps, fresh.fails, None
+            v.out.clear()
+            v.one = None
+            return
+        if v.pos is None:
+            v.pos = {}
+            for i, name in enumerate(v.names):
+                v.pos.setdefault(name, []).append(i)
+        for name in set(log[v.seq - base : seq - base]):
+            at = v.pos.get(name)
+            if at is None:
+                continue
+            frag = self.fragments.get(name)
+            keep = self.keeps.get(name)
+            fail = None if keep is not None else self.fails.get(name) or self.unknown(name)
+            for i in at:
+                v.frags[i], v.keeps[i], v.fails[i] = frag, keep, fail
+        v.seq = seq
+        v.out.clear()
+        v.one = None
+
     # ---- writers (the index holds its lock) ------------------------------------------------------
+    def _changed(self, name: str) -> None:
+        base, log = self.log
+        if len(log) >= 4096:  # start a new log; views older than it rebuild
+            base, log = base + len(log), []
+        log.append(name)
+        self.log = (base, log)
+        self.seq += 1
+
     def _set(self, name: str, d: Decision) -> None:
-        self._drop(name)
+        # Each dict entry is replaced in one step, the new one before the old goes: a request that
+        # reads meanwhile finds the node in one dict or both, never in neither (which reads as a
+        # node the view does not know).
         key = self.index.name_json[name]
-        if d.score > 0:
-            self.fragments[name] = b'{"Host":%b,"Score":%d}' % (key, d.score)
-            self.by_score[d.score].add(name)
+        frag = b'{"Host":%b,"Score":%d}' % (key, d.score) if d.score > 0 else None
         if d.restorable:
-            self.keeps[name] = key
+            keep, fail = key, None
         else:
             pair = key + b":" + orjson.dumps(failure_message(self.snapshot, d.reason))
-            self.fails[name] = (pair, pair)
-
-    def _drop(self, name: str) -> None:
-        if self.fragments.pop(name, None) is not None:
+            keep, fail = None, (pair, pair)
+        old_frag = self.fragments.get(name)
+        if frag == old_frag and keep == self.keeps.get(name) and fail == self.fails.get(name):
+            return
+        if frag != old_frag:
             for bucket in self.by_score:
                 bucket.discard(name)
-        if self.keeps.pop(name, None) is None:
+            if frag is None:
+                del self.fragments[name]
+            else:
+                self.fragments[name] = frag
+                self.by_score[d.score].add(name)
+        if keep is not None:
+            self.keeps[name] = keep
             self.fails.pop(name, None)
+        else:
+            assert fail is not None
+            self.fails[name] = fail
+            self.keeps.pop(name, None)
+        self._changed(name)
+
+    def _drop(self, name: str) -> None:
+        found = self.fragments.pop(name, None) is not None
+        if found:
+            for bucket in self.by_score:
+                bucket.discard(name)
+        if self.keeps.pop(name, None) is not None or self.fails.pop(name, None) is not None or found:
+            self._changed(name)
 
     def _refresh(self, names: Iterable[str]) -> None:
         index = self.index
-        for name in names:
+        for i, name in enumerate(names, 1):
             node = index.effective(name)
             if node is None:
                 self._drop(name)
             else:
                 self._set(name, self.decide(node))
+            if i % YIELD_EVERY == 0:
+                time.sleep(0)
 
     def _fill(self) -> None:
-        self.fragments.clear()
-        self.keeps.clear()
-        self.fails.clear()
-        for bucket in self.by_score:
-            bucket.clear()
-        self._refresh(list(self.index.nodes))
+        """Every node's pieces again, each replaced in place (requests meanwhile read old or new)."""
+        nodes = self.index.nodes
+        self._refresh(list(nodes))
+        for name in [n for n in (*self.fragments, *self.keeps, *self.fails) if n not in nodes]:
+            self._drop(name)
+        self.seq += 1
+        self.log = (self.seq, [])  # every view rebuilds
 
 
 class NodeIndex:
@@ -194,6 +308,7 @@ class NodeIndex:
         # compat key -> (flattened facts, number of nodes with that key).
         self._facts: dict[str, tuple[dict[str, str | int], int]] = {}
         self._partial: set[str] = set()  # nodes with GPU-label facts only
+        self._by_compat: dict[str, set[str]] = {}  # compat key -> the nodes with those facts
         self._memo: dict[Key, Memo] = {}
         # node -> hash of the problems last logged for it (and the inputs they came from).
         self._logged: dict[str, int] = {}
@@ -227,6 +342,7 @@ class NodeIndex:
         if e.compat is not None:
             flat, n = self._facts.get(e.compat, (e.flat_facts, 0))
             self._facts[e.compat] = (flat, n + 1)
+            self._by_compat.setdefault(e.compat, set()).add(e.name)
         if e.partial:
             self._partial.add(e.name)
 
@@ -251,6 +367,11 @@ class NodeIndex:
                 del self._facts[e.compat]
             else:
                 self._facts[e.compat] = (flat, n - 1)
+        same = self._by_compat.get(e.compat or "")
+        if same is not None:
+            same.discard(e.name)
+            if not same:
+                del self._by_compat[e.compat or ""]
 
     def _variants(self, key: Key) -> dict[str, Variant]:
         out: dict[str, Variant] = {}
@@ -305,15 +426,25 @@ class NodeIndex:
                 if variants != memo.variants:
                     before = memo.variants
                     memo.variants = variants
-                    if set(variants) != set(before) or any(
-                        variants[k].bytes != before[k].bytes for k in variants
-                    ):
+                    largest = max((v.bytes for v in variants.values()), default=0)
+                    if not before or not variants or largest != max(v.bytes for v in before.values()):
                         memo.node_count = len(self.nodes)
                         if known is not None:
                             memo.known_facts = known
                         memo._fill()
                         continue
-                    spread_of |= {k for k in variants if variants[k].holders != before[k].holders}
+                    builds = {
+                        k
+                        for k in set(variants) | set(before)
+                        if k not in variants or k not in before or variants[k].bytes != before[k].bytes
+                    }
+                    for k in builds:  # their nodes' fetch estimates; GPU-label nodes match builds
+                        redo |= self._by_compat.get(k, set())
+                    if builds:
+                        redo |= self._partial
+                    spread_of |= {
+                        k for k in variants if k in before and variants[k].holders != before[k].holders
+                    }
             if count_moved:
                 memo.node_count = len(self.nodes)
                 spread_of |= set(memo.variants)
@@ -378,6 +509,7 @@ class NodeIndex:
                 self._variant_keys = {}
                 self._facts = {}
                 self._partial = set()
+                self._by_compat = {}
                 self._memo.clear()
                 self._logged = {n: h for n, h in self._logged.items() if n in entries}
                 for e in entries.values():

@@ -154,9 +154,11 @@ def decide(
         variant = variants.get(node.compat)
         if variant is None:
             if variants:
+                # Which other builds exist is left out: a new build elsewhere then changes no
+                # answer about this node (extender/index.py updates only what a change reaches).
                 return cold_decision(
-                    f"snapshot {snapshot} exists only for other node facts "
-                    f"(compat {', '.join(sorted(variants))}), not this node's ({node.compat})"
+                    f"snapshot {snapshot} exists only for other node facts, "
+                    f"not this node's (compat {node.compat})"
                 )
             return cold_decision(f"no node's thaw.dev/cache lists snapshot {snapshot} for this workload")
         size = variant.bytes
