@@ -250,15 +250,6 @@ def main(argv: list[str]) -> int:
     for _ in range(3):  # warm-up: compile, capture graphs, settle the allocator
         ENGINE.generate([1, 2, 3, 4, 5, 6, 7, 8], 8)
     torch.cuda.synchronize()
-    # Compilation is over: end inductor's compile worker processes. They hold GPU device files
-    # without CUDA state of their own, which neither the CUDA checkpoint nor CRIU can carry, and a
-    # server has no use for them once warm.
-    try:
-        from torch._inductor.async_compile import shutdown_compile_workers
-
-        shutdown_compile_workers()
-    except ImportError:
-        pass
     t_warm = time.monotonic()
     server = HTTPServer(("127.0.0.1", args.port), Handler)
     gib = torch.cuda.memory_reserved() / 2**30

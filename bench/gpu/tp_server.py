@@ -233,12 +233,6 @@ def run_rank(args: argparse.Namespace) -> int:
         Rank.engine.generate([1, 2, 3, 4, 5, 6, 7, 8], 8)
     if gpu:
         torch.cuda.synchronize()
-    try:  # inductor's compile workers hold GPU device files without CUDA state: end them
-        from torch._inductor.async_compile import shutdown_compile_workers
-
-        shutdown_compile_workers()
-    except ImportError:
-        pass
     dist.barrier(group=Rank.ctrl)
     gib = torch.cuda.memory_reserved() / 2**30 if gpu else 0.0
     print(

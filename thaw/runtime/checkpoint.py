@@ -98,6 +98,11 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         except CudaUnavailable as exc:
             raise RuntimeError(f"processes {gpu_users} use the GPU but {exc}") from exc
         cuda_pids = cuda.cuda_pids(pids)
+        from thaw.runtime.blockers import gpu_holders_refusal
+
+        refused = gpu_holders_refusal(pids, cuda_pids, fds)  # before the lock: one line, with the fix
+        if refused:
+            raise RuntimeError(refused)
     uuids = gpu_uuids_or_none(cuda)
     with _asleep(cfg.hooks, timings):
         frozen = False

@@ -1,0 +1,166 @@
+"""What keeps a tree from being checkpointed, found before anything is frozen and said in one line
+with the likely cause and the fix (README, "Restore and checkpoint").
+
+GPU device files held by a process without CUDA state of its own: the CUDA checkpoint releases the
+device files of the processes it checkpoints, but a process with no CUDA context (PyTorch inductor's
+compile workers, a process that only uses NVML, a child forked after CUDA was initialised) keeps
+them, and CRIU cannot dump an open or mapped ``/dev/nvidia*`` (``handle_device_vma plugin failed …
+Can't handle non-regular mapping``, one line per mapping). Refused before the CUDA lock, so the
+server is never paused for a dump that cannot succeed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+GPU_DEVICE_PREFIX = "/dev/nvidia"
+# PyTorch inductor's parallel compile: a SubprocPool whose workers are forked from
+# torch/_inductor/compile_worker/__main__.py; their command lines all name it.
+_COMPILE_WORKER = re.compile(r"torch[/.]_inductor[/.]compile_worker")
+COMPILE_WORKER_FIX = (
+    "TORCHINDUCTOR_COMPILE_THREADS=1 in the container's environment (the webhook sets it unless the pod "
+    "sets it; compilation then runs in the server's own process)"
+)
+_CMDLINE_CHARS = 80
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process that holds GPU device files (open or mapped) without CUDA state."""
+
+    pid: int
+    cmdline: str
+    devices: tuple[str, ...]  # device paths, sorted, each once
+    mappings: int  # how many of its memory mappings are GPU device files
+
+    @property
+    def compile_worker(self) -> bool:
+        return bool(_COMPILE_WORKER.search(self.cmdline))
+
+
+def mapped_devices(maps_text: str, prefix: str = GPU_DEVICE_PREFIX) -> list[str]:
+    """The device paths of every mapping of ``/proc/PID/maps`` text under ``prefix``, one per
+    mapping (pure)."""
+    out = []
+    for line in maps_text.splitlines():
+        parts = line.split(None, 5)
+        if len(parts) == 6 and parts[5].startswith(prefix):
+            out.append(parts[5].strip())
+    return out
+
+
+def gpu_holders(
+    pids: Iterable[int],
+    cuda_pids: Iterable[int],
+    fds: Mapping[int, Mapping[int, str]],
+    maps: Mapping[int, Sequence[str]],
+    cmdlines: Mapping[int, str],
+    *,
+    prefix: str = GPU_DEVICE_PREFIX,
+) -> list[Holder]:
+    """The processes of ``pids`` outside ``cuda_pids`` that hold ``prefix`` device files, open
+    (``fds``: pid -> fd -> target) or mapped (``maps``: pid -> mapped device paths) (pure)."""
+    with_state = set(cuda_pids)
+    out = []
+    for pid in pids:
+        if pid in with_state:
+            continue
+        opened = [t for t in fds.get(pid, {}).values() if t.startswith(prefix)]
+        mapped = list(maps.get(pid, ()))
+        if opened or mapped:
+            out.append(
+                Holder(pid, cmdlines.get(pid, ""), tuple(sorted(set(opened) | set(mapped))), len(mapped))
+            )
+    return out
+
+
+def _pid_ranges(pids: Sequence[int]) -> str:
+    """4200-4203, 4210 (pure)."""
+    spans: list[list[int]] = []
+    for p in sorted(pids):
+        if spans and p == spans[-1][1] + 1:
+            spans[-1][1] = p
+        else:
+            spans.append([p, p])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def _short(cmdline: str) -> str:
+    return cmdline if len(cmdline) <= _CMDLINE_CHARS else cmdline[: _CMDLINE_CHARS - 1] + "…"
+
+
+def holders_refusal(holders: Sequence[Holder]) -> str | None:
+    """One line naming the holders (grouped by command line), what they hold, the likely cause and
+    the fix; None when there are none (pure)."""
+    if not holders:
+        return None
+    groups: dict[str, list[Holder]] = {}
+    for h in holders:
+        groups.setdefault(h.cmdline, []).append(h)
+    parts = []
+    for cmdline, hs in groups.items():
+        devices = sorted({d for h in hs for d in h.devices})
+        mappings = sum(h.mappings for h in hs)
+        count = f"{len(hs)} x " if len(hs) > 1 else ""
+        held = ", ".join(devices) + (f" ({mappings} mappings)" if mappings else " (open)")
+        parts.append(f"pid {_pid_ranges([h.pid for h in hs])} ({count}{_short(cmdline) or '?'}): {held}")
+    n = len(holders)
+    head = (
+        f"checkpoint refused before CRIU: {n} process{'es' if n > 1 else ''} of the tree hold GPU device "
+        f"files without CUDA state of their own, which neither the CUDA checkpoint nor CRIU can carry: "
+        + "; ".join(parts)
+    )
+    if all(h.compile_worker for h in holders):
+        return (
+            f"{head}. Likely cause: PyTorch inductor's compile workers (torch.compile's parallel "
+            f"compilation), which stay alive after warm-up. Fix: {COMPILE_WORKER_FIX}"
+        )
+    workers = (
+        " (some are inductor compile workers: TORCHINDUCTOR_COMPILE_THREADS=1)"
+        if any(h.compile_worker for h in holders)
+        else ""
+    )
+    return (
+        f"{head}. Likely cause: a process that opened the GPU without a CUDA context (NVML left "
+        f"initialised, a CUDA library initialised in a helper process, or a child forked after CUDA "
+        f"was initialised){workers}. Fix: close the GPU in those processes before the server reports "
+        f"ready (nvmlShutdown; start helpers with spawn, not fork), or run them outside this container"
+    )
+
+
+# --- reading /proc -----------------------------------------------------------------------------
+
+
+def read_cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except OSError:
+        return ""
+    # one line: arguments may hold newlines (python -c CODE)
+    return " ".join(raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace").split())
+
+
+def read_mapped_devices(pid: int, prefix: str | None = None) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return mapped_devices(f.read(), prefix or GPU_DEVICE_PREFIX)
+    except OSError:
+        return []
+
+
+def gpu_holders_refusal(
+    pids: Sequence[int],
+    cuda_pids: Sequence[int],
+    fds: Mapping[int, Mapping[int, str]],
+    prefix: str | None = None,
+) -> str | None:
+    """:func:`holders_refusal` for the live tree ``pids`` (``fds`` as already read)."""
+    prefix = prefix or GPU_DEVICE_PREFIX
+    candidates = [p for p in pids if p not in set(cuda_pids) and os.path.exists(f"/proc/{p}")]
+    maps = {p: read_mapped_devices(p, prefix) for p in candidates}
+    cmdlines = {p: read_cmdline(p) for p in candidates}
+    return holders_refusal(gpu_holders(candidates, cuda_pids, fds, maps, cmdlines, prefix=prefix))
