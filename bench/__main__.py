@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.webhook", "bench.extender", "bench.simulate", "bench.runtime_cpu"]
+SUITES = ["bench.webhook", "bench.extender", "bench.simulate", "bench.runtime_cpu", "bench.install_runtime"]
 
 
 def main(argv: list[str]) -> int:

@@ -172,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
+    p = sub.add_parser("install-runtime", help="thaw-tools: link the node's copy of the runtime (copied once)")
+    _add(p, "--bundle", type=Path, default=None, help="runtime bundle (default: the one this thaw runs from)")
+    _add(
+        p,
+        "--runtime-dir",
+        type=Path,
+        default=Path("/var/lib/thaw/runtime"),
+        help="the node's runtime copies, one per bundle id (hostPath)",
+    )
+    _add(p, "--link", type=Path, default=Path("/thaw/rt"), help="symlink to make (in the tools emptyDir)")
+    _add(p, "--lock-timeout", type=float, default=300.0, help="seconds to wait for another pod's copy")
+
     p = sub.add_parser("agent", help="node agent: cache budget and Node annotations")
     _add(p, "--cache", type=Path, required=True, help="node cache directory")
     _add(p, "--budget", type=int, required=True, help="cache byte budget")
@@ -206,6 +218,7 @@ COMMANDS: dict[str, str] = {
     "publish": "thaw.snapshot.store:run_publish",
     "fetch": "thaw.snapshot.fetch:run",
     "exec": "thaw.runtime.execute:run",
+    "install-runtime": "thaw.runtime.install:run",
     "agent": "thaw.node.agent:run",
     "healthcheck": "thaw.node.agent:run_healthcheck",
     "simulate": "extender.simulate:run",
