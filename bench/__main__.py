@@ -9,7 +9,14 @@ from __future__ import annotations
 import importlib
 import sys
 
-SUITES = ["bench.webhook", "bench.extender", "bench.simulate", "bench.runtime_cpu", "bench.install_runtime"]
+SUITES = [
+    "bench.webhook",
+    "bench.extender",
+    "bench.simulate",
+    "bench.runtime_cpu",
+    "bench.install_runtime",
+    "bench.pid_floor",
+]
 
 
 def main(argv: list[str]) -> int:

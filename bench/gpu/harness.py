@@ -1,6 +1,8 @@
 """Run a "pod" the way Kubernetes would, on one machine, and time it: ``thaw exec`` as PID 1 of a
 fresh PID and mount namespace (``unshare --pid --fork --mount-proc``) inside a fresh network
-namespace, with the client in that network namespace. Used by bench/gpu/side_by_side.py and
+namespace, with the client in that network namespace. The pod is a fresh container, as the tests'
+are (``fresh_container_prefix`` in thaw/dev/sandbox.py): new tmpfs over /tmp, /var/tmp, $HOME,
+/dev/shm and $TMPDIR, the paths its spec names bound back. Used by bench/gpu/side_by_side.py and
 bench/runtime_cpu.py. Standard library only (plus thaw), so it runs under any Python 3.11+.
 
 A phase runs in a child ``unshare --net python3 -m bench.gpu.harness SPEC_JSON`` and prints one JSON
@@ -25,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from thaw.dev.sandbox import read_json
+from thaw.dev.sandbox import fresh_container_prefix, paths_in, read_json
 from thaw.runtime.criu import children
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,13 +127,19 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     outcome_path = Path(spec["outcome"])
     outcome_path.unlink(missing_ok=True)  # a previous pod's outcome must not be read as this one's
     log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
+    env = {**os.environ, **spec.get("env", {})}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
+    # A fresh container (thaw/dev/sandbox.py): new tmpfs over its writable places, the paths it is
+    # given (store, plan, outcome, "volumes") bound back; before hide_dev, which binds /dev/shm.
+    shared = [
+        *paths_in([*spec["thaw_args"], *spec["cmd"], spec["outcome"], *env.values()]),
+        *spec.get("volumes", []),
+    ]
     argv = [
-        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *fresh_container_prefix(env, shared),
         *hide_dev_prefix(spec.get("hide_dev", [])), *spec.get("wrap", []),
         sys.executable, "-m", "thaw", "exec", *spec["thaw_args"], "--", *spec["cmd"],
     ]  # fmt: skip
-    env = {**os.environ, **spec.get("env", {})}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     t0 = time.monotonic()
     # The pod's stdout is a pipe, as a container's is (a file opened outside the pod's mount
     # namespace could not be dumped: CRIU cannot find its mount), copied to the log by a thread.

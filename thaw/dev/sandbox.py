@@ -5,12 +5,23 @@ capabilities plus what the webhook grants (``with_caps``).
 
 Restoring in a fresh network namespace is what a new pod does, and it avoids the old listener's
 TIME_WAIT connections, which block the port in the same namespace for a minute.
+
+Each pod is a fresh container (issue 10.2; :func:`fresh_container_prefix`, which bench/gpu/harness.py
+uses too): its writable places (``/tmp``, ``/var/tmp``, ``$HOME``, ``/dev/shm``, ``$TMPDIR``) are new
+empty tmpfs mounts in its own mount namespace, ``/proc/sys`` is read-only as runc mounts it, its
+environment is a container's (a few variables plus what the caller gives, not the test runner's),
+and its stdout/stderr is a pipe. The directories it shares with the caller (the repository, the
+Python installation, the test's store, plans and outcome files: the pod's volumes) are bound back
+at the same paths. One pod's writes to its writable places are never seen by another pod, nor by
+the host.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -18,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +52,128 @@ def with_caps(caps: tuple[str, ...] | list[str]) -> list[str]:
     """A command prefix that runs as root with only ``caps`` (plus the runtime defaults)."""
     keep = ",".join(f"+{c}" for c in (*RUNTIME_DEFAULT_CAPS, *caps))
     return ["setpriv", f"--bounding-set=-all,{keep}", "--inh-caps=-all", "--"]
+
+
+# --- a fresh container's writable places (issue 10.2) -----------------------------------------
+
+# What a container's environment holds before its spec adds anything (the rest of the caller's
+# environment, e.g. pytest's PYTEST_CURRENT_TEST, is not a container's and would differ per pod).
+POD_BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")
+FIXED_PLACES = ("/tmp", "/var/tmp", "/dev/shm")
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 32, 4096, 16384, 1 << 18,
+)  # fmt: skip
+_PATH_IN_ARG = re.compile(r"(?:^|[=:,])(/[^\s:=,]*)")
+
+
+def pod_env(env: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A pod's environment: ``POD_BASE_ENV`` from ``base`` (default: ours), the repository on
+    PYTHONPATH, then ``env``."""
+    base = os.environ if base is None else base
+    kept = {k: base[k] for k in POD_BASE_ENV if k in base}
+    return {**kept, "PYTHONPATH": str(REPO), **(env or {})}
+
+
+def writable_places(env: Mapping[str, str]) -> list[str]:
+    """The places a container can write on its root filesystem, each a fresh tmpfs in a pod (pure):
+    /tmp, /var/tmp, /dev/shm, and ``$HOME`` and ``$TMPDIR`` when set (not ``/``), parents first."""
+    places = set(FIXED_PLACES)
+    for var in ("HOME", "TMPDIR"):
+        value = os.path.normpath(env.get(var) or "/")
+        if value != "/" and value.startswith("/"):
+            places.add(value)
+    return sorted(places, key=lambda p: (p.count("/"), p))
+
+
+def paths_in(args: Iterable[str]) -> list[str]:
+    """Absolute paths named in command-line arguments or environment values: ``/x``, ``--f=/x``,
+    ``file:/x``, ``A:/x`` lists (pure)."""
+    found = (m.group(1) for a in args for m in _PATH_IN_ARG.finditer(a))
+    return [os.path.normpath(p) for p in found if p != "/" and not p.startswith("//")]  # not URLs
+
+
+def kept_entries(paths: Iterable[str | Path], places: Iterable[str]) -> list[str]:
+    """What a pod shares with its caller under its writable places (pure): for every path strictly
+    under a place, the place's entry that holds it (``/tmp/pytest-of-root/…/plan.json`` keeps
+    ``/tmp/pytest-of-root``), as a volume would be; the deepest place wins, parents come first."""
+    ordered = sorted(places, key=lambda p: -p.count("/"))
+    keep: set[str] = set()
+    for raw in paths:
+        path = os.path.normpath(str(raw))
+        for place in ordered:
+            if path.startswith(place.rstrip("/") + "/"):
+                first = path[len(place.rstrip("/")) + 1 :].split("/", 1)[0]
+                keep.add(f"{place.rstrip('/')}/{first}")
+                break
+    return sorted(keep, key=lambda p: (p.count("/"), p))
+
+
+def fresh_container_prefix(env: Mapping[str, str], shared: Iterable[str | Path] = ()) -> list[str]:
+    """The argv prefix that makes the rest of a pod's command run in a fresh container (module doc):
+    run it inside the pod's own mount namespace (after ``unshare --mount``/``--mount-proc``), before
+    capabilities are dropped. ``env`` is the pod's environment (its HOME and TMPDIR); ``shared``
+    the paths the pod uses from its caller (volumes): the repository and this Python are added."""
+    places = writable_places(env)
+    shared_paths = [
+        *map(str, shared),
+        str(REPO),
+        sys.prefix,
+        sys.base_prefix,
+        os.path.realpath(sys.executable),
+    ]
+    spec = {"places": places, "keep": kept_entries(shared_paths, places)}
+    return [sys.executable, "-m", "thaw.dev.sandbox", "fresh", json.dumps(spec), "--"]
+
+
+def _bytes(value: str | None) -> bytes | None:
+    return None if value is None else value.encode()
+
+
+def _mount(
+    libc: Any, target: str, *, source: str | None = None, fstype: str | None = None, flags: int = 0,
+    data: str | None = None,
+) -> None:  # fmt: skip
+    if libc.mount(_bytes(source), _bytes(target), _bytes(fstype), flags, _bytes(data)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype or 'bind'} on {target}: {os.strerror(err)}")
+
+
+def fresh_main(spec_json: str, cmd: list[str]) -> int:
+    """``python -m thaw.dev.sandbox fresh SPEC -- CMD``: a tmpfs over each writable place (with the
+    original directory's mode and owner), the kept entries bound back from under them, /proc/sys
+    read-only; then exec CMD. Must run in a mount namespace of its own."""
+    spec = json.loads(spec_json)
+    libc = ctypes.CDLL(None, use_errno=True)
+    _mount(libc, "/", flags=_MS_REC | _MS_PRIVATE)  # nothing of this leaks to the host
+    # Hold every kept entry before the tmpfs hides it; bind it back through /proc/self/fd.
+    held = [(k, os.open(k, os.O_PATH | os.O_CLOEXEC)) for k in spec["keep"] if os.path.lexists(k)]
+    for place in spec["places"]:
+        try:
+            st = os.stat(place)
+            mode, uid, gid = st.st_mode & 0o7777, st.st_uid, st.st_gid
+        except FileNotFoundError:
+            os.makedirs(place, mode=0o755)
+            mode, uid, gid = 0o755, os.getuid(), os.getgid()
+        _mount(
+            libc,
+            place,
+            source="tmpfs",
+            fstype="tmpfs",
+            flags=_MS_NOSUID | _MS_NODEV,
+            data=f"mode={mode:o},uid={uid},gid={gid}",
+        )
+    for path, fd in held:
+        if not os.path.lexists(path):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                os.makedirs(path)
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        _mount(libc, path, source=f"/proc/self/fd/{fd}", flags=_MS_BIND | _MS_REC)
+        os.close(fd)
+    _mount(libc, "/proc/sys", source="/proc/sys", flags=_MS_BIND | _MS_REC)
+    _mount(libc, "/proc/sys", flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY)
+    os.execvp(cmd[0], cmd)
 
 
 def missing_prerequisites() -> str | None:
@@ -88,7 +222,9 @@ class Netns:
 
 
 class Pod:
-    """``thaw exec`` as PID 1 in fresh namespaces; its stdout/stderr is a pipe, as a container's is."""
+    """``thaw exec`` as PID 1 of a fresh container (module doc); its stdout/stderr is a pipe, as a
+    container's is, unless ``stdout`` gives another file descriptor for both (a log file,
+    /dev/null, a terminal: what a wrapper may be given outside Kubernetes)."""
 
     def __init__(
         self,
@@ -97,19 +233,25 @@ class Pod:
         cmd: list[str],
         env: dict[str, str] | None = None,
         wrap: list[str] | None = None,
+        *,
+        stdout: int | None = None,
+        volumes: Iterable[str | Path] = (),
     ):
         self.netns = netns
         self.started = time.monotonic()
+        full_env = pod_env(env)
+        shared = [*paths_in([*thaw_args, *cmd, *full_env.values()]), *map(str, volumes)]
         argv = [
             "ip", "netns", "exec", netns.name,
-            "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *(wrap or []),
+            "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+            *fresh_container_prefix(full_env, shared), *(wrap or []),
             sys.executable, "-m", "thaw", "exec", *thaw_args, "--", *cmd,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             argv,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if stdout is None else stdout,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+            env=full_env,
             cwd=REPO,
         )
         self.lines: list[str] = []
@@ -117,7 +259,8 @@ class Pod:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
+        if self.proc.stdout is None:  # stdout is the caller's file, not a pipe: nothing to read here
+            return
         for raw in self.proc.stdout:
             self.lines.append(raw.decode(errors="replace").rstrip("\n"))
 
@@ -188,3 +331,9 @@ def thaw_cli(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=REPO,
         timeout=300,
     )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 5 or sys.argv[1] != "fresh" or sys.argv[3] != "--":
+        sys.exit("usage: python -m thaw.dev.sandbox fresh SPEC_JSON -- CMD...")
+    sys.exit(fresh_main(sys.argv[2], sys.argv[4:]))
