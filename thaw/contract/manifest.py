@@ -3,7 +3,8 @@
 Format 1::
 
     {"format": 1, "id": "sha256:<hex>", "name": ..., "workload": ..., "facts": {...}, "compat": ...,
-     "files": [{"path": ..., "size": ..., "sha256": ...}, ...], "total_bytes": ..., "created": RFC 3339,
+     "files": [{"path": ..., "size": ..., "sha256": ..., "chunks": [hex, ...]}, ...],
+     "chunk_bytes": 67108864, "total_bytes": ..., "created": RFC 3339,
      "gpu": {"count": N, "uuids": ["GPU-…", ...],
              "ranks": [{"pid": ..., "env": {"RANK": ..., ...}, "gpus": [0, ...]}, ...]},
      "signature": {"key_id": ..., "alg": "ed25519", "value": base64}}
@@ -13,10 +14,16 @@ recorded at the checkpoint (``thaw-exec.json``): the GPU count of the container,
 CUDA's order, and per CUDA process in lock order (the tensor-parallel ranks) its rank variables and
 GPU ordinals.
 
+``chunks`` (optional, present with ``chunk_bytes``): the sha256 of each consecutive ``chunk_bytes``
+piece of the file, the last one shorter. ``sha256`` stays the whole file's digest (a store may name
+blobs by it); the chunk digests let a node verify one large file on many cores at once (one sha256
+stream runs at about 1.2 GB/s per core), and a file whose every chunk matches is the file.
+
 The id is ``sha256:`` + sha256 of the canonical JSON (thaw.contract.canonical) of the manifest without ``id``
 and ``signature`` (the *body*); the signature is over the same canonical bytes. So the id names the
 content (files by digest, facts, workload, time), and a signature check also proves the id.
-Pure functions except ``hash_files`` and ``check_files``, which read the image files.
+Pure functions except ``load_manifest`` and ``image_gpu_layout`` (bounded reads of one file); hashing
+and verifying the image files is thaw.snapshot.transfer's.
 """
 
 from __future__ import annotations
@@ -24,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import stat
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, NotRequired, TypedDict
@@ -36,14 +41,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from thaw.contract.annotations import is_dns1123_label
 from thaw.contract.canonical import canonical_json
 from thaw.contract.facts import FactsError, NodeFacts, compat_key, validate_facts
+from thaw.contract.safeio import open_beneath, read_bounded, read_fd
 from thaw.contract.signing import ALG, TrustedKeys, key_id, sign, verify
 
 FORMAT = 1
 MANIFEST_NAME = "manifest.json"
 EXEC_META_NAME = "thaw-exec.json"  # thaw exec's metadata among the image files (thaw/runtime/checkpoint.py)
 ID_PREFIX = "sha256:"
-MAX_MANIFEST_BYTES = 16 * 1024 * 1024  # CRIU writes tens to a few thousand files; 16 MiB is plenty
-CHUNK = 4 * 1024 * 1024
+# CRIU writes tens to a few thousand files, and a 130 GB image has ~2,000 chunk digests (~150 kB):
+# 4 MiB is plenty, and bounds what a listing of MAX_LISTED manifests can hold in memory.
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_EXEC_META_BYTES = 16 * 1024 * 1024  # thaw-exec.json: pids, stdio, GPU layout
+CHUNK = 4 * 1024 * 1024  # read size when hashing or copying
+CHUNK_BYTES = 64 * 1024 * 1024  # digest chunk size written into new manifests
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 1 << 20, 1 << 30
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _GPU_UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
@@ -55,7 +66,8 @@ ErrorKind = Literal[
 class FileEntry(TypedDict):
     path: str  # relative, POSIX separators, no '..' and no dot-files
     size: int
-    sha256: str  # hex
+    sha256: str  # hex, of the whole file
+    chunks: NotRequired[list[str]]  # hex, of each chunk_bytes piece (the manifest's chunk_bytes)
 
 
 class Signature(TypedDict):
@@ -86,6 +98,7 @@ class Manifest(TypedDict):
     files: list[FileEntry]
     total_bytes: int
     created: str
+    chunk_bytes: NotRequired[int]  # set when files carry chunk digests
     gpu: NotRequired[GpuLayout]
     signature: NotRequired[Signature]
 
@@ -108,6 +121,20 @@ def hex_of(snapshot_id: str) -> str:
 
 def now_rfc3339() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_created(text: str) -> float:
+    """Epoch seconds of an RFC 3339 time with its zone ('2026-11-28T05:40:00.123456Z'); ValueError
+    otherwise."""
+    t = datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        raise ValueError(f"time {text!r} has no time zone")
+    return t.timestamp()
+
+
+def chunk_count(size: int, chunk_bytes: int) -> int:
+    """How many chunk digests a file of ``size`` bytes has (none for an empty file)."""
+    return -(-size // chunk_bytes)
 
 
 def body(manifest: Manifest | dict[str, Any]) -> dict[str, Any]:
@@ -139,46 +166,6 @@ def check_file_path(path: str) -> str | None:
     if path == MANIFEST_NAME:
         return f"{MANIFEST_NAME} is reserved for the manifest"
     return None
-
-
-def hash_files(images: Path, progress: Callable[[int], None] | None = None) -> list[FileEntry]:
-    """Every regular file under ``images`` (recursively, sorted), with size and sha256.
-
-    A top-level ``manifest.json`` is skipped (republishing a cached snapshot); symlinks, devices and
-    other special files are refused, since a restore could not reproduce them from a store.
-    """
-    if not images.is_dir():
-        raise ManifestError("malformed", f"image directory {images} does not exist or is not a directory")
-    entries: list[FileEntry] = []
-    for dirpath, dirnames, filenames in os.walk(images, followlinks=False):
-        dirnames.sort()
-        for d in dirnames:
-            if os.path.islink(os.path.join(dirpath, d)):
-                raise ManifestError("malformed", f"{os.path.join(dirpath, d)} is a symlink: not allowed")
-        for fname in sorted(filenames):
-            full = Path(dirpath) / fname
-            rel = full.relative_to(images).as_posix()
-            if rel == MANIFEST_NAME:
-                continue
-            why = check_file_path(rel)
-            if why:
-                raise ManifestError("malformed", f"image file {rel!r} cannot be published: {why}")
-            st = full.lstat()
-            if not stat.S_ISREG(st.st_mode):
-                raise ManifestError("malformed", f"{full} is not a regular file (symlink or special file)")
-            h = hashlib.sha256()
-            size = 0
-            with open(full, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-                    size += len(chunk)
-                    if progress:
-                        progress(len(chunk))
-            entries.append({"path": rel, "size": size, "sha256": h.hexdigest()})
-    entries.sort(key=lambda e: e["path"])
-    if not entries:
-        raise ManifestError("malformed", f"image directory {images} holds no files")
-    return entries
 
 
 def gpu_layout_problem(value: Any) -> str | None:
@@ -216,7 +203,7 @@ def image_gpu_layout(images: Path) -> GpuLayout | None:
     """The GPU layout ``thaw exec`` recorded among the image files, or None (no CUDA process, or
     images not taken by thaw exec). A malformed one is refused: it would be signed into the manifest."""
     try:
-        meta = orjson.loads((images / EXEC_META_NAME).read_bytes())
+        meta = orjson.loads(read_bounded(images / EXEC_META_NAME, MAX_EXEC_META_BYTES))
     except FileNotFoundError:
         return None
     except (OSError, orjson.JSONDecodeError) as exc:
@@ -241,8 +228,10 @@ def build_manifest(
     created: str | None = None,
     *,
     gpu: GpuLayout | None = None,
+    chunk_bytes: int | None = None,
 ) -> Manifest:
-    """An unsigned manifest with its id computed."""
+    """An unsigned manifest with its id computed. ``chunk_bytes``: the chunk size of the files'
+    ``chunks`` digests (required when they carry some)."""
     if not is_dns1123_label(name):
         raise ManifestError("malformed", f"snapshot name {name!r} must be a DNS-1123 label")
     if not workload or not isinstance(workload, str):
@@ -257,9 +246,14 @@ def build_manifest(
         "total_bytes": sum(e["size"] for e in files),
         "created": created or now_rfc3339(),
     }
+    if any("chunks" in e for e in files):
+        if chunk_bytes is None:
+            raise ManifestError("malformed", "files carry chunk digests: chunk_bytes is required")
+        m["chunk_bytes"] = chunk_bytes
     if gpu is not None:
         m["gpu"] = gpu
     m["id"] = compute_id(m)
+    validate_manifest(m)  # never build what a reader would refuse
     return m  # type: ignore[return-value]  # built field by field above
 
 
@@ -299,7 +293,25 @@ def validate_manifest(value: Any) -> Manifest:
     if not is_dns1123_label(name):
         raise ManifestError("malformed", f"manifest name {name!r} is not a DNS-1123 label")
     _need(value, "workload", str, "a string")
-    _need(value, "created", str, "an RFC 3339 time string")
+    created = _need(value, "created", str, "an RFC 3339 time string")
+    try:
+        parse_created(created)
+    except ValueError:
+        raise ManifestError(
+            "malformed", f"manifest created {created[:64]!r} is not an RFC 3339 time"
+        ) from None
+    chunk_bytes = value.get("chunk_bytes")
+    if chunk_bytes is not None and (
+        not isinstance(chunk_bytes, int)
+        or isinstance(chunk_bytes, bool)
+        or not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES
+        or chunk_bytes & (chunk_bytes - 1)
+    ):
+        raise ManifestError(
+            "malformed",
+            f"manifest chunk_bytes must be a power of two from {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES}, "
+            f"got {chunk_bytes!r}"[:300],
+        )
     try:
         facts = validate_facts(value.get("facts"))
     except FactsError as exc:
@@ -325,6 +337,10 @@ def validate_manifest(value: Any) -> Manifest:
             raise ManifestError("malformed", f"manifest files[{i}].size must be an integer >= 0")
         if not isinstance(sha, str) or not _HEX64.match(sha):
             raise ManifestError("malformed", f"manifest files[{i}].sha256 must be 64 lower-case hex digits")
+        if "chunks" in e:
+            why = _chunks_problem(e["chunks"], size, chunk_bytes)
+            if why:
+                raise ManifestError("malformed", f"manifest files[{i}].chunks {why}")
         total += size
     if not files:
         raise ManifestError("malformed", "manifest lists no files")
@@ -351,6 +367,17 @@ def validate_manifest(value: Any) -> Manifest:
     return value  # type: ignore[return-value]  # shape checked above
 
 
+def _chunks_problem(chunks: Any, size: int, chunk_bytes: int | None) -> str | None:
+    if chunk_bytes is None:
+        return "need the manifest's chunk_bytes"
+    want = chunk_count(size, chunk_bytes)
+    if not isinstance(chunks, list) or len(chunks) != want:
+        return f"must list {want} digest(s) ({size} bytes in chunks of {chunk_bytes})"
+    if not all(isinstance(c, str) and _HEX64.match(c) for c in chunks):
+        return "must be 64 lower-case hex digits each"
+    return None
+
+
 def parse_manifest(raw: bytes) -> Manifest:
     if len(raw) > MAX_MANIFEST_BYTES:
         raise ManifestError("malformed", f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")
@@ -361,9 +388,17 @@ def parse_manifest(raw: bytes) -> Manifest:
     return validate_manifest(value)
 
 
-def load_manifest(path: Path) -> Manifest:
-    with open(path, "rb") as f:
-        return parse_manifest(f.read(MAX_MANIFEST_BYTES + 1))
+def load_manifest(path: Path | str, *, dir_fd: int | None = None) -> Manifest:
+    """Read and validate ``path`` (or ``path`` under ``dir_fd``): a regular file of at most
+    MAX_MANIFEST_BYTES, never through a symlink, never blocking on a FIFO. OSError when it cannot be
+    read that way, ManifestError when it is not a valid manifest."""
+    if dir_fd is None:
+        return parse_manifest(read_bounded(path, MAX_MANIFEST_BYTES))
+    fd = open_beneath(dir_fd, str(path), MAX_MANIFEST_BYTES)
+    try:
+        return parse_manifest(read_fd(fd, MAX_MANIFEST_BYTES, path))
+    finally:
+        os.close(fd)
 
 
 def dump_manifest(manifest: Manifest) -> bytes:
@@ -416,19 +451,3 @@ def verify_manifest(manifest: Manifest, trusted: TrustedKeys, allow_unsigned: bo
             "or signed with another key",
         )
     return f"snapshot {sid} signed by trusted key {sig['key_id']}"
-
-
-def check_files(directory: Path, manifest: Manifest) -> None:
-    """Re-hash every file of ``manifest`` under ``directory``; raise ManifestError on a difference."""
-    for e in manifest["files"]:
-        p = directory / e["path"]
-        try:
-            st = p.lstat()
-        except OSError as exc:
-            raise ManifestError("malformed", f"{p}: {exc.strerror or exc}") from None
-        if not stat.S_ISREG(st.st_mode) or st.st_size != e["size"]:
-            raise ManifestError("malformed", f"{p}: size {st.st_size} is not {e['size']}")
-        with open(p, "rb") as f:
-            got = hashlib.file_digest(f, "sha256").hexdigest()
-        if got != e["sha256"]:
-            raise ManifestError("malformed", f"{p}: sha256 {got} is not {e['sha256']}")

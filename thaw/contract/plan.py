@@ -8,12 +8,15 @@ restore must never crash-loop a pod.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
 import orjson
+
+from thaw.contract.safeio import read_bounded
 
 Action = Literal["restore", "cold"]
 MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; anything larger is not ours
@@ -77,12 +80,11 @@ def read_plan(path: Path | None) -> Plan:
     if path is None:
         return cold_plan("no restore plan given (--plan): cold start")
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PLAN_BYTES + 1)
+        raw = read_bounded(path, MAX_PLAN_BYTES)
     except FileNotFoundError:
         return cold_plan(f"no restore plan at {path} (thaw fetch did not run or did not finish)")
     except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            return cold_plan(f"restore plan {path} is larger than {MAX_PLAN_BYTES} bytes")
         return cold_plan(f"cannot read restore plan {path}: {exc.strerror or exc}")
-    if len(raw) > MAX_PLAN_BYTES:
-        return cold_plan(f"restore plan {path} is larger than {MAX_PLAN_BYTES} bytes")
     return parse_plan(raw)

@@ -88,13 +88,22 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
         raise SigningKeyError(f"cannot read public key {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_KEY_FILE_BYTES:
         raise SigningKeyError(f"{path} is larger than {MAX_KEY_FILE_BYTES} bytes: not a public key")
+    return public_key_from_pem(data, str(path))
+
+
+def public_key_from_pem(data: bytes, source: str) -> Ed25519PublicKey:
+    """An Ed25519 public key from PEM bytes; SigningKeyError naming ``source`` otherwise."""
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
-        raise SigningKeyError(f"{path} is not a PEM public key ({exc})") from None
+        raise SigningKeyError(f"{source} is not a PEM public key ({exc})") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise SigningKeyError(f"{path} is a {type(key).__name__}, not an Ed25519 public key")
+        raise SigningKeyError(f"{source} is a {type(key).__name__}, not an Ed25519 public key")
     return key
+
+
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 @dataclass

@@ -1,122 +1,141 @@
 """The snapshot store: where published snapshots live, shared by every node.
 
-``Store`` is the interface callers use (fetch, the cache, publish); ``DirectoryStore`` implements it
-on a directory (a PVC, NFS, any shared filesystem) with the layout::
+``Store`` is the protocol callers use (fetch, publish); ``DirectoryStore`` implements it on a
+directory (a PVC, NFS, any shared filesystem), and an OCI registry store implements the same four
+methods. The protocol:
 
-    <store>/<name>/<hex>/manifest.json     # <hex>: the 64 hex digits of the id "sha256:<hex>"
-    <store>/<name>/<hex>/<image files>
-    <store>/<name>/.tmp-*                  # a publish in progress (never listed)
+- ``describe() -> str``: where the store is, for messages.
+- ``list_snapshots(namespace, name, problems) -> Sequence[Listing]``: the manifests published under
+  ``(namespace, name)``, each with ``stored_at`` (epoch seconds the *store* recorded when the
+  snapshot was published, None when it has none): at most MAX_LISTED of them, the newest by store
+  time, each read with at most MAX_MANIFEST_BYTES and never blocking (no FIFO, symlink or slow peer
+  can hang a listing). Malformed or misplaced entries are skipped with a reason appended to
+  ``problems``; StoreError when the store itself cannot be read. Signatures are not checked here.
+- ``open_file(namespace, manifest, path) -> BinaryIO``: one image file of a listed snapshot; a
+  stream whose ``fileno()`` is a regular file lets the copy read chunks in parallel (pread).
+  StoreError when it cannot be opened.
+- ``put(namespace, manifest, snapshot_dir, progress)``: publish ``manifest`` with the files of
+  ``snapshot_dir`` (the verified node cache copy that ``thaw.snapshot.ingest`` made), all or
+  nothing; DigestMismatch when a file differs from the manifest.
 
-An object store or an OCI registry implements the same four methods (a manifest per key or tag,
-files as blobs); callers do not change. Publishing is atomic: files are written into a temporary
-directory inside the store, fsynced, and the directory is renamed into place, so a reader sees all of
-a snapshot or none of it.
+Directory layout (files 0600, directories 0700)::
+
+    <store>/<namespace>/<name>/<hex>/manifest.json   # <hex>: the 64 hex digits of "sha256:<hex>";
+    <store>/<namespace>/<name>/<hex>/<image files>   # stored_at: manifest.json's mtime
+    <store>/<namespace>/<name>/.tmp-*                # a publish in progress (never listed)
+
+Publishing is atomic: the files are copied (every chunk checked against the manifest) into a
+temporary directory inside the store, fsynced, and the directory is renamed into place.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
-import hashlib
 import logging
 import os
 import secrets
 import shutil
+import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, Protocol
 
+from thaw.contract.annotations import is_dns1123_label
 from thaw.contract.facts import NodeFacts
 from thaw.contract.manifest import (
-    CHUNK,
     MANIFEST_NAME,
-    FileEntry,
     Manifest,
     ManifestError,
-    build_manifest,
     dump_manifest,
-    hash_files,
     hex_of,
-    image_gpu_layout,
     load_manifest,
-    sign_manifest,
 )
+from thaw.contract.safeio import fsync_dir, open_beneath, open_dir
+from thaw.snapshot.transfer import DigestMismatch, Progress, copy_files
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger("thaw.store")
 
+__all__ = [
+    "DigestMismatch",
+    "DirectoryStore",
+    "Listed",
+    "Listing",
+    "Progress",
+    "Store",
+    "StoreError",
+    "fsync_dir",
+]
+
 TMP_PREFIX = ".tmp-"
 STALE_PUBLISH_S = 24 * 3600  # a publish temp dir older than this belongs to a dead publisher
-Progress = Callable[[int], None]  # called with the number of bytes just copied
+MAX_LISTED = 16  # manifests a listing reads (newest by store time): bounds fetch's memory and time
+MAX_SCANNED = 10_000  # entries of one name directory looked at
 
 
 class StoreError(Exception):
     """The store cannot be read or written; the message says which path and why."""
 
 
-class DigestMismatch(Exception):
-    """A copied file is not what the manifest says (size or sha256)."""
+class Listing(Protocol):
+    """One snapshot of a listing, whatever the store: its manifest and the store's time."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def stored_at(self) -> float | None: ...
+
+
+class Listed(NamedTuple):
+    """DirectoryStore's Listing."""
+
+    manifest: Manifest
+    stored_at: float | None  # when the store recorded it (epoch s), not the signer's ``created``
 
 
 class Store(Protocol):
     def describe(self) -> str:
-        """Where the store is, for messages (a path, a bucket URL, a registry reference)."""
+        """Where the store is, for messages (a path, a registry reference)."""
         ...
 
-    def list_snapshots(self, name: str, problems: list[str] | None = None) -> list[Manifest]:
-        """Valid manifests published under ``name``, newest first. Entries that cannot be read or are
-        malformed are skipped, with a reason appended to ``problems``. Raises StoreError when the
-        store itself cannot be read. Signatures are not checked here
-        (thaw.contract.manifest.verify_manifest)."""
+    def list_snapshots(
+        self, namespace: str, name: str, problems: list[str] | None = None
+    ) -> Sequence[Listing]:
+        """At most MAX_LISTED manifests published under (namespace, name), newest by store time,
+        each read bounded; see the module docstring."""
         ...
 
-    def open_file(self, manifest: Manifest, path: str) -> BinaryIO:
+    def open_file(self, namespace: str, manifest: Manifest, path: str) -> BinaryIO:
         """A binary stream of one image file of a listed snapshot; StoreError when unreadable."""
         ...
 
-    def put(self, manifest: Manifest, images: Path, progress: Progress | None = None) -> None:
-        """Publish ``manifest`` with the files under ``images`` atomically (all or nothing, never half
-        visible). Raises DigestMismatch when a file differs from the manifest (changed meanwhile)."""
+    def put(
+        self, namespace: str, manifest: Manifest, snapshot_dir: Path, progress: Progress | None = None
+    ) -> None:
+        """Publish ``manifest`` with the files of ``snapshot_dir`` atomically (all or nothing, never
+        half visible). DigestMismatch when a file differs from the manifest."""
         ...
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def _check_names(namespace: str, name: str) -> None:
+    for what, value in (("namespace", namespace), ("snapshot name", name)):
+        if not is_dns1123_label(value):
+            raise StoreError(f"{what} {value!r} is not a DNS-1123 label")
+
+
+def open_snapshot_file(snapshot_dir: Path, path: str) -> BinaryIO:
+    """One file of a snapshot directory, opened bounded (no symlink followed on the way, regular
+    file only): what ``put`` reads from the cache copy."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def copy_verified(src: BinaryIO, dst: Path, entry: FileEntry, progress: Progress | None = None) -> None:
-    """Copy ``src`` to a new file ``dst`` (0600), hashing as it goes; raise DigestMismatch unless the
-    bytes are exactly ``entry`` (size and sha256). The file is fsynced before returning."""
-    h = hashlib.sha256()
-    size = 0
-    dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        while chunk := src.read(CHUNK):
-            size += len(chunk)
-            if size > entry["size"]:
-                raise DigestMismatch(
-                    f"file {entry['path']} is larger than the {entry['size']} bytes its manifest says"
-                )
-            h.update(chunk)
-            out.write(chunk)
-            if progress:
-                progress(len(chunk))
-        out.flush()
-        os.fsync(out.fileno())
-    if size != entry["size"]:
-        raise DigestMismatch(f"file {entry['path']} has {size} bytes, its manifest says {entry['size']}")
-    got = h.hexdigest()
-    if got != entry["sha256"]:
-        raise DigestMismatch(
-            f"file {entry['path']} has sha256 {got}, its manifest says {entry['sha256']} "
-            "(tampered or corrupt)"
-        )
+        return os.fdopen(open_beneath(snapshot_dir, path), "rb")
+    except OSError as exc:
+        raise StoreError(f"cannot read {snapshot_dir / path}: {exc.strerror or exc}") from None
 
 
 class DirectoryStore:
@@ -129,75 +148,113 @@ class DirectoryStore:
     def describe(self) -> str:
         return str(self.root)
 
-    def snapshot_dir(self, name: str, snapshot_id: str) -> Path:
-        return self.root / name / hex_of(snapshot_id)
+    def snapshot_dir(self, namespace: str, name: str, snapshot_id: str) -> Path:
+        return self.root / namespace / name / hex_of(snapshot_id)
 
-    def list_snapshots(self, name: str, problems: list[str] | None = None) -> list[Manifest]:
+    def _entries(self, name_dir: Path, problems: list[str]) -> list[tuple[float, str]]:
+        """(manifest mtime, hex) of every published snapshot directory, newest first."""
+        found: list[tuple[float, str]] = []
+        try:
+            it = os.scandir(name_dir)
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise StoreError(f"cannot list {name_dir}: {exc.strerror or exc}") from None
+        with it:
+            for i, e in enumerate(it):
+                if i >= MAX_SCANNED:
+                    problems.append(f"{name_dir}: more than {MAX_SCANNED} entries; the rest were not read")
+                    break
+                if e.name.startswith("."):
+                    continue
+                d = Path(e.path)
+                if not e.is_dir(follow_symlinks=False):
+                    problems.append(f"{d}: not a directory (a symlink or a file): skipped")
+                    continue
+                try:
+                    st = os.stat(d / MANIFEST_NAME, follow_symlinks=False)
+                except OSError as exc:
+                    problems.append(f"{d}: {exc.strerror or exc}")
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    problems.append(f"{d}: {MANIFEST_NAME} is not a regular file: skipped")
+                    continue
+                found.append((st.st_mtime, e.name))
+        found.sort(reverse=True)
+        return found
+
+    def list_snapshots(self, namespace: str, name: str, problems: list[str] | None = None) -> list[Listed]:
+        problems = problems if problems is not None else []
         if not self.root.is_dir():
             raise StoreError(
                 f"store {self.root} does not exist or is not a directory (is the volume mounted?)"
             )
-        name_dir = self.root / name
-        try:
-            entries = sorted(p for p in name_dir.iterdir() if not p.name.startswith("."))
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise StoreError(f"cannot list {name_dir}: {exc.strerror or exc}") from None
-        found: list[Manifest] = []
-        for d in entries:
+        _check_names(namespace, name)
+        name_dir = self.root / namespace / name
+        entries = self._entries(name_dir, problems)
+        if len(entries) > MAX_LISTED:
+            problems.append(f"{name_dir}: {len(entries)} snapshots; only the {MAX_LISTED} newest were read")
+        out: list[Listed] = []
+        for mtime, hexname in entries[:MAX_LISTED]:
+            d = name_dir / hexname
             try:
-                m = load_manifest(d / MANIFEST_NAME)
+                dfd = open_dir(d)
+                try:
+                    m = load_manifest(MANIFEST_NAME, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
             except (OSError, ManifestError) as exc:
-                if problems is not None:
-                    problems.append(f"{d}: {getattr(exc, 'strerror', None) or exc}")
+                problems.append(f"{d}: {getattr(exc, 'strerror', None) or exc}")
                 continue
-            if m["name"] != name or hex_of(m["id"]) != d.name:
-                if problems is not None:
-                    problems.append(f"{d}: holds {m['name']}/{m['id']}, not what its path says")
+            if m["name"] != name or hex_of(m["id"]) != hexname:
+                problems.append(f"{d}: holds {m['name']}/{m['id']}, not what its path says")
                 continue
-            found.append(m)
-        found.sort(key=lambda m: (m["created"], m["id"]), reverse=True)
-        return found
+            out.append(Listed(m, mtime))
+        return out
 
-    def open_file(self, manifest: Manifest, path: str) -> BinaryIO:
-        p = self.snapshot_dir(manifest["name"], manifest["id"]) / path
+    def open_file(self, namespace: str, manifest: Manifest, path: str) -> BinaryIO:
+        d = self.snapshot_dir(namespace, manifest["name"], manifest["id"])
         try:
-            return open(p, "rb")
+            return os.fdopen(open_beneath(d, path), "rb")
         except OSError as exc:
-            raise StoreError(f"cannot read {p}: {exc.strerror or exc}") from None
+            raise StoreError(f"cannot read {d / path}: {exc.strerror or exc}") from None
 
     def _clean_stale(self, name_dir: Path) -> None:
         now = time.time()
         for p in name_dir.glob(TMP_PREFIX + "*"):
             try:
-                if now - p.stat().st_mtime > STALE_PUBLISH_S:
+                if now - p.lstat().st_mtime > STALE_PUBLISH_S:
                     shutil.rmtree(p, ignore_errors=True)
             except OSError:
                 continue
 
-    def put(self, manifest: Manifest, images: Path, progress: Progress | None = None) -> None:
-        name_dir = self.root / manifest["name"]
-        final = self.snapshot_dir(manifest["name"], manifest["id"])
-        if (final / MANIFEST_NAME).is_file():
-            return  # content-addressed: the same id is the same snapshot, already published
+    def put(
+        self, namespace: str, manifest: Manifest, snapshot_dir: Path, progress: Progress | None = None
+    ) -> None:
+        _check_names(namespace, manifest["name"])
+        name_dir = self.root / namespace / manifest["name"]
+        final = self.snapshot_dir(namespace, manifest["name"], manifest["id"])
+        try:
+            if load_manifest(final / MANIFEST_NAME)["id"] == manifest["id"]:
+                return  # content-addressed: the same id is the same snapshot, already published
+        except (OSError, ManifestError):
+            pass
         old_umask = os.umask(0o077)
         try:
             name_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._clean_stale(name_dir)
-            tmp = name_dir / f"{TMP_PREFIX}{hex_of(manifest['id'])[:16]}-{secrets.token_hex(4)}"
+            tmp = name_dir / f"{TMP_PREFIX}{hex_of(manifest['id'])[:16]}-{secrets.token_hex(8)}"
             tmp.mkdir(mode=0o700)
             try:
-                for e in manifest["files"]:
-                    with open(images / e["path"], "rb") as src:
-                        copy_verified(src, tmp / e["path"], e, progress)
-                mpath = tmp / MANIFEST_NAME
-                with open(mpath, "xb") as f:
+                copy_files(
+                    manifest, lambda e: open_snapshot_file(snapshot_dir, e["path"]), tmp, progress=progress
+                )
+                fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as f:
                     f.write(dump_manifest(manifest))
                     f.flush()
                     os.fsync(f.fileno())
-                for d in sorted({(tmp / e["path"]).parent for e in manifest["files"]}, reverse=True):
-                    fsync_dir(d)
+                fsync_dir(tmp)
                 try:
                     os.rename(tmp, final)
                 except OSError as exc:
@@ -213,40 +270,61 @@ class DirectoryStore:
             os.umask(old_umask)
 
 
-def publish(  # noqa: PLR0917  (the documented signature)
+def publish(  # noqa: PLR0917  (the signature callers had before namespaces)
     store: Store,
     name: str,
     workload: str,
     images: Path,
-    signing_key: Path | None,
+    signing_key: Path | Ed25519PrivateKey | None,
     facts: NodeFacts,
     *,
+    namespace: str = "default",
+    cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
-    """Hash ``images``, build and sign the manifest, and put it in ``store`` atomically.
+    """Ingest ``images`` (hashed as copied, into ``cache_dir`` or a temporary directory beside
+    ``images``), sign the manifest, and put it in ``store``: thaw.snapshot.ingest.publish_dump.
 
     ``signing_key`` None publishes an unsigned snapshot (nodes refuse it unless they opt out): for
     tests and for clusters that chose not to sign; ``thaw publish`` always signs.
     """
-    from thaw.contract.signing import load_private_key
+    from thaw.snapshot.ingest import publish_dump
 
-    private = load_private_key(signing_key) if signing_key is not None else None  # fail before hashing
-    manifest = build_manifest(name, workload, facts, hash_files(images), gpu=image_gpu_layout(images))
-    if private is not None:
-        manifest = sign_manifest(manifest, private)
-    store.put(manifest, images, progress)
-    return manifest
+    return publish_dump(
+        store,
+        images,
+        cache_dir=cache_dir,
+        namespace=namespace,
+        name=name,
+        workload=workload,
+        facts=facts,
+        key=signing_key,
+        progress=progress,
+    ).manifest
 
 
 def run_publish(args: argparse.Namespace) -> int:
-    """``thaw publish --store DIR --name NAME --workload HASH --images DIR --key FILE [--facts FILE]``."""
+    """``thaw publish --store DIR [--namespace NS] --name NAME --workload HASH --images DIR --key FILE
+    [--facts FILE] [--cache DIR]``: ingest from --images (into --cache when given, which then keeps
+    the node's copy), then put."""
+    from thaw.snapshot.ingest import publish_dump
     from thaw.snapshot.nodefacts import node_facts
 
     facts = node_facts(args.facts)
-    manifest = publish(DirectoryStore(args.store), args.name, args.workload, args.images, args.key, facts)
-    sys.stderr.write(
-        f"thaw publish: {manifest['name']} {manifest['id']} ({manifest['total_bytes']} bytes, "
-        f"{len(manifest['files'])} files, compat {manifest['compat']}) -> {args.store}\n"
+    done = publish_dump(
+        DirectoryStore(args.store),
+        args.images,
+        cache_dir=getattr(args, "cache", None),
+        namespace=getattr(args, "namespace", None) or "default",
+        name=args.name,
+        workload=args.workload,
+        facts=facts,
+        key=args.key,
     )
-    sys.stdout.write(manifest["id"] + "\n")
+    m = done.manifest
+    sys.stderr.write(
+        f"thaw publish: {m['name']} {m['id']} ({m['total_bytes']} bytes, {len(m['files'])} files, "
+        f"compat {m['compat']}) -> {args.store} (ingest {done.ingest_s:.1f} s, put {done.put_s:.1f} s)\n"
+    )
+    sys.stdout.write(m["id"] + "\n")
     return 0
