@@ -11,7 +11,9 @@ Every key is optional::
     imagePullPolicy: IfNotPresent
     excludedNamespaces: [kube-system, thaw-system]
     tools:
-      command: [cp, -R, /opt/thaw/., /thaw/]   # how thaw-tools copies the runtime into /thaw
+      command: [/opt/thaw/bin/thaw, install-runtime]   # thaw-tools: the runtime linked at /thaw/rt
+    runtime:
+      hostPath: /var/lib/thaw/runtime    # the node's copy of the runtime bundle (one per bundle id)
     cache:
       hostPath: /var/lib/thaw/cache      # node cache (hostPath, DirectoryOrCreate)
     store:                               # exactly one of:
@@ -20,19 +22,29 @@ Every key is optional::
     trust:                               # public keys that sign snapshots; exactly one of:
       secretName: thaw-trust
       # configMapName: thaw-trust
-    signingKey:                          # mounted only for thaw.dev/checkpoint: on-ready
-      secretName: thaw-signing-key
+    signingKey:                          # mounted only into thaw-sidecar, for thaw.dev/checkpoint: on-ready
+      secretName: thaw-signing-key       # (null: no pod publishes snapshots)
       file: signing.key
     ready:
       default: null                      # THAW_READY when the container has no readinessProbe
+      startupProbe: false                # gate readiness on <work>/ready (an exec startupProbe)
     env:
       allowlist: ["VLLM_*", ...]         # env names (PREFIX* for prefixes) in the workload hash
     capabilities: [CHECKPOINT_RESTORE, SYS_PTRACE]
     scheduler:
-      extendedResource: false            # request thaw.dev/restore: 1 so the extender is called
+      extendedResource: false            # request thaw.dev/restore: 1 (breaks autoscalers: README)
       name: null                         # set spec.schedulerName (null: leave it)
-    initResources:
+    initResources:                       # thaw-tools and thaw-fetch
       requests: {cpu: 100m, memory: 128Mi}
+    sidecarResources:                    # thaw-sidecar, which runs as long as the pod
+      requests: {cpu: 10m, memory: 64Mi}
+      limits: {memory: 256Mi}
+
+The file's shape is a tree of ``msgspec`` Structs (``ConfigFile``): types, unknown keys and value
+patterns are checked by ``msgspec.convert`` in one pass, and its errors are turned into this
+module's messages (``ConfigError``) with the value found and, where a pattern alone would be
+cryptic, what is allowed in words (``_ALLOWED``). The result is the flat, frozen ``WebhookConfig``
+that the rest of the webhook reads.
 """
 
 from __future__ import annotations
@@ -41,12 +53,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
 import orjson
 import yaml
-
-from thaw.contract.annotations import is_dns1123_label
 
 # How the CLI hands --config to the gunicorn workers (the same name as --config's env fallback).
 CONFIG_ENV = "THAW_CONFIG"
@@ -74,24 +85,147 @@ DEFAULT_ENV_ALLOWLIST = (
 # SYS_ADMIN is not added by default: it is far broader, and is only needed for a process under a
 # seccomp filter (PTRACE_O_SUSPEND_SECCOMP); add it here if your pods run with a seccomp profile.
 DEFAULT_CAPABILITIES = ("CHECKPOINT_RESTORE", "SYS_PTRACE")
-_CAPABILITY = re.compile(r"^[A-Z][A-Z_]*$")
-_READY = re.compile(r"^(https?://\S+|tcp:\d{1,5}|file:/\S*)$")
-
-_KNOWN_KEYS = {
-    "image",
-    "imagePullPolicy",
-    "excludedNamespaces",
-    "tools",
-    "cache",
-    "store",
-    "trust",
-    "signingKey",
-    "ready",
-    "env",
-    "capabilities",
-    "scheduler",
-    "initResources",
+# thaw-tools runs the image's own runtime: `thaw install-runtime` copies the bundle once per node
+# (hostPath `runtime.hostPath`) and links it into the pod's tools emptyDir (/thaw/rt).
+DEFAULT_TOOLS_COMMAND = ("/opt/thaw/bin/thaw", "install-runtime")
+DEFAULT_INIT_RESOURCES: dict[str, dict[str, str]] = {"requests": {"cpu": "100m", "memory": "128Mi"}}
+# thaw-sidecar idles for the pod's life and works once (a publish: copy and hash, streamed); a
+# limit on memory only, so a publish may use idle CPU without being throttled.
+DEFAULT_SIDECAR_RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "10m", "memory": "64Mi"},
+    "limits": {"memory": "256Mi"},
 }
+
+# --- the file's shape ------------------------------------------------------------------------------
+
+_ABS_PATH = r"^/"
+_DNS_SUBDOMAIN = r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+_READY = r"^(https?://\S+|tcp:\d{1,5}|file:/\S*)$"
+_CAPABILITY = r"^(?!CAP_)[A-Z][A-Z_]*$"
+_FILE_NAME = r"^[^/]+$"
+# Kubernetes resource.Quantity (apimachinery quantity.go's grammar, as a regular expression).
+_QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+AbsPath = Annotated[str, msgspec.Meta(pattern=_ABS_PATH)]
+ObjectName = Annotated[str, msgspec.Meta(pattern=_DNS_SUBDOMAIN)]
+Quantity = Annotated[str, msgspec.Meta(pattern=_QUANTITY)] | Annotated[int, msgspec.Meta(ge=0)]
+ResourceName = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, frozen=True):
+    """A mapping in the file: camelCase keys, unknown keys refused."""
+
+
+class ToolsSection(_Section, frozen=True):
+    command: list[NonEmpty] | None = None
+
+
+class HostPathSection(_Section, frozen=True):
+    host_path: AbsPath | None = None
+
+
+class StoreSection(_Section, frozen=True):
+    host_path: AbsPath | None = None
+    claim_name: ObjectName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.host_path is None) == (self.claim_name is None):
+            raise ValueError("exactly one of hostPath, claimName")
+
+
+class TrustSection(_Section, frozen=True):
+    secret_name: ObjectName | None = None
+    config_map_name: ObjectName | None = None
+
+    def __post_init__(self) -> None:
+        if (self.secret_name is None) == (self.config_map_name is None):
+            raise ValueError("exactly one of secretName, configMapName")
+
+
+class SigningKeySection(_Section, frozen=True):
+    secret_name: ObjectName | None = None
+    file: Annotated[str, msgspec.Meta(pattern=_FILE_NAME)] | None = None
+
+
+class ReadySection(_Section, frozen=True):
+    default: Annotated[str, msgspec.Meta(pattern=_READY)] | None = None
+    startup_probe: bool = False
+
+
+class EnvSection(_Section, frozen=True):
+    allowlist: list[NonEmpty] | None = None
+
+
+class SchedulerSection(_Section, frozen=True):
+    extended_resource: bool | None = None
+    name: ObjectName | None = None
+
+
+class ResourcesSection(_Section, frozen=True):
+    requests: dict[ResourceName, Quantity] | None = None
+    limits: dict[ResourceName, Quantity] | None = None
+
+
+class ConfigFile(_Section, frozen=True):
+    """The whole file, as written (``None``: the key is absent or null)."""
+
+    image: NonEmpty | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    excluded_namespaces: list[NonEmpty] | None = None
+    tools: ToolsSection | None = None
+    runtime: HostPathSection | None = None
+    cache: HostPathSection | None = None
+    store: StoreSection | None = None
+    trust: TrustSection | None = None
+    # UNSET: absent (the default Secret); None: `signingKey: null`, no pod publishes.
+    signing_key: SigningKeySection | msgspec.UnsetType | None = msgspec.UNSET
+    ready: ReadySection | None = None
+    env: EnvSection | None = None
+    capabilities: list[Annotated[str, msgspec.Meta(pattern=_CAPABILITY)]] | None = None
+    scheduler: SchedulerSection | None = None
+    init_resources: ResourcesSection | None = None
+    sidecar_resources: ResourcesSection | None = None
+
+
+# What a pattern means, in words, by key path ("[]" stands for any list index or map key).
+_ALLOWED: dict[str, str] = {
+    "runtime.hostPath": "an absolute path",
+    "cache.hostPath": "an absolute path",
+    "store.hostPath": "an absolute path",
+    "store.claimName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "trust.secretName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "trust.configMapName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "signingKey.secretName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "signingKey.file": "a file name inside the Secret",
+    "ready.default": "http(s)://HOST:PORT/PATH, tcp:PORT or file:PATH",
+    "scheduler.name": "a scheduler name (DNS-1123 subdomain), e.g. thaw-scheduler",
+    "scheduler.extendedResource": "true or false",
+    "ready.startupProbe": "true or false",
+    "imagePullPolicy": "Always, IfNotPresent, Never",
+    "capabilities[]": "capability names as Kubernetes writes them, without CAP_ (e.g. CHECKPOINT_RESTORE)",
+    "initResources.requests[]": "a Kubernetes quantity (e.g. 100m, 128Mi)",
+    "initResources.limits[]": "a Kubernetes quantity (e.g. 100m, 128Mi)",
+    "sidecarResources.requests[]": "a Kubernetes quantity (e.g. 100m, 128Mi)",
+    "sidecarResources.limits[]": "a Kubernetes quantity (e.g. 100m, 128Mi)",
+    "": "the file must hold a mapping",
+    "image": "a non-empty string (an image reference)",
+    "excludedNamespaces": "a list of namespace names",
+    "excludedNamespaces[]": "a non-empty namespace name",
+    "tools.command": "a list of non-empty strings",
+    "tools.command[]": "a non-empty string",
+    "env.allowlist": "a list of env names (PREFIX* for a prefix)",
+    "env.allowlist[]": "a non-empty env name (PREFIX* for a prefix)",
+    "capabilities": "a list of capability names, e.g. [CHECKPOINT_RESTORE, SYS_PTRACE]",
+}
+for _section in ("tools", "runtime", "cache", "store", "trust", "signingKey", "ready", "env", "scheduler"):
+    _ALLOWED.setdefault(_section, "a mapping")
+for _section in ("initResources", "sidecarResources"):
+    _ALLOWED[_section] = "a mapping with requests and/or limits of resource quantities"
+    _ALLOWED[_section + ".requests"] = _ALLOWED[_section + ".limits"] = "a mapping of resource quantities"
+
+
+# --- what the webhook reads ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,200 +245,190 @@ class WebhookConfig:
     image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     excluded_namespaces: frozenset[str] = frozenset({"kube-system", "thaw-system"})
-    # -R, not -a: the Thaw image runs as 65532 and the emptyDir at /thaw is root's, so preserving
-    # times or owners fails (GNU cp: "preserving times for '/thaw/.': Operation not permitted",
-    # the init container exits 1); -R keeps symlinks and modes, which is all the runtime needs.
-    tools_command: tuple[str, ...] = ("cp", "-R", "/opt/thaw/.", "/thaw/")
+    tools_command: tuple[str, ...] = DEFAULT_TOOLS_COMMAND
+    runtime_host_path: str = "/var/lib/thaw/runtime"
     cache_host_path: str = "/var/lib/thaw/cache"
     store: StoreSource = StoreSource(host_path="/var/lib/thaw/store")
     trust: TrustSource = TrustSource(secret_name="thaw-trust")
     signing_key_secret: str | None = "thaw-signing-key"
     signing_key_file: str = "signing.key"
     ready_default: str | None = None
+    # Off until the GPU measurement decides (issue 10.4): gate readiness on the runtime's ready file.
+    ready_startup_probe: bool = False
     env_allowlist: tuple[str, ...] = DEFAULT_ENV_ALLOWLIST
     capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
     extended_resource: bool = False
     scheduler_name: str | None = None
-    init_resources: dict[str, Any] = field(
-        default_factory=lambda: {"requests": {"cpu": "100m", "memory": "128Mi"}}
+    init_resources: dict[str, dict[str, str]] = field(default_factory=lambda: _copy(DEFAULT_INIT_RESOURCES))
+    sidecar_resources: dict[str, dict[str, str]] = field(
+        default_factory=lambda: _copy(DEFAULT_SIDECAR_RESOURCES)
     )
 
 
-def _expect(cond: bool, key: str, value: Any, allowed: str) -> None:
-    if not cond:
-        raise ConfigError(f"config {key}={value!r} is not valid: {allowed}")
+def _copy(resources: Mapping[str, Mapping[str, str]]) -> dict[str, dict[str, str]]:
+    return {k: dict(v) for k, v in resources.items()}
 
 
-def _section(raw: Mapping[str, Any], key: str, allowed_keys: set[str]) -> dict[str, Any]:
-    value = raw.get(key)
-    if value is None:
-        return {}
-    _expect(isinstance(value, Mapping), key, value, "it must be a mapping")
-    extra = set(value) - allowed_keys
-    _expect(
-        not extra, f"{key}.{sorted(extra)[0] if extra else ''}", None, f"known keys: {sorted(allowed_keys)}"
-    )
-    return dict(value)
+def _resources(
+    section: ResourcesSection | None, default: dict[str, dict[str, str]]
+) -> dict[str, dict[str, str]]:
+    if section is None:
+        return _copy(default)
+    out = {}
+    for kind, values in (("requests", section.requests), ("limits", section.limits)):
+        if values:
+            out[kind] = {name: str(quantity) for name, quantity in values.items()}
+    return out
 
 
-def _str(section: Mapping[str, Any], prefix: str, key: str, default: str | None) -> str | None:
-    value = section.get(key, default)
-    _expect(
-        value is None or (isinstance(value, str) and value != ""),
-        f"{prefix}{key}",
-        value,
-        "a non-empty string",
-    )
-    return None if value is None else str(value)
+_AT = re.compile(r"^(?P<reason>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_OWN_CHECKS = ("exactly one of",)
+_UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
+_SEGMENT = re.compile(r"\.([^.\[]+)|\[([^\]]*)\]")
 
 
-def _abs_path(section: Mapping[str, Any], prefix: str, key: str, default: str | None) -> str | None:
-    value = _str(section, prefix, key, default)
-    _expect(value is None or value.startswith("/"), f"{prefix}{key}", value, "an absolute path")
-    return value
+def _segments(path: str, raw: Any) -> list[str | int]:
+    """``$.a.b[0]`` (without the ``$``) as ["a", "b", 0]; a map entry (``[...]``) by its key."""
+    out: list[str | int] = []
+    for name, index in _SEGMENT.findall(path):
+        if name:
+            out.append(name)
+        elif index == "...":
+            out.append(_bad_quantity_key(_lookup(raw, out)))
+        else:
+            out.append(int(index))
+    return out
 
 
-def _name(section: Mapping[str, Any], prefix: str, key: str, default: str | None) -> str | None:
-    value = _str(section, prefix, key, default)
-    _expect(
-        value is None or is_dns1123_label(value) or _is_subdomain(value),
-        f"{prefix}{key}",
-        value,
-        "a Kubernetes object name (DNS-1123 subdomain)",
-    )
-    return value
+def _bad_quantity_key(resources: Any) -> str:
+    # msgspec does not name the key of a bad map value; the only maps here hold quantities.
+    for key, value in resources.items() if isinstance(resources, Mapping) else ():
+        try:
+            msgspec.convert(value, Quantity)
+        except msgspec.ValidationError:
+            return str(key)
+    return "..."
 
 
-def _is_subdomain(value: str) -> bool:
-    return len(value) <= 253 and all(is_dns1123_label(part) for part in value.split("."))
+def _lookup(raw: Any, segments: list[str | int]) -> Any:
+    for seg in segments:
+        in_map = isinstance(raw, Mapping) and seg in raw
+        if in_map or (isinstance(raw, list) and isinstance(seg, int) and seg < len(raw)):
+            raw = raw[seg]
+        else:
+            return None
+    return raw
 
 
-def _str_list(raw: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
-    value = raw.get(key)
-    if value is None:
-        return default
-    _expect(
-        isinstance(value, list) and all(isinstance(v, str) and v for v in value),
-        key,
-        value,
-        "a list of non-empty strings",
-    )
-    return tuple(value)
+def _struct_at(segments: list[str | int]) -> type[msgspec.Struct] | None:
+    """The Struct that describes the mapping at ``segments`` (for the list of its known keys)."""
+    struct: type[msgspec.Struct] = ConfigFile
+    for seg in segments:
+        info = msgspec.inspect.type_info(struct)
+        assert isinstance(info, msgspec.inspect.StructType)
+        found = next((f for f in info.fields if f.encode_name == seg), None)
+        if found is None:
+            return None
+        inner = found.type
+        if isinstance(inner, msgspec.inspect.UnionType):
+            inner = next((t for t in inner.types if isinstance(t, msgspec.inspect.StructType)), inner)
+        if not isinstance(inner, msgspec.inspect.StructType):
+            return None
+        struct = inner.cls
+    return struct
+
+
+def _message(exc: msgspec.ValidationError, raw: Any) -> str:
+    """``msgspec``'s error as this module's: the key, the value found, what is allowed."""
+    match = _AT.match(str(exc))
+    assert match is not None  # the pattern matches any text
+    reason, path = match["reason"], match["path"] or ""
+    segments = _segments(path, raw)
+    if match["key"]:
+        return f"config {_display(segments)} is not valid: every resource name must be non-empty"
+    unknown = _UNKNOWN.match(reason)
+    if unknown:
+        struct = _struct_at(segments)
+        known = sorted(f.encode_name for f in msgspec.structs.fields(struct)) if struct else []
+        key = _display([*segments, unknown["field"]])
+        return f"config {key} is not valid: it is not a known key; known keys: {', '.join(known)}"
+    key = _display(segments) or "(top level)"
+    pattern_key = _pattern_key(segments)
+    value = _lookup(raw, segments) if segments else type(raw).__name__
+    if reason.startswith(_OWN_CHECKS):
+        allowed = reason  # raised by a Struct's own __post_init__: already in this module's words
+    else:
+        allowed = _ALLOWED.get(pattern_key, reason[:1].lower() + reason[1:])
+    return f"config {key}={value!r} is not valid: {allowed}"
+
+
+def _display(segments: list[str | int]) -> str:
+    """How a message names a key: ``store.hostPath``, ``capabilities[0]``, ``limits[memory]``."""
+    out = ""
+    for i, seg in enumerate(segments):
+        if isinstance(seg, int) or (i and segments[i - 1] in ("requests", "limits")):
+            out += f"[{seg}]"
+        else:
+            out += ("." if out else "") + seg
+    return out
+
+
+def _pattern_key(segments: list[str | int]) -> str:
+    """The ``_ALLOWED`` key of a path: list indexes and resource names as ``[]``."""
+    out = ""
+    for i, seg in enumerate(segments):
+        # requests/limits are free-form maps: their keys are resource names, not config keys.
+        if isinstance(seg, int) or (i and segments[i - 1] in ("requests", "limits")):
+            out += "[]"
+        else:
+            out += ("." if out else "") + seg
+    return out
 
 
 def parse_config(raw: Any) -> WebhookConfig:
     """A checked :class:`WebhookConfig` from the parsed file (None or {} gives every default)."""
     if raw is None:
         return WebhookConfig()
-    _expect(isinstance(raw, Mapping), "(top level)", type(raw).__name__, "the file must hold a mapping")
-    unknown = set(raw) - _KNOWN_KEYS
-    _expect(not unknown, sorted(unknown)[0] if unknown else "", None, f"known keys: {sorted(_KNOWN_KEYS)}")
+    try:
+        f = msgspec.convert(raw, ConfigFile)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_message(exc, raw)) from None
     d = WebhookConfig()
-
-    image = _str(raw, "", "image", d.image)
-    policy = raw.get("imagePullPolicy", d.image_pull_policy)
-    _expect(
-        policy in ("Always", "IfNotPresent", "Never"),
-        "imagePullPolicy",
-        policy,
-        "Always, IfNotPresent, Never",
-    )
-    excluded = _str_list(raw, "excludedNamespaces", tuple(sorted(d.excluded_namespaces)))
-
-    tools = _section(raw, "tools", {"command"})
-    tools_command = d.tools_command
-    if "command" in tools:
-        tools_command = _str_list({"tools.command": tools["command"]}, "tools.command", d.tools_command)
-
-    cache = _section(raw, "cache", {"hostPath"})
-    cache_path = _abs_path(cache, "cache.", "hostPath", d.cache_host_path)
-
-    store_raw = _section(raw, "store", {"hostPath", "claimName"})
-    if not store_raw:
-        store = d.store
-    else:
-        _expect(len(store_raw) == 1, "store", store_raw, "exactly one of hostPath, claimName")
-        store = StoreSource(
-            host_path=_abs_path(store_raw, "store.", "hostPath", None),
-            claim_name=_name(store_raw, "store.", "claimName", None),
-        )
-
-    trust_raw = _section(raw, "trust", {"secretName", "configMapName"})
-    if not trust_raw:
-        trust = d.trust
-    else:
-        _expect(len(trust_raw) == 1, "trust", trust_raw, "exactly one of secretName, configMapName")
-        trust = TrustSource(
-            secret_name=_name(trust_raw, "trust.", "secretName", None),
-            config_map_name=_name(trust_raw, "trust.", "configMapName", None),
-        )
-
-    key_raw = _section(raw, "signingKey", {"secretName", "file"})
-    signing_secret = (
-        _name(key_raw, "signingKey.", "secretName", None) if "secretName" in key_raw else d.signing_key_secret
-    )
-    if "signingKey" in raw and raw["signingKey"] is None:
+    store = d.store
+    if f.store is not None:
+        store = StoreSource(host_path=f.store.host_path, claim_name=f.store.claim_name)
+    trust = d.trust
+    if f.trust is not None:
+        trust = TrustSource(secret_name=f.trust.secret_name, config_map_name=f.trust.config_map_name)
+    signing_secret, signing_file = d.signing_key_secret, d.signing_key_file
+    if f.signing_key is None:
         signing_secret = None  # `signingKey: null`: no pod publishes snapshots
-    signing_file = _str(key_raw, "signingKey.", "file", d.signing_key_file)
-    _expect("/" not in str(signing_file), "signingKey.file", signing_file, "a file name inside the Secret")
-
-    ready = _section(raw, "ready", {"default"})
-    ready_default = _str(ready, "ready.", "default", None)
-    _expect(
-        ready_default is None or bool(_READY.match(ready_default)),
-        "ready.default",
-        ready_default,
-        "http(s)://HOST:PORT/PATH, tcp:PORT or file:PATH",
-    )
-
-    env = _section(raw, "env", {"allowlist"})
-    allowlist = d.env_allowlist
-    if "allowlist" in env:
-        allowlist = _str_list({"env.allowlist": env["allowlist"]}, "env.allowlist", d.env_allowlist)
-
-    caps = _str_list(raw, "capabilities", d.capabilities)
-    for cap in caps:
-        _expect(
-            bool(_CAPABILITY.match(cap)) and not cap.startswith("CAP_"),
-            "capabilities",
-            cap,
-            "capability names as Kubernetes writes them, without CAP_ (e.g. CHECKPOINT_RESTORE)",
-        )
-
-    sched = _section(raw, "scheduler", {"extendedResource", "name"})
-    ext = sched.get("extendedResource", d.extended_resource)
-    _expect(isinstance(ext, bool), "scheduler.extendedResource", ext, "true or false")
-    scheduler_name = _name(sched, "scheduler.", "name", None)
-
-    init_resources = raw.get("initResources", d.init_resources)
-    _expect(
-        isinstance(init_resources, Mapping)
-        and set(init_resources) <= {"requests", "limits"}
-        and all(
-            isinstance(v, Mapping) and all(isinstance(q, str | int) for q in v.values())
-            for v in init_resources.values()
-        ),
-        "initResources",
-        init_resources,
-        "a mapping with requests and/or limits of resource quantities",
-    )
-
+    elif isinstance(f.signing_key, SigningKeySection):
+        signing_secret = f.signing_key.secret_name or signing_secret
+        signing_file = f.signing_key.file or signing_file
+    ready = f.ready or ReadySection()
+    sched = f.scheduler or SchedulerSection()
     return WebhookConfig(
-        image=str(image),
-        image_pull_policy=str(policy),
-        excluded_namespaces=frozenset(excluded),
-        tools_command=tools_command,
-        cache_host_path=str(cache_path),
+        image=f.image or d.image,
+        image_pull_policy=f.image_pull_policy or d.image_pull_policy,
+        excluded_namespaces=(
+            frozenset(f.excluded_namespaces) if f.excluded_namespaces is not None else d.excluded_namespaces
+        ),
+        tools_command=tuple(f.tools.command) if f.tools and f.tools.command else d.tools_command,
+        runtime_host_path=(f.runtime and f.runtime.host_path) or d.runtime_host_path,
+        cache_host_path=(f.cache and f.cache.host_path) or d.cache_host_path,
         store=store,
         trust=trust,
         signing_key_secret=signing_secret,
-        signing_key_file=str(signing_file),
-        ready_default=ready_default,
-        env_allowlist=allowlist,
-        capabilities=caps,
-        extended_resource=ext,
-        scheduler_name=scheduler_name,
-        init_resources={k: {str(r): str(q) for r, q in v.items()} for k, v in init_resources.items()},
+        signing_key_file=signing_file,
+        ready_default=ready.default,
+        ready_startup_probe=ready.startup_probe,
+        env_allowlist=tuple(f.env.allowlist) if f.env and f.env.allowlist is not None else d.env_allowlist,
+        capabilities=tuple(f.capabilities) if f.capabilities is not None else d.capabilities,
+        extended_resource=bool(sched.extended_resource),
+        scheduler_name=sched.name,
+        init_resources=_resources(f.init_resources, d.init_resources),
+        sidecar_resources=_resources(f.sidecar_resources, d.sidecar_resources),
     )
 
 
