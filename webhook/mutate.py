@@ -13,12 +13,16 @@ Order of decisions (each one documented in README.md, "Webhook"):
 2. no ``thaw.dev/snapshot``: untouched;
 3. an invalid ``thaw.dev/*`` value: refused (400), on both paths;
 4. ``thaw.dev/injected`` already set: untouched (idempotent under ``reinvocationPolicy: IfNeeded``);
-5. namespace not allowed: untouched, with a warning that says why the pod cold-starts and how to
+5. ``spec.schedulerName`` names another scheduler (neither ``default-scheduler`` nor Thaw's own):
+   untouched, with a warning that says why (that scheduler places the pod, not Thaw's wiring);
+6. namespace not allowed: untouched, with a warning that says why the pod cold-starts and how to
    allow restore;
-6. no target container, target without ``command``, a volume, init container or mount path that
+7. no target container, target without ``command``, a volume, init container or mount path that
    clashes with Thaw's, a sleep/wake hook given as a path with no http(s) readiness URL to resolve
    it against: refused (400) with what to change;
-7. otherwise: the full injection (``webhook.patches``).
+8. otherwise: the full injection (``webhook.patches``), with warnings for what will not work as the
+   user may expect (no readinessProbe: no checkpoint; a mutable image tag; non-root; values of
+   webhook-owned keys the user set, which are replaced).
 """
 
 from __future__ import annotations
@@ -37,10 +41,19 @@ from thaw.contract.annotations import (
     WORKLOAD,
     AnnotationError,
     ThawSpec,
+    is_dns1123_label,
     parse_spec,
 )
 from thaw.contract.hooks import HookError, resolve_pair
-from thaw.contract.workload import workload_hash
+from thaw.contract.workload import (
+    CONFIG_MOUNTS,
+    REPLICA_ENV,
+    config_mounts,
+    is_pinned,
+    render_names,
+    replica_env,
+    workload_hash,
+)
 from webhook import patches as P
 from webhook.types import PatchOp
 
@@ -77,6 +90,8 @@ def _list(value: Any, where: str) -> list[Any] | None:
 _VOLUME_NAMES = frozenset(P.VOLUME_NAMES)
 _INIT_CONTAINER_NAMES = frozenset(P.INIT_CONTAINER_NAMES)
 _MOUNT_PATHS = frozenset(P.MOUNT_PATHS)
+# What the API server writes when a pod names no scheduler (defaulting runs before admission).
+DEFAULT_SCHEDULER = "default-scheduler"
 
 
 def _names(items: list[Any] | None) -> set[str]:
@@ -104,6 +119,9 @@ def mutate(pod: Any, namespace: str, prepared: P.Prepared, restore_allowed: bool
     pod_spec = _obj(pod_obj.get("spec"), "spec")
     if pod_spec is None:
         raise MalformedPod("spec is missing")
+    other = _other_scheduler(pod_spec, prepared.config.scheduler_name)
+    if other is not None:
+        return Mutation(warnings=[other])
     containers = _list(pod_spec.get("containers"), "spec.containers") or []
     problem = _target_problem(spec, containers)
 
@@ -120,11 +138,26 @@ def mutate(pod: Any, namespace: str, prepared: P.Prepared, restore_allowed: bool
 
     if isinstance(problem, str):
         return Refusal(400, f"thaw: {problem}")
+    if not is_dns1123_label(namespace):
+        # kube-apiserver never sends one; it would become part of a hostPath.
+        raise MalformedPod(f"the request's namespace {namespace!r} is not a DNS-1123 label")
     index, container = problem
     clash = _clash(pod_spec, container)
     if clash is not None:
         return Refusal(400, f"thaw: {clash}")
-    return _inject(spec, pod_spec, annotations, index, container, prepared)
+    return _inject(spec, pod_spec, annotations, namespace, index, container, prepared)
+
+
+def _other_scheduler(pod_spec: Mapping[str, Any], own: str | None) -> str | None:
+    """Why the pod is left alone when another scheduler is named, or None."""
+    name = pod_spec.get("schedulerName")
+    if name in (None, "", DEFAULT_SCHEDULER) or name == own:
+        return None
+    return (
+        f"thaw: pod admitted unchanged: spec.schedulerName is {name!r}, so that scheduler places it, "
+        "not Thaw's wiring (its extender, restore-ready nodes, capabilities): it will start cold. "
+        f"To restore it, leave schedulerName unset (or {own or DEFAULT_SCHEDULER!r})"
+    )
 
 
 def _target_problem(spec: ThawSpec, containers: list[Any]) -> str | tuple[int, Mapping[str, Any]]:
@@ -179,11 +212,11 @@ def _clash(pod_spec: Mapping[str, Any], container: Mapping[str, Any]) -> str | N
         )
     mounts = _list(container.get("volumeMounts"), "volumeMounts") or []
     paths = {str(m.get("mountPath")) for m in mounts if isinstance(m, Mapping)}
-    taken = paths & _MOUNT_PATHS
+    taken = {p for p in paths if p in _MOUNT_PATHS or p == P.CACHE_DIR or p.startswith(P.CACHE_DIR + "/")}
     if taken:
         return (
             f"container {container.get('name')!r} already mounts something at {sorted(taken)[0]!r}; "
-            f"Thaw mounts {', '.join(P.MOUNT_PATHS)} there: move yours"
+            f"Thaw mounts {', '.join(P.MOUNT_PATHS)} and {P.CACHE_DIR}/NAMESPACE/SNAPSHOT there: move yours"
         )
     return None
 
@@ -207,42 +240,60 @@ def _inject(  # noqa: PLR0917  (private; called once)
     spec: ThawSpec,
     pod_spec: Mapping[str, Any],
     annotations: Mapping[str, Any],
+    namespace: str,
     index: int,
     container: Mapping[str, Any],
     prepared: P.Prepared,
 ) -> Mutation | Refusal:
     config = prepared.config
+    name = container.get("name")
     warnings: list[str] = []
-    workload = workload_hash(container, prepared.allowlist)
+    workload = workload_hash(container, prepared.allowlist, namespace)
     checkpoint = spec.checkpoint
     if checkpoint == "on-ready" and not prepared.can_publish:
         checkpoint = "never"
         warnings.append(
             "thaw: no signing key is configured (signingKey), so this pod will not publish a snapshot"
         )
-    publish = checkpoint == "on-ready"
 
     ready, note = P.ready_target(container, config.ready_default)
     if note is not None:
-        warnings.append(f"thaw: container {container.get('name')!r}: {note}")
+        warnings.append(f"thaw: container {name!r}: {note}")
     try:  # a path needs the readiness URL's server: known only now, with the container
         hooks = resolve_pair(spec.sleep, spec.wake, ready, HOOK_NAMES)
     except HookError as exc:
-        return Refusal(400, f"thaw: container {container.get('name')!r}: {exc}")
-    if publish and ready is None:
+        return Refusal(400, f"thaw: container {name!r}: {exc}")
+    if checkpoint == "on-ready" and ready is None:
+        # Never on-ready without a readiness target: thaw exec could not tell when to snapshot.
+        checkpoint = "never"
         warnings.append(
-            f"thaw: container {container.get('name')!r} has no readinessProbe: thaw exec cannot tell when "
-            f"to snapshot, so it will not; add a readinessProbe, or env THAW_READY, or {CHECKPOINT}: never"
+            f"thaw: container {name!r} has no readinessProbe (httpGet, tcpSocket or grpc), so it will "
+            f"start but never checkpoint; add one, or env THAW_READY (URL, tcp:PORT or file:PATH), or "
+            f"set {CHECKPOINT}: never"
         )
+    publish = checkpoint == "on-ready"
     if _runs_as_non_root(pod_spec, container):
         warnings.append(
-            f"thaw: container {container.get('name')!r} runs as non-root: Kubernetes gives added "
+            f"thaw: container {name!r} runs as non-root: Kubernetes gives added "
             "capabilities only to root processes, so restore will fall back to a cold start"
+        )
+    image = container.get("image")
+    if isinstance(image, str) and not is_pinned(image):
+        warnings.append(
+            f"thaw: image {image!r} has no digest: if the tag is re-pushed, replicas restore the old "
+            "image's memory over the new files; pin it as IMAGE@sha256:..."
         )
     if WORKLOAD in annotations and annotations[WORKLOAD] != workload:
         warnings.append(f"thaw: {WORKLOAD} is set by the webhook; the value in the pod was replaced")
+    user_env = _list(container.get("env"), "env")
+    forced = P.forced_names_set(user_env, P.IDENTITY_NAMES)
+    if forced:
+        warnings.append(
+            f"thaw: env {', '.join(forced)} (pod identity) is set by the webhook from the downward API; "
+            "the value in the pod was replaced"
+        )
 
-    parts = prepared.fresh(publish, spec.snapshot, workload)
+    parts = prepared.fresh(publish, namespace, spec.snapshot, workload, checkpoint)
     env = parts["env"]
     env.append({"name": "THAW_CHECKPOINT", "value": checkpoint})
     if ready is not None:
@@ -252,7 +303,12 @@ def _inject(  # noqa: PLR0917  (private; called once)
         env.append({"name": "THAW_WAKE", "value": hooks[1]})
     env.append({"name": "THAW_NAME", "value": spec.snapshot})
     env.append({"name": "THAW_WORKLOAD", "value": workload})
-    env.append({"name": "THAW_CONTAINER", "value": str(container.get("name"))})
+    env.append({"name": "THAW_CONTAINER", "value": str(name)})
+    env += P.identity_env()
+    env.append({"name": REPLICA_ENV, "value": render_names(replica_env(container))})
+    volumes = _list(pod_spec.get("volumes"), "spec.volumes")
+    env.append({"name": CONFIG_MOUNTS, "value": render_names(config_mounts(container, volumes))})
+    env += P.workload_env()
     capabilities = prepared.capabilities
     if P.is_tensor_parallel(spec.tensor_parallel, _obj(container.get("resources"), "resources")):
         env += P.tp_env()
@@ -260,11 +316,13 @@ def _inject(  # noqa: PLR0917  (private; called once)
 
     ops: list[PatchOp] = P.annotation_ops(annotations, {INJECTED: P.INJECTED_VALUE, WORKLOAD: workload})
     ops += P.init_container_ops(pod_spec.get("initContainers"), parts["init"])
-    ops += P.volume_ops(pod_spec.get("volumes"), parts["volumes"])
+    ops += P.volume_ops(volumes, parts["volumes"])
     ops += P.command_ops(index, container)
-    ops += P.env_ops(index, _list(container.get("env"), "env"), env)
+    ops += P.env_ops(index, user_env, env, P.IDENTITY_NAMES)
     ops += P.mount_ops(index, container.get("volumeMounts"), parts["mounts"])
     ops += P.capability_ops(index, _obj(container.get("securityContext"), "securityContext"), capabilities)
+    if config.ready_startup_probe:
+        ops += P.startup_probe_ops(index, container)
     if config.extended_resource:
         ops += P.extended_resource_ops(index, _obj(container.get("resources"), "resources"))
     ops += P.scheduler_name_ops(pod_spec, config.scheduler_name)

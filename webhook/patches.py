@@ -10,6 +10,12 @@ it. They share two rules that real API servers demand:
   ``webhook.types.pointer``, which escapes ``~`` and ``/``; fixed segments and indexes are written
   out directly (they have neither).
 
+The pod they build is notes/POD-LAYOUT.md's: ``thaw-tools`` (``thaw install-runtime``: the node's copy
+of the runtime linked at ``/thaw/rt``), ``thaw-fetch`` (``thaw fetch``: the plan), ``thaw-sidecar`` (a
+native sidecar, ``thaw sidecar``: the only container with the store read-write, the signing key and
+the whole cache writable), then the user's init containers, and the workload wrapped by ``thaw exec``
+with the plan read-only, its own work directory, and its own snapshots read-only.
+
 ``Prepared`` holds everything that depends only on the configuration (the init containers, the
 volumes, the static env and mounts), computed once at start-up and kept as JSON bytes: ``orjson.loads``
 of a couple of kilobytes is the cheapest way to hand each answer its own copy, so that no caller can
@@ -18,7 +24,7 @@ change the templates by editing a patch it was given.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,44 +32,119 @@ import orjson
 
 from thaw.contract.annotations import EXTENDED_RESOURCE
 from thaw.contract.nccl import NCCL_ENV
-from thaw.contract.workload import EnvAllowlist
+from thaw.contract.workload import CACHE_MOUNT_ROOT, DEFAULT_ENV, EXCLUDED_MOUNT_PATHS, EnvAllowlist
 from webhook.config import WebhookConfig
 from webhook.types import JsonObject, PatchOp, add, pointer, remove, replace
 
 # Names of what the webhook adds; a pod that already has one of them is refused (a clash, not ours).
 TOOLS_CONTAINER = "thaw-tools"
 FETCH_CONTAINER = "thaw-fetch"
-VOL_TOOLS = "thaw-tools"
-VOL_PLAN = "thaw-plan"
-VOL_CACHE = "thaw-cache"
+SIDECAR_CONTAINER = "thaw-sidecar"
+VOL_TOOLS = "thaw-tools"  # emptyDir: the link to the runtime
+VOL_RUNTIME = "thaw-runtime"  # hostPath: the node's runtime copies
+VOL_PLAN = "thaw-plan"  # emptyDir: plan.json, facts.json (thaw-fetch writes; read-only after)
+VOL_WORK = "thaw-work"  # emptyDir: what thaw exec and thaw-sidecar hand each other
+VOL_STATE = "thaw-state"  # emptyDir: thaw-sidecar's own
+VOL_CACHE = "thaw-cache"  # hostPath: the whole node cache (thaw-fetch, thaw-sidecar)
+VOL_SNAPSHOTS = "thaw-snapshots"  # hostPath: <cache>/<namespace>/<name> only (the workload, read-only)
 VOL_STORE = "thaw-store"
 VOL_TRUST = "thaw-trust"
 VOL_KEY = "thaw-key"
-INIT_CONTAINER_NAMES = (TOOLS_CONTAINER, FETCH_CONTAINER)
-VOLUME_NAMES = (VOL_TOOLS, VOL_PLAN, VOL_CACHE, VOL_STORE, VOL_TRUST, VOL_KEY)
+INIT_CONTAINER_NAMES = (TOOLS_CONTAINER, FETCH_CONTAINER, SIDECAR_CONTAINER)
+VOLUME_NAMES = (
+    VOL_TOOLS,
+    VOL_RUNTIME,
+    VOL_PLAN,
+    VOL_WORK,
+    VOL_STATE,
+    VOL_CACHE,
+    VOL_SNAPSHOTS,
+    VOL_STORE,
+    VOL_TRUST,
+    VOL_KEY,
+)
 
-# Paths inside the containers (thaw.contract.workload.EXCLUDED_MOUNT_PATHS lists the target's).
+# Paths inside the containers (notes/POD-LAYOUT.md; thaw.contract.workload.EXCLUDED_MOUNT_PATHS lists
+# the target's, which never count in the workload hash).
 TOOLS_DIR = "/thaw"
-THAW_BIN = "/thaw/bin/thaw"
-# The bundled CRIU (4.2, with its own glibc) copied beside thaw: the workload image has none.
-CRIU_BIN = "/thaw/bin/criu"
-RUNTIME_BIN = "/opt/thaw/bin/thaw"  # in the Thaw image itself (thaw-fetch runs there)
+RUNTIME_LINK = "/thaw/rt"  # thaw install-runtime: -> RUNTIME_DIR/<bundle id>
+THAW_BIN = RUNTIME_LINK + "/bin/thaw"
+# The bundled CRIU (4.2, with its own glibc) beside thaw: the workload image has none.
+CRIU_BIN = RUNTIME_LINK + "/bin/criu"
+RUNTIME_DIR = "/var/lib/thaw/runtime"
+IMAGE_RUNTIME = "/opt/thaw"  # the runtime bundle in the Thaw image itself
+RUNTIME_BIN = IMAGE_RUNTIME + "/bin/thaw"  # what thaw-tools, thaw-fetch and thaw-sidecar run
 # The same bundle's CRIU, in the Thaw image: thaw-fetch records its version in the node facts, which
-# must equal what the workload's /thaw/bin/criu (a copy of it) records at checkpoint.
-RUNTIME_CRIU = "/opt/thaw/bin/criu"
-PLAN_DIR = "/run/thaw"
-PLAN_FILE = "/run/thaw/plan.json"
-CACHE_DIR = "/var/lib/thaw/cache"
+# must equal what the workload's /thaw/rt/bin/criu (the same bundle) records at checkpoint.
+RUNTIME_CRIU = IMAGE_RUNTIME + "/bin/criu"
+PLAN_DIR = "/run/thaw/plan"
+PLAN_FILE = PLAN_DIR + "/plan.json"
+WORK_DIR = "/run/thaw/work"
+OUTCOME_FILE = WORK_DIR + "/outcome.json"
+READY_FILE = WORK_DIR + "/ready"  # thaw exec: written once nothing of Thaw holds readiness back
+STATE_DIR = "/run/thaw/state"
+CACHE_DIR = CACHE_MOUNT_ROOT
 STORE_DIR = "/var/lib/thaw/store"
 TRUST_DIR = "/etc/thaw/trust"
 KEY_DIR = "/etc/thaw/key"
-MOUNT_PATHS = (TOOLS_DIR, PLAN_DIR, CACHE_DIR, STORE_DIR, KEY_DIR)
+# The target container's mounts (its snapshots' path is CACHE_DIR/<namespace>/<name>).
+MOUNT_PATHS = (TOOLS_DIR, RUNTIME_DIR, PLAN_DIR, WORK_DIR)
+assert set(MOUNT_PATHS) <= EXCLUDED_MOUNT_PATHS, "the workload hash must leave Thaw's mounts out"
 
-INJECTED_VALUE = "v1"  # thaw.dev/injected: the injection format, so a later webhook can tell versions
+# The runtime's commands and the env names of their flags (thaw/cli.py: every flag falls back to
+# THAW_<FLAG>). Each name the runtime may still rename is here once.
+INSTALL_RUNTIME = "install-runtime"
+SIDECAR = "sidecar"
+ENV_WORK = "THAW_WORK"  # --work: thaw exec and thaw sidecar
+ENV_STATE = "THAW_STATE"  # --state: thaw sidecar's own directory
+ENV_NAMESPACE = "THAW_NAMESPACE"  # --namespace: thaw fetch (the cache and store are per namespace)
+ENV_RUNTIME_DIR = "THAW_RUNTIME_DIR"  # --runtime-dir: thaw install-runtime
+ENV_LINK = "THAW_LINK"  # --link: thaw install-runtime
+ENV_OUTCOME = "THAW_OUTCOME"  # --outcome: thaw exec (the plan directory is read-only)
+
+# Pod identity, from the downward API, set by the webhook on every Thaw container and never left to
+# the user: a value the user set is replaced (with a warning). The agent trusts none of it for
+# Events (it reads the API object by uid), but the sidecar signs with it.
+IDENTITY: tuple[tuple[str, str], ...] = (
+    ("THAW_POD_NAME", "metadata.name"),
+    ("THAW_POD_NAMESPACE", "metadata.namespace"),
+    ("THAW_POD_UID", "metadata.uid"),
+    ("THAW_NODE_NAME", "spec.nodeName"),
+)
+IDENTITY_NAMES = frozenset(name for name, _ in IDENTITY)
+
+# The exec startupProbe that holds the pod's readiness until thaw exec writes READY_FILE
+# (config ready.startupProbe; `thaw healthcheck` exits 0 when the file exists and is younger than
+# --max-age, here longer than any pod lives). Its budget covers thaw exec's --ready-timeout (1800 s):
+# a startupProbe that runs out kills the container.
+READY_PROBE: JsonObject = {
+    "exec": {"command": [THAW_BIN, "healthcheck", "--file", READY_FILE, "--max-age", str(100 * 365 * 86400)]},
+    "periodSeconds": 2,
+    "timeoutSeconds": 10,
+    "failureThreshold": 1000,
+}
+
+INJECTED_VALUE = "v2"  # thaw.dev/injected: the injection format (v2: notes/POD-LAYOUT.md's pod)
 
 
 def _downward(name: str, field_path: str) -> JsonObject:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": field_path}}}
+
+
+def identity_env() -> list[JsonObject]:
+    return [_downward(name, path) for name, path in IDENTITY]
+
+
+def _ro(volume: str, path: str) -> JsonObject:
+    return {"name": volume, "mountPath": path, "readOnly": True}
+
+
+def _rw(volume: str, path: str) -> JsonObject:
+    return {"name": volume, "mountPath": path}
+
+
+def _env(name: str, value: str) -> JsonObject:
+    return {"name": name, "value": value}
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,9 +156,9 @@ class Prepared:
     excluded_namespaces: frozenset[str]
     capabilities: tuple[str, ...]
     can_publish: bool  # a signing key Secret is configured
-    # {"init": [tools, fetch], "volumes": [...], "mounts": [...], "env": [...]} as JSON, without and
-    # with the signing key (volume, mount, THAW_KEY); one orjson.loads gives a fresh copy of all.
-    # The fetch container's env stops before THAW_NAME/THAW_WORKLOAD, which fresh() appends.
+    # {"init": [tools, fetch, sidecar], "volumes": [...], "mounts": [...], "env": [...]} as JSON,
+    # without and with the signing key (volume, sidecar mount, THAW_KEY); one orjson.loads gives a
+    # fresh copy of all. fresh() appends what depends on the pod (snapshot name, workload, namespace).
     parts: bytes
     parts_with_key: bytes
 
@@ -85,36 +166,65 @@ class Prepared:
     def build(cls, config: WebhookConfig) -> Prepared:
         dumps = orjson.dumps
         image = {"image": config.image, "imagePullPolicy": config.image_pull_policy}
+        root: JsonObject = {"runAsUser": 0, "runAsNonRoot": False}
         tools = {
             "name": TOOLS_CONTAINER,
             **image,
             "command": list(config.tools_command),
-            "volumeMounts": [{"name": VOL_TOOLS, "mountPath": TOOLS_DIR}],
+            "env": [_env(ENV_RUNTIME_DIR, RUNTIME_DIR), _env(ENV_LINK, RUNTIME_LINK)],
+            "volumeMounts": [_rw(VOL_TOOLS, TOOLS_DIR), _rw(VOL_RUNTIME, RUNTIME_DIR)],
             "resources": config.init_resources,
-            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+            # Root to write the root-owned hostPath, and nothing more: it copies and links files.
+            "securityContext": root | {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         }
         fetch = {
             "name": FETCH_CONTAINER,
             **image,
             "command": [RUNTIME_BIN, "fetch"],
             "env": [
-                {"name": "THAW_STORE", "value": STORE_DIR},
-                {"name": "THAW_CACHE", "value": CACHE_DIR},
-                {"name": "THAW_TRUST", "value": TRUST_DIR},
-                {"name": "THAW_PLAN", "value": PLAN_FILE},
+                _env("THAW_STORE", STORE_DIR),
+                _env("THAW_CACHE", CACHE_DIR),
+                _env("THAW_TRUST", TRUST_DIR),
+                _env("THAW_PLAN", PLAN_FILE),
                 # Not left to the image's own env: without it fetch finds no CRIU ("criu none") and
                 # every plan is cold (incompatible with the snapshot's CRIU version).
-                {"name": "THAW_CRIU", "value": RUNTIME_CRIU},
+                _env("THAW_CRIU", RUNTIME_CRIU),
+                *identity_env(),
             ],
             "volumeMounts": [
-                {"name": VOL_PLAN, "mountPath": PLAN_DIR},
-                {"name": VOL_CACHE, "mountPath": CACHE_DIR},
-                {"name": VOL_STORE, "mountPath": STORE_DIR, "readOnly": True},
-                {"name": VOL_TRUST, "mountPath": TRUST_DIR, "readOnly": True},
+                _rw(VOL_PLAN, PLAN_DIR),
+                _rw(VOL_CACHE, CACHE_DIR),
+                _ro(VOL_STORE, STORE_DIR),
+                _ro(VOL_TRUST, TRUST_DIR),
             ],
             "resources": config.init_resources,
             # The node cache is root-only (snapshots hold whole process memories, secrets included).
-            "securityContext": {"runAsUser": 0, "runAsNonRoot": False},
+            "securityContext": root,
+        }
+        sidecar = {
+            "name": SIDECAR_CONTAINER,
+            **image,
+            # A native sidecar (Kubernetes >= 1.29): started before the workload, stopped after it,
+            # restarted if it exits, and it does not keep a Job's pod from completing.
+            "restartPolicy": "Always",
+            "command": [RUNTIME_BIN, SIDECAR],
+            "env": [
+                _env("THAW_CACHE", CACHE_DIR),
+                _env("THAW_STORE", STORE_DIR),
+                _env("THAW_PLAN", PLAN_FILE),
+                _env(ENV_WORK, WORK_DIR),
+                _env(ENV_STATE, STATE_DIR),
+                *identity_env(),
+            ],
+            "volumeMounts": [
+                _rw(VOL_CACHE, CACHE_DIR),
+                _rw(VOL_STORE, STORE_DIR),
+                _ro(VOL_PLAN, PLAN_DIR),
+                _rw(VOL_WORK, WORK_DIR),
+                _rw(VOL_STATE, STATE_DIR),
+            ],
+            "resources": config.sidecar_resources,
+            "securityContext": root,
         }
         store: JsonObject
         if config.store.claim_name is not None:
@@ -133,7 +243,13 @@ class Prepared:
             trust = {"name": VOL_TRUST, "secret": {"secretName": config.trust.secret_name, "optional": True}}
         volumes: list[JsonObject] = [
             {"name": VOL_TOOLS, "emptyDir": {}},
+            {
+                "name": VOL_RUNTIME,
+                "hostPath": {"path": config.runtime_host_path, "type": "DirectoryOrCreate"},
+            },
             {"name": VOL_PLAN, "emptyDir": {}},
+            {"name": VOL_WORK, "emptyDir": {}},
+            {"name": VOL_STATE, "emptyDir": {}},
             {"name": VOL_CACHE, "hostPath": {"path": config.cache_host_path, "type": "DirectoryOrCreate"}},
             store,
             trust,
@@ -143,48 +259,64 @@ class Prepared:
             "secret": {"secretName": config.signing_key_secret, "optional": True, "defaultMode": 0o400},
         }
         mounts: list[JsonObject] = [
-            {"name": VOL_TOOLS, "mountPath": TOOLS_DIR, "readOnly": True},
-            # Writable: thaw exec may record its outcome beside the plan (the emptyDir is the pod's own).
-            {"name": VOL_PLAN, "mountPath": PLAN_DIR},
-            {"name": VOL_CACHE, "mountPath": CACHE_DIR},
-            {"name": VOL_STORE, "mountPath": STORE_DIR},
+            _ro(VOL_TOOLS, TOOLS_DIR),
+            _ro(VOL_RUNTIME, RUNTIME_DIR),  # what /thaw/rt links to
+            _ro(VOL_PLAN, PLAN_DIR),
+            _rw(VOL_WORK, WORK_DIR),
         ]
-        key_mount = {"name": VOL_KEY, "mountPath": KEY_DIR, "readOnly": True}
         env: list[JsonObject] = [
-            {"name": "THAW_PLAN", "value": PLAN_FILE},
-            {"name": "THAW_STORE", "value": STORE_DIR},
-            {"name": "THAW_CACHE", "value": CACHE_DIR},
-            {"name": "THAW_CRIU", "value": CRIU_BIN},
-            _downward("THAW_POD_NAME", "metadata.name"),
-            _downward("THAW_POD_NAMESPACE", "metadata.namespace"),
-            _downward("THAW_POD_UID", "metadata.uid"),  # names the outcome copy the agent posts as Events
-            _downward("THAW_NODE_NAME", "spec.nodeName"),
+            _env("THAW_PLAN", PLAN_FILE),
+            _env(ENV_WORK, WORK_DIR),
+            _env(ENV_OUTCOME, OUTCOME_FILE),
+            _env("THAW_CRIU", CRIU_BIN),
         ]
-        key_env = {"name": "THAW_KEY", "value": f"{KEY_DIR}/{config.signing_key_file}"}
+        # The key goes to thaw-sidecar only: the workload never sees it.
+        sidecar_with_key = {
+            **sidecar,
+            "env": [*sidecar["env"], _env("THAW_KEY", f"{KEY_DIR}/{config.signing_key_file}")],
+            "volumeMounts": [*sidecar["volumeMounts"], _ro(VOL_KEY, KEY_DIR)],
+        }
         return cls(
             config=config,
             allowlist=EnvAllowlist.parse(config.env_allowlist),
             excluded_namespaces=config.excluded_namespaces,
             capabilities=config.capabilities,
             can_publish=config.signing_key_secret is not None,
-            parts=dumps({"init": [tools, fetch], "volumes": volumes, "mounts": mounts, "env": env}),
+            parts=dumps({"init": [tools, fetch, sidecar], "volumes": volumes, "mounts": mounts, "env": env}),
             parts_with_key=dumps(
                 {
-                    "init": [tools, fetch],
+                    "init": [tools, fetch, sidecar_with_key],
                     "volumes": [*volumes, key_volume],
-                    "mounts": [*mounts, key_mount],
-                    "env": [*env, key_env],
+                    "mounts": mounts,
+                    "env": env,
                 }
             ),
         )
 
-    def fresh(self, publish: bool, snapshot: str, workload: str) -> dict[str, list[JsonObject]]:
-        """This pod's copy of the parts: init containers, volumes, target mounts and static env."""
+    def fresh(
+        self, publish: bool, namespace: str, snapshot: str, workload: str, checkpoint: str
+    ) -> dict[str, list[JsonObject]]:
+        """This pod's copy of the parts: init containers, volumes, target mounts and static env.
+
+        ``namespace`` and ``snapshot`` must be DNS-1123 labels (checked by the caller): they become a
+        hostPath.
+        """
         parts: dict[str, list[JsonObject]] = orjson.loads(self.parts_with_key if publish else self.parts)
-        parts["init"][1]["env"] += [
-            {"name": "THAW_NAME", "value": snapshot},
-            {"name": "THAW_WORKLOAD", "value": workload},
-        ]
+        _, fetch, sidecar = parts["init"]
+        pod = [_env("THAW_NAME", snapshot), _env("THAW_WORKLOAD", workload)]
+        fetch["env"] += [*pod, _env(ENV_NAMESPACE, namespace)]
+        sidecar["env"] += [*pod, _env("THAW_CHECKPOINT", checkpoint)]
+        own = f"{CACHE_DIR}/{namespace}/{snapshot}"
+        parts["volumes"].append(
+            {
+                "name": VOL_SNAPSHOTS,
+                "hostPath": {
+                    "path": f"{self.config.cache_host_path}/{namespace}/{snapshot}",
+                    "type": "DirectoryOrCreate",
+                },
+            }
+        )
+        parts["mounts"].append(_ro(VOL_SNAPSHOTS, own))  # the same path as thaw-fetch's: the plan's
         return parts
 
 
@@ -226,12 +358,37 @@ def command_ops(index: int, container: Mapping[str, Any]) -> list[PatchOp]:
     return ops
 
 
-def env_ops(index: int, existing: Sequence[Any] | None, new: Sequence[JsonObject]) -> list[PatchOp]:
-    """Append ``new`` env; a name the container already sets is kept as the user set it (an override)."""
+def env_ops(
+    index: int,
+    existing: Sequence[Any] | None,
+    new: Sequence[JsonObject],
+    forced: Collection[str] = (),
+) -> list[PatchOp]:
+    """Append ``new`` env. A name the container already sets is kept as the user set it (an
+    override), except the ``forced`` names: every entry of the user's with such a name is replaced by
+    ours (env entries of one name: the last wins, so each is replaced, none is left)."""
+    base = f"/spec/containers/{index}/env"
+    ops: list[PatchOp] = []
     if existing:
-        taken = {e.get("name") for e in existing if isinstance(e, Mapping)}
+        ours = {e["name"]: e for e in new}
+        taken: set[Any] = set()
+        for i, e in enumerate(existing):
+            name = e.get("name") if isinstance(e, Mapping) else None
+            taken.add(name)
+            if name in forced and name in ours:
+                ops.append(replace(f"{base}/{i}", ours[name]))
         new = [e for e in new if e["name"] not in taken]
-    return _append(f"/spec/containers/{index}/env", existing, new)
+    return ops + _append(base, existing, new)
+
+
+def forced_names_set(existing: Sequence[Any] | None, forced: Collection[str]) -> list[str]:
+    """The ``forced`` names the user's env sets (they are replaced: the caller warns about them)."""
+    found: list[str] = []
+    for e in existing or ():
+        name = e.get("name") if isinstance(e, Mapping) else None
+        if isinstance(name, str) and name in forced and name not in found:
+            found.append(name)
+    return found
 
 
 def mount_ops(index: int, existing: Sequence[Any] | None, new: Sequence[JsonObject]) -> list[PatchOp]:
@@ -255,9 +412,17 @@ def capability_ops(
     return [add(base + "/capabilities/add/-", c) for c in caps if c not in have and f"CAP_{c}" not in have]
 
 
-# Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/contract/nccl.py gives each
-# one's reason; README "Tensor parallel" the probes and costs), and NCCL's bootstrap sockets between
-# ranks kept open across the dump (--tcp-established), which needs TCP repair mode.
+def startup_probe_ops(index: int, container: Mapping[str, Any]) -> list[PatchOp]:
+    """The exec startupProbe on ``READY_FILE``, unless the container has its own startupProbe (which
+    then decides; thaw exec's readiness gate is not checked)."""
+    if container.get("startupProbe") is not None:
+        return []
+    return [add(f"/spec/containers/{index}/startupProbe", orjson.loads(orjson.dumps(READY_PROBE)))]
+
+
+# Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/contract/nccl.py gives
+# each one's reason; README "Tensor parallel" the probes and costs), and NCCL's bootstrap sockets
+# between ranks kept open across the dump (--tcp-established), which needs TCP repair mode.
 TP_ENV: tuple[tuple[str, str], ...] = (*NCCL_ENV, ("THAW_TCP_ESTABLISHED", "true"))
 TP_CAPABILITIES = ("NET_ADMIN",)  # TCP repair mode for the established connections
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -281,7 +446,11 @@ def is_tensor_parallel(mode: str, resources: Mapping[str, Any] | None) -> bool:
 
 
 def tp_env() -> list[JsonObject]:
-    return [{"name": k, "value": v} for k, v in TP_ENV]
+    return [_env(k, v) for k, v in TP_ENV]
+
+
+def workload_env() -> list[JsonObject]:
+    return [_env(k, v) for k, v in DEFAULT_ENV]
 
 
 def extended_resource_ops(index: int, resources: Mapping[str, Any] | None) -> list[PatchOp]:
@@ -290,7 +459,8 @@ def extended_resource_ops(index: int, resources: Mapping[str, Any] | None) -> li
     kubelet drops extended resources its node does not advertise before admitting a pod
     (``removeMissingExtendedResources``, pkg/kubelet/lifecycle/predicate.go), so the request only
     makes kube-scheduler call the extender that manages it (``managedResources`` with
-    ``ignoredByScheduler: true``); it never holds a pod on the node.
+    ``ignoredByScheduler: true``); it never holds a pod on the node. But Cluster Autoscaler and
+    Karpenter require a node to advertise it (README "Scheduler wiring"): off in the shipped config.
     """
     base = f"/spec/containers/{index}/resources"
     if resources is None:
@@ -313,10 +483,14 @@ def scheduler_name_ops(spec: Mapping[str, Any], name: str | None) -> list[PatchO
 def ready_target(container: Mapping[str, Any], default: str | None) -> tuple[str | None, str | None]:
     """``THAW_READY`` from the container's readinessProbe, and a note when it had to guess.
 
-    httpGet -> ``http(s)://127.0.0.1:PORT/PATH`` (``thaw exec`` probes from inside the pod, so the
-    probe's ``host``, meant for kubelet, is not used); tcpSocket and grpc -> ``tcp:PORT``. Named ports
-    are looked up in the container's ``ports``.
+    A literal ``THAW_READY`` in the container's env wins (the user's override). httpGet ->
+    ``http(s)://127.0.0.1:PORT/PATH`` (``thaw exec`` probes from inside the pod, so the probe's
+    ``host``, meant for kubelet, is not used); tcpSocket and grpc -> ``tcp:PORT``. Named ports are
+    looked up in the container's ``ports``.
     """
+    for e in container.get("env") or ():
+        if isinstance(e, Mapping) and e.get("name") == "THAW_READY" and isinstance(e.get("value"), str):
+            return (e["value"] or None), None
     probe = container.get("readinessProbe")
     if not isinstance(probe, Mapping):
         return default, None

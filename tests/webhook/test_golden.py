@@ -1,28 +1,114 @@
-"""Golden tests over every captured AdmissionReview (Istio style: input pod -> expected mutated pod).
+"""Golden matrix (in the manner of Istio's ``pkg/kube/inject/inject_test.go``): one case per feature.
 
-Each file is answered twice: as captured (no thaw.dev annotations: untouched, no patch, no warning)
-and opted in (annotation plus a command): the patch must apply with jsonpatch, the result must be a
-valid Pod for the Kubernetes 1.30 OpenAPI schema (kubernetes-validate, strict), must equal the golden
-file, and a second pass over it must add nothing. Regenerate the golden files after an intended
-change with ``THAW_REGEN_GOLDEN=1 pytest tests/webhook/test_golden.py`` and review the diff.
+Each ``testdata/CASE.yaml`` is picked up automatically and holds the request namespace, which path
+answers it (``restore``: ``/mutate-restore`` or ``/mutate``), configuration keys on top of the
+defaults (``config``, webhook/config.py), and the pod (or ``review``: a captured AdmissionReview
+from tests/fixtures/k8s, opted in with ``annotations``/``command``/``args``). The answer must:
+
+- apply as a JSON Patch, and give a Pod valid for the Kubernetes 1.30 OpenAPI schema (strict);
+- equal ``golden/CASE.json`` (warnings and the mutated pod);
+- add nothing when the mutated pod is sent again (reinvocation).
+
+A golden with no case fails the run, and so does a case with no golden. Goldens are written only
+on request: ``THAW_REGENERATE_GOLDENS=1 pytest tests/webhook/test_golden.py`` writes them and skips
+the comparison (never comparing with a file it just wrote); review the diff, then run again
+without the switch. The switch is refused where ``CI=true``.
+
+Also here, over every captured AdmissionReview (4 top-level captures, 17 raw requests): as captured
+(no annotation) the answer is "allowed, no patch, no warning"; opted in on ``/mutate``, unchanged
+with the warning that says how to allow restore.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import kubernetes_validate
 import pytest
+import yaml
 
+from tests.conftest import FIXTURES
 from tests.webhook.helpers import annotated, answer, apply, load_review, patch_ops, review_files
+from webhook.config import parse_config
 
-GOLDEN = Path(__file__).parent / "golden"
-REGEN = os.environ.get("THAW_REGEN_GOLDEN") == "1"
+HERE = Path(__file__).parent
+TESTDATA = HERE / "testdata"
+GOLDEN = HERE / "golden"
+REGENERATE = os.environ.get("THAW_REGENERATE_GOLDENS") == "1"
 K8S_VERSION = "1.30"
+CASES = sorted(p.stem for p in TESTDATA.glob("*.yaml"))
 FILES = review_files()
 IDS = [str(p.relative_to(p.parents[1] if p.parent.name == "raw" else p.parent)) for p in FILES]
+
+
+def load_case(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The case file and the AdmissionReview it describes."""
+    case: dict[str, Any] = yaml.safe_load((TESTDATA / f"{name}.yaml").read_text())
+    if "review" in case:
+        review = load_review(FIXTURES / case["review"])
+        review = annotated(review, case["annotations"], args=False)
+        container = review["request"]["object"]["spec"]["containers"][0]
+        container["command"], container["args"] = case["command"], case["args"]
+        return case, review
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": f"uid-{name}",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "operation": "CREATE",
+            "namespace": case["namespace"],
+            "object": case["pod"],
+        },
+    }
+    return case, review
+
+
+def test_cases_and_goldens_pair_up() -> None:
+    """Every golden belongs to a case (an unused one is stale), and there is a case per feature."""
+    goldens = sorted(p.stem for p in GOLDEN.glob("*.json"))
+    unused = sorted(set(goldens) - set(CASES))
+    assert not unused, f"goldens without a case in testdata/ (delete them): {unused}"
+    assert len(CASES) >= 15, CASES
+
+
+def test_regeneration_is_refused_in_ci() -> None:
+    assert not (REGENERATE and os.environ.get("CI") == "true"), (
+        "THAW_REGENERATE_GOLDENS=1 in CI: goldens are written by a person, and reviewed"
+    )
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_case_matches_golden(name: str) -> None:
+    case, review = load_case(name)
+    pod = review["request"]["object"]
+    config = parse_config(case.get("config") or {})
+    status, out = answer(review, restore=case["restore"], config=config)
+    assert status == 200
+    response = out["response"]
+    assert response["uid"] == review["request"]["uid"] and response["allowed"] is True
+    mutated = apply(pod, response)
+    kubernetes_validate.validate(mutated, K8S_VERSION, strict=True)
+
+    # Reinvocation (reinvocationPolicy: IfNeeded): the mutated pod gets no second patch.
+    again_review = copy.deepcopy(review)
+    again_review["request"]["object"] = mutated
+    status, again = answer(again_review, restore=case["restore"], config=config)
+    assert status == 200 and patch_ops(again["response"]) == []
+
+    golden = GOLDEN / f"{name}.json"
+    actual = {"warnings": response.get("warnings", []), "pod": mutated}
+    if REGENERATE:
+        golden.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
+        pytest.skip(f"{golden.name} written: review the diff, then run without THAW_REGENERATE_GOLDENS")
+    assert golden.exists(), f"{golden} is missing: write it with THAW_REGENERATE_GOLDENS=1 and review it"
+    expected = json.loads(golden.read_text())
+    assert expected == actual, f"{golden.name} is stale: regenerate it with THAW_REGENERATE_GOLDENS=1"
 
 
 def test_fixtures_found() -> None:
@@ -41,29 +127,6 @@ def test_unannotated_passes_untouched(path: Path, restore: bool) -> None:
 
 
 @pytest.mark.parametrize("path", FILES, ids=IDS)
-def test_annotated_matches_golden(path: Path) -> None:
-    review = annotated(load_review(path))
-    pod = review["request"]["object"]
-    status, out = answer(review, restore=True)
-    assert status == 200 and out["response"]["allowed"] is True
-    assert out["response"]["uid"] == review["request"]["uid"]
-    mutated = apply(pod, out["response"])
-    kubernetes_validate.validate(mutated, K8S_VERSION, strict=True)
-
-    golden = GOLDEN / (path.stem.replace(".request", "") + ".json")
-    expected = {"warnings": out["response"].get("warnings", []), "pod": mutated}
-    if REGEN:
-        golden.write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n")
-    assert golden.exists(), f"{golden} is missing: run with THAW_REGEN_GOLDEN=1 to write it"
-    assert json.loads(golden.read_text()) == expected
-
-    # Reinvocation (reinvocationPolicy: IfNeeded): the mutated pod gets no second patch.
-    review["request"]["object"] = mutated
-    status, again = answer(review, restore=True)
-    assert status == 200 and patch_ops(again["response"]) == []
-
-
-@pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_annotated_in_unlabelled_namespace_is_admitted_unchanged_with_warning(path: Path) -> None:
     review = annotated(load_review(path))
     status, out = answer(review, restore=False)
@@ -74,3 +137,14 @@ def test_annotated_in_unlabelled_namespace_is_admitted_unchanged_with_warning(pa
     ns = review["request"]["namespace"]
     assert "cold start" in warning
     assert f"kubectl label namespace {ns} thaw.dev/restore=allowed" in warning
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_every_capture_is_injected_validly(path: Path) -> None:
+    """Opted in on /mutate-restore, every captured pod gets a patch that applies to a valid Pod."""
+    review = annotated(load_review(path))
+    status, out = answer(review, restore=True)
+    assert status == 200 and out["response"]["allowed"] is True
+    mutated = apply(review["request"]["object"], out["response"])
+    kubernetes_validate.validate(mutated, K8S_VERSION, strict=True)
+    assert mutated["metadata"]["annotations"]["thaw.dev/injected"] == "v2"

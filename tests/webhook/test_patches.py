@@ -8,6 +8,7 @@ import jsonpatch
 import pytest
 
 from webhook import patches as P
+from webhook.config import WebhookConfig
 from webhook.types import pointer
 
 C = {"name": "thaw-tools"}
@@ -89,7 +90,7 @@ def test_volume_ops(existing: list[Any] | None, expected: list[dict[str, Any]]) 
                 {
                     "op": "replace",
                     "path": "/spec/containers/1/command",
-                    "value": ["/thaw/bin/thaw", "exec", "--", "srv"],
+                    "value": ["/thaw/rt/bin/thaw", "exec", "--", "srv"],
                 }
             ],
         ),
@@ -99,7 +100,7 @@ def test_volume_ops(existing: list[Any] | None, expected: list[dict[str, Any]]) 
                 {
                     "op": "replace",
                     "path": "/spec/containers/1/command",
-                    "value": ["/thaw/bin/thaw", "exec", "--", "srv", "-x", "--port", "80"],
+                    "value": ["/thaw/rt/bin/thaw", "exec", "--", "srv", "-x", "--port", "80"],
                 },
                 {"op": "remove", "path": "/spec/containers/1/args"},
             ],
@@ -110,7 +111,7 @@ def test_volume_ops(existing: list[Any] | None, expected: list[dict[str, Any]]) 
                 {
                     "op": "replace",
                     "path": "/spec/containers/1/command",
-                    "value": ["/thaw/bin/thaw", "exec", "--", "srv"],
+                    "value": ["/thaw/rt/bin/thaw", "exec", "--", "srv"],
                 },
                 {"op": "remove", "path": "/spec/containers/1/args"},
             ],
@@ -278,3 +279,109 @@ def test_ready_target(
     if probe is not None:
         container["readinessProbe"] = probe
     assert P.ready_target(container, default) == expected
+
+
+IDENTITY = {
+    "name": "THAW_POD_NAME",
+    "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}},
+}
+FORCED = {"THAW_POD_NAME"}
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        # Not set by the user: appended like any other.
+        (None, [{"op": "add", "path": "/spec/containers/0/env", "value": [E1, IDENTITY]}]),
+        (
+            [{"name": "A", "value": "1"}],
+            [
+                {"op": "add", "path": "/spec/containers/0/env/-", "value": E1},
+                {"op": "add", "path": "/spec/containers/0/env/-", "value": IDENTITY},
+            ],
+        ),
+        # Set by the user: replaced where it stands (not appended: a later entry would win anyway,
+        # but an earlier one of the user's would stay in the pod spec).
+        (
+            [{"name": "THAW_POD_NAME", "value": "kube-apiserver-x"}],
+            [
+                {"op": "replace", "path": "/spec/containers/0/env/0", "value": IDENTITY},
+                {"op": "add", "path": "/spec/containers/0/env/-", "value": E1},
+            ],
+        ),
+        # Every entry of the name, and a non-forced name the user set is still theirs.
+        (
+            [
+                {"name": "THAW_POD_NAME", "value": "a"},
+                {"name": "THAW_NAME", "value": "mine"},
+                {"name": "THAW_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            ],
+            [
+                {"op": "replace", "path": "/spec/containers/0/env/0", "value": IDENTITY},
+                {"op": "replace", "path": "/spec/containers/0/env/2", "value": IDENTITY},
+            ],
+        ),
+    ],
+)
+def test_env_ops_force_identity(existing: list[Any] | None, expected: list[dict[str, Any]]) -> None:
+    ops = P.env_ops(0, existing, [E1, IDENTITY], FORCED)
+    assert ops == expected
+    pod = {"spec": {"containers": [{"name": "c"} if existing is None else {"name": "c", "env": existing}]}}
+    env = jsonpatch.apply_patch(pod, ops)["spec"]["containers"][0]["env"]
+    assert [e for e in env if e["name"] == "THAW_POD_NAME"] and all(
+        e == IDENTITY for e in env if e["name"] == "THAW_POD_NAME"
+    )
+
+
+@pytest.mark.parametrize(
+    ("existing", "expected"),
+    [
+        (None, []),
+        ([{"name": "A"}, "junk", {"name": 3}], []),
+        (
+            [{"name": "THAW_POD_UID"}, {"name": "THAW_POD_NAME"}, {"name": "THAW_POD_UID"}],
+            ["THAW_POD_UID", "THAW_POD_NAME"],
+        ),
+    ],
+)
+def test_forced_names_set(existing: list[Any] | None, expected: list[str]) -> None:
+    assert P.forced_names_set(existing, P.IDENTITY_NAMES) == expected
+
+
+@pytest.mark.parametrize(
+    ("container", "expected"),
+    [
+        ({"name": "c"}, [{"op": "add", "path": "/spec/containers/3/startupProbe", "value": P.READY_PROBE}]),
+        ({"name": "c", "startupProbe": {"tcpSocket": {"port": 1}}}, []),
+    ],
+)
+def test_startup_probe_ops(container: dict[str, Any], expected: list[dict[str, Any]]) -> None:
+    ops = P.startup_probe_ops(3, container)
+    assert ops == expected
+    if ops:  # each answer has its own copy of the template
+        ops[0]["value"]["exec"]["command"].clear()  # type: ignore[typeddict-item]
+        assert P.startup_probe_ops(3, container) == expected and P.READY_PROBE["exec"]["command"]
+
+
+def test_ready_probe_command_is_the_runtime_link_and_the_work_dir_ready_file() -> None:
+    command = P.READY_PROBE["exec"]["command"]
+    assert command[0] == P.THAW_BIN and command[1] == "healthcheck"
+    assert command[command.index("--file") + 1] == P.WORK_DIR + "/ready"
+    # Its budget outlasts thaw exec's default --ready-timeout (a startupProbe that runs out kills).
+    assert P.READY_PROBE["periodSeconds"] * P.READY_PROBE["failureThreshold"] > 1800
+
+
+def test_fresh_parts_are_per_pod() -> None:
+    prepared = P.Prepared.build(WebhookConfig())
+    a = prepared.fresh(True, "ns-a", "snap", "w1", "on-ready")
+    b = prepared.fresh(False, "ns-b", "snap", "w2", "never")
+    assert a["volumes"][-1]["hostPath"]["path"] == "/var/lib/thaw/cache/ns-a/snap"
+    assert b["volumes"][-1]["hostPath"]["path"] == "/var/lib/thaw/cache/ns-b/snap"
+    assert {"name": "thaw-snapshots", "mountPath": "/var/lib/thaw/cache/ns-b/snap", "readOnly": True} in b[
+        "mounts"
+    ]
+    assert "thaw-key" in {v["name"] for v in a["volumes"]} and "thaw-key" not in {
+        v["name"] for v in b["volumes"]
+    }
+    sidecar_env = {e["name"]: e.get("value") for e in b["init"][2]["env"]}
+    assert sidecar_env["THAW_CHECKPOINT"] == "never" and sidecar_env["THAW_WORKLOAD"] == "w2"

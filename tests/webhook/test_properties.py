@@ -178,7 +178,7 @@ def test_arbitrary_pods_patch_applies_and_is_idempotent(
     assert response["allowed"] is True
     ops = json.loads(base64.b64decode(response["patch"]))
     mutated = jsonpatch.apply_patch(pod, ops)  # raises if any op does not apply
-    assert mutated["metadata"]["annotations"]["thaw.dev/injected"] == "v1"
+    assert mutated["metadata"]["annotations"]["thaw.dev/injected"] == "v2"
     status, again = respond(review(mutated), restore, prepared)
     assert status == 200 and "patch" not in again["response"]
 

@@ -49,7 +49,7 @@ def test_mutate_restore_injects_over_https(server: Running) -> None:
     response = json.loads(body)["response"]
     assert response["uid"] == REVIEW["request"]["uid"] and response["allowed"] is True
     ops = json.loads(base64.b64decode(response["patch"]))
-    assert {"op": "add", "path": "/metadata/annotations/thaw.dev~1injected", "value": "v1"} in ops
+    assert {"op": "add", "path": "/metadata/annotations/thaw.dev~1injected", "value": "v2"} in ops
     # the same connection is kept alive for the next review (gthread keep-alive)
     status, body = post(conn, "/mutate", json.dumps(REVIEW).encode())
     response = json.loads(body)["response"]
