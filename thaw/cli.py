@@ -53,6 +53,22 @@ def _add(p: argparse.ArgumentParser, flag: str, *, required: bool = False, **kw:
     p.add_argument(flag, required=required, **kw)
 
 
+def _store_flags(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--store`` and the registry options (thaw/snapshot/stores.py: one factory for every caller)."""
+    from pathlib import Path
+
+    _add(
+        p,
+        "--store",
+        required=required,
+        default=None,
+        help="snapshot store: a directory, file:///PATH, or oci://HOST[:PORT]/REPOSITORY",
+    )
+    _add(p, "--registry-auth", type=Path, default=None, help="Docker config.json (or its Secret's mount)")
+    _add(p, "--registry-ca", type=Path, default=None, help="CA certificate trusted for the registry")
+    _add(p, "--registry-plain-http", action="store_true", default=False, help="HTTP to a loopback registry")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pathlib import Path
 
@@ -118,15 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--out", type=Path, required=True, help="directory for the key pair")
 
     p = sub.add_parser("publish", help="publish a snapshot's image files to the store, signed")
-    _add(p, "--store", type=Path, required=True, help="snapshot store directory")
+    _store_flags(p, required=True)
     _add(p, "--name", required=True, help="snapshot name")
     _add(p, "--workload", required=True, help="workload hash (thaw.dev/workload)")
     _add(p, "--images", type=Path, required=True, help="directory of image files")
+    _add(p, "--namespace", default="default", help="the pods' namespace (snapshots are per namespace)")
+    _add(p, "--cache", type=Path, default=None, help="node cache to ingest into (and keep the copy)")
     _add(p, "--key", type=Path, required=True, help="Ed25519 signing key")
     _add(p, "--facts", type=Path, default=None, help="node facts JSON instead of detecting them")
 
     p = sub.add_parser("fetch", help="stage a compatible snapshot in the node cache; write the plan")
-    _add(p, "--store", type=Path, required=True, help="snapshot store directory")
+    _store_flags(p, required=True)
     _add(p, "--cache", type=Path, required=True, help="node cache directory")
     _add(p, "--name", required=True, help="snapshot name")
     _add(p, "--workload", required=True, help="workload hash (thaw.dev/workload)")
@@ -141,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept unsigned snapshots, or ones signed by a key not in --trust (opt-out of signing)",
     )
     _add(p, "--budget", type=int, default=None, help="cache byte budget (default: the agent's)")
+    _add(p, "--namespace", default="default", help="the pod's namespace (snapshots are per namespace)")
+    _add(p, "--pod-uid", default=None, help="pin the staged snapshot for this pod until its thaw exec")
+    _add(p, "--deadline", type=float, default=600.0, help="seconds for the whole fetch; then a cold plan")
 
     p = sub.add_parser("exec", help="restore the workload from the plan, or run it (and checkpoint)")
     _add(p, "--plan", type=Path, default=None, help="restore plan written by thaw fetch")
     _add(p, "--checkpoint", choices=["on-ready", "never"], default="never", help="take a snapshot")
     _add(p, "--ready", default=None, help="readiness probe: URL, tcp:PORT or file:PATH")
-    _add(p, "--store", type=Path, default=None, help="snapshot store directory")
+    _store_flags(p, required=False)
     _add(p, "--key", type=Path, default=None, help="Ed25519 signing key")
     _add(p, "--name", default=None, help="snapshot name")
     _add(p, "--workload", default=None, help="workload hash")
@@ -158,11 +179,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="node cache: keep the snapshot taken here; leave the outcome for the agent's Events",
     )
-    _add(p, "--outcome", type=Path, default=None, help="outcome JSON (default: outcome.json beside --plan)")
+    _add(p, "--outcome", type=Path, default=None, help="outcome JSON (default: outcome.json in --work)")
+    _add(
+        p,
+        "--work",
+        type=Path,
+        default=None,
+        help="work directory (the pod's emptyDir): outcome, CRIU logs, ready file, dump/ "
+        "(default: beside --outcome, else beside --plan)",
+    )
+    _add(
+        p,
+        "--ready-gate",
+        choices=["file", "stopped"],
+        default="file",
+        help="a restored tree runs at once and <work>/ready appears once CUDA is back (file), or it "
+        "stays stopped until then (stopped)",
+    )
     _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
     _add(p, "--sleep", default=None, help="URL (or path on --ready's server) to POST before the checkpoint")
     _add(p, "--wake", default=None, help="URL (or path) to POST after the checkpoint and after a restore")
     _add(p, "--pid-floor", type=int, default=4096, help="start the workload at or above this PID")
+    _add(
+        p,
+        "--pod-files-limit",
+        type=int,
+        default=1 << 30,
+        help="bytes of pod files (open files a new pod lacks) a snapshot may carry; more is refused",
+    )
     _add(
         p,
         "--tcp-established",
@@ -172,7 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
-    p = sub.add_parser("install-runtime", help="thaw-tools: link the node's copy of the runtime (copied once)")
+    # Internal: CRIU's post-dump action script runs it (thaw/runtime/podfiles.py); its flags are given
+    # by thaw exec on the command line, with no THAW_<FLAG> fallbacks (the workload's env).
+    p = sub.add_parser("capture-pod-files", help="internal: thaw exec's CRIU post-dump action (pod files)")
+    p.add_argument("--images", type=Path, required=True, help="the dump's image directory")
+    p.add_argument("--since", type=float, required=True, help="when the container started (epoch seconds)")
+    p.add_argument("--limit", type=int, required=True, help="bytes the pod files may take")
+    p.add_argument("--reason", type=Path, required=True, help="file for the reason when refused or failed")
+    p.add_argument("--root-pid", type=int, default=None, help="the tree's root (default: CRTOOLS_INIT_PID)")
+
+    p = sub.add_parser(
+        "install-runtime", help="thaw-tools: link the node's copy of the runtime (copied once)"
+    )
     _add(p, "--bundle", type=Path, default=None, help="runtime bundle (default: the one this thaw runs from)")
     _add(
         p,
@@ -184,6 +239,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--link", type=Path, default=Path("/thaw/rt"), help="symlink to make (in the tools emptyDir)")
     _add(p, "--lock-timeout", type=float, default=300.0, help="seconds to wait for another pod's copy")
 
+    p = sub.add_parser("sidecar", help="thaw-sidecar: relay the outcome; publish the pod's dump once")
+    _add(
+        p,
+        "--work",
+        type=Path,
+        default=Path("/run/thaw/work"),
+        help="the pod's work emptyDir (shared with thaw exec)",
+    )
+    _add(
+        p, "--plan", type=Path, default=Path("/run/thaw/plan/plan.json"), help="the restore plan (read-only)"
+    )
+    _add(p, "--cache", type=Path, default=Path("/var/lib/thaw/cache"), help="node cache directory")
+    _store_flags(p, required=False)
+    _add(p, "--key", type=Path, default=None, help="Ed25519 signing key: without one nothing is published")
+    _add(
+        p,
+        "--state",
+        type=Path,
+        default=Path("/run/thaw/state"),
+        help="the sidecar's own emptyDir (publish once per pod)",
+    )
+    _add(p, "--name", default=None, help="snapshot name (the pod's own)")
+    _add(p, "--workload", default=None, help="workload hash (the pod's own)")
+    _add(p, "--checkpoint", choices=["on-ready", "never"], default="on-ready", help="never: publish nothing")
+    _add(p, "--facts", type=Path, default=None, help="node facts JSON (default: facts.json beside --plan)")
+    _add(p, "--interval", type=float, default=0.5, help="seconds between looks at the work directory")
+
     p = sub.add_parser("agent", help="node agent: cache budget and Node annotations")
     _add(p, "--cache", type=Path, required=True, help="node cache directory")
     _add(p, "--budget", type=int, required=True, help="cache byte budget")
@@ -192,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--interval", type=float, default=30.0, help="seconds between passes")
     _add(p, "--once", action="store_true", default=False, help="one pass, then exit")
     _add(p, "--heartbeat", type=Path, default=None, help="file touched after every pass (liveness)")
+    _add(p, "--trust", type=Path, default=None, help="advertise only snapshots signed by these keys")
 
     p = sub.add_parser("healthcheck", help="exit 0 if a heartbeat file was touched recently (a probe)")
     _add(p, "--file", type=Path, required=True, help="the heartbeat file")
@@ -202,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--pods", type=int, default=2000, help="number of pod arrivals")
     _add(p, "--seed", type=int, default=1, help="random seed")
     _add(p, "--plot", type=Path, default=None, help="write a PNG of time-to-ready per policy")
+
+    p = sub.add_parser("gc", help="store retention: keep the newest N per workload and what nodes hold")
+    _store_flags(p, required=True)
+    _add(p, "--keep", type=int, default=3, help="snapshots kept per (namespace, name, workload)")
+    _add(p, "--namespace", default=None, help="only this namespace (default: every one the store lists)")
+    _add(p, "--name", default=None, help="only this snapshot name (with --namespace)")
+    _add(
+        p, "--dry-run", action="store_true", default=False, help="list what would be deleted; delete nothing"
+    )
 
     p = sub.add_parser("status", help="nodes, their cached snapshots and facts, from the cluster")
     _add(p, "--output", choices=["table", "json"], default="table", help="output format")
@@ -217,10 +309,13 @@ COMMANDS: dict[str, str] = {
     "keys": "thaw.contract.signing:run_keys",
     "publish": "thaw.snapshot.store:run_publish",
     "fetch": "thaw.snapshot.fetch:run",
+    "capture-pod-files": "thaw.runtime.podfiles:run_capture",
     "exec": "thaw.runtime.execute:run",
     "install-runtime": "thaw.runtime.install:run",
+    "sidecar": "thaw.runtime.sidecar:run",
     "agent": "thaw.node.agent:run",
     "healthcheck": "thaw.node.agent:run_healthcheck",
+    "gc": "thaw.node.gc:run",
     "simulate": "extender.simulate:run",
     "status": "thaw.node.status:run",
     "demo": "thaw.dev.demo:run",

@@ -609,16 +609,10 @@ def stage(
     """Make ``manifest``'s snapshot present in the cache (copied from ``store``, every chunk checked
     against the manifest as it is copied) and return its directory; pinned for ``pod_uid`` when
     given. Raises CacheFull, CacheBusy, DigestMismatch, TimedOut, a StoreError, or OSError."""
-    from thaw.snapshot.transfer import copy_files
 
     def fill(tmp: Path) -> None:
-        copy_files(
-            manifest,
-            lambda e: store.open_file(namespace, manifest, e["path"]),
-            tmp,
-            progress=progress,
-            deadline=deadline,
-        )
+        # The store moves the bytes its own fastest way (pread on every core, parallel ranged pulls).
+        store.download(namespace, manifest, tmp, progress, deadline)
 
     for _ in range(3):
         path = install(

@@ -52,7 +52,8 @@ from thaw.snapshot.cache import (
     unpin,
 )
 from thaw.snapshot.nodefacts import facts_difference
-from thaw.snapshot.store import DirectoryStore, Listing, Store, StoreError
+from thaw.snapshot.store import Listing, Store, StoreError
+from thaw.snapshot.stores import store_from_args
 from thaw.snapshot.transfer import NO_DEADLINE, Deadline, DigestMismatch, TimedOut
 
 log = logging.getLogger("thaw.fetch")
@@ -332,7 +333,11 @@ def _child(args: argparse.Namespace, out: int, deadline: Deadline) -> None:
         _send(out, {"plan": cold_plan(f"node facts: {exc}")})
         return
     _send(out, {"facts": facts})
-    store = DirectoryStore(args.store)
+    try:
+        store = store_from_args(args)
+    except ValueError as exc:  # a bad --store or --registry-* value: cold, never a failed pod
+        _send(out, {"plan": cold_plan(f"store unusable: {exc}")})
+        return
     plan = fetch(
         store,
         args.cache,

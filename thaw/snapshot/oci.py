@@ -349,13 +349,14 @@ class Client:
             return (
                 f"registry {host}: TLS verification failed ({exc.__context__ or exc}); trusted: {self.trust}"
             )
-        if isinstance(exc, ConnectTimeoutError):
-            return f"registry {host} unreachable: no connection within {CONNECT_TIMEOUT_S:.0f} s"
+        # NameResolutionError < NewConnectionError < ConnectTimeoutError in urllib3: most specific first.
         if isinstance(exc, NameResolutionError):
             return f"registry {host} unreachable: cannot resolve {self.ref.hostname}"
         if isinstance(exc, NewConnectionError):
             reason = str(exc).rsplit(":", 1)[-1].strip()
             return f"registry {host} unreachable: {reason or 'connection failed'}"
+        if isinstance(exc, ConnectTimeoutError):
+            return f"registry {host} unreachable: no connection within {CONNECT_TIMEOUT_S:.0f} s"
         if isinstance(exc, ReadTimeoutError):
             return f"registry {host} too slow: no data for {READ_TIMEOUT_S:.0f} s"
         if isinstance(exc, ProtocolError):

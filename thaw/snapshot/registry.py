@@ -54,6 +54,7 @@ from thaw.contract.manifest import (
     hex_of,
     parse_manifest,
 )
+from thaw.snapshot import transfer
 from thaw.snapshot.oci import (
     Client,
     Credentials,
@@ -66,7 +67,8 @@ from thaw.snapshot.oci import (
     parse_ref,
     read_auth_file,
 )
-from thaw.snapshot.store import DigestMismatch, Progress, fsync_dir
+from thaw.snapshot.store import Progress, fsync_dir
+from thaw.snapshot.transfer import DigestMismatch
 
 log = logging.getLogger("thaw.registry")
 
@@ -82,13 +84,13 @@ ANN_CREATED = "org.opencontainers.image.created"
 
 PARALLEL = 4  # blobs in flight per pull or push (each a connection)
 RESUMES = 4  # per blob, consecutive failed attempts without progress before giving up
+MAX_LISTED = 16  # manifests a listing reads (fetch tries the newest that fit the node)
 MAX_TAGS = 10_000  # read per repository; more means retention is not running (thaw gc)
 MAX_ARTIFACT_BYTES = 4 * 1024 * 1024  # the OCI manifest; a 130 GB snapshot's is ~200 KB
 LIST_DEADLINE_S = 60.0
 PUSH_MIN_BPS = 8 * 1024 * 1024  # deadlines scale with size: slower than this is "too slow"
 PULL_MIN_BPS = 8 * 1024 * 1024
 BASE_DEADLINE_S = 120.0
-DEFAULT_NAMESPACE = "default"
 _TAG = re.compile(r"^(\d{8}T\d{6}\.\d{3}Z)-([0-9a-f]{64})$")
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -197,11 +199,6 @@ def check_artifact(raw: bytes, manifest: Manifest) -> None:
             f"its layers are not the blobs its signed manifest names ({len(want - have)} missing, "
             f"{len(have - want)} extra)"
         )
-
-
-def namespace_of(manifest: Manifest) -> str:
-    ns = dict(manifest).get("namespace")  # present from the per-namespace manifest on
-    return ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -343,11 +340,9 @@ class RegistryStore:
                     if problems is not None:
                         problems.append(f"{repo}:{tag}: {exc}")
                     continue
-                if snap.manifest["name"] != name or namespace_of(snap.manifest) != namespace:
+                if snap.manifest["name"] != name:
                     if problems is not None:
-                        problems.append(
-                            f"{repo}:{tag}: holds {namespace_of(snap.manifest)}/{snap.manifest['name']}"
-                        )
+                        problems.append(f"{repo}:{tag}: holds snapshot name {snap.manifest['name']!r}")
                     continue
                 found.append(snap)
         with self._lock:
@@ -355,12 +350,19 @@ class RegistryStore:
                 self._known[s.manifest["id"]] = s
         return found
 
-    def _find(self, manifest: Manifest) -> Snapshot:
+    def list_snapshots(
+        self, namespace: str, name: str, problems: list[str] | None = None, *, limit: int | None = MAX_LISTED
+    ) -> list[Snapshot]:
+        """The Store protocol's listing: newest store time first, at most ``limit`` manifests read
+        (``thaw gc`` asks for more); each has ``manifest`` and ``stored_at``."""
+        return self.snapshots(namespace, name, problems, limit=limit)
+
+    def _find(self, namespace: str, manifest: Manifest) -> Snapshot:
+        repo = self.repo(namespace, manifest["name"])
         with self._lock:
             known = self._known.get(manifest["id"])
-        if known is not None:
+        if known is not None and known.repo == repo:
             return known
-        repo = self.repo(namespace_of(manifest), manifest["name"])
         deadline = Deadline.after(LIST_DEADLINE_S, f"finding {manifest['id']} in {repo}")
         for sid, at, tag in self._tags(repo, deadline, None):
             if sid == manifest["id"]:
@@ -464,15 +466,24 @@ class RegistryStore:
                 f"{what}: the registry served {actual[:19]}…, not {part.digest[:19]}… (tampered or corrupt)"
             )
 
-    def download(self, manifest: Manifest, directory: Path, progress: Progress | None = None) -> None:
+    def download(
+        self,
+        namespace: str,
+        manifest: Manifest,
+        directory: Path,
+        progress: Progress | None = None,
+        deadline: transfer.Deadline = transfer.NO_DEADLINE,
+    ) -> None:
         """Write every file of ``manifest`` under ``directory`` (new files, 0600), each blob checked
         against its signed digest as it arrives, ``parallel`` blobs at a time, largest first, each
         resumed with a ranged request after a broken connection. Raises DigestMismatch,
         RegistryError, OSError; what it wrote is the caller's temporary directory to remove."""
-        snap = self._find(manifest)
-        deadline = Deadline.after(
+        snap = self._find(namespace, manifest)
+        own = Deadline.after(
             BASE_DEADLINE_S + manifest["total_bytes"] / PULL_MIN_BPS, f"the pull of {manifest['id'][:19]}…"
         )
+        if deadline.at is not None:  # thaw fetch's overall deadline, when sooner
+            own.at = min(own.at, deadline.at)
         safe = _SafeProgress(progress)
         fds: dict[str, int] = {}
         abort = threading.Event()
@@ -485,7 +496,7 @@ class RegistryStore:
                 os.ftruncate(fd, e["size"])  # chunks land in any order, each at its offset
 
             def pull(p: Part) -> None:
-                self._pull_part(snap.repo, p, fds[p.path], deadline, abort, safe)
+                self._pull_part(snap.repo, p, fds[p.path], own, abort, safe)
 
             _run_all(
                 pull, sorted(parts_of(manifest), key=lambda p: p.size, reverse=True), self.parallel, abort
@@ -498,10 +509,10 @@ class RegistryStore:
         for d in sorted({(directory / e["path"]).parent for e in manifest["files"]}, reverse=True):
             fsync_dir(d)
 
-    def open_file(self, manifest: Manifest, path: str) -> BinaryIO:
+    def open_file(self, namespace: str, manifest: Manifest, path: str) -> BinaryIO:
         """One file as a stream (its chunks in order, each checked). For callers that copy one file;
         a whole snapshot goes through :meth:`download` (parallel, resumable)."""
-        snap = self._find(manifest)
+        snap = self._find(namespace, manifest)
         if path not in {e["path"] for e in manifest["files"]}:
             raise NotFound(f"registry {self.ref.host}: snapshot {manifest['id']} has no file {path}")
         parts = [p for p in parts_of(manifest) if p.path == path]
@@ -567,10 +578,9 @@ class RegistryStore:
         resp.close()
         return "pushed"
 
-    def put(self, manifest: Manifest, images: Path, progress: Progress | None = None) -> None:
+    def put(self, namespace: str, manifest: Manifest, images: Path, progress: Progress | None = None) -> None:
         """Push the blobs the repository lacks (HEAD first, then a mount, then an upload), then the
         config and the manifest under its tag: the tag appears only when everything it names is there."""
-        namespace = namespace_of(manifest)
         repo = self.repo(namespace, manifest["name"])
         deadline = Deadline.after(
             BASE_DEADLINE_S + manifest["total_bytes"] / PUSH_MIN_BPS, f"the push of {repo}"

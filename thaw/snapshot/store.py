@@ -14,6 +14,10 @@ methods. The protocol:
 - ``open_file(namespace, manifest, path) -> BinaryIO``: one image file of a listed snapshot; a
   stream whose ``fileno()`` is a regular file lets the copy read chunks in parallel (pread).
   StoreError when it cannot be opened.
+- ``download(namespace, manifest, directory, progress, deadline)``: every file of a listed snapshot
+  into the empty ``directory``, each chunk checked against the manifest as it lands (what the
+  cache's staging calls: a directory store copies with pread on every core, a registry pulls blobs
+  in parallel with ranged, resumable requests). DigestMismatch, TimedOut, StoreError, OSError.
 - ``put(namespace, manifest, snapshot_dir, progress)``: publish ``manifest`` with the files of
   ``snapshot_dir`` (the verified node cache copy that ``thaw.snapshot.ingest`` made), all or
   nothing; DigestMismatch when a file differs from the manifest.
@@ -54,7 +58,7 @@ from thaw.contract.manifest import (
     load_manifest,
 )
 from thaw.contract.safeio import fsync_dir, open_beneath, open_dir
-from thaw.snapshot.transfer import DigestMismatch, Progress, copy_files
+from thaw.snapshot.transfer import NO_DEADLINE, Deadline, DigestMismatch, Progress, copy_files
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -115,6 +119,17 @@ class Store(Protocol):
         """A binary stream of one image file of a listed snapshot; StoreError when unreadable."""
         ...
 
+    def download(
+        self,
+        namespace: str,
+        manifest: Manifest,
+        directory: Path,
+        progress: Progress | None = None,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> None:
+        """Every file of a listed snapshot into the empty ``directory``, verified as it lands."""
+        ...
+
     def put(
         self, namespace: str, manifest: Manifest, snapshot_dir: Path, progress: Progress | None = None
     ) -> None:
@@ -142,8 +157,8 @@ class DirectoryStore:
     """A store on a directory (PVC, NFS, hostPath in tests). Files 0600, directories 0700: snapshots
     hold the whole memory of a process, secrets included."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
 
     def describe(self) -> str:
         return str(self.root)
@@ -183,7 +198,10 @@ class DirectoryStore:
         found.sort(reverse=True)
         return found
 
-    def list_snapshots(self, namespace: str, name: str, problems: list[str] | None = None) -> list[Listed]:
+    def list_snapshots(
+        self, namespace: str, name: str, problems: list[str] | None = None, *, limit: int = MAX_LISTED
+    ) -> list[Listed]:
+        """``limit``: how many manifests to read (thaw gc reads more than fetch)."""
         problems = problems if problems is not None else []
         if not self.root.is_dir():
             raise StoreError(
@@ -192,10 +210,10 @@ class DirectoryStore:
         _check_names(namespace, name)
         name_dir = self.root / namespace / name
         entries = self._entries(name_dir, problems)
-        if len(entries) > MAX_LISTED:
-            problems.append(f"{name_dir}: {len(entries)} snapshots; only the {MAX_LISTED} newest were read")
+        if len(entries) > limit:
+            problems.append(f"{name_dir}: {len(entries)} snapshots; only the {limit} newest were read")
         out: list[Listed] = []
-        for mtime, hexname in entries[:MAX_LISTED]:
+        for mtime, hexname in entries[:limit]:
             d = name_dir / hexname
             try:
                 dfd = open_dir(d)
@@ -218,6 +236,48 @@ class DirectoryStore:
             return os.fdopen(open_beneath(d, path), "rb")
         except OSError as exc:
             raise StoreError(f"cannot read {d / path}: {exc.strerror or exc}") from None
+
+    def download(
+        self,
+        namespace: str,
+        manifest: Manifest,
+        directory: Path,
+        progress: Progress | None = None,
+        deadline: Deadline = NO_DEADLINE,
+    ) -> None:
+        copy_files(
+            manifest,
+            lambda e: self.open_file(namespace, manifest, e["path"]),
+            directory,
+            progress=progress,
+            deadline=deadline,
+        )
+
+    def names(self) -> list[tuple[str, str]]:
+        """(namespace, name) of every name directory (thaw gc)."""
+        if not self.root.is_dir():
+            raise StoreError(f"store {self.root} does not exist or is not a directory")
+        return sorted(
+            (ns.name, d.name)
+            for ns in self.root.iterdir()
+            if ns.is_dir() and not ns.is_symlink() and is_dns1123_label(ns.name)
+            for d in ns.iterdir()
+            if d.is_dir() and not d.is_symlink() and is_dns1123_label(d.name)
+        )
+
+    def delete(self, namespace: str, name: str, snapshot_id: str) -> None:
+        """Remove a published snapshot (thaw gc): renamed out of sight first, so a reader sees all of
+        it or none, then deleted."""
+        _check_names(namespace, name)
+        final = self.snapshot_dir(namespace, name, snapshot_id)
+        trash = final.parent / f"{TMP_PREFIX}gc-{final.name[:16]}-{secrets.token_hex(8)}"
+        try:
+            os.rename(final, trash)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot delete {final}: {exc.strerror or exc}") from None
+        shutil.rmtree(trash, ignore_errors=True)
 
     def _clean_stale(self, name_dir: Path) -> None:
         now = time.time()
@@ -307,12 +367,18 @@ def run_publish(args: argparse.Namespace) -> int:
     """``thaw publish --store DIR [--namespace NS] --name NAME --workload HASH --images DIR --key FILE
     [--facts FILE] [--cache DIR]``: ingest from --images (into --cache when given, which then keeps
     the node's copy), then put."""
+    from thaw.errors import UsageError
     from thaw.snapshot.ingest import publish_dump
     from thaw.snapshot.nodefacts import node_facts
+    from thaw.snapshot.stores import store_from_args
 
+    try:
+        store = store_from_args(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     facts = node_facts(args.facts)
     done = publish_dump(
-        DirectoryStore(args.store),
+        store,
         args.images,
         cache_dir=getattr(args, "cache", None),
         namespace=getattr(args, "namespace", None) or "default",
