@@ -19,7 +19,7 @@ import yaml
 
 from tests.conftest import REPO
 from thaw.cli import build_parser
-from thaw.contract.annotations import EXTENDED_RESOURCE, RESTORE_LABEL, RESTORE_LABEL_VALUE, SNAPSHOT
+from thaw.contract.annotations import RESTORE_LABEL, RESTORE_LABEL_VALUE, SNAPSHOT
 
 MANIFESTS = REPO / "manifests"
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").exists())
@@ -289,11 +289,15 @@ def test_the_field_check_catches_a_wrong_field() -> None:
 
 
 def test_second_scheduler_uses_the_same_extender_entry_as_the_default_scheduler_wiring() -> None:
-    """One extenders entry: extender/scheduler-config.yaml (default scheduler) and the ConfigMap agree."""
+    """One extenders entry: extender/scheduler-config.yaml (default scheduler) and the ConfigMap agree,
+    but for managedResources: the second scheduler's pods are all Thaw pods, so it needs none (and
+    the pods no extended resource: tests/webhook/test_autoscaling.py)."""
     shipped = yaml.safe_load((REPO / "extender" / "scheduler-config.yaml").read_text())
     assert ksc_problems(shipped) == []
-    ours = scheduler_config(render("default"))
-    assert ours["extenders"] == shipped["extenders"]
+    [ours] = scheduler_config(render("default"))["extenders"]
+    [theirs] = shipped["extenders"]
+    assert "managedResources" not in ours
+    assert ours == {k: v for k, v in theirs.items() if k != "managedResources"}
 
 
 # ---- policy: fail-safe settings, least privilege -----------------------------------------------
@@ -571,7 +575,7 @@ def test_scheduler_extender_entry_matches_the_extender_server(overlay: str, tmp_
     [ext] = scheduler_config(objs)["extenders"]
     assert (f"/{ext['filterVerb']}", "POST") in routes
     assert (f"/{ext['prioritizeVerb']}", "POST") in routes
-    assert ext["managedResources"] == [{"name": EXTENDED_RESOURCE, "ignoredByScheduler": True}]
+    assert "managedResources" not in ext  # every pod of its profile is a Thaw pod (scheduler.yaml)
     assert ext["ignorable"] is True and ext["nodeCacheCapable"] is True
     url = urlsplit(ext["urlPrefix"])
     assert url.scheme == "https" and ext["enableHTTPS"] is True
@@ -601,7 +605,7 @@ def test_webhook_config_agrees_with_the_rest(overlay: str) -> None:
     cfg = parse_config(yaml.safe_load(find(objs, "ConfigMap", "thaw-webhook-config")["data"]["config.yaml"]))
     [profile] = scheduler_config(objs)["profiles"]
     assert cfg.scheduler_name == profile["schedulerName"]
-    assert cfg.extended_resource is True
+    assert cfg.extended_resource is False  # README, "Scheduler wiring": autoscalers
     # The init containers use the image the servers run (kustomize `images:` sets both).
     for name in ("thaw-webhook", "thaw-extender"):
         [c] = find(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
