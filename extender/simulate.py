@@ -8,8 +8,16 @@ over 60 GB needs 2 GPUs, over 120 GB 4. Pods arrive (Poisson) and leave (exponen
 about 60% GPU utilisation. The first pod of a model on a pool cold-starts and publishes the
 snapshot (``checkpoint: on-ready``); from then on it is fetchable for that pool.
 
-Every policy sees the same arrivals. Each placement's real time-to-ready uses the same physics as
-:mod:`extender.scoring` (tier bandwidths, restores in progress sharing the node):
+Every policy sees the same arrivals. Each placement's real time-to-ready is the ground truth of
+:class:`GroundTruth`, which is not the scorer's model: it is drawn from the measured runs in
+``extender/measured.json`` (the GPU benchmark's cold starts, restores from disk and page cache and
+fetches on H200s, the CPU stand-in's fixed restore cost). Per tier, the image bytes per second of
+those runs are fitted with a lognormal; each simulated node draws its own rate per tier from it (a
+machine is faster or slower than another, as the runs were) and keeps it. The time is
+``fixed + bytes / rate`` for restores, ``bytes / rate`` for fetches and cold starts (the runs span
+10.7-20.6 GB images; larger models are extrapolated linearly). Restores in progress on a node share
+it: ``x (1 + share x in_progress)``, an assumption (no run restored two at once; the file says so).
+The scorer keeps its own constants (``--scoring``), as it does in a cluster, so its errors show.
 
 - ``spread``: the default scheduler as it scores these pods: only nodes with enough free GPUs
   pass its filters, then NodeResourcesFit (LeastAllocated) + 2 x PodTopologySpread (the system
@@ -18,12 +26,18 @@ Every policy sees the same arrivals. Each placement's real time-to-ready uses th
 - ``thaw``: the default scheduler's scores plus the extender's 0..10 score from
   :func:`extender.scoring.decide`, weighted as ``extender/scheduler-config.yaml`` weights it
   (score * weight * 10), which is how kube-scheduler adds an extender's priorities;
+- ``thaw-lagged``: the same without the extender's count of the pods it placed (what it did
+  before): its queue signal is only the agents' lagged reports;
 - ``oracle``: the node with the least real time-to-ready (free GPUs break ties).
 
 The scoring sees only what the real extender would: the node's cached copies and their tier, its
-restores in progress (``restoring``), and how many nodes hold each build; never free GPUs or the
-replicas a node runs (the scheduler's default scores weigh those). Annotations are read without the
-agent's lag, so the queue signal here is fresher than in a cluster.
+restores in progress, and how many nodes hold each build; never free GPUs or the replicas a node
+runs (the scheduler's default scores weigh those). Restores in progress come as in a cluster: the
+node's agent reports them once per pass (``AGENT_PASS_S``, each node at its own phase), so the
+``restoring`` the extender reads is what was in progress at that node's last pass; ``thaw`` adds
+the pods it placed itself in the last ``placed_window_s`` (the larger of the two, as
+:meth:`extender.index.NodeIndex.effective` takes it). :func:`burst` plays the case the lag hurts
+most: replicas of one model arriving together onto idle holders.
 
 Fair share. The goal weighs each placement by the GPUs it takes: a node's share is its
 GPU-placements over the mean per node. Counted by pods, a node that runs 1-GPU pods shows four
@@ -38,11 +52,13 @@ the GPU filter rules out.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import random
 import statistics
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +82,10 @@ EXTENDER_SCALE = 10
 ZONES = 1
 POOLS = ("h100", "h200")
 WORKLOAD = "w"
-POLICIES = ("spread", "imagelocality", "thaw", "oracle")
+POLICIES = ("spread", "imagelocality", "thaw-lagged", "thaw", "oracle")
+AGENT_PASS_S = 30.0  # thaw agent --interval: how often a node reports its restores in progress
+MEASURED = Path(__file__).with_name("measured.json")
+TIERS = ("memory", "disk", "fetch", "cold")
 # ImageLocality's thresholds (pkg/scheduler/framework/plugins/imagelocality): 23 MB .. 1000 MB.
 IL_MIN, IL_MAX = 23 * 2**20, 1000 * 2**20
 
@@ -85,6 +104,54 @@ class Arrival:
     lifetime: float
 
 
+@dataclass(frozen=True)
+class Lognormal:
+    mu: float  # mean of ln(x)
+    sigma: float  # standard deviation of ln(x)
+    n: int  # runs it was fitted to
+
+    @classmethod
+    def fit(cls, xs: list[float]) -> Lognormal:
+        logs = [math.log(x) for x in xs]
+        return cls(statistics.fmean(logs), statistics.stdev(logs) if len(logs) > 1 else 0.0, len(logs))
+
+    @property
+    def median(self) -> float:
+        return math.exp(self.mu)
+
+    def draw(self, rng: random.Random) -> float:
+        return math.exp(rng.gauss(self.mu, self.sigma))
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """What really happens, from measurements (module docstring; ``extender/measured.json``)."""
+
+    rates: dict[str, Lognormal]  # tier -> image bytes per second
+    fixed: dict[str, float]  # restore tiers -> seconds not tied to size
+    queue_share: float
+    sources: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path = MEASURED) -> GroundTruth:
+        doc = json.loads(path.read_text())
+        cpu = doc["cpu"]
+        fixed = {"memory": float(cpu["memory"]), "disk": float(cpu["disk"])}
+        runs = doc["gpu"]["runs"]
+        rates: dict[str, Lognormal] = {}
+        for tier in TIERS:
+            xs = [r["image_bytes"] / (r[tier] - fixed.get(tier, 0.0)) for r in runs]
+            rates[tier] = Lognormal.fit(xs)
+        return cls(rates, fixed, float(doc["queue"]["share"]), tuple(r["source"] for r in runs))
+
+    def node_rates(self, rng: random.Random) -> dict[str, float]:
+        """One machine's rate per tier, drawn once."""
+        return {tier: self.rates[tier].draw(rng) for tier in TIERS}
+
+
+TRUTH = GroundTruth.load()
+
+
 @dataclass
 class SimNode:
     name: str
@@ -93,10 +160,14 @@ class SimNode:
     # snapshot name -> bytes, least recently used first.
     cache: OrderedDict[str, int] = field(default_factory=OrderedDict)
     in_use: dict[str, int] = field(default_factory=dict)
-    ready_at: list[float] = field(default_factory=list)  # restores/starts in progress
+    # (start, ready, a restore?) of restores and cold starts, kept one agent pass past their end
+    # (the lagged report).
+    starts: list[tuple[float, float, bool]] = field(default_factory=list)
     placed: int = 0
     placed_gpus: int = 0  # placements weighted by the GPUs each took (see Result.gpu_load)
     zone: int = 0
+    phase: float = 0.0  # when in each AGENT_PASS_S its agent reports
+    rates: dict[str, float] = field(default_factory=dict)  # this machine's, from GroundTruth
 
     def tier(self, name: str) -> str | None:
         if name not in self.cache:
@@ -109,8 +180,15 @@ class SimNode:
         return "disk"
 
     def restoring(self, now: float) -> int:
-        self.ready_at = [t for t in self.ready_at if t > now]
-        return len(self.ready_at)
+        """Restores (and starts) in progress now: the real queue."""
+        self.starts = [x for x in self.starts if x[1] > now - AGENT_PASS_S]
+        return sum(1 for s, e, _ in self.starts if s <= now < e)
+
+    def reported(self, now: float) -> int:
+        """What the node's annotation says: the restores (the agent counts snapshots in use, not
+        cold starts) in progress at its agent's last pass."""
+        last = now - (now - self.phase) % AGENT_PASS_S
+        return sum(1 for s, e, restore in self.starts if restore and s <= last < e)
 
     def touch(self, name: str, size: int) -> None:
         self.cache[name] = size
@@ -185,20 +263,21 @@ def make_arrivals(models: list[Model], nodes: int, pods: int, rng: random.Random
 
 
 def true_time(
-    node: SimNode, model: Model, published: bool, now: float, p: Params = DEFAULT_PARAMS
+    node: SimNode, model: Model, published: bool, now: float, truth: GroundTruth = TRUTH
 ) -> tuple[str, float]:
-    """What really happens on ``node``: the measured physics (the default constants), the real queue.
+    """What really happens on ``node``: the measured ground truth (module docstring), its real queue.
 
-    Always the default constants, whatever the scoring under test is given, so that changing a
-    scoring constant cannot change the world it is measured in.
+    Never the scorer's constants, so that a scoring constant cannot change the world it is
+    measured in, and an error in the scorer's estimates shows as worse placements.
     """
-    queue = 1.0 + p.queue_share * node.restoring(now)
+    queue = 1.0 + truth.queue_share * node.restoring(now)
+    size = model.bytes
     tier = node.tier(model.name)
     if tier is not None:
-        return tier, restore_seconds(model.bytes, tier, p) * queue  # type: ignore[arg-type]
+        return tier, (truth.fixed[tier] + size / node.rates[tier]) * queue
     if published:
-        return "fetch", (model.bytes / p.fetch_bps + restore_seconds(model.bytes, "disk", p)) * queue
-    return "cold", cold_seconds(model.bytes, p)
+        return "fetch", (size / node.rates["fetch"] + truth.fixed["disk"] + size / node.rates["disk"]) * queue
+    return "cold", size / node.rates["cold"]
 
 
 def least_allocated(node: SimNode) -> float:
@@ -251,16 +330,30 @@ def simulate(  # noqa: PLR0917
     seed: int,
     p: Params = DEFAULT_PARAMS,
     weight: int = EXTENDER_WEIGHT,
+    prepare: Callable[[list[SimNode]], set[tuple[str, str]]] | None = None,
+    truth: GroundTruth = TRUTH,
 ) -> Result:
+    """One policy over ``arrivals``. ``prepare`` sets the nodes up before the first arrival and
+    returns the (model, pool) pairs already published (:func:`burst`)."""
     rng = random.Random(seed)
-    nodes = [
-        SimNode(f"n{i:03d}", POOLS[1] if i % 4 == 3 else POOLS[0], zone=i % ZONES) for i in range(n_nodes)
-    ]
-    published: set[tuple[str, str]] = set()
+    nodes = []
+    for i in range(n_nodes):
+        machine = random.Random(f"{seed}:{i}")  # the same machines whatever the policy
+        nodes.append(
+            SimNode(
+                f"n{i:03d}",
+                POOLS[1] if i % 4 == 3 else POOLS[0],
+                zone=i % ZONES,
+                phase=machine.uniform(0, AGENT_PASS_S),
+                rates=truth.node_rates(machine),
+            )
+        )
+    published: set[tuple[str, str]] = prepare(nodes) if prepare is not None else set()
     departures: list[tuple[float, SimNode, Model]] = []
     times: list[float] = []
     tiers: dict[str, int] = {}
     unplaced = 0
+    own: dict[str, list[tuple[float, float]]] = {}  # thaw: (when, share) of the pods it placed
     for a in arrivals:
         now = a.t
         for gone in [g for g in departures if g[0] <= now]:
@@ -282,13 +375,16 @@ def simulate(  # noqa: PLR0917
                 s = model.bytes * holders / n_nodes if model.name in n.cache else 0
                 il = 0.0 if s <= IL_MIN else 100.0 * (min(s, IL_MAX) - IL_MIN) / (IL_MAX - IL_MIN)
                 scores[n.name] = il + default[n.name]
-        elif policy == "thaw":
+        elif policy in ("thaw", "thaw-lagged"):
             variants: dict[str, Variant] = {}
             for pool in POOLS:
                 held = sum(1 for n in nodes if n.pool == pool and model.name in n.cache)
                 if (model.name, pool) in published:
                     variants[pool] = Variant(model.bytes, max(held, 1))
+            window = p.placed_window_s if policy == "thaw" else 0.0
+            extender: dict[str, int] = {}
             for n in feasible:
+                placed = sum(w for t, w in own.get(n.name, ()) if t > now - window)
                 entry = NodeEntry(
                     n.name,
                     "",
@@ -299,27 +395,35 @@ def simulate(  # noqa: PLR0917
                         for name, size in n.cache.items()
                         if name == model.name
                     ),
-                    restoring=n.restoring(now),
+                    restoring=max(n.reported(now), placed),
                 )
                 d: Decision = decide(
                     model.name, WORKLOAD, entry, variants=variants, known_facts={}, node_count=n_nodes, p=p
                 )
+                extender[n.name] = d.score
                 scores[n.name] = d.score * weight * EXTENDER_SCALE + default[n.name]
+            # The extender counts the pod on the nodes it scored highest, 1/k on each of k
+            # (index.py, "Placed pods"): its guess, which the scheduler's own scores may overrule.
+            best = max(extender.values())
+            if best > 0 and window > 0:
+                tied = [name for name, score in extender.items() if score == best]
+                for name in tied:
+                    own.setdefault(name, []).append((now, 1 / len(tied)))
         elif policy == "oracle":
             for n in feasible:
-                _, t = true_time(n, model, (model.name, n.pool) in published, now)
+                _, t = true_time(n, model, (model.name, n.pool) in published, now, truth)
                 scores[n.name] = -t * 1000 + least_allocated(n) / 1000
         else:
             raise UsageError(f"unknown policy {policy!r}: one of {', '.join(POLICIES)}")
         top = max(scores.values())
         chosen = rng.choice([n for n in feasible if scores[n.name] == top])
-        tier, t = true_time(chosen, model, (model.name, chosen.pool) in published, now)
+        tier, t = true_time(chosen, model, (model.name, chosen.pool) in published, now, truth)
         times.append(t)
         tiers[tier] = tiers.get(tier, 0) + 1
         chosen.placed += 1
         chosen.placed_gpus += model.gpus
         chosen.free_gpus -= model.gpus
-        chosen.ready_at.append(now + t)
+        chosen.starts.append((now, now + t, tier != "cold"))
         chosen.in_use[model.name] = chosen.in_use.get(model.name, 0) + 1
         chosen.touch(model.name, model.bytes)  # fetched, restored, or checkpointed on first start
         published.add((model.name, chosen.pool))
@@ -342,6 +446,32 @@ def run_all(n_nodes: int, pods: int, seed: int) -> list[Result]:
     models = make_models(rng)
     arrivals = make_arrivals(models, n_nodes, pods, rng)
     return [simulate(policy, n_nodes, models, arrivals, seed) for policy in POLICIES]
+
+
+BURST_POLICIES = ("spread", "thaw-lagged", "thaw", "oracle")
+
+
+def burst(
+    policy: str, *, nodes: int = 16, holders: int = 4, replicas: int = 8, seed: int = 1, gap_s: float = 0.05
+) -> Result:
+    """A scale-up: ``replicas`` pods of one 20 GB model arrive ``gap_s`` apart (the scheduler's
+    pace) on ``nodes`` idle nodes of one pool, ``holders`` of which hold its snapshot: the first in
+    page cache, the others on disk (200 GB of later snapshots in their page cache). No agent has
+    reported anything yet, nor will within the burst: only a count of the pods placed can keep
+    them off the one best node. ``Result.placed_max`` is the most replicas one node got."""
+    model = Model("burst-model", 20 * 10**9, 1)
+
+    def prepare(sim: list[SimNode]) -> set[tuple[str, str]]:
+        for n in sim:
+            n.pool = POOLS[0]
+        for k, n in enumerate(sim[:holders]):
+            n.cache[model.name] = model.bytes
+            if k > 0:
+                n.cache["later-snapshots"] = MEMORY_BUDGET
+        return {(model.name, POOLS[0])}
+
+    arrivals = [Arrival(1000.0 + i * gap_s, 0, 3600.0) for i in range(replicas)]
+    return simulate(policy, nodes, [model], arrivals, seed, prepare=prepare)
 
 
 def goals(results: list[Result]) -> list[tuple[str, bool, str]]:
@@ -384,6 +514,51 @@ def report(results: list[Result], out: Any = None) -> bool:
     return ok
 
 
+def truth_report(out: Any = None, truth: GroundTruth = TRUTH, p: Params = DEFAULT_PARAMS) -> None:
+    """The ground truth's fit, and how far the scorer's own estimates are from it."""
+    out = out or sys.stdout
+    size = 20 * 10**9
+    estimate = {
+        "memory": restore_seconds(size, "memory", p),
+        "disk": restore_seconds(size, "disk", p),
+        "fetch": size / p.fetch_bps + restore_seconds(size, "disk", p),
+        "cold": cold_seconds(size, p),
+    }
+    med = {t: truth.fixed.get(t, 0.0) + size / truth.rates[t].median for t in TIERS}
+    med["fetch"] += med["disk"]
+    out.write(
+        f"ground truth: {len(truth.sources)} GPU runs (extender/measured.json); per tier the image bytes/s, "
+        f"lognormal; queue share {truth.queue_share:g} (assumed)\n"
+    )
+    for t in TIERS:
+        r = truth.rates[t]
+        out.write(
+            f"  {t:<7} median {r.median / 1e9:.2f} GB/s (sigma {r.sigma:.2f}); a 20 GB image: {med[t]:.1f} s "
+            f"measured, {estimate[t]:.1f} s estimated by the scorer ({estimate[t] / med[t]:.2f}x)\n"
+        )
+
+
+BURSTS = ((1, 8), (2, 12), (4, 8), (8, 8))  # (holders, replicas)
+
+
+def burst_report(seeds: range = range(1, 11), out: Any = None) -> None:
+    """Each :func:`burst` scenario over ``seeds``: the busiest node's replicas and the mean real
+    time-to-ready, per policy."""
+    out = out or sys.stdout
+    out.write(
+        f"bursts (16 idle nodes; the agents' reports come a pass late), "
+        f"mean of seeds {seeds.start}-{seeds.stop - 1}:\n"
+    )
+    out.write(f"  {'holders/replicas':<17}" + "".join(f"{pol:>22}" for pol in BURST_POLICIES) + "\n")
+    for holders, replicas in BURSTS:
+        cells = []
+        for pol in BURST_POLICIES:
+            rs = [burst(pol, holders=holders, replicas=replicas, seed=s) for s in seeds]
+            busiest = statistics.fmean(r.placed_max for r in rs)
+            cells.append(f"{busiest:.1f} on one, {statistics.fmean(r.mean for r in rs):.1f} s")
+        out.write(f"  {f'{holders}/{replicas}':<17}" + "".join(f"{c:>22}" for c in cells) + "\n")
+
+
 def plot(results: list[Result], path: Path) -> None:
     try:
         import matplotlib
@@ -415,7 +590,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--nodes must be at least 2 and --pods at least 1")
     results = run_all(args.nodes, args.pods, args.seed)
     print(f"thaw simulate: {args.nodes} nodes x {GPUS_PER_NODE} GPUs, {args.pods} pods, seed {args.seed}")
+    truth_report()
     ok = report(results)
+    burst_report()
     if args.plot is not None:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
