@@ -4,7 +4,8 @@
 them busy restoring; one is empty but compatible; one is an H200 with other facts; one has only GPU
 Feature Discovery labels), starts ``thaw extender --nodes FILE`` (real gunicorn), asks it
 ``/filter`` and ``/prioritize`` for each pod as kube-scheduler would (``nodeCacheCapable``), binds
-the pod to the best node, and prints node, tier and estimated time-to-ready against a cold start.
+the pod to the best node (ties to the one with fewest of these pods, as the scheduler's default
+spreading does), and prints node, tier and estimated time-to-ready against a cold start.
 The extender counts each pod it places as a restore in progress on that node, so the next pods
 spread over the other nodes at once. The node agents' own report of it (``restoring`` in
 ``thaw.dev/cache``) is played with their lag: it reaches the ``--nodes`` file (which the extender
@@ -188,13 +189,13 @@ def place_pods(
                 args = {"Pod": pod, "Nodes": None, "NodeNames": names}
                 filtered = _post(port, "/filter", args)
                 scores = _post(port, "/prioritize", {**args, "NodeNames": filtered["NodeNames"]})
-                best = max(scores, key=lambda h: h["Score"])["Host"] if scores else filtered["NodeNames"][0]
+                best = _bind(scores, filtered["NodeNames"], placements)
                 memo = explain.decisions(ann["thaw.dev/snapshot"], ann["thaw.dev/workload"])
                 d = memo.decision(best)
+                # As the extender does: the pod counts on the nodes it scored highest.
+                explain.note_placed(meta["uid"], memo.top(filtered["NodeNames"]))
                 p = Placement(meta["name"], best, d.tier, d.seconds, d.cold_seconds, d.score)
                 placements.append(p)
-                if d.score > 0:  # as the extender does: it counts the restores it placed
-                    explain.note_placed(meta["uid"], best)
                 failed = ", ".join(sorted(filtered["FailedNodes"])) or "none"
                 out(
                     f"  {p.pod:<8} placement={ann.get('thaw.dev/placement', 'preferred'):<9} -> {p.node} "
@@ -206,6 +207,17 @@ def place_pods(
             proc.terminate()
             proc.wait(timeout=15)
     return placements
+
+
+def _bind(scores: list[dict[str, Any]], feasible: list[str], placed: list[Placement]) -> str:
+    """The node kube-scheduler would bind: the highest extender score (nothing else differs
+    between these nodes), ties going to the node with fewest of these pods so far, as the default
+    PodTopologySpread constraints spread a workload's replicas, then to the first asked about."""
+    if not scores:
+        return feasible[0]
+    top = max(h["Score"] for h in scores)
+    tied = [h["Host"] for h in scores if h["Score"] == top]
+    return str(min(tied, key=lambda n: sum(1 for p in placed if p.node == n)))
 
 
 def _workload(pods: list[dict[str, Any]]) -> str:

@@ -255,7 +255,7 @@ def _placing(index: NodeIndex, args: Args, node: str | None) -> Callable[[], Non
     """What to run once the answer is sent: count the pod on ``node`` (None: nothing to count)."""
     if node is None:
         return None
-    return lambda: index.note_placed(args.pod_key, node)
+    return lambda: index.note_placed(args.pod_key, [node])
 
 
 def filter_(index: NodeIndex, body: bytes) -> tuple[int, bytes]:
@@ -276,7 +276,7 @@ def filter_deferred(index: NodeIndex, body: bytes) -> Deferred:
         after = None
         if args.thaw is not None and len(args.names) == 1:  # the scheduler binds it without asking more
             memo = index.decisions(args.thaw[0], args.thaw[1])
-            after = _placing(index, args, memo.best(args.names))
+            after = _placing(index, args, next(iter(memo.top(args.names)), None))
         if args.items is not None:
             return 200, b"".join((b"{", _nodes_answer(args, None), b',"FailedNodes":{},"Error":""}')), after
         return 200, orjson.dumps({"NodeNames": args.names, "FailedNodes": {}, "Error": ""}), after
@@ -399,11 +399,9 @@ def prioritize_deferred(index: NodeIndex, body: bytes) -> Deferred:
     scored = [(n, d.score) for n, d in zip(names, decisions, strict=True) if d.score > 0]
     out = orjson.dumps([{"Host": n, "Score": score} for n, score in scored])
     top = max((score for _, score in scored), default=0)
-    best = next((n for n, score in scored if score == top), None)
-    return 200, out, _placing(index, args, best)
+    best = sorted({n for n, score in scored if score == top and top > 0})
+    return 200, out, (lambda: index.note_placed(args.pod_key, best)) if best else None
 
 
 def _place_best(index: NodeIndex, args: Args, memo: Memo) -> None:
-    best = memo.best(args.names)
-    if best is not None:
-        index.note_placed(args.pod_key, best)
+    index.note_placed(args.pod_key, memo.top(args.names, args.names_raw))

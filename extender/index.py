@@ -27,12 +27,17 @@ lets other threads run every ``YIELD_EVERY`` nodes, so a request waits for at mo
 
 Placed pods. The agents' ``restoring`` counts reach the extender up to one pass (30 s) late, so a
 burst of replicas would see every holder idle and pile onto the best one. The extender therefore
-counts the Thaw pods it placed: for each prioritize answer, the node it scored highest (the one
-kube-scheduler then binds, unless its own plugins outweigh the difference), and for a filter that
-leaves one node (kube-scheduler then skips prioritize), that node. A pod counts as a restore in
-progress on that node for ``Params.placed_window_s``; the queue a decision uses is the larger of the
-node's reported ``restoring`` and that count (not the sum: once the agent reports, it counts the
-same restores). Asked again about the same pod (a retry), the new answer replaces the old.
+counts the Thaw pods it placed, from its own answers (no watch of pods: the webhook marks Thaw pods
+with annotations, which a watch cannot select, and a burst's next pod is scored before the last
+one's bind is even sent): for each prioritize answer, the nodes it scored highest, 1/k on each of
+k tied ones (kube-scheduler breaks ties at random, so each is as likely; a guess of one would count
+the pod where it did not go and push the next pods to where it did); for a filter that leaves one
+node (kube-scheduler then skips prioritize), that node. A pod counts as a restore in progress there
+for ``Params.placed_window_s``; the queue a decision uses is the larger of the node's reported
+``restoring`` and that count (not the sum: once the agent reports, it counts the same restores; the
+larger undercounts a node that already reported restores of other pods). The guess can be wrong
+where kube-scheduler's own plugins outweigh the extender's difference; the agents' report corrects
+it within a pass. Asked again about the same pod (a retry), the new answer replaces the old.
 
 Memory. Per memo, about 0.5 KB per node; memos are kept while their total stays under
 ``MEMO_ENTRIES`` node decisions (least recently used dropped first), and at most ``MEMO_KEYS``.
@@ -78,6 +83,13 @@ Key = tuple[str, str]  # (snapshot, workload)
 
 def failure_message(snapshot: str, reason: str) -> str:
     return f"thaw: cannot restore snapshot {snapshot}: {reason}"
+
+
+def _positions(names: list[str]) -> dict[str, list[int]]:
+    pos: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        pos.setdefault(name, []).append(i)
+    return pos
 
 
 @dataclass(slots=True, eq=False)
@@ -156,22 +168,22 @@ class Memo:
         fail = self.fails.get(name) or self.unknown(name)
         return b"", fail[0], fail[1]
 
-    def best(self, names: list[str]) -> str | None:
-        """The first of ``names`` with the highest score above 0, or None."""
-        wanted: set[str] | None = None
+    def top(self, names: list[str], raw: bytes = b"") -> list[str]:
+        """The nodes among ``names`` (sent as ``raw``) that score highest, above 0 (sorted)."""
+        asked: Mapping[str, Any] | set[str] | None = None
+        if raw:
+            with self.view_lock:
+                v = self.view
+                if v is not None and v.raw == raw:
+                    v.pos = v.pos if v.pos is not None else _positions(v.names)
+                    asked = v.pos
+        if asked is None:
+            asked = set(names)
         for bucket in reversed(self.by_score[1:]):
-            if not bucket:
-                continue
-            if wanted is None:  # usually the first name that is one of these comes soon
-                hit = next(filter(bucket.__contains__, names), None)
-                if hit is not None:
-                    return hit
-                wanted = set(names)  # none of them was asked about: look the next ones up
-            else:
-                hits = bucket & wanted
-                if hits:
-                    return min(hits)
-        return None
+            hits = [n for n in list(bucket) if n in asked]  # list(): one step, as writers change it
+            if hits:
+                return sorted(hits)
+        return []
 
     # ---- the last node list (request threads) ----------------------------------------------------
     def answer(
@@ -211,9 +223,7 @@ class Memo:
             v.one = None
             return
         if v.pos is None:
-            v.pos = {}
-            for i, name in enumerate(v.names):
-                v.pos.setdefault(name, []).append(i)
+            v.pos = _positions(v.names)
         for name in set(log[v.seq - base : seq - base]):
             at = v.pos.get(name)
             if at is None:
@@ -312,10 +322,11 @@ class NodeIndex:
         self._memo: dict[Key, Memo] = {}
         # node -> hash of the problems last logged for it (and the inputs they came from).
         self._logged: dict[str, int] = {}
-        # Placed pods: pod -> (node, when); in time order; per node the count.
-        self._placed_pod: dict[str, tuple[str, float]] = {}
-        self._placed_q: deque[tuple[float, str, str]] = deque()
-        self.placed_on: dict[str, int] = {}
+        # Placed pods: pod -> (its nodes, when); in time order; per node the count (a pod placed
+        # on one of k tied nodes counts 1/k on each).
+        self._placed_pod: dict[str, tuple[tuple[str, ...], float]] = {}
+        self._placed_q: deque[tuple[float, str, tuple[str, ...]]] = deque()
+        self.placed_on: dict[str, float] = {}
         # Readiness: set after the first full list; last_sync is when the view was last known current.
         self.synced = False
         self.last_sync = 0.0
@@ -329,7 +340,7 @@ class NodeIndex:
         e = self.nodes.get(name)
         if e is None:
             return None
-        placed = self.placed_on.get(name, 0)
+        placed = self.placed_on.get(name, 0.0)
         return e if placed <= e.restoring else dataclasses.replace(e, restoring=placed)
 
     # ---- writers: the structures -----------------------------------------------------------------
@@ -534,22 +545,24 @@ class NodeIndex:
         self.last_sync = time.monotonic()
 
     # ---- placed pods -----------------------------------------------------------------------------
-    def note_placed(self, pod: str, node: str, now: float | None = None) -> None:
-        """Count ``pod`` as restoring on ``node`` from ``now`` (see the module docstring)."""
+    def note_placed(self, pod: str, nodes: Iterable[str], now: float | None = None) -> None:
+        """Count ``pod`` as restoring on one of ``nodes`` from ``now``: 1/len(nodes) on each (the
+        module docstring). Noted again, a pod's count moves; it does not add up."""
         window = self.params.placed_window_s
-        if window <= 0:
+        on = (nodes,) if isinstance(nodes, str) else tuple(nodes)
+        if window <= 0 or not on:
             return
         now = time.monotonic() if now is None else now
         with self._lock:
             moved = self._expire(now)
             prev = self._placed_pod.get(pod)
             if prev is not None:
-                self._unplace(prev[0])
-                moved.add(prev[0])
-            self._placed_pod[pod] = (node, now)
-            self._placed_q.append((now, pod, node))
-            self.placed_on[node] = self.placed_on.get(node, 0) + 1
-            moved.add(node)
+                moved |= self._unplace(prev[0])
+            self._placed_pod[pod] = (on, now)
+            self._placed_q.append((now, pod, on))
+            for node in on:
+                self.placed_on[node] = self.placed_on.get(node, 0.0) + 1 / len(on)
+            moved |= set(on)
             while len(self._placed_pod) > PLACED_MAX:  # keep the newest
                 moved |= self._expire(self._placed_q[0][0] + window)
             self._refresh_nodes(moved)
@@ -562,23 +575,24 @@ class NodeIndex:
             with self._lock:
                 self._refresh_nodes(self._expire(now))
 
-    def _unplace(self, node: str) -> None:
-        n = self.placed_on.get(node, 0) - 1
-        if n > 0:
-            self.placed_on[node] = n
-        else:
-            self.placed_on.pop(node, None)
+    def _unplace(self, on: tuple[str, ...]) -> set[str]:
+        for node in on:
+            n = self.placed_on.get(node, 0.0) - 1 / len(on)
+            if n > 1e-9:
+                self.placed_on[node] = n
+            else:
+                self.placed_on.pop(node, None)
+        return set(on)
 
     def _expire(self, now: float) -> set[str]:
         moved: set[str] = set()
         limit = now - self.params.placed_window_s
         q = self._placed_q
         while q and q[0][0] <= limit:
-            t, pod, node = q.popleft()
-            if self._placed_pod.get(pod) == (node, t):  # not replaced by a later answer
+            t, pod, on = q.popleft()
+            if self._placed_pod.get(pod) == (on, t):  # not replaced by a later answer
                 del self._placed_pod[pod]
-                self._unplace(node)
-                moved.add(node)
+                moved |= self._unplace(on)
         return moved
 
     # ---- readers ---------------------------------------------------------------------------------

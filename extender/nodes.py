@@ -61,7 +61,7 @@ class NodeEntry:
     # Full facts flattened the same way (annotation only), so partial facts can be compared.
     flat_facts: dict[str, str | int] = field(default_factory=dict)
     copies: tuple[CachedCopy, ...] = ()
-    restoring: int = 0
+    restoring: float = 0  # the agent reports a count; the index adds the pods it placed (1/k each)
     free_bytes: int = 0
     # Why an annotation could not be read (logged once per value, see parse_node's caller).
     problems: tuple[str, ...] = ()
@@ -168,7 +168,7 @@ def parse_node(node: Mapping[str, Any]) -> NodeEntry:
             facts_source = "gfd"
 
     copies: tuple[CachedCopy, ...] = ()
-    restoring = 0
+    restoring: float = 0
     free = 0
     raw_cache = ann.get(NODE_CACHE)
     if raw_cache is not None:

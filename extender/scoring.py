@@ -145,7 +145,9 @@ def decide(
     any_size = max((v.bytes for v in variants.values()), default=0)
     cold = cold_seconds(any_size, p)
     queue = 1.0 + p.queue_share * node.restoring
-    queue_note = f", {node.restoring} restore(s) in progress" if node.restoring else ""
+    q = node.restoring
+    queue_note = f", {q:g} restore(s) in progress" if q == int(q) else f", {q:.2f} restore(s) in progress"
+    queue_note = queue_note if q else ""
 
     def cold_decision(why: str) -> Decision:
         return Decision("cold", cold, cold, 0, False, f"cold start ~{cold:.1f} s: {why}")

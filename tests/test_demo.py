@@ -81,14 +81,15 @@ def test_bump_restoring_counts_one_more_restore() -> None:
 
 
 def test_replicas_spread_as_restore_queues_grow() -> None:
-    """Two nodes hold the snapshot alike: without the queue every replica would land on the first."""
+    """gpu-a holds the snapshot in page cache, gpu-b on disk: without the extender's count of the
+    pods it placed (the agents report a pass late) every replica would land on gpu-a."""
     snap = cached(demo.SNAPSHOT, 8_100_000_000, "memory")
     cluster = {
         "kind": "NodeList",
         "metadata": {"resourceVersion": "1"},
         "items": [
             node("gpu-a", snapshots=[snap]),
-            node("gpu-b", snapshots=[snap]),
+            node("gpu-b", snapshots=[cached(demo.SNAPSHOT, 8_100_000_000, "disk")]),
             node("gpu-c", snapshots=[]),
         ],
     }

@@ -11,8 +11,13 @@ from tests.extender.conftest import SIZE, SNAPSHOT
 
 
 def burst() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    # gpu-a restores fastest (page cache); gpu-b from disk is next best; gpu-c would fetch.
     snap = cached(SNAPSHOT, SIZE, "memory")
-    items = [node("gpu-a", snapshots=[snap]), node("gpu-b", snapshots=[snap]), node("gpu-c", snapshots=[])]
+    items = [
+        node("gpu-a", snapshots=[snap]),
+        node("gpu-b", snapshots=[cached(SNAPSHOT, SIZE, "disk")]),
+        node("gpu-c", snapshots=[]),
+    ]
     pods = example_pods(4)
     for p in pods:
         p["metadata"]["annotations"]["thaw.dev/workload"] = snap["workload"]
@@ -36,4 +41,5 @@ def test_with_the_agents_lag_a_burst_piles_up_without_the_count() -> None:
 
 def test_with_the_agents_lag_the_count_spreads_the_burst() -> None:
     placed = nodes_of(spread=True)
-    assert set(placed[:2]) == {"gpu-a", "gpu-b"} and max(placed.count(n) for n in placed) <= 2, placed
+    # gpu-a first; counted there, it restores slower than gpu-b from disk, which takes the next.
+    assert placed[:2] == ["gpu-a", "gpu-b"] and placed.count("gpu-a") < len(placed), placed
