@@ -73,9 +73,10 @@ def test_usage_errors() -> None:
     p = _exec("--")
     _, err = p.communicate(timeout=30)
     assert p.returncode == 2 and "no workload command" in err
-    p = _exec("--checkpoint", "on-ready", "--", "true")
+    # Run by hand with --store: the snapshot's name and workload must be given.
+    p = _exec("--checkpoint", "on-ready", "--ready", "tcp:8000", "--store", "/s", "--", "true")
     _, err = p.communicate(timeout=30)
-    assert p.returncode == 2 and "--ready" in err and "--store" in err
+    assert p.returncode == 2 and "--name" in err and "--workload" in err
     p = _exec(
         "--checkpoint",
         "on-ready",
@@ -100,6 +101,26 @@ def test_usage_errors() -> None:
         p = _exec(*ckpt, *hooks, "--", "true")
         _, err = p.communicate(timeout=30)
         assert p.returncode == 2 and words in err, err
+
+
+def test_no_readiness_check_runs_the_workload_without_a_checkpoint(tmp_path: Path) -> None:
+    """A pod without an HTTP or TCP readinessProbe gets THAW_CHECKPOINT=on-ready and no THAW_READY:
+    the workload starts and runs; the outcome says why there is no checkpoint (it used to exit 2
+    before starting the workload, and the pod crash-looped)."""
+    flag = tmp_path / "ran"
+    p = _exec(
+        "--checkpoint", "on-ready", "--work", str(tmp_path), "--", "sh", "-c", f"touch {flag}; exit 0",
+        env={"THAW_CHECKPOINT": "on-ready"},
+    )  # fmt: skip
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert flag.exists()
+    outcome = read_json(tmp_path / "outcome.json")
+    assert outcome["result"] == "cold" and outcome["exit_code"] == 0
+    ck = outcome["checkpoint"]
+    assert ck["status"] == "skipped" and "no readiness check" in ck["reason"] and "THAW_READY" in ck["reason"]
+    assert (tmp_path / "ready").exists()  # nothing of Thaw holds a cold start's readiness back
+    assert not (tmp_path / "dump").exists() and not (tmp_path / "checkpoint.inprogress").exists()
 
 
 def test_missing_plan_is_a_cold_start(tmp_path: Path) -> None:

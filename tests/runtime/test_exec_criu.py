@@ -62,8 +62,8 @@ class Snapshot(World):
 
     @property
     def directory(self) -> Path:
-        """Its directory in the store."""
-        return self.store / self.name / self.snapshot_id.split(":", 1)[1]
+        """Its directory in the store (per namespace: by hand, outside a pod, "default")."""
+        return self.store / "default" / self.name / self.snapshot_id.split(":", 1)[1]
 
 
 def _workload(name: str) -> str:

@@ -1,9 +1,17 @@
-"""Plan ``cold`` with ``--checkpoint on-ready``: once CMD is ready, lock and checkpoint CUDA in every
-process that has CUDA state, dump the tree with CRIU leaving it running, restore and unlock CUDA,
-then publish the images (signed) to the store and keep the node's copy in its cache. With sleep and
-wake hooks the server is put to sleep around all of it. A failed checkpoint never stops the server;
-it is logged and recorded (unless the CUDA state could not be put back: then the workload is
-stopped, :class:`WorkloadBroken`).
+"""Plan ``cold`` with ``--checkpoint on-ready``: once CMD is ready, ask the publisher whether it
+would take a dump (:mod:`thaw.runtime.publish`: thaw-sidecar in a pod, or in-process by hand) and
+check that the work directory, the node cache and the container's memory limit can take it
+(:mod:`thaw.runtime.room`); mark the checkpoint in progress; lock and checkpoint CUDA in every
+process that has CUDA state, dump the tree with CRIU into ``<work>/dump/`` leaving it running,
+restore and unlock CUDA; then hand the dump to the publisher (in a thread) and record what became
+of it. With sleep and wake hooks the server is put to sleep around the dump. A failed or refused
+checkpoint never stops the server; it is logged and recorded (unless the CUDA state could not be put
+back: then the workload is stopped, :class:`WorkloadBroken`).
+
+Once per pod (thaw.runtime.workdir): ``checkpoint.inprogress`` is written before the dump and
+``checkpoint.done`` when a checkpoint that got that far ends. A restarted container that finds the
+first (it was killed mid-checkpoint: out of memory, evicted) or the second does not checkpoint
+again, records "skipped" with the reason, and deletes a dead dump that was never handed over.
 
 Snapshot metadata (``thaw-exec.json`` in the images, covered by the signed manifest): format, root
 PID, all PIDs, CUDA PIDs (in lock order), the command, the names of the workload's stdout and
@@ -17,7 +25,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,10 +35,19 @@ from typing import Any
 import orjson
 
 from thaw.contract.manifest import EXEC_META_NAME
-from thaw.runtime import criu, hooks
-from thaw.runtime.gpu import gpu_layout, gpu_uuids_or_none, rank_env, visible_gpu_minors
+from thaw.runtime import criu, hooks, workdir
+from thaw.runtime.gpu import (
+    gpu_layout,
+    gpu_minors,
+    gpu_used_bytes,
+    gpu_uuids_or_none,
+    rank_env,
+    visible_gpu_minors,
+)
 from thaw.runtime.outcome import Outcome
+from thaw.runtime.publish import Publisher
 from thaw.runtime.ready import ReadySpec, wait_ready
+from thaw.runtime.room import Need, refusal, room, tree_bytes
 from thaw.runtime.supervisor import Supervisor
 
 log = logging.getLogger("thaw.exec")
@@ -55,12 +71,8 @@ class WorkloadBroken(RuntimeError):
 class CheckpointConfig:
     ready: ReadySpec
     ready_timeout: float
-    store: Path
-    key: Path | None
-    name: str
-    workload: str
-    facts: Path | None
-    cache: Path | None
+    work: Path  # the work emptyDir: dump/, the markers, the publisher's request and result
+    publisher: Publisher  # thaw-sidecar (SidecarPublisher) or in-process (LocalPublisher)
     opts: criu.CriuOptions
     logs: Path
     hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.contract.hooks
@@ -190,52 +202,87 @@ def _asleep(pair: tuple[str, str] | None, timings: dict[str, float]) -> Iterator
             timings["wake_s"] = round(time.monotonic() - t, 3)
 
 
-def images_dir(cache: Path | None) -> Path:
-    """A fresh directory for the dump; inside the node cache when given (same filesystem, so the
-    local copy is a rename), else in the temporary directory."""
-    base = cache if cache is not None else Path(tempfile.gettempdir())
-    base.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=".thaw-dump-", dir=base))
+def estimate(root: int) -> Need:
+    """What a checkpoint of the tree under ``root`` needs: its memory, and the GPU memory of the
+    devices its processes hold open (the CUDA checkpoint's host copy), read before the lock."""
+    pids = criu.tree(root)
+    minors = sorted({m for p in pids for m in gpu_minors(criu.fd_targets(p).values())})
+    return Need(tree_bytes=tree_bytes(pids), gpu_bytes=gpu_used_bytes(minors) if minors else 0)
 
 
-def publish_images(images: Path, cfg: CheckpointConfig, outcome: Outcome) -> None:
-    from thaw.snapshot.nodefacts import node_facts
-    from thaw.snapshot.store import DirectoryStore, publish
-
-    t = time.monotonic()
-    try:
-        facts = node_facts(cfg.facts)
-        manifest = publish(DirectoryStore(cfg.store), cfg.name, cfg.workload, images, cfg.key, facts)
-        info: dict[str, Any] = {
-            "status": "published",
-            "snapshot": manifest["id"],
-            "bytes": manifest.get("total_bytes"),
-            "publish_s": round(time.monotonic() - t, 3),
+def earlier_checkpoint(work: Path) -> dict[str, Any] | None:
+    """The checkpoint record for this run when an earlier run in this pod got as far as a dump, else
+    None. A dump that was never handed over (no request) is deleted: nothing will publish it."""
+    marker = work / workdir.INPROGRESS
+    if marker.exists() or marker.is_symlink():
+        began = (workdir.read_json_or_none(marker) or {}).get("started", "an unknown time")
+        if not (work / workdir.REQUEST).exists():
+            shutil.rmtree(work / workdir.DUMP, ignore_errors=True)
+        return {
+            "status": "skipped",
+            "reason": (
+                f"an earlier checkpoint in this pod did not finish (started {began}): the container was "
+                "killed during it, so it is not tried again (delete the pod to try again)"
+            ),
         }
-        if cfg.cache is not None:
-            try:
-                from thaw.snapshot.cache import add_local
+    done = workdir.read_json_or_none(work / workdir.DONE)
+    if done is None:
+        return None
+    if done.get("stopped_workload"):
+        first = str(done.get("first_reason") or done.get("reason", ""))
+        return {
+            "status": "skipped",
+            "reason": f"an earlier checkpoint in this pod had to stop the workload: {first}",
+            "first_reason": first,
+            "stopped_workload": True,
+        }
+    status, why = done.get("status", "ended"), done.get("reason")
+    return {
+        "status": "skipped",
+        "reason": f"this pod already took its checkpoint ({status}{': ' + str(why) if why else ''})",
+    }
 
-                add_local(cfg.cache, manifest, images)
-                info["cached"] = True
-            except Exception as exc:  # the store has it; the local copy is an optimisation
-                log.warning("snapshot published but not kept in the node cache: %s", exc)
-                info["cached"] = f"failed: {exc}"
-        log.info("published snapshot %s (%s bytes)", manifest["id"], manifest.get("total_bytes"))
-        outcome.update(checkpoint={**outcome.data.get("checkpoint", {}), **info})
-    except Exception as exc:
-        log.error("checkpoint taken but not published: %s", exc)
-        outcome.update(
-            checkpoint={**outcome.data.get("checkpoint", {}), "status": "failed", "reason": f"publish: {exc}"}
-        )
-    finally:
-        shutil.rmtree(images, ignore_errors=True)
+
+def _begin(work: Path, need: Need) -> Path:
+    """The in-progress marker, then an empty ``<work>/dump/``. OSError when the marker cannot be
+    written: no checkpoint without it (a killed one would be tried again on every restart)."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    workdir.write_json(work / workdir.INPROGRESS, {"started": started, "estimated_bytes": need.dump_bytes})
+    for stale in (workdir.REQUEST, workdir.RESULT):
+        (work / stale).unlink(missing_ok=True)
+    images = work / workdir.DUMP
+    shutil.rmtree(images, ignore_errors=True)
+    images.mkdir(mode=0o700)
+    return images
+
+
+def _end(work: Path, record: dict[str, Any]) -> None:
+    """The checkpoint has ended: the done marker replaces the in-progress one; the dump goes."""
+    try:
+        workdir.write_json(work / workdir.DONE, record)
+        (work / workdir.INPROGRESS).unlink(missing_ok=True)
+    except OSError as exc:  # the in-progress marker stays: a restart skips, which is what done means too
+        log.warning("cannot mark the checkpoint done in %s: %s", work, exc)
+    shutil.rmtree(work / workdir.DUMP, ignore_errors=True)
+
+
+def _hand_over(images: Path, nbytes: int, cfg: CheckpointConfig, outcome: Outcome) -> None:
+    """Publish (thaw-sidecar, or in-process) and record what became of it; in its own thread."""
+    try:
+        result = cfg.publisher.publish(images, nbytes)
+    except Exception as exc:  # a publisher that raised: recorded, never raised
+        result = {"status": "failed", "reason": f"publish: {exc}"}
+    record = {**outcome.data.get("checkpoint", {}), **result}
+    outcome.update(checkpoint=record)
+    (log.info if record.get("status") == "published" else log.error)("checkpoint: %s", record)
+    _end(cfg.work, record)
 
 
 def checkpoint(
     root: int, cmd: list[str], sup: Supervisor, cfg: CheckpointConfig, outcome: Outcome
 ) -> threading.Thread | None:
-    """Wait until ready, dump, and publish in the background. Never raises; never stops the server."""
+    """Wait until ready, check, dump, and publish in the background. Never raises; never stops
+    the server (but for WorkloadBroken)."""
     t0 = time.monotonic()
     outcome.update(checkpoint={"status": "waiting for ready"})
     why = wait_ready(cfg.ready, cfg.ready_timeout, alive=sup.alive)
@@ -244,32 +291,47 @@ def checkpoint(
         outcome.update(checkpoint={"status": "failed", "reason": why})
         return None
     ready_s = round(time.monotonic() - t0, 3)
-    images: Path | None = None
+    need = estimate(root)
+    sized: dict[str, Any] = {"ready_s": ready_s, "estimated_bytes": need.dump_bytes}
+    if need.gpu_bytes is None:
+        sized["note"] = "the GPU state's size is unknown (no NVML): not counted in the estimate"
+    why = cfg.publisher.room(need.dump_bytes) or refusal(need, room(cfg.work, None))
+    if why is not None:
+        log.error("no checkpoint: %s", why)
+        outcome.update(checkpoint={"status": "skipped", "reason": why, **sized})
+        return None
     try:
-        images = images_dir(cfg.cache)
+        images = _begin(cfg.work, need)
+    except OSError as exc:
+        why = f"cannot mark the checkpoint in progress in {cfg.work}: {exc.strerror or exc}"
+        log.error("no checkpoint: %s", why)
+        outcome.update(checkpoint={"status": "skipped", "reason": why, **sized})
+        return None
+    outcome.update(checkpoint={"status": "dumping", **sized})
+    try:
         meta = dump(root, cmd, images, cfg)
     except WorkloadBroken as exc:
         # Never half a server: a frozen tree would pass a TCP probe and answer nothing. Stopped,
-        # the container restarts cold, and the outcome file (the pod's emptyDir) keeps the restart
-        # from trying again (checkpoint_blocked).
-        if images is not None:
-            shutil.rmtree(images, ignore_errors=True)
+        # the container restarts cold, and the done marker keeps the restart from trying again.
         log.error("checkpoint failed and the workload cannot go on; stopping it: %s", exc)
-        outcome.update(
-            checkpoint={"status": "failed", "reason": str(exc), "ready_s": ready_s, "stopped_workload": True}
-        )
+        record = {"status": "failed", "reason": str(exc), **sized, "stopped_workload": True}
+        outcome.update(checkpoint=record)
+        _end(cfg.work, record)
         sup.kill_tree(criu.tree(root) or [root])
         return None
     except Exception as exc:
-        if images is not None:
-            shutil.rmtree(images, ignore_errors=True)
         log.error("checkpoint failed, server keeps running: %s", exc)
-        outcome.update(checkpoint={"status": "failed", "reason": str(exc), "ready_s": ready_s})
+        record = {"status": "failed", "reason": str(exc), **sized}
+        outcome.update(checkpoint=record)
+        _end(cfg.work, record)
         return None
-    outcome.update(checkpoint={"status": "publishing", "ready_s": ready_s, **meta["timings"]})
-    log.info("checkpoint taken in %s; publishing", meta["timings"])
+    nbytes = sum(p.stat().st_size for p in images.rglob("*") if p.is_file())
+    outcome.update(checkpoint={"status": "publishing", **sized, "dump_bytes": nbytes, **meta["timings"]})
+    log.info("checkpoint taken in %s (%d bytes); publishing", meta["timings"], nbytes)
     # Publishing copies and hashes gigabytes: in a thread, so PID 1 goes back to reaping and
     # forwarding signals. It starts no processes, so it does not race the reaper.
-    t = threading.Thread(target=publish_images, args=(images, cfg, outcome), name="thaw-publish", daemon=True)
+    t = threading.Thread(
+        target=_hand_over, args=(images, nbytes, cfg, outcome), name="thaw-publish", daemon=True
+    )
     t.start()
     return t

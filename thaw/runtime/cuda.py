@@ -196,6 +196,18 @@ class Cuda:
             out.append(format_uuid(bytes(uuid.bytes)))
         return out
 
+    def restore_thread(self, pid: int) -> int | None:
+        """The thread of ``pid`` on which the driver restores its GPU state
+        (``cuCheckpointProcessGetRestoreThreadId``), or None (no such call in this driver, or no CUDA
+        state): what ``--ready-gate stopped`` lets run alone (thaw.runtime.stopped)."""
+        fn = getattr(self.lib, "cuCheckpointProcessGetRestoreThreadId", None)
+        if fn is None:
+            return None
+        tid = ctypes.c_int(0)
+        if int(fn(ctypes.c_int(pid), ctypes.byref(tid))) != CUDA_SUCCESS or tid.value <= 0:
+            return None
+        return tid.value
+
     def unlock(self, pid: int) -> None:
         args = _ZeroArgs()
         rc = int(self.lib.cuCheckpointProcessUnlock(ctypes.c_int(pid), ctypes.byref(args)))

@@ -11,6 +11,7 @@ is refused before CRIU runs and the whole workload cold-starts.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import re
 from collections.abc import Iterable
@@ -100,3 +101,45 @@ def gpu_uuids_or_none(cuda: Any) -> list[str] | None:
         log.warning("cannot read the GPUs' UUIDs (%s): no GPU remapping", exc)
         return None
     return uuids
+
+
+# --- GPU memory (NVML through ctypes: the runtime bundle carries no pynvml) --------------------
+
+
+class _Memory(ctypes.Structure):
+    _fields_ = [("total", ctypes.c_ulonglong), ("free", ctypes.c_ulonglong), ("used", ctypes.c_ulonglong)]
+
+
+def gpu_used_bytes(minors: Iterable[int], lib: str = "libnvidia-ml.so.1") -> int | None:
+    """Used memory of the GPUs whose ``/dev/nvidiaN`` minors are given, summed; None when NVML
+    cannot say (no library, no such GPU)."""
+    want = set(minors)
+    if not want:
+        return 0
+    try:
+        nvml = ctypes.CDLL(lib)
+    except OSError as exc:
+        log.info("cannot load %s (%s): the GPU state's size is unknown", lib, exc)
+        return None
+    if nvml.nvmlInit_v2() != 0:
+        return None
+    try:
+        count = ctypes.c_uint(0)
+        if nvml.nvmlDeviceGetCount_v2(ctypes.byref(count)) != 0:
+            return None
+        total, seen = 0, set()
+        for i in range(count.value):
+            handle = ctypes.c_void_p()
+            minor = ctypes.c_uint(0)
+            mem = _Memory()
+            if nvml.nvmlDeviceGetHandleByIndex_v2(i, ctypes.byref(handle)) != 0:
+                continue
+            if nvml.nvmlDeviceGetMinorNumber(handle, ctypes.byref(minor)) != 0 or minor.value not in want:
+                continue
+            if nvml.nvmlDeviceGetMemoryInfo(handle, ctypes.byref(mem)) != 0:
+                return None
+            total += int(mem.used)
+            seen.add(minor.value)
+        return total if seen == want else None
+    finally:
+        nvml.nvmlShutdown()

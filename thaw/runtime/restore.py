@@ -1,21 +1,23 @@
-"""Plan ``restore``: CRIU restores the process tree, then the CUDA driver puts GPU memory back
-(restore, then unlock, for every CUDA process of the tree), then the snapshot's wake hook is called
-if it was taken asleep, then, if ``--ready`` is given, the restored server must answer before it is
-accepted.
+"""Plan ``restore``: the snapshot is held and verified (thaw.snapshot.cache.hold_verified: the use
+lock taken shared through the workload's read-only mount, the manifest's id checked against the
+plan's, every file re-hashed) right before CRIU restores the process tree from it; then the CUDA
+driver puts GPU memory back (restore, then unlock, for every CUDA process of the tree), then the
+snapshot's wake hook is called if it was taken asleep, then the ready gate opens (``<work>/ready``;
+with ``--ready-gate stopped`` the tree stays stopped until CUDA is back:
+thaw.runtime.workdir.ReadyGate), then, if ``--ready`` is given, the restored server must answer
+before it is accepted.
 
-Any failure kills what was restored and the caller runs CMD (a cold start): a restore never
-crash-loops a pod. Why is logged and written to the outcome file. The restore waits briefly for PIDs
-still held by a dead tree's zombies ("Can't fork for PID: File exists") and retries CRIU once more
-if it still hits one.
+Any failure (an evicted or altered snapshot included) kills what was restored and the caller runs
+CMD (a cold start): a restore never crash-loops a pod. Why is logged and written to the outcome
+file. The restore waits briefly for PIDs still held by a dead tree's zombies ("Can't fork for PID:
+File exists") and retries CRIU once more if it still hits one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,10 @@ from thaw.runtime.checkpoint import META_FORMAT, META_NAME
 from thaw.runtime.gpu import container_gpu_problem, gpu_uuids_or_none, visible_gpu_minors
 from thaw.runtime.outcome import Outcome
 from thaw.runtime.ready import ReadySpec, wait_ready
+from thaw.runtime.stopped import NoRestoreThread, continue_tree, restore_threads, running_alone
 from thaw.runtime.supervisor import Supervisor
+from thaw.runtime.workdir import ReadyGate
+from thaw.snapshot.cache import CacheError, hold_verified
 
 log = logging.getLogger("thaw.exec")
 
@@ -37,7 +42,34 @@ log = logging.getLogger("thaw.exec")
 CRIU_RESTORE_BASE_S = 10.0
 CRIU_RESTORE_MIN_RATE = 100e6  # bytes/s
 PID_FREE_WAIT_S = 5.0
+HOLD_WAIT_S = 30.0  # for the snapshot's use lock (eviction holds it exclusively only for a rename)
 RESTORE_READY_TIMEOUT_S = 60.0
+
+
+def _thaw_gpus(
+    cuda: Any,
+    cuda_pids: list[int],
+    pairs: list[tuple[str, str]] | None,
+    stopped_tree: list[int] | None,
+    timings: dict[str, float],
+) -> None:
+    """CUDA restore and unlock of every rank. With ``stopped_tree`` (``--ready-gate stopped``) only
+    the driver's restore threads run meanwhile; a driver that names none gets the tree running first
+    (recorded: ``stopped_gate`` 0)."""
+    if stopped_tree is None:
+        cuda.thaw(cuda_pids, pairs)
+        return
+    try:
+        tids = restore_threads(cuda, cuda_pids)
+    except NoRestoreThread as exc:
+        log.warning("%s: the tree runs while its GPU state comes back (the ready file still gates)", exc)
+        timings["stopped_gate"] = 0
+        continue_tree(stopped_tree)
+        cuda.thaw(cuda_pids, pairs)
+        return
+    with running_alone(tids.values()):
+        cuda.thaw(cuda_pids, pairs)
+    timings["stopped_gate"] = 1
 
 
 class RestoreFailed(Exception):
@@ -82,18 +114,6 @@ def restore_timeout(nbytes: int) -> float:
     return CRIU_RESTORE_BASE_S + nbytes / CRIU_RESTORE_MIN_RATE
 
 
-@contextlib.contextmanager
-def _holding(snapshot_dir: Path) -> Iterator[None]:
-    """The node cache's in-use mark, so the agent never evicts a snapshot being restored."""
-    try:
-        from thaw.snapshot.cache import in_use
-    except ImportError:
-        yield
-        return
-    with in_use(snapshot_dir):
-        yield
-
-
 def restore(
     plan: Plan,
     *,
@@ -103,15 +123,20 @@ def restore(
     logs: Path,
     ready: ReadySpec | None,
     outcome: Outcome,
+    gate: ReadyGate | None = None,
 ) -> bool:
     """Restore the plan's snapshot and adopt its root. False (and the reason recorded) on failure."""
     snapshot_dir = Path(plan.get("path", ""))
+    gate = gate or ReadyGate(None)
     t0 = time.monotonic()
     timings: dict[str, float] = {}
     restored: list[int] = []
     pids: list[int] = []
     try:
-        with _holding(snapshot_dir):
+        # The use lock (the agent does not evict it meanwhile), the plan's id, every file re-hashed:
+        # what CRIU reads below is what was signed. SnapshotGone, CacheBusy, VerifyFailed: cold.
+        with hold_verified(snapshot_dir, plan.get("snapshot", ""), time.monotonic() + HOLD_WAIT_S):
+            timings["verify_s"] = round(time.monotonic() - t0, 3)
             binary = criu.find_criu()
             meta = load_meta(snapshot_dir)
             if meta.get("cmd") != cmd:
@@ -139,6 +164,8 @@ def restore(
                 pidfile=pidfile,
                 inherit=inherit_list(meta.get("stdio", {}), stdio_fds),
             )
+            if gate.stopped:
+                args.append("--leave-stopped")  # SIGCONT once CUDA is back (thaw.runtime.stopped)
             try:
                 for attempt in range(3):
                     try:
@@ -183,10 +210,12 @@ def restore(
                     if pairs:
                         log.info("restoring onto other GPUs: %s", ", ".join(f"{o} -> {n}" for o, n in pairs))
                         timings["gpu_remap"] = len(pairs)
-                    cuda.thaw(cuda_pids, pairs)
-                except (CudaError, CudaUnavailable, ValueError) as exc:
+                    _thaw_gpus(cuda, cuda_pids, pairs, restored if gate.stopped else None, timings)
+                except (CudaError, CudaUnavailable, ValueError, OSError) as exc:
                     raise RestoreFailed(f"CUDA restore failed: {exc}") from exc
                 timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
+            if gate.stopped:
+                continue_tree(restored)
         wake = meta.get("wake")  # the snapshot was taken asleep (thaw.contract.hooks): wake this replica
         if isinstance(wake, str):
             t3 = time.monotonic()
@@ -194,14 +223,17 @@ def restore(
             if failed is not None:
                 raise RestoreFailed(f"restored server did not wake: {failed.reason}")
             timings["wake_s"] = round(time.monotonic() - t3, 3)
+        gate.open()  # GPU state back, server awake: the startupProbe may pass
+        timings["gate_s"] = round(time.monotonic() - t0, 3)
         if ready is not None:
             t2 = time.monotonic()
             why = wait_ready(ready, RESTORE_READY_TIMEOUT_S, alive=sup.alive)
             if why is not None:
                 raise RestoreFailed(f"restored server is not ready: {why}")
             timings["ready_s"] = round(time.monotonic() - t2, 3)
-    except (RestoreFailed, criu.CriuError, OSError) as exc:
-        reason = str(exc)
+    except Exception as exc:  # RestoreFailed, CriuError, CacheError, OSError, or a bug: cold, never a crash
+        known = (RestoreFailed, criu.CriuError, CacheError, OSError)
+        reason = str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}"
         # Whatever of the tree exists now is this restore's (its PIDs were checked free before).
         leftovers = sorted(set(restored) | set(criu.pids_in_use(pids)) | ({sup.root} if sup.root else set()))
         if leftovers:
