@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ from typing import Any
 
 import orjson
 
+from thaw.contract.facts import NodeFacts
 from thaw.contract.plan import read_plan
 from thaw.runtime import workdir
 from thaw.runtime.outcome import pod_identity
@@ -221,32 +223,47 @@ class Sidecar:
 
         cfg = self.cfg
         assert cfg.store is not None and cfg.name and cfg.workload
-        try:
-            facts = node_facts(cfg.facts)
-        except Exception as exc:  # recorded for thaw exec, never raised
-            record: dict[str, Any] = {"status": "failed", "reason": f"node facts: {exc}"}
+        record: dict[str, Any]
+        dump = cfg.work / workdir.DUMP
+        why = _not_a_dump(dump)
+        if why is not None:
+            record = {"status": "failed", "reason": why}
         else:
-            target = Target(
-                store=cfg.store,
-                name=cfg.name,
-                workload=cfg.workload,
-                namespace=self.pod["namespace"],
-                key=cfg.key,
-                facts=facts,
-                cache=cfg.cache,
-            )
-            # The cap: what the room question was answered for. A dump that grows past it while
-            # being copied is refused, never allowed to fill the node's disk.
-            record = publish_and_record(cfg.work / workdir.DUMP, target, max_bytes=max(nbytes, 1))
+            try:
+                facts = node_facts(cfg.facts)
+            except Exception as exc:  # recorded for thaw exec, never raised
+                record = {"status": "failed", "reason": f"node facts: {exc}"}
+            else:
+                record = self._publish_as_this_pod(dump, nbytes, facts)
         log.info("publish: %s", record)
         with contextlib.suppress(OSError):
             workdir.write_json(cfg.state / STATE_NAME, {**record, "started": started})
         self._delete_dump()
         self._answer(rid, "publish", **record)
 
+    def _publish_as_this_pod(self, dump: Path, nbytes: int, facts: NodeFacts) -> dict[str, Any]:
+        cfg = self.cfg
+        assert cfg.store is not None and cfg.name and cfg.workload
+        target = Target(
+            store=cfg.store,
+            name=cfg.name,
+            workload=cfg.workload,
+            namespace=self.pod["namespace"],
+            key=cfg.key,
+            facts=facts,
+            cache=cfg.cache,
+        )
+        # The cap: what the room question was answered for. A dump that grows past it while being
+        # copied is refused, never allowed to fill the node's disk.
+        return publish_and_record(dump, target, max_bytes=max(nbytes, 1))
+
     def _delete_dump(self) -> None:
+        dump = self.cfg.work / workdir.DUMP
         with contextlib.suppress(OSError):
-            shutil.rmtree(self.cfg.work / workdir.DUMP)
+            if dump.is_symlink():
+                dump.unlink()
+            else:
+                shutil.rmtree(dump)
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -269,6 +286,22 @@ class Sidecar:
 
     def stop(self, *_: object) -> None:
         self.stopping.set()
+
+
+def _not_a_dump(dump: Path) -> str | None:
+    """Why ``dump`` is not a dump directory of this pod's work emptyDir (itself a symlink, or not a
+    directory), or None. What is under it is checked file by file by the ingest."""
+    try:
+        st = dump.lstat()
+    except FileNotFoundError:
+        return f"no dump in {dump}"
+    except OSError as exc:
+        return f"cannot read {dump}: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return f"{dump} is a symlink: refused (never followed)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{dump} is not a directory: refused"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
