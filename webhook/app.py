@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import get_args
 
 from flask import Flask, Response, request
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from thaw.serve.serving import metrics_payload
@@ -44,6 +44,14 @@ LATENCY = Histogram(
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
 )
 
+# One series per live worker process (label pid, added by the multiprocess collector): how the
+# kernel spread connections over the workers (SO_REUSEPORT), visible to operators and the benchmark.
+WORKER_ADMISSIONS = Gauge(
+    "thaw_webhook_worker_admissions",
+    "Admission reviews answered by this worker process since it started (pid label: one per worker).",
+    multiprocess_mode="liveall",
+)
+
 _JSON = "application/json"
 
 
@@ -66,6 +74,7 @@ def create_app(prepared: Prepared | None = None) -> Flask:
         answer = build_response(request.get_data(cache=False), ready, restore_allowed)
         latency[path].observe(time.perf_counter() - start)
         counted[path, answer.outcome].inc()
+        WORKER_ADMISSIONS.inc()
         return Response(answer.body, status=answer.http_status, mimetype=_JSON)
 
     @app.post("/mutate")

@@ -26,5 +26,11 @@ def run(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = str(args.config.resolve())
     else:
         os.environ.pop(CONFIG_ENV, None)
-    serve(ServeOptions.from_args("webhook.app:create_app", args))
+    opts = ServeOptions.from_args("webhook.app:create_app", args)
+    # Each worker listens on its own SO_REUSEPORT socket (gunicorn >= 23 binds in the worker when
+    # reuse_port is set), so the kernel spreads new connections over the workers by hash. With one
+    # shared socket, whichever gthread worker is in accept() takes them, and with keep-alive all 32
+    # of a client's connections could pile onto one worker for good: half the throughput (issue 15).
+    opts.extra["reuse_port"] = True
+    serve(opts)
     return 0

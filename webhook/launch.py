@@ -1,6 +1,8 @@
 """Start ``thaw webhook`` as a separate process, the way a user (or a Pod) does: for the demo, the
-benchmark and the end-to-end tests. Waits until it answers ``/readyz`` over verified HTTPS and stops
-it (SIGTERM, then SIGKILL) on exit, so no caller leaves a server behind.
+benchmark and the end-to-end tests. Waits until it answers ``/readyz`` over verified HTTPS and every
+worker listens (each has its own SO_REUSEPORT socket: a client that connected before the last one
+was up would find only the first), and stops it (SIGTERM, then SIGKILL) on exit, so no caller
+leaves a server behind.
 """
 
 from __future__ import annotations
@@ -70,21 +72,48 @@ def running_webhook(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     run = Running(f"https://127.0.0.1:{port}", cert_dir / "ca.crt", proc, log_file)
     try:
-        _wait_ready(run, start_timeout_s)
+        _wait_ready(run, start_timeout_s, listeners=workers)
         yield run
     finally:
         _stop(proc)
 
 
-def _wait_ready(run: Running, timeout_s: float) -> None:
+def worker_admissions(metrics: str) -> dict[str, float]:
+    """Admissions answered per worker pid, from a ``/metrics`` page (``thaw_webhook_worker_admissions``)."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("thaw_webhook_worker_admissions{"):
+            labels, _, value = line.rpartition(" ")
+            pid = labels.split('pid="', 1)[1].split('"', 1)[0]
+            out[pid] = float(value)
+    return out
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on ``port`` on this host (/proc/net/tcp and tcp6, state 0A)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
+def _wait_ready(run: Running, timeout_s: float, listeners: int = 1) -> None:
     deadline = time.monotonic() + timeout_s
     ctx = run.ssl_context()
+    port = int(run.url.rsplit(":", 1)[1])
     while True:
         if run.process.poll() is not None:
             raise RuntimeError(f"thaw webhook exited with {run.process.returncode}:\n{run.log()}")
         try:
             with urllib.request.urlopen(run.url + "/readyz", context=ctx, timeout=2) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and listening_sockets(port) >= listeners:
                     return
         except OSError:
             pass

@@ -19,7 +19,7 @@ from tests.conftest import load_fixture
 from tests.webhook.helpers import annotated
 from thaw.serve.tls import ReloadingContext, write_cert_dir
 from webhook.app import MAX_BODY_BYTES
-from webhook.launch import Running, make_certs, running_webhook
+from webhook.launch import Running, make_certs, running_webhook, worker_admissions
 
 REVIEW = annotated(load_fixture("admissionreview-v1-pod-create.request.json"))
 
@@ -55,6 +55,34 @@ def test_mutate_restore_injects_over_https(server: Running) -> None:
     response = json.loads(body)["response"]
     assert status == 200 and "patch" not in response and "thaw.dev/restore=allowed" in response["warnings"][0]
     conn.close()
+
+
+def test_connections_spread_over_the_workers(server: Running) -> None:
+    """Each worker has its own SO_REUSEPORT socket: 32 kept-alive connections land on both workers
+    (with one shared socket they could all pile onto one: issue 15). All on one worker by chance:
+    probability 2 * 2**-32."""
+
+    def per_worker() -> dict[str, float]:
+        conn = connect(server)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+        return worker_admissions(text)
+
+    before = per_worker()
+    conns = [connect(server) for _ in range(32)]
+    body = json.dumps(REVIEW).encode()
+    # Each one connects and asks at once (a gthread worker's thread waits for a new connection's
+    # first request), then all 32 stay open and ask again, as kube-apiserver's do.
+    for _ in range(3):
+        for conn in conns:
+            assert post(conn, "/mutate-restore", body)[0] == 200
+    for conn in conns:
+        conn.close()
+    after = per_worker()
+    served = {pid: after[pid] - before.get(pid, 0.0) for pid in after}
+    assert len(served) == 2 and sum(served.values()) == 96, served
+    assert all(n > 0 for n in served.values()), served
 
 
 @pytest.mark.parametrize(
