@@ -16,6 +16,7 @@ SUITES = [
     "bench.runtime_cpu",
     "bench.install_runtime",
     "bench.pid_floor",
+    "bench.registry",
 ]
 
 
