@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -144,10 +147,18 @@ def _fetch(snap: Snapshot, store: Path, pod_dir: Path) -> dict[str, object]:
 
 
 def _run_pod(
-    plan: Path, env: dict[str, str] | None = None, caps: tuple[str, ...] = THAW_CAPS, cmd: list[str] = CMD
+    plan: Path,
+    env: dict[str, str] | None = None,
+    caps: tuple[str, ...] = THAW_CAPS,
+    cmd: list[str] = CMD,
+    *,
+    extra: tuple[str, ...] = (),
+    entry: list[str] | None = None,
 ) -> tuple[Netns, Pod]:
+    """A restoring pod; ``entry`` runs before ``python -m thaw exec`` (fake_cuda_exec.py)."""
     ns = Netns()
-    pod = Pod(ns, ["--plan", str(plan), "--ready", f"{URL}/state"], cmd, env, wrap=with_caps(caps))
+    args = ["--plan", str(plan), "--ready", f"{URL}/state", *extra]
+    pod = Pod(ns, args, cmd, env, wrap=[*with_caps(caps), *(entry or [])])
     return ns, pod
 
 
@@ -347,3 +358,205 @@ def test_server_that_does_not_wake_after_the_checkpoint_is_stopped(tmp_path: Pat
         assert out["reason"] == f"the server did not wake after the checkpoint: POST {URL}/nope answered 503"
         # stopped, not left asleep: the container exits and restarts cold
         wait_for(lambda: pod.proc.poll() is not None, 30, "thaw exec to exit", pod)
+
+
+# --- the snapshot between thaw fetch and thaw exec (issues 10.6, 11.1) ---------------------------
+
+
+@pytest.mark.parametrize("change", ["evicted", "altered"])
+def test_a_snapshot_evicted_or_altered_after_fetch_is_a_cold_start(
+    snapshot: Snapshot, tmp_path: Path, change: str
+) -> None:
+    from thaw.snapshot.cache import evict
+
+    plan = _fetch(snapshot, snapshot.store, tmp_path)
+    assert plan["action"] == "restore", plan
+    snap_dir = Path(str(plan["path"]))
+    if change == "evicted":  # the agent made room between the init container and the workload
+        assert evict(snap_dir)
+    else:  # a byte of the staged copy changed after it was verified at fetch (same size)
+        pages = sorted(snap_dir.glob("pages-*.img"))[0]
+        with open(pages, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+    ns, pod = _run_pod(tmp_path / "plan.json")
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "cold", f"{outcome}\n{pod.output}"
+        words = "no longer in the node cache" if change == "evicted" else "differs from its manifest"
+        assert outcome["reason"].startswith("restore failed: ") and words in outcome["reason"], outcome
+        state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server", pod)
+        assert state["counter"] == 0  # the workload runs: cold, not crash-looping
+        assert pod.proc.poll() is None
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+# --- ready means ready (issue 10.4): both gates, with the CUDA stand-in -----------------------------
+
+GATE = "gate-server"
+GATE_CMD = ["python3", str(Path(__file__).with_name("gate_server.py")), str(PORT)]
+FAKE_CUDA = [sys.executable, str(Path(__file__).with_name("fake_cuda_exec.py"))]
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Snapshot]:
+    """The gate server (a cuda-restore thread beside the serving one) checkpointed, then republished
+    with its root listed as a CUDA process, so that a restore calls the CUDA stand-in."""
+    root = tmp_path_factory.mktemp("gated")
+    with _checkpointing(root, GATE, GATE_CMD) as (ns, pod, checkpoint):
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
+        out = checkpoint()
+        assert out["status"] == "published", f"{out}\n{pod.output}"
+    snap = Snapshot(root, out, name=GATE, cmd=GATE_CMD)
+
+    def as_cuda(images: Path) -> None:
+        meta = read_json(images / "thaw-exec.json")
+        (images / "thaw-exec.json").write_text(json.dumps({**meta, "cuda_pids": [meta["root_pid"]]}))
+
+    _republish(snap, root / "cuda-store", as_cuda)
+    yield snap
+
+
+@pytest.mark.parametrize("gate", ["file", "stopped"])
+def test_ready_only_once_the_gpu_state_is_back(gated: Snapshot, tmp_path: Path, gate: str) -> None:
+    plan = _fetch(gated, gated.root / "cuda-store", tmp_path)
+    assert plan["action"] == "restore", plan
+    seen_log, ready = tmp_path / "cuda.jsonl", tmp_path / "ready"
+    env = {
+        "THAW_TEST_CUDA_LOG": str(seen_log),
+        "THAW_TEST_READY": str(ready),
+        "THAW_TEST_URL": f"{URL}/state",
+    }
+    ns, pod = _run_pod(
+        tmp_path / "plan.json", env, cmd=GATE_CMD, extra=("--ready-gate", gate), entry=FAKE_CUDA
+    )
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
+        [seen] = [json.loads(line) for line in seen_log.read_text().splitlines()]
+        # While the CUDA restore ran, nothing let kubelet take the pod as ready.
+        assert seen["ready_file"] is False
+        assert ready.exists()  # and once it was back, the gate opened
+        threads = seen["threads"]
+        main = threads[str(seen["pid"])]
+        helper = next(state for comm, state in threads.values() if comm == "cuda-restore")
+        if gate == "stopped":
+            assert main[1] in ("T", "t"), threads  # the server's own threads stayed stopped
+            assert helper in ("S", "R"), threads  # only the driver's restore thread ran
+            assert seen["answered"] is False  # no client got an answer before GPU memory was back
+            assert outcome["timings"]["stopped_gate"] == 1
+        else:
+            assert main[1] not in ("T", "t") and "stopped_gate" not in outcome["timings"]
+        state = ns.http("GET", f"{URL}/state")
+        assert state is not None and state["counter"] == 1  # the snapshot's state, running again
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 2}
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+# --- the injected pod: thaw exec without store or key, thaw-sidecar publishing (issue 11.3) --------
+
+
+SIDE_UID = "3d1e5c2a-9b7f-4a60-8e21-5f0c9d8a7b6c"
+
+
+def test_the_sidecar_publishes_what_thaw_exec_dumped_and_the_key_never_reaches_the_workload(
+    tmp_path: Path,
+) -> None:
+    from thaw.contract.manifest import load_manifest, verify_manifest
+    from thaw.contract.signing import load_trusted_keys
+
+    world = World(tmp_path)
+    world.setup_keys()
+    facts = write_facts(tmp_path / "facts.json")
+    plan_dir, work, state_dir, cache = (tmp_path / d for d in ("plan", "work", "state", "cache"))
+    for d in (work, state_dir, cache):
+        d.mkdir()
+    identity = {"THAW_POD_NAME": "a-0", "THAW_POD_NAMESPACE": "team-a", "THAW_POD_UID": SIDE_UID}
+    # thaw-fetch: nothing published yet, a cold plan and the facts it used beside it.
+    res = thaw_cli(
+        "fetch", "--store", str(world.store), "--cache", str(cache), "--name", NAME, "--workload", "w-side",
+        "--trust", str(world.trust), "--plan", str(plan_dir / "plan.json"), "--facts", str(facts),
+        "--namespace", "team-a",
+    )  # fmt: skip
+    assert res.returncode == 0 and read_json(plan_dir / "plan.json")["action"] == "cold", res.stderr
+    sidecar = subprocess.Popen(
+        [sys.executable, "-m", "thaw", "sidecar", "--work", str(work), "--plan", str(plan_dir / "plan.json"),
+         "--cache", str(cache), "--store", str(world.store), "--state", str(state_dir), "--interval", "0.1"],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("THAW_")}, **identity,
+             "THAW_NAME": NAME, "THAW_WORKLOAD": "w-side", "THAW_KEY": str(world.keys / "signing.key"),
+             "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    ready_flag = tmp_path / "ready-now"
+    ns = Netns()
+    # The workload container: the plan read-only in a pod, no store, no key; the key's directory is
+    # not even there (an empty tmpfs over it, as a pod without that volume).
+    hide_key = ["sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec env -u PWD "$@"', str(world.keys)]
+    pod = Pod(
+        ns,
+        ["--plan", str(plan_dir / "plan.json"), "--work", str(work), "--checkpoint", "on-ready",
+         "--ready", f"file:{ready_flag}"],
+        CMD,
+        identity,
+        wrap=[*hide_key, *with_caps(THAW_CAPS)],
+    )  # fmt: skip
+    try:
+        wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server", pod)
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
+        exec_pid = pod.thaw_pid()
+        assert exec_pid is not None
+        environ = (
+            Path(f"/proc/{exec_pid}/environ").read_bytes() + Path(f"/proc/{exec_pid}/cmdline").read_bytes()
+        )
+        assert b"THAW_KEY" not in environ and b"signing.key" not in environ and b"THAW_STORE" not in environ
+        assert list(Path(f"/proc/{exec_pid}/root{world.keys}").iterdir()) == []  # the pod's view: empty
+        ready_flag.touch()
+        ck = wait_for(
+            lambda: (
+                (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status")
+                in ("published", "failed", "skipped")
+                and c
+            ),
+            90,
+            "the checkpoint through thaw-sidecar",
+            pod,
+        )
+        assert ck["status"] == "published", f"{ck}\n{pod.output}"
+        snap_dir = world.store / "team-a" / NAME / ck["snapshot"].split(":", 1)[1]
+        manifest = load_manifest(snap_dir / "manifest.json")
+        verify_manifest(manifest, load_trusted_keys(world.trust))  # signed by the sidecar's key
+        assert manifest["workload"] == "w-side"
+        assert not (work / "dump").exists() and (work / "checkpoint.done").exists()
+        assert not (work / "checkpoint.inprogress").exists()
+        copy = cache / ".outcomes" / f"{SIDE_UID}.json"
+        wait_for(lambda: read_json(copy).get("checkpoint", {}).get("status") == "published", 10, "the relay")
+        assert read_json(copy)["pod"]["namespace"] == "team-a"
+    finally:
+        pod.stop()
+        ns.delete()
+        sidecar.terminate()
+        sidecar.communicate(timeout=20)
+    assert sidecar.returncode == 0
+    # A new replica restores what the sidecar published, with the state it had.
+    replica = tmp_path / "replica"
+    replica.mkdir()
+    res = thaw_cli(
+        "fetch", "--store", str(world.store), "--cache", str(replica / "cache"), "--name", NAME,
+        "--workload", "w-side", "--trust", str(world.trust), "--plan", str(replica / "plan.json"),
+        "--facts", str(facts), "--namespace", "team-a",
+    )  # fmt: skip
+    assert read_json(replica / "plan.json")["action"] == "restore", res.stderr
+    ns, pod = _run_pod(replica / "plan.json")
+    try:
+        outcome = _restore_outcome(replica, pod)
+        assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
+        state = ns.http("GET", f"{URL}/state")
+        assert state is not None and state["counter"] == 1
+    finally:
+        pod.stop()
+        ns.delete()

@@ -273,9 +273,9 @@ def _hand_over(images: Path, nbytes: int, cfg: CheckpointConfig, outcome: Outcom
     except Exception as exc:  # a publisher that raised: recorded, never raised
         result = {"status": "failed", "reason": f"publish: {exc}"}
     record = {**outcome.data.get("checkpoint", {}), **result}
+    _end(cfg.work, record)  # first: whoever reads the outcome's end finds the markers settled
     outcome.update(checkpoint=record)
     (log.info if record.get("status") == "published" else log.error)("checkpoint: %s", record)
-    _end(cfg.work, record)
 
 
 def checkpoint(
@@ -315,15 +315,15 @@ def checkpoint(
         # the container restarts cold, and the done marker keeps the restart from trying again.
         log.error("checkpoint failed and the workload cannot go on; stopping it: %s", exc)
         record = {"status": "failed", "reason": str(exc), **sized, "stopped_workload": True}
-        outcome.update(checkpoint=record)
         _end(cfg.work, record)
+        outcome.update(checkpoint=record)
         sup.kill_tree(criu.tree(root) or [root])
         return None
     except Exception as exc:
         log.error("checkpoint failed, server keeps running: %s", exc)
         record = {"status": "failed", "reason": str(exc), **sized}
-        outcome.update(checkpoint=record)
         _end(cfg.work, record)
+        outcome.update(checkpoint=record)
         return None
     nbytes = sum(p.stat().st_size for p in images.rglob("*") if p.is_file())
     outcome.update(checkpoint={"status": "publishing", **sized, "dump_bytes": nbytes, **meta["timings"]})
