@@ -52,7 +52,9 @@ view at most one event old, which is what a watch-fed cache gives anyway.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -73,6 +75,11 @@ MEMO_ENTRIES = 160_000
 MEMO_KEYS = 64
 # Pods whose placement is remembered (those of the last placed_window_s; the oldest go first).
 PLACED_MAX = 50_000
+# A pod is counted on at most this many tied nodes (Memo.top), and a node's count reaches its
+# decisions in steps of PLACED_STEP: a pod spread over k nodes moves each by 1/k, and redoing k
+# nodes' decisions for each such pod would cost more than the scores it could move.
+PLACED_TIES = 64
+PLACED_STEP = 0.25
 UNKNOWN_REASON = "not in the extender's node view (Node not seen by its watch yet)"
 # Decisions a writer computes before it lets request threads run (time.sleep(0) releases the GIL):
 # ~0.2 ms of work, against the interpreter's 5 ms switch interval.
@@ -168,19 +175,29 @@ class Memo:
         fail = self.fails.get(name) or self.unknown(name)
         return b"", fail[0], fail[1]
 
-    def top(self, names: list[str], raw: bytes = b"") -> list[str]:
-        """The nodes among ``names`` (sent as ``raw``) that score highest, above 0 (sorted)."""
-        asked: Mapping[str, Any] | set[str] | None = None
+    def top(self, names: list[str], raw: bytes = b"", limit: int = PLACED_TIES) -> list[str]:
+        """The nodes among ``names`` (sent as ``raw``) that score highest, above 0 (sorted); none
+        when more than ``limit`` tie (a pod's 1/k on each would move no score, and kube-scheduler
+        spreads such ties itself)."""
+        asked: Any = None  # a container of the names asked about
         if raw:
             with self.view_lock:
                 v = self.view
                 if v is not None and v.raw == raw:
                     v.pos = v.pos if v.pos is not None else _positions(v.names)
-                    asked = v.pos
+                    asked = v.pos.keys()
         if asked is None:
             asked = set(names)
         for bucket in reversed(self.by_score[1:]):
-            hits = [n for n in list(bucket) if n in asked]  # list(): one step, as writers change it
+            if not bucket:
+                continue
+            if len(bucket) > limit:  # count the asked ones, up to limit + 1, before listing them
+                found = sum(1 for _ in itertools.islice(filter(asked.__contains__, list(bucket)), limit + 1))
+                if found > limit:
+                    return []
+                if not found:
+                    continue
+            hits = bucket & asked  # one step in C (iterates the smaller), as writers change buckets
             if hits:
                 return sorted(hits)
         return []
@@ -327,6 +344,8 @@ class NodeIndex:
         self._placed_pod: dict[str, tuple[tuple[str, ...], float]] = {}
         self._placed_q: deque[tuple[float, str, tuple[str, ...]]] = deque()
         self.placed_on: dict[str, float] = {}
+        # What the decisions use: placed_on rounded down to PLACED_STEP (1 exactly from 1 - 1e-9).
+        self._applied: dict[str, float] = {}
         # Readiness: set after the first full list; last_sync is when the view was last known current.
         self.synced = False
         self.last_sync = 0.0
@@ -340,7 +359,7 @@ class NodeIndex:
         e = self.nodes.get(name)
         if e is None:
             return None
-        placed = self.placed_on.get(name, 0.0)
+        placed = self._applied.get(name, 0.0)
         return e if placed <= e.restoring else dataclasses.replace(e, restoring=placed)
 
     # ---- writers: the structures -----------------------------------------------------------------
@@ -467,10 +486,20 @@ class NodeIndex:
             memo._refresh(redo)
 
     def _refresh_nodes(self, names: Iterable[str]) -> None:
-        """Recompute the given nodes in every memo (their queue moved; the lock is held)."""
-        names = list(names)
+        """Recompute, in every memo, those of the given nodes whose placed count moved by a step
+        (the lock is held)."""
+        moved = []
+        for name in names:
+            placed = self.placed_on.get(name, 0.0)
+            applied = math.floor(placed / PLACED_STEP + 1e-9) * PLACED_STEP
+            if applied != self._applied.get(name, 0.0):
+                if applied > 0:
+                    self._applied[name] = applied
+                else:
+                    self._applied.pop(name, None)
+                moved.append(name)
         for memo in list(self._memo.values()):
-            memo._refresh(names)
+            memo._refresh(moved)
 
     def upsert(self, node: Mapping[str, Any]) -> bool:
         """Add or update a Node; returns whether anything the decisions read changed."""
@@ -550,7 +579,7 @@ class NodeIndex:
         module docstring). Noted again, a pod's count moves; it does not add up."""
         window = self.params.placed_window_s
         on = (nodes,) if isinstance(nodes, str) else tuple(nodes)
-        if window <= 0 or not on:
+        if window <= 0 or not on or len(on) > PLACED_TIES:
             return
         now = time.monotonic() if now is None else now
         with self._lock:

@@ -129,3 +129,18 @@ def test_pods_that_are_not_thaws_or_cannot_restore_are_not_counted() -> None:
     args["Pod"]["metadata"]["annotations"]["thaw.dev/snapshot"] = "no-such-model"
     handlers.prioritize(idx, orjson.dumps(args))
     assert idx.placed_on == {}
+
+
+def test_a_pod_tied_on_many_nodes_is_not_counted() -> None:
+    # 1/k of a pod on each of k > PLACED_TIES nodes moves no score; the scheduler spreads those.
+    from extender.index import PLACED_TIES
+
+    idx = NodeIndex()
+    snap = cached(SNAPSHOT, SIZE, "memory")
+    idx.replace_all([node(f"gpu-{i:03d}", snapshots=[snap]) for i in range(PLACED_TIES + 1)], "1")
+    args = pod("uid-1")
+    args["NodeNames"] = list(idx.nodes)
+    assert len(top(idx, args)) == PLACED_TIES + 1 and idx.placed_on == {}
+    args["NodeNames"] = args["NodeNames"][:PLACED_TIES]
+    top(idx, args)
+    assert len(idx.placed_on) == PLACED_TIES
