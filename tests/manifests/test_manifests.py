@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +22,7 @@ import yaml
 from tests.conftest import REPO
 from thaw.cli import build_parser
 from thaw.contract.annotations import RESTORE_LABEL, RESTORE_LABEL_VALUE, SNAPSHOT
+from thaw.node.policy import AGENT_POLICIES
 
 MANIFESTS = REPO / "manifests"
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").exists())
@@ -380,6 +383,13 @@ def test_each_piece_has_only_the_permissions_it_uses() -> None:
     assert _rules_for(objs, AGENT) == [
         {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {
+            "apiGroups": ["admissionregistration.k8s.io"],
+            "resources": ["validatingadmissionpolicies", "validatingadmissionpolicybindings"],
+            "resourceNames": list(AGENT_POLICIES),
+            "verbs": ["get"],
+        },
     ]
     certs = _rules_for(objs, "thaw-certs")
     assert {
@@ -504,20 +514,47 @@ def test_agent_runs_on_gpu_nodes_with_its_node_name() -> None:
     assert env["THAW_NODE"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
 
 
-def test_agent_policy_limits_the_agent_to_its_own_node() -> None:
-    objs = render("default")
-    vap = find(objs, "ValidatingAdmissionPolicy", "thaw-agent-own-node")
-    binding = find(objs, "ValidatingAdmissionPolicyBinding", "thaw-agent-own-node")
-    assert binding["spec"]["policyName"] == vap["metadata"]["name"]
-    assert binding["spec"]["validationActions"] == ["Deny"]
-    assert vap["spec"]["failurePolicy"] == "Fail"
-    [cond] = vap["spec"]["matchConditions"]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", AGENT_POLICIES)
+def test_agent_policies_are_what_the_agent_checks_for(overlay: str, name: str) -> None:
+    """Each policy the agent requires (thaw.node.policy) is shipped, passes the agent's own check,
+    and matches the DaemonSet's ServiceAccount."""
+    from thaw.node.policy import policy_problem
+
+    objs = render(overlay)
+    vap = find(objs, "ValidatingAdmissionPolicy", name)
+    binding = find(objs, "ValidatingAdmissionPolicyBinding", name)
     ds = find(objs, "DaemonSet", AGENT)
     sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
-    assert f"'system:serviceaccount:{ds['metadata']['namespace']}:{sa}'" in cond["expression"]
-    text = json.dumps(vap["spec"])
-    assert "authentication.kubernetes.io/node-name" in text
-    assert "startsWith('thaw.dev/')" in text
+    user = f"system:serviceaccount:{ds['metadata']['namespace']}:{sa}"
+    assert policy_problem(name, vap, binding, user) is None
+    assert policy_problem(
+        name, vap, {**binding, "spec": {**binding["spec"], "validationActions": ["Audit"]}}, user
+    )
+    assert policy_problem(name, vap, binding, "system:serviceaccount:other:sa")
+    assert "authentication.kubernetes.io/node-name" in json.dumps(vap["spec"])
+
+
+def test_event_policy_allows_every_reason_the_agent_posts() -> None:
+    """The reasons the events policy lets through are exactly those thaw.node.events can post."""
+    from thaw.node.events import outcome_specs
+
+    vap = find(render("default"), "ValidatingAdmissionPolicy", "thaw-agent-events")
+    text = json.dumps(vap["spec"]["validations"])
+    allowed = set(re.findall(r"'(Thaw[A-Za-z]+)'", text))
+    posted = set()
+    for result, reason in (
+        ("restored", ""),
+        ("cold", "restore failed: x"),
+        ("cold", "no snapshot: x"),
+        ("cold", "untrusted: x"),
+        ("cold", "unsigned: x"),
+    ):
+        for status in ("published", "failed", "skipped"):
+            outcome = {"result": result, "reason": reason, "checkpoint": {"status": status, "reason": "r"}}
+            posted |= {s["reason"] for s in outcome_specs(outcome)}
+    assert posted <= allowed, f"the agent posts {sorted(posted - allowed)}, which the policy refuses"
+    assert allowed <= posted, f"the policy allows {sorted(allowed - posted)}, which the agent never posts"
 
 
 # ---- agreement with what the servers serve -----------------------------------------------------
@@ -640,3 +677,33 @@ def test_serving_certificate_names_both_services(overlay: str) -> None:
         [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == cert_dir]
         [vol] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
         assert vol["secret"]["secretName"] == secret
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_fallback_without_admission_policies_never_widens_the_agent(overlay: str, tmp_path: Path) -> None:
+    """components/without-admission-policies: no policy objects, and an agent that neither patches
+    Nodes nor creates Events (RBAC), told to run without its policies (it then makes neither write)."""
+
+    def rel(p: str) -> str:
+        return os.path.relpath(MANIFESTS / p, tmp_path)
+
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [rel(f"overlays/{overlay}")],
+                "components": [rel("components/without-admission-policies")],
+            }
+        )
+    )
+    out = subprocess.run([kubectl(), "kustomize", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    objs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert not [o for o in objs if o["kind"].startswith("ValidatingAdmissionPolicy")]
+    assert _rules_for(objs, AGENT) == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    [c] = find(objs, "DaemonSet", AGENT)["spec"]["template"]["spec"]["containers"]
+    assert "--allow-without-node-policy" in c["args"]
+    for o in objs:
+        if o["apiVersion"].split("/")[0] not in NOT_IN_KUBERNETES_SCHEMAS:
+            kubernetes_validate.validate(o, "1.29", strict=True)  # the clusters it is for
