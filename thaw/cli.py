@@ -274,11 +274,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--interval", type=float, default=30.0, help="seconds between passes")
     _add(p, "--once", action="store_true", default=False, help="one pass, then exit")
     _add(p, "--heartbeat", type=Path, default=None, help="file touched after every pass (liveness)")
+    _add(p, "--metrics-port", type=int, default=0, help="serve /metrics and /readyz on this port (0: off)")
+    _add(
+        p,
+        "--allow-without-node-policy",
+        action="store_true",
+        default=False,
+        help="run without the agent's admission policies: then it neither patches its Node nor posts Events",
+    )
     _add(p, "--trust", type=Path, default=None, help="advertise only snapshots signed by these keys")
 
     p = sub.add_parser("healthcheck", help="exit 0 if a heartbeat file was touched recently (a probe)")
     _add(p, "--file", type=Path, required=True, help="the heartbeat file")
     _add(p, "--max-age", type=float, required=True, help="seconds since its last touch")
+
+    check = sub.add_parser("check", help="preflight: can this node, or this cluster, restore? (exit 0 or 1)")
+    csub = check.add_subparsers(dest="check_command", required=True, parser_class=_Parser)
+    p = csub.add_parser("node", help="kernel, CRIU, capabilities, driver, CUDA checkpoint API, cache")
+    _add(p, "--cache", type=Path, default=Path("/var/lib/thaw/cache"), help="node cache directory")
+    _add(p, "--min-free", type=int, default=50 << 30, help="free bytes the cache's filesystem should have")
+    _add(p, "--budget", type=int, default=None, help="the agent's cache budget, to compare with the disk")
+    _add(p, "--criu", default=None, help="CRIU binary (default: THAW_CRIU, PATH, the bundled one)")
+    p = csub.add_parser("cluster", help="webhook, certificates, scheduler wiring, agent, namespaces, keys, store")
+    _add(p, "--kubeconfig", default=None, help="kubeconfig (default: in-cluster, then KUBECONFIG, ~/.kube/config)")
+    _add(p, "--namespace", default="thaw-system", help="Thaw's namespace")
 
     p = sub.add_parser("simulate", help="replay a synthetic cluster through the placement policies")
     _add(p, "--nodes", type=int, default=64, help="number of GPU nodes")
@@ -315,6 +334,7 @@ COMMANDS: dict[str, str] = {
     "sidecar": "thaw.runtime.sidecar:run",
     "agent": "thaw.node.agent:run",
     "healthcheck": "thaw.node.agent:run_healthcheck",
+    "check": "thaw.check.cmd:run",
     "gc": "thaw.node.gc:run",
     "simulate": "extender.simulate:run",
     "status": "thaw.node.status:run",
