@@ -3,12 +3,15 @@ reaped, usage errors, the outcome file, and a checkpoint that fails without stop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.runtime.pods import REPO, STATE_SERVER, read_json, wait_for
 
@@ -215,3 +218,204 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
         p.terminate()
         _, err = p.communicate(timeout=20)
     assert "no checkpoint in this pod" in err and "delete the pod to try again" in err
+
+
+class _BlockingHooks:
+    """A sleep hook that never answers until released (a checkpoint stuck where a kill would find
+    it), and a wake hook; counts the sleep calls."""
+
+    def __init__(self, port: int) -> None:
+        import http.server
+        import threading
+
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.sleeps = 0
+        hooks = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                if self.path == "/sleep":
+                    hooks.sleeps += 1
+                    hooks.entered.set()
+                    hooks.release.wait(60)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _kill_tree(pid: int) -> None:
+    from thaw.runtime.criu import tree
+
+    for p in [pid, *tree(pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+def test_a_checkpoint_killed_midway_is_not_tried_again(tmp_path: Path) -> None:
+    """The container is killed during its checkpoint (out of memory, evicted): the restart finds
+    the in-progress marker, records "skipped" with the reason, deletes the dead dump, and serves
+    without checkpointing again (issue 11.6: a loop that adds a dump every round)."""
+    port, hook_port = 8175, 8176
+    work = tmp_path / "work"
+    hooks = _BlockingHooks(hook_port)
+    argv = [
+        "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
+        "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
+        "--sleep", f"http://127.0.0.1:{hook_port}/sleep", "--wake", f"http://127.0.0.1:{hook_port}/wake",
+        "--", "python3", str(STATE_SERVER), str(port),
+    ]  # fmt: skip
+    env = {"THAW_CRIU": "/bin/true"}  # killed before CRIU would run
+    first = _exec(*argv, env=env)
+    try:
+        assert hooks.entered.wait(60), "the checkpoint never reached its sleep hook"
+        assert (work / "checkpoint.inprogress").is_file() and (work / "dump").is_dir()
+        _kill_tree(first.pid)
+        first.communicate(timeout=20)
+        hooks.release.set()
+        second = _exec(*argv, env=env)
+        try:
+            ck = wait_for(
+                lambda: (
+                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
+                    and c
+                ),
+                30,
+                "the restart's checkpoint record",
+            )
+            assert "did not finish" in ck["reason"] and "not tried again" in ck["reason"]
+            assert not (work / "dump").exists()  # the dead dump is gone
+            assert (work / "checkpoint.inprogress").is_file()  # and a later restart skips too
+            import urllib.request
+
+            def answers() -> bool:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=2) as r:
+                        return b"counter" in r.read()
+                except OSError:
+                    return False
+
+            wait_for(answers, 30, "the restarted server to answer")
+            time.sleep(1.0)  # time in which a checkpoint would have called the sleep hook again
+            assert hooks.sleeps == 1 and second.poll() is None
+        finally:
+            second.terminate()
+            second.communicate(timeout=20)
+    finally:
+        _kill_tree(first.pid)
+        hooks.close()
+
+
+def _tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_no_checkpoint_when_the_work_directory_cannot_take_the_dump(tmp_path: Path) -> None:
+    port = 8177
+    work = tmp_path / "work"
+    _tmpfs(work, "16m")  # an emptyDir with a sizeLimit smaller than the server's memory
+    try:
+        p = _exec(
+            "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
+            "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
+            "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "48",
+        )  # fmt: skip
+        try:
+            ck = wait_for(
+                lambda: (
+                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
+                    and c
+                ),
+                60,
+                "the refused checkpoint",
+            )
+            assert ck["reason"].startswith("not enough room for the dump: it needs about ")
+            assert str(work) in ck["reason"] and ck["estimated_bytes"] > 48 << 20
+            assert not (work / "checkpoint.inprogress").exists() and not (work / "dump").exists()
+            assert p.poll() is None  # the server goes on
+        finally:
+            p.terminate()
+            p.communicate(timeout=20)
+    finally:
+        subprocess.run(["umount", str(work)], check=False)
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    """A child of this process's memory cgroup (v1 or v2) with ``limit``, or None where it cannot be
+    made here."""
+    import secrets
+
+    from thaw.runtime.room import CGROUP_ROOT, cgroup_paths
+
+    v2, v1 = cgroup_paths(Path("/proc/self/cgroup").read_text())
+    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
+        base, limit_file = CGROUP_ROOT / "memory" / v1.lstrip("/"), "memory.limit_in_bytes"
+    elif v2 is not None and (CGROUP_ROOT / "cgroup.controllers").is_file():
+        base, limit_file = CGROUP_ROOT / v2.lstrip("/"), "memory.max"
+    else:
+        return None
+    child = base / f"thaw-test-{secrets.token_hex(3)}"
+    try:
+        child.mkdir()
+        (child / limit_file).write_text(str(limit))
+    except OSError:
+        with contextlib.suppress(OSError):
+            child.rmdir()
+        return None
+    return child
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="makes a cgroup and mounts a tmpfs")
+def test_no_checkpoint_when_the_memory_limit_cannot_take_it(tmp_path: Path) -> None:
+    """The dump goes to a work directory in memory (an emptyDir with medium: Memory): it counts
+    against the container's memory limit, which cannot take it. Refused before the dump, with the
+    numbers, instead of an OOM kill mid-checkpoint (the same check covers the CUDA checkpoint's host
+    copy of GPU memory)."""
+    cgroup = _memory_cgroup(600 << 20)
+    if cgroup is None:
+        pytest.skip("no memory cgroup can be made here")
+    port = 8178
+    work = tmp_path / "work"
+    _tmpfs(work, "2g")  # room enough on the filesystem: the limit is memory
+    try:
+        join = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
+        p = subprocess.Popen(
+            ["sh", "-c", join, "sh", sys.executable, "-m", "thaw", "exec",
+             "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
+             "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
+             "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "200"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        try:
+            ck = wait_for(
+                lambda: (
+                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
+                    and c
+                ),
+                60,
+                "the refused checkpoint",
+            )
+            assert ck["reason"].startswith("the container's memory limit cannot take the checkpoint: ")
+            assert "which is in memory" in ck["reason"] and "limit of 0.6 GiB" in ck["reason"]
+            assert p.poll() is None
+        finally:
+            p.terminate()
+            p.communicate(timeout=20)
+    finally:
+        subprocess.run(["umount", str(work)], check=False)
+        with contextlib.suppress(OSError):
+            cgroup.rmdir()
