@@ -98,3 +98,41 @@ def test_bench_pod_view_of_dev_hides_only_the_named_devices() -> None:
     assert {"null", "random", "shm", "pts", "shm-ok"} <= set(out)
     assert hide_dev_prefix([]) == []
     assert Path("/dev/zero").exists()  # the caller's /dev is untouched
+
+
+def test_node_facts_count_the_node_the_layout_counts_the_container(tmp_path: Path) -> None:
+    """Issue 10.6: a pod given 2 of a node's 8 GPUs. The snapshot's facts are the node's (8, as
+    thaw-fetch and the agent see them, so the compat keys match on that node); its GPU layout keeps
+    the container's 2, which is what a restore is checked against."""
+    import orjson
+
+    from thaw.contract.facts import NodeFacts, compat_key
+    from thaw.snapshot.ingest import ingest
+
+    fds = {10: {5: "/dev/nvidia2"}, 20: {5: "/dev/nvidia6"}}
+    layout = gpu_layout([10, 20], fds, [2, 6], {10: {"RANK": "0"}, 20: {"RANK": "1"}})
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "thaw-exec.json").write_bytes(orjson.dumps({"format": 1, "gpu": layout}))
+    (dump / "pages-1.img").write_bytes(b"\0" * 4096)
+    node: NodeFacts = {
+        "arch": "x86_64",
+        "kernel": "6.18.0",
+        "gpu": {"product": "NVIDIA-H200", "count": 8},
+        "driver": "580.95.05",
+        "criu": "4.2.1",
+    }
+    done = ingest(
+        dump,
+        tmp_path / "cache",
+        namespace="ns",
+        name="m",
+        workload="w",
+        facts=node,
+        key=None,
+    )
+    m = done.manifest
+    assert m["facts"]["gpu"]["count"] == 8 and m["compat"] == compat_key(node)
+    assert m["gpu"]["count"] == 2
+    assert container_gpu_problem(dict(m["gpu"]), 2) is None  # another pod given 2 GPUs of such a node
+    assert container_gpu_problem(dict(m["gpu"]), 8) is not None  # a pod given all 8 is another layout
