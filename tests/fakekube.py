@@ -38,6 +38,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 NODES_PATH = "/api/v1/nodes"
+PODS_PATH = "/api/v1/pods"  # list across namespaces, with fieldSelector spec.nodeName=NAME
 
 
 def status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -121,6 +122,7 @@ class FakeKube(FakeServer):
         self.nodes: dict[str, dict[str, Any]] = {}
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # the Node watch's history
         self.core_events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> Pod (what the node agent lists)
         self._watch_sockets: set[socket.socket] = set()
         self._fail_lists = 0
         self.requests: list[str] = []  # "METHOD path?query" in order
@@ -149,6 +151,10 @@ class FakeKube(FakeServer):
             node = copy.deepcopy(node)
             self.nodes[node["metadata"]["name"]] = node
             self._record("ADDED", node)
+
+    def add_pod(self, pod: dict[str, Any]) -> None:
+        with self._cond:
+            self.pods[pod["metadata"]["uid"]] = copy.deepcopy(pod)
 
     def update(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         with self._cond:
@@ -191,7 +197,9 @@ class FakeKube(FakeServer):
                 kube.requests.append(f"GET {self.path}")
                 url = urlsplit(self.path)
                 query = {k: v[-1] for k, v in parse_qs(url.query).items()}
-                if url.path == NODES_PATH:
+                if url.path == PODS_PATH:
+                    kube._serve_pods(self, query)
+                elif url.path == NODES_PATH:
                     if query.get("watch") in ("1", "true"):
                         kube._serve_watch(self, query)
                     else:
@@ -286,6 +294,25 @@ class FakeKube(FakeServer):
                 self._json(201, event)
 
         return Handler
+
+    def _serve_pods(self, h: JsonHandler, query: dict[str, str]) -> None:
+        """PodList, filtered by ``fieldSelector=spec.nodeName=NAME`` (the only selector served)."""
+        selector = query.get("fieldSelector", "")
+        node = selector.removeprefix("spec.nodeName=") if selector.startswith("spec.nodeName=") else None
+        if selector and node is None:
+            h._json(400, status(400, "BadRequest", f"field selector {selector!r} is not supported here"))
+            return
+        with self._cond:
+            items = [
+                copy.deepcopy(p)
+                for p in self.pods.values()
+                if node is None or (p.get("spec") or {}).get("nodeName") == node
+            ]
+            rv = self._rv
+        h._json(
+            200,
+            {"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}, "items": items},
+        )
 
     def _serve_list(self, h: JsonHandler, query: dict[str, str]) -> None:
         with self._cond:

@@ -103,18 +103,23 @@ class World:
         workload: str = "w1",
         f: NodeFacts = FACTS,
         key: Path | None = None,
+        *,
+        namespace: str = "default",
     ) -> str:
         out = thaw(
             "publish", "--store", self.store, "--name", name, "--workload", workload, "--images", images,
-            "--key", key or self.keys / "signing.key", "--facts", self.facts_for(f),
+            "--key", key or self.keys / "signing.key", "--facts", self.facts_for(f), "--namespace", namespace,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         return out.stdout.strip()
 
-    def fetch_args(self, name: str = "demo", workload: str = "w1", f: NodeFacts = FACTS) -> list[str | Path]:
+    def fetch_args(
+        self, name: str = "demo", workload: str = "w1", f: NodeFacts = FACTS, namespace: str = "default"
+    ) -> list[str | Path]:
         return [
             "fetch", "--store", self.store, "--cache", self.cache, "--name", name, "--workload", workload,
             "--trust", self.trust, "--plan", self.plan, "--facts", self.facts_for(f),
+            "--namespace", namespace,
         ]  # fmt: skip
 
     def fetch(
@@ -124,9 +129,10 @@ class World:
         workload: str = "w1",
         f: NodeFacts = FACTS,
         env: dict[str, str] | None = None,
+        namespace: str = "default",
     ) -> dict[str, Any]:
         self.plan.unlink(missing_ok=True)
-        out = thaw(*self.fetch_args(name, workload, f), *extra, env=env)
+        out = thaw(*self.fetch_args(name, workload, f, namespace), *extra, env=env)
         assert out.returncode == 0, out.stderr  # never fails the pod
         plan: dict[str, Any] = read_json(self.plan)
         plan["_stderr"] = out.stderr

@@ -1,10 +1,12 @@
-"""Events on Thaw pods: the outcome -> Event mapping (pure, table-driven), the copies thaw exec
-leaves in the node cache, and the agent posting them through the official client to
-tests/fakekube.py (each Event valid for the Kubernetes 1.30 schema; posting twice creates nothing)."""
+"""Events on Thaw pods: the outcome -> Event mapping (pure, table-driven), the copies left in the
+node cache (read bounded), and the agent posting them through the official client to
+tests/fakekube.py, only on pods its own API list shows on its node, with the identity from the API
+(each Event valid for the Kubernetes 1.30 schema; posting twice creates nothing). Issue 11.5."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,35 @@ import kubernetes_validate
 import orjson
 import pytest
 
-from tests.fakekube import running
-from tests.runtime.snapshots import FACTS, World, kubeconfig, node, thaw
-from thaw.node.events import OUTCOME_MAX_AGE_S, event_body, node_events, outcome_specs
-from thaw.snapshot.outcome_copy import outcome_copy_path, write_outcome_copy
+from tests.fakekube import FakeKube, running
+from tests.runtime.snapshots import FACTS, THAW, World, kubeconfig, node, thaw
+from thaw.node.events import OUTCOME_MAX_AGE_S, PodRef, event_body, node_events, outcome_specs, pod_ref
+from thaw.snapshot.outcome_copy import MAX_OUTCOME_BYTES, outcome_copy_path, write_outcome_copy
 
 UID = "5d3c1a2b-9f8e-4d7c-8b6a-0f1e2d3c4b5a"
 POD = {"name": "qwen-2", "namespace": "ml", "node": "gpu-1", "container": "vllm", "uid": UID}
+REF: PodRef = {
+    "name": "qwen-2",
+    "namespace": "ml",
+    "uid": UID,
+    "containers": ["vllm", "proxy"],
+    "target": "vllm",
+}
+
+
+def api_pod(
+    name: str, namespace: str, uid: str, node_name: str = "gpu-1", thaw_pod: bool = True
+) -> dict[str, Any]:
+    """A Pod as the API serves it: injected by the webhook (or not), bound to ``node_name``."""
+    annotations = {"thaw.dev/injected": "true", "thaw.dev/container": "vllm"} if thaw_pod else {}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "annotations": annotations},
+        "spec": {"nodeName": node_name, "containers": [{"name": "proxy"}, {"name": "vllm"}]},
+    }
+
+
 SNAP = "sha256:39fa6a2306965fb2eba35e9f308f1acba706dccc1e74a59fd9039"
 
 
@@ -152,8 +176,7 @@ def test_messages_are_bounded() -> None:
 def test_event_body_is_a_valid_event_on_the_pod_and_named_stably() -> None:
     outcome = {"result": "cold", "reason": "no plan", "pod": POD, "started": "2026-11-28T09:00:00Z"}
     (spec,) = outcome_specs(outcome)
-    body = event_body(spec, outcome, UID, "gpu-1", "2026-11-28T09:00:05Z")
-    assert body is not None
+    body = event_body(spec, outcome, REF, "gpu-1", "2026-11-28T09:00:05Z")
     kubernetes_validate.validate(body, "1.30", strict=True)
     assert body["involvedObject"] == {
         "apiVersion": "v1", "kind": "Pod", "name": "qwen-2", "namespace": "ml", "uid": UID,
@@ -163,17 +186,18 @@ def test_event_body_is_a_valid_event_on_the_pod_and_named_stably() -> None:
     assert body["source"] == {"component": "thaw", "host": "gpu-1"}
     assert (body["type"], body["reason"], body["count"]) == ("Normal", "ThawColdStart", 1)
     # the same outcome, later: the same name (a repost is a 409); another start of the container: another
-    again = event_body(spec, outcome, UID, "gpu-1", "2026-11-28T10:00:00Z")
-    restarted = event_body(spec, {**outcome, "started": "2026-11-28T09:30:00Z"}, UID, "gpu-1", "x")
-    assert again is not None and restarted is not None
+    again = event_body(spec, outcome, REF, "gpu-1", "2026-11-28T10:00:00Z")
+    restarted = event_body(spec, {**outcome, "started": "2026-11-28T09:30:00Z"}, REF, "gpu-1", "x")
     assert again["metadata"]["name"] == body["metadata"]["name"] != restarted["metadata"]["name"]
 
 
-def test_no_event_without_the_pod_identity() -> None:
-    outcome = {"result": "cold", "reason": "no plan"}
-    (spec,) = outcome_specs(outcome)
-    assert event_body(spec, outcome, UID, "gpu-1", "t") is None
-    assert event_body(spec, {**outcome, "pod": POD}, "", "gpu-1", "t") is None
+def test_pod_ref_takes_thaw_pods_from_the_api_object() -> None:
+    assert pod_ref(api_pod("qwen-2", "ml", UID)) == REF | {"containers": ["proxy", "vllm"]}
+    assert pod_ref(api_pod("web", "ml", UID, thaw_pod=False)) is None  # not injected: not ours
+    odd = api_pod("qwen-2", "ml", UID)
+    odd["metadata"]["annotations"]["thaw.dev/container"] = "gone"
+    ref = pod_ref(odd)
+    assert ref is not None and ref["target"] == "proxy"  # the first container
 
 
 @pytest.mark.parametrize("uid", ["../x", "a/b", "", ".hidden", "X" * 80])
@@ -189,13 +213,98 @@ def test_node_events_read_the_copies_and_age_them_out(tmp_path: Path) -> None:
     write_outcome_copy(cache, old_uid, orjson.dumps({"result": "cold", "reason": "old", "pod": POD}))
     old = outcome_copy_path(cache, old_uid)
     os.utime(old, (time.time() - OUTCOME_MAX_AGE_S - 10,) * 2)
-    (cache / ".outcomes" / f"{UID[:8]}-dead-writer.json.tmp").write_bytes(b"{")  # a writer that died
+    dead_tmp = cache / ".outcomes" / f".{UID}.dead.tmp"  # a writer that died
+    dead_tmp.write_bytes(b"{")
+    os.utime(dead_tmp, (time.time() - OUTCOME_MAX_AGE_S - 10,) * 2)
     (cache / ".outcomes" / "22222222-2222-4333-8444-555555555555.json").write_bytes(b"{half")  # mid-write
     assert oct(outcome_copy_path(cache, UID).parent.stat().st_mode & 0o777) == "0o700"
-    events = list(node_events(cache, "gpu-1"))
+    gone = "33333333-2222-4333-8444-555555555555"  # a pod no longer on the node
+    write_outcome_copy(cache, gone, orjson.dumps({"result": "cold", "reason": "x"}))
+    os.utime(outcome_copy_path(cache, gone), (time.time() - 3600,) * 2)
+    events = list(node_events(cache, "gpu-1", {UID: REF}))
     assert [(e["reason"], e["message"]) for e in events] == [("ThawColdStart", "cold start: no plan")]
-    assert not old.exists()
-    assert list(node_events(tmp_path / "no-cache", "gpu-1")) == []
+    assert not old.exists() and not dead_tmp.exists() and not outcome_copy_path(cache, gone).exists()
+    assert list(node_events(tmp_path / "no-cache", "gpu-1", {UID: REF})) == []
+
+
+def test_write_outcome_copy_never_writes_through_a_planted_name(tmp_path: Path) -> None:
+    """Issue 11.5: the temporary name was predictable (.UID.PID.tmp), so a co-tenant could plant a
+    symlink there and have the write land in a file of its choosing."""
+    cache = tmp_path / "cache"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched")
+    outcomes = cache / ".outcomes"
+    outcomes.mkdir(parents=True)
+    (outcomes / f".{UID}.{os.getpid()}.tmp").symlink_to(victim)
+    write_outcome_copy(cache, UID, b'{"result": "cold"}')
+    assert victim.read_bytes() == b"untouched"
+    assert orjson.loads(outcome_copy_path(cache, UID).read_bytes()) == {"result": "cold"}
+    with pytest.raises(ValueError, match="more than"):
+        write_outcome_copy(cache, UID, b" " * (MAX_OUTCOME_BYTES + 1))
+
+
+def _agent(world: World, kube: FakeKube, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
+        "KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)),
+        "THAW_NODE": "gpu-1",
+    }
+    return subprocess.run(
+        [THAW, "agent", "--cache", str(world.cache), "--budget", str(1 << 30),
+         "--facts", str(world.facts_for(FACTS)), "--once"],
+        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def test_spoofed_pod_identity_in_an_outcome_file_reaches_only_its_own_pod(tmp_path: Path) -> None:
+    """Issue 11.5: user-set THAW_POD_NAMESPACE/THAW_POD_NAME survived, and the agent posted an Event
+    on kube-system/kube-apiserver-… with text of the pod's choosing."""
+    world = World(tmp_path)
+    spoof = {"name": "kube-apiserver-gpu-1", "namespace": "kube-system", "uid": UID, "container": "x"}
+    write_outcome_copy(world.cache, UID, orjson.dumps({"result": "cold", "reason": "hello", "pod": spoof}))
+    elsewhere = "44444444-2222-4333-8444-555555555555"  # a real Thaw pod, but on another node
+    write_outcome_copy(world.cache, elsewhere, orjson.dumps({"result": "cold", "reason": "x", "pod": spoof}))
+    stranger = "55555555-2222-4333-8444-555555555555"  # not a pod at all
+    write_outcome_copy(world.cache, stranger, orjson.dumps({"result": "cold", "reason": "x", "pod": spoof}))
+    with running() as kube:
+        kube.add(node("gpu-1"))
+        kube.add_pod(api_pod("qwen-2", "ml", UID))
+        kube.add_pod(api_pod("other", "ml", elsewhere, node_name="gpu-2"))
+        kube.add_pod(
+            api_pod(
+                "kube-apiserver-gpu-1", "kube-system", "66666666-2222-4333-8444-555555555555", thaw_pod=False
+            )
+        )
+        run = _agent(world, kube)
+        assert run.returncode == 0, run.stderr
+        assert [
+            (ns, e["involvedObject"]["name"], e["involvedObject"]["uid"])
+            for (ns, _), e in kube.core_events.items()
+        ] == [("ml", "qwen-2", UID)]
+        assert not any(r.startswith("POST /api/v1/namespaces/kube-system") for r in kube.requests)
+        assert any(r.startswith("GET /api/v1/pods?") and "spec.nodeName%3Dgpu-1" in r for r in kube.requests)
+
+
+def test_fifos_symlinks_and_huge_files_in_outcomes_are_skipped_and_removed(tmp_path: Path) -> None:
+    """Issue 11.5: an outcome copy symlinked to /dev/zero (MemoryError) or made a FIFO (hang)
+    stopped the agent."""
+    world = World(tmp_path)
+    write_outcome_copy(world.cache, UID, orjson.dumps({"result": "cold", "reason": "no plan"}))
+    outcomes = world.cache / ".outcomes"
+    fifo, link, huge = (f"{d * 8}-2222-4333-8444-555555555555.json" for d in "789")
+    os.mkfifo(outcomes / fifo)
+    (outcomes / link).symlink_to("/dev/zero")
+    (outcomes / huge).write_bytes(b" " * (MAX_OUTCOME_BYTES + 1))
+    bad = (fifo, link, huge)
+    with running() as kube:
+        kube.add(node("gpu-1"))
+        kube.add_pod(api_pod("qwen-2", "ml", UID))
+        for name in bad:
+            kube.add_pod(api_pod(name[:8], "ml", name[:-5]))
+        run = _agent(world, kube, timeout=60)
+        assert run.returncode == 0, run.stderr
+        assert [e["involvedObject"]["uid"] for e in kube.core_events.values()] == [UID]
+    assert sorted(p.name for p in outcomes.iterdir()) == [f"{UID}.json"]
 
 
 def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> None:
@@ -210,10 +319,9 @@ def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> 
     assert copy["pod"]["uid"] == UID and copy["result"] == "cold" and copy["started"]
     with running() as kube:
         kube.add(node("gpu-1"))
-        kenv = {"KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", kube.url)), "THAW_NODE": "gpu-1"}
+        kube.add_pod(api_pod("qwen-2", "ml", UID))
         for _ in range(2):  # the second pass (as after an agent restart) creates nothing more
-            run = thaw("agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts",
-                       world.facts_for(FACTS), "--once", env=kenv)  # fmt: skip
+            run = _agent(world, kube)
             assert run.returncode == 0, run.stderr
         assert len(kube.core_events) == 1
         ((ns, _), event), *_ = kube.core_events.items()
@@ -229,4 +337,5 @@ def test_agent_dry_run_logs_the_events_it_would_post(tmp_path: Path) -> None:
         "agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts", world.facts_for(FACTS), "--once"
     )
     assert run.returncode == 0, run.stderr
-    assert "event (dry run): Normal ThawColdStart on pod ml/qwen-2: cold start: no plan" in run.stderr
+    line = f"event (dry run, pod uid {UID} not checked against the API): Normal ThawColdStart: cold start"
+    assert line + ": no plan" in run.stderr

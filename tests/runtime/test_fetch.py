@@ -1,4 +1,5 @@
-"""``thaw fetch`` through the real CLI: every outcome is a plan, exit 0, and nothing half-written."""
+"""``thaw fetch`` through the real CLI: every outcome is a plan, exit 0, nothing half-written, and
+nothing a store, a cache or a co-tenant does can hang it (issue 11.3, 11.4)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,12 +18,15 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.runtime.snapshots import FACTS, THAW, World, cache_entries, facts, read_json, thaw
+from tests.runtime.snapshots import FACTS, REPO, THAW, World, cache_entries, facts, read_json, thaw
+from thaw.contract.facts import read_facts_file
 from thaw.contract.manifest import compute_id, dump_manifest, hex_of, sign_manifest
 from thaw.contract.plan import read_plan
+from thaw.contract.signing import load_private_key
 from thaw.snapshot.store import DirectoryStore, publish
 
 MIB = 1024 * 1024
+UID = "5d3c1a2b-9f8e-4d7c-8b6a-0f1e2d3c4b5a"
 
 
 @pytest.fixture
@@ -35,30 +40,46 @@ def small(world: World, tag: str = "a") -> Path:
     return world.images(tag, {"core-1.img": f"core {tag}".encode(), "pages-1.img": os.urandom(200_000)})
 
 
+def snapdir(world: World, sid: str, name: str = "demo") -> Path:
+    return world.store / "default" / name / hex_of(sid)
+
+
 def no_partial_snapshot(world: World) -> None:
     """Only whole snapshots (with their manifest) ever carry a snapshot's name in the cache."""
-    for d in world.cache.glob("*/*"):
+    for d in world.cache.glob("*/*/*"):
         if d.is_dir() and not d.name.startswith("."):
             assert (d / "manifest.json").is_file(), d
 
 
-def test_restore_plan_and_a_root_only_copy(world: World) -> None:
+def test_restore_plan_a_root_only_copy_facts_and_a_pin(world: World) -> None:
     images = small(world)
     sid = world.publish(images)
-    plan = world.fetch()
+    plan = world.fetch(env={"THAW_POD_UID": UID})
     assert plan["action"] == "restore", plan
     assert plan["snapshot"] == sid
     path = Path(plan["path"])
-    assert path == world.cache / "demo" / hex_of(sid) and path.is_absolute()
+    assert path == world.cache / "default" / "demo" / hex_of(sid) and path.is_absolute()
     for f in ("core-1.img", "pages-1.img"):
         assert (path / f).read_bytes() == (images / f).read_bytes()
         assert stat.S_IMODE((path / f).stat().st_mode) == 0o600
-    for d in (world.cache, world.cache / "demo", path):
+    for d in (world.cache, world.cache / "default", world.cache / "default" / "demo", path):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700
     assert read_json(path / "manifest.json")["id"] == sid
+    assert (path / ".signer.pub").read_bytes() == (world.keys / "signing.pub").read_bytes()
     assert "sha256 verified" in plan["_stderr"]
+    # The facts it used, beside the plan, for every Thaw container of the pod.
+    assert read_facts_file(world.plan.parent / "facts.json") == FACTS
+    # Pinned for the pod until its thaw exec holds it.
+    assert (path.parent / f"{path.name}.pin-{UID}").is_file()
     again = world.fetch()  # already cached: no copy
     assert again["path"] == plan["path"] and "copied" not in again["_stderr"]
+
+
+def test_snapshots_are_per_namespace(world: World) -> None:
+    sid = world.publish(small(world), namespace="team-a")
+    assert world.fetch(namespace="team-b")["reason"].startswith("no snapshot")
+    plan = world.fetch(namespace="team-a")
+    assert plan["snapshot"] == sid and plan["path"] == str(world.cache / "team-a" / "demo" / hex_of(sid))
 
 
 def test_newest_compatible_snapshot_of_the_workload_wins(world: World) -> None:
@@ -69,6 +90,46 @@ def test_newest_compatible_snapshot_of_the_workload_wins(world: World) -> None:
     plan = world.fetch()
     assert plan["snapshot"] == newest
     assert world.fetch(f=facts(gpu={"product": "NVIDIA-H200", "count": 8}))["snapshot"] == other_node
+
+
+def _forge(world: World, sid: str, created: str, stored_at: float | None = None) -> str:
+    """What a replica holding the signing key could publish (issue 11.3): a copy of a snapshot with
+    the ``created`` it likes, re-signed with the real key."""
+    src = snapdir(world, sid)
+    m = read_json(src / "manifest.json")
+    m["created"] = created
+    m["id"] = compute_id(m)
+    m = sign_manifest(m, load_private_key(world.keys / "signing.key"))
+    dst = snapdir(world, m["id"])
+    shutil.copytree(src, dst)
+    (dst / "manifest.json").write_bytes(dump_manifest(m))
+    if stored_at is not None:
+        os.utime(dst / "manifest.json", (stored_at, stored_at))
+    return str(m["id"])
+
+
+def test_a_forged_future_created_never_wins(world: World) -> None:
+    """Issue 11.3: fetch picked the newest by the signer-chosen ``created``: a manifest with
+    created 9999-12-31 beat a legitimate later one."""
+    first = world.publish(small(world, "first"))
+    forged = _forge(world, first, "9999-12-31T23:59:59.000000Z")
+    later = world.publish(small(world, "later"))
+    plan = world.fetch()
+    assert plan["snapshot"] == later, plan
+    assert f"not restoring {forged}: created 9999-12-31" in plan["_stderr"]
+    # Within the clock-skew allowance but stored before the legitimate one: the store's time rules.
+    shutil.rmtree(snapdir(world, forged))
+    soon = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 200))
+    early = _forge(world, first, soon, stored_at=time.time() - 3600)
+    assert world.fetch()["snapshot"] == later
+    # Only future ones: cold, and why.
+    for sid in (first, later, early):
+        shutil.rmtree(snapdir(world, sid))
+    base = world.publish(small(world, "base"))
+    _forge(world, base, "9999-12-31T23:59:59.000000Z")
+    shutil.rmtree(snapdir(world, base))
+    plan = world.fetch()
+    assert plan["action"] == "cold" and plan["reason"].startswith("malformed manifest: created in the future")
 
 
 @pytest.mark.parametrize(
@@ -103,25 +164,25 @@ def test_cold_reasons(world: World, setup: str, needle: str) -> None:
     assert f"cold start: {plan['reason']}" in out.stderr
     if setup == "driver":
         assert "driver 580.159.04 here vs 550.54.15 in the snapshot" in plan["reason"]
-    assert not any(p.is_dir() and not p.name.startswith(".") for p in world.cache.glob("*/*"))
+    assert not any(p.is_dir() and not p.name.startswith(".") for p in world.cache.glob("*/*/*"))
 
 
 def test_tampered_file_is_refused_and_leaves_nothing(world: World) -> None:
     sid = world.publish(small(world))
-    victim = world.store / "demo" / hex_of(sid) / "pages-1.img"
+    victim = snapdir(world, sid) / "pages-1.img"
     data = bytearray(victim.read_bytes())
     data[1000] ^= 0xFF
     victim.write_bytes(bytes(data))
     plan = world.fetch()
     assert plan["action"] == "cold"
     assert plan["reason"].startswith("digest mismatch:") and "pages-1.img" in plan["reason"]
-    assert cache_entries(world.cache) == ["demo", f"demo/{hex_of(sid)}.fetch"]  # only the (free) lock file
+    assert cache_entries(world.cache) == ["default", "default/demo", f"default/demo/{hex_of(sid)}.fetch"]
 
 
 def test_a_tampered_newest_falls_back_to_an_older_verified_snapshot(world: World) -> None:
     good = world.publish(small(world, "old"))
     bad = world.publish(small(world, "new"))
-    (world.store / "demo" / hex_of(bad) / "core-1.img").write_bytes(b"evil")
+    (snapdir(world, bad) / "core-1.img").write_bytes(b"evil")
     plan = world.fetch()
     assert plan["snapshot"] == good
     assert f"not restoring {bad}: digest mismatch" in plan["_stderr"]
@@ -129,15 +190,16 @@ def test_a_tampered_newest_falls_back_to_an_older_verified_snapshot(world: World
 
 def test_bad_signature_is_refused(world: World) -> None:
     sid = world.publish(small(world))
-    src = world.store / "demo" / hex_of(sid)
+    src = snapdir(world, sid)
     m = read_json(src / "manifest.json")
-    m["created"] = "2099-01-01T00:00:00.000000Z"  # newer, re-addressed, but the signature is the old one
+    # Newer, re-addressed, but the signature is the old one.
+    m["created"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 60))
     m["id"] = compute_id(m)
-    dst = world.store / "demo" / hex_of(m["id"])
+    dst = snapdir(world, m["id"])
     shutil.copytree(src, dst)
     (dst / "manifest.json").write_bytes(dump_manifest(m))
     plan = world.fetch()
-    # The forged one is refused; the genuine older one is restored.
+    # The forged one is refused (it is the newest by store time); the genuine older one is restored.
     assert plan["snapshot"] == sid
     assert "bad signature" in plan["_stderr"]
     shutil.rmtree(src)
@@ -146,12 +208,14 @@ def test_bad_signature_is_refused(world: World) -> None:
     assert "does not verify" in plan["reason"]
 
 
-def test_unsigned_refused_then_accepted_with_the_flag_or_the_env(world: World) -> None:
+def test_unsigned_refused_then_accepted_with_the_flag_or_the_env_but_never_advertised(world: World) -> None:
     m = publish(DirectoryStore(world.store), "demo", "w1", small(world), None, FACTS)
     plan = world.fetch()
     assert plan["action"] == "cold" and plan["reason"].startswith("unsigned:")
     assert "--allow-unsigned" in plan["reason"]
-    assert world.fetch("--allow-unsigned")["snapshot"] == m["id"]
+    plan = world.fetch("--allow-unsigned")
+    assert plan["snapshot"] == m["id"]
+    assert not Path(plan["path"], ".signer.pub").exists()  # nothing vouches for it: not advertised
     shutil.rmtree(world.cache)
     assert world.fetch(env={"THAW_ALLOW_UNSIGNED": "1"})["snapshot"] == m["id"]
 
@@ -159,7 +223,7 @@ def test_unsigned_refused_then_accepted_with_the_flag_or_the_env(world: World) -
 def test_snapshot_signed_by_an_untrusted_key(world: World) -> None:
     stranger = Ed25519PrivateKey.generate()
     m = sign_manifest(publish(DirectoryStore(world.store), "demo", "w1", small(world), None, FACTS), stranger)
-    (world.store / "demo" / hex_of(m["id"]) / "manifest.json").write_bytes(dump_manifest(m))
+    (snapdir(world, m["id"]) / "manifest.json").write_bytes(dump_manifest(m))
     plan = world.fetch()
     assert plan["action"] == "cold" and plan["reason"].startswith("untrusted:")
     assert m["signature"]["key_id"] in plan["reason"]
@@ -181,17 +245,16 @@ def test_lru_makes_room_but_never_evicts_a_snapshot_in_use(world: World) -> None
     assert first["snapshot"] == a
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from thaw.snapshot.cache import in_use\n"
-         "with in_use(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()",
-         first["path"]],
+         "import sys, time; from pathlib import Path; from thaw.snapshot.cache import hold_verified\n"
+         "with hold_verified(Path(sys.argv[1]), sys.argv[2], time.monotonic() + 5):\n"
+         "    print('held', flush=True); sys.stdin.read()",
+         first["path"], a],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         plan = world.fetch("--budget", budget, name="bbb")
-        assert (
-            plan["action"] == "cold" and "1 cached snapshot(s) in use could not be evicted" in plan["reason"]
-        )
+        assert plan["action"] == "cold" and "1 cached snapshot(s) in use or pinned" in plan["reason"]
         assert Path(first["path"], "manifest.json").is_file()
     finally:
         holder.communicate("")
@@ -200,29 +263,171 @@ def test_lru_makes_room_but_never_evicts_a_snapshot_in_use(world: World) -> None
     assert not Path(first["path"]).exists()  # least recently used, no longer in use: evicted
 
 
+# --- nothing hangs fetch (issue 11.4) -------------------------------------------------------------
+
+
+def fetch_within(world: World, *extra: str, seconds: float = 60) -> dict[str, object]:
+    """The CLI fetch, failing the test (not hanging the run) when it takes longer than ``seconds``."""
+    world.plan.unlink(missing_ok=True)
+    t = time.monotonic()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    out = subprocess.run(
+        [THAW, *map(str, world.fetch_args()), *extra],
+        capture_output=True,
+        text=True,
+        env=base,
+        timeout=seconds,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    plan: dict[str, object] = read_json(world.plan)
+    plan["_stderr"], plan["_seconds"] = out.stderr, time.monotonic() - t
+    return plan
+
+
+def test_a_fifo_or_symlink_in_the_store_never_hangs_fetch(world: World) -> None:
+    good = world.publish(small(world, "good"))
+    newer = world.publish(small(world, "newer"))
+    fifo_manifest = snapdir(world, newer) / "manifest.json"
+    data = fifo_manifest.read_bytes()
+    fifo_manifest.unlink()
+    os.mkfifo(fifo_manifest)
+    plan = fetch_within(world)
+    assert plan["snapshot"] == good
+    # A FIFO as an image file of the chosen snapshot: refused at open, the older one is not better.
+    fifo_manifest.unlink()
+    fifo_manifest.write_bytes(data)
+    (snapdir(world, newer) / "pages-1.img").unlink()
+    os.mkfifo(snapdir(world, newer) / "pages-1.img")
+    (snapdir(world, good) / "core-1.img").unlink()
+    (snapdir(world, good) / "core-1.img").symlink_to("/dev/zero")
+    shutil.rmtree(world.cache)
+    plan = fetch_within(world)
+    assert plan["action"] == "cold", plan
+    assert "store unreadable" in str(plan["reason"]) and "FIFO" in str(plan["_stderr"])
+    assert "symlink" in str(plan["_stderr"])
+    no_partial_snapshot(world)
+
+
+def test_a_fifo_as_manifest_in_the_cache_never_hangs_fetch(world: World) -> None:
+    """Issue 11.4: a FIFO pre-placed as the cached copy's manifest.json hung fetch."""
+    sid = world.publish(small(world))
+    poisoned = world.cache / "default" / "demo" / hex_of(sid)
+    poisoned.mkdir(parents=True)
+    os.mkfifo(poisoned / "manifest.json")
+    plan = fetch_within(world)
+    assert plan["snapshot"] == sid  # not a whole snapshot: evicted, and staged again
+    assert read_json(poisoned / "manifest.json")["id"] == sid
+
+
+HOLD_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)  # read-only is enough for flock: a read-only mount is too
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_cotenant_holding_the_fetch_lock_cannot_hang_fetch(world: World) -> None:
+    """Issue 11.4: a co-tenant holding the ``.fetch`` flock kept fetch in Init past 10 s."""
+    sid = world.publish(small(world))
+    lock = world.cache / "default" / "demo" / f"{hex_of(sid)}.fetch"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FLOCK, str(lock)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        plan = fetch_within(world, "--deadline", "3", seconds=30)
+    finally:
+        holder.communicate("")
+    assert plan["action"] == "cold" and str(plan["reason"]).startswith("cache busy:"), plan
+    assert float(str(plan["_seconds"])) < 20
+    no_partial_snapshot(world)
+    assert not list(world.cache.glob("default/demo/.tmp-*"))
+    assert fetch_within(world)["snapshot"] == sid  # released: staged as usual
+
+
+HANGING = """
+import sys, time
+from pathlib import Path
+import thaw.snapshot.fetch as f
+from thaw.cli import build_parser
+from thaw.snapshot.cache import name_dir, temp_dir
+
+def hang(store, cache, name, *a, **kw):
+    kw["on_phase"]("copying into the cache (a store that stopped answering)")
+    with temp_dir(name_dir(cache, "default", name)):
+        time.sleep(3600)
+
+f.fetch = hang
+sys.exit(f.run(build_parser().parse_args(sys.argv[1:])))
+"""
+
+
+def test_the_overall_deadline_ends_a_fetch_that_never_returns(world: World) -> None:
+    """Whatever blocks (a store that stops answering mid-read, an NFS server gone): past the
+    deadline the plan is cold with what fetch was doing, and its temporary copy is gone."""
+    world.publish(small(world))
+    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    t = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-c", HANGING, *map(str, world.fetch_args()), "--deadline", "2"],
+        capture_output=True, text=True, env=base, timeout=60, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert time.monotonic() - t < 30
+    plan = read_plan(world.plan)
+    assert plan["action"] == "cold"
+    assert plan.get("reason", "").startswith("deadline: thaw fetch did not finish within 2 s (it was copying")
+    assert read_facts_file(world.plan.parent / "facts.json") == FACTS
+    assert not list(world.cache.glob("default/demo/.tmp-*"))
+
+
+# --- interrupted copies ---------------------------------------------------------------------------
+
+
 def _fifo_world(world: World, size: int) -> tuple[str, Path, bytes]:
-    """A published snapshot whose big file in the store is replaced by a FIFO the test feeds: the
-    test decides when the copy stalls, and a second read of the file would hang (so: one copy)."""
+    """A published snapshot and a FIFO the test feeds in place of its big file (tests/runtime/
+    stalled_fetch.py): the test decides when the copy stalls, and a second read would hang."""
     payload = os.urandom(size)
     sid = world.publish(world.images("fifo", {"core-1.img": b"core", "pages-1.img": payload}))
-    fifo = world.store / "demo" / hex_of(sid) / "pages-1.img"
-    fifo.unlink()
+    fifo = world.root / "pages.fifo"
     os.mkfifo(fifo, 0o600)
     return sid, fifo, payload
+
+
+def _stalled(world: World, fifo: Path, plan: Path | None = None) -> subprocess.Popen[str]:
+    args = [world.store, world.cache, world.trust, plan or world.plan, world.facts_for(FACTS), fifo]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.runtime.stalled_fetch", *map(str, args)],
+        stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )  # fmt: skip
 
 
 def _wait_for_temp_bytes(world: World, proc: subprocess.Popen[str], at_least: int) -> Path:
     while True:
         assert proc.poll() is None, proc.communicate()
-        for f in world.cache.glob("demo/.tmp-*/pages-1.img"):
-            if f.stat().st_size >= at_least:
+        for f in world.cache.glob("default/demo/.tmp-*/pages-1.img"):
+            if f.stat().st_size >= at_least and _written(f) >= at_least:
                 return f.parent
         threading.Event().wait(0.005)
 
 
+def _written(f: Path) -> int:
+    """Bytes actually written (the file is preallocated to its full size)."""
+    data = f.read_bytes()
+    return len(data.rstrip(b"\0"))
+
+
 def test_interrupted_copy_is_never_used_and_the_next_fetch_recovers(world: World) -> None:
     sid, fifo, payload = _fifo_world(world, 12 * MIB)
-    proc = subprocess.Popen([THAW, *map(str, world.fetch_args())], stderr=subprocess.PIPE, text=True)
+    proc = _stalled(world, fifo)
     with open(fifo, "wb") as w:
         w.write(payload[: 6 * MIB])
         w.flush()
@@ -231,47 +436,39 @@ def test_interrupted_copy_is_never_used_and_the_next_fetch_recovers(world: World
         proc.communicate()
     assert read_plan(world.plan)["action"] == "cold"  # no plan: thaw exec cold-starts
     assert tmp.exists()
-    assert not (world.cache / "demo" / hex_of(sid)).exists()
+    assert not (world.cache / "default" / "demo" / hex_of(sid)).exists()
     no_partial_snapshot(world)
     inv = thaw(
         "agent", "--cache", world.cache, "--budget", "1000000000", "--facts", world.facts_file(), "--once"
     )
     assert orjson.loads(orjson.loads(inv.stdout)["thaw.dev/cache"])["snapshots"] == []  # never advertised
-    assert not tmp.exists()  # the agent cleaned the dead fetch's temp (its fetch lock was free)
-
-    fifo.unlink()
-    fifo.write_bytes(payload)
-    proc = subprocess.Popen([THAW, *map(str, world.fetch_args())], stderr=subprocess.PIPE, text=True)
-    proc.communicate(timeout=60)
-    plan = read_plan(world.plan)
+    assert not tmp.exists()  # the agent cleaned the dead fetch's temp (its flock was free)
+    plan = world.fetch()
     assert plan.get("snapshot") == sid
     assert Path(plan["path"], "pages-1.img").read_bytes() == payload
-    assert not list(world.cache.glob("demo/.tmp-*"))
+    assert not list(world.cache.glob("default/demo/.tmp-*"))
 
 
 def test_a_killed_fetch_is_recovered_by_the_next_fetch_alone(world: World) -> None:
     sid, fifo, payload = _fifo_world(world, 12 * MIB)
-    proc = subprocess.Popen([THAW, *map(str, world.fetch_args())], stderr=subprocess.PIPE, text=True)
+    proc = _stalled(world, fifo)
     with open(fifo, "wb") as w:
         w.write(payload[: 6 * MIB])
         w.flush()
         _wait_for_temp_bytes(world, proc, 4 * MIB)
         proc.kill()
         proc.communicate()
-    fifo.unlink()
-    fifo.write_bytes(payload)
     plan = world.fetch()
     assert plan["snapshot"] == sid and "interrupted fetch" in plan["_stderr"]
-    assert not list(world.cache.glob("demo/.tmp-*"))
+    assert not list(world.cache.glob("default/demo/.tmp-*"))
 
 
 def test_two_concurrent_fetches_copy_once_and_both_restore(world: World) -> None:
     sid, fifo, payload = _fifo_world(world, 12 * MIB)
-    args_a = world.fetch_args()
-    args_b = list(args_a)
+    a = _stalled(world, fifo)
     plan_b = world.root / "plan-b" / "plan.json"
+    args_b = world.fetch_args()
     args_b[args_b.index("--plan") + 1] = plan_b
-    a = subprocess.Popen([THAW, *map(str, args_a)], stderr=subprocess.PIPE, text=True)
     with open(fifo, "wb") as w:
         w.write(payload[: 6 * MIB])
         w.flush()
@@ -285,12 +482,13 @@ def test_two_concurrent_fetches_copy_once_and_both_restore(world: World) -> None
             pytest.fail("second fetch never waited for the first")
         w.write(payload[6 * MIB :])
     a.communicate(timeout=60)
-    b.communicate(timeout=60)  # had b opened the FIFO again it would hang here: one copy only
+    _, err_b = b.communicate(timeout=60)
+    assert "copied" not in err_b  # b found it staged: one copy
     pa, pb = read_plan(world.plan), read_plan(plan_b)
     assert pa["action"] == pb["action"] == "restore"
     assert pa["path"] == pb["path"] and pa["snapshot"] == pb["snapshot"] == sid
     assert Path(pa["path"], "pages-1.img").read_bytes() == payload
-    assert [p.name for p in (world.cache / "demo").iterdir() if p.is_dir()] == [hex_of(sid)]
+    assert [p.name for p in (world.cache / "default" / "demo").iterdir() if p.is_dir()] == [hex_of(sid)]
 
 
 @pytest.fixture
@@ -319,6 +517,6 @@ def test_cache_full_when_the_disk_cannot_hold_it_and_memory_tier(world: World, s
     plan = read_json(world.plan)
     assert out.returncode == 0 and plan["action"] == "cold", plan
     assert plan["reason"].startswith("cache full:") and "free on the filesystem" in plan["reason"]
-    assert not list(small_tmpfs.glob("big/*/"))
+    assert not list(small_tmpfs.glob("default/big/*/"))
     inv = thaw("agent", "--cache", small_tmpfs, "--budget", "1000", "--facts", world.facts_file(), "--once")
     assert orjson.loads(orjson.loads(inv.stdout)["thaw.dev/cache"])["free_bytes"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import re
 import stat
@@ -15,13 +16,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.runtime.snapshots import FACTS, facts, thaw
 from thaw.contract.canonical import canonical_json
-from thaw.contract.facts import FactsError, compat_key
+from thaw.contract.facts import FactsError, compat_key, read_facts_file, write_facts_file
 from thaw.contract.manifest import (
     ManifestError,
     build_manifest,
     check_file_path,
     compute_id,
-    hash_files,
     image_gpu_layout,
     parse_manifest,
     sign_manifest,
@@ -36,9 +36,12 @@ from thaw.snapshot.nodefacts import (
     gfd_product,
     load_facts_file,
     node_facts,
+    node_gpu_count,
     parse_criu_version,
     parse_proc_version,
+    pci_gpu_count,
 )
+from thaw.snapshot.transfer import hash_files
 
 
 @pytest.fixture
@@ -363,3 +366,91 @@ def test_facts_difference_says_what_changed() -> None:
     assert d == "driver 590.1 here vs 580.159.04 in the snapshot"
     g = facts_difference(facts(gpu={"product": "NVIDIA-H200", "count": 8}), FACTS)
     assert "8x NVIDIA-H200 here vs 8x NVIDIA-H100-80GB-HBM3" in g
+
+
+# --- chunk digests, created, bounded reads (issue 11) ---------------------------------------------
+
+
+def test_chunk_digests_cover_each_piece_and_are_checked(tmp_path: Path) -> None:
+    d = tmp_path / "img"
+    d.mkdir()
+    data = os.urandom(5 * 1024 * 1024 + 17)
+    (d / "pages-1.img").write_bytes(data)
+    (d / "empty.img").write_bytes(b"")
+    entries = {e["path"]: e for e in hash_files(d, chunk_bytes=1 << 20)}
+    pages = entries["pages-1.img"]
+    assert pages["sha256"] == hashlib.sha256(data).hexdigest()
+    assert pages["chunks"] == [
+        hashlib.sha256(data[i : i + (1 << 20)]).hexdigest() for i in range(0, len(data), 1 << 20)
+    ]
+    assert entries["empty.img"]["chunks"] == []
+    m = build_manifest("demo", "w1", FACTS, list(entries.values()), chunk_bytes=1 << 20)
+    assert m["chunk_bytes"] == 1 << 20
+    for bad, needle in [
+        ({**m, "chunk_bytes": 3000}, "chunk_bytes must be a power of two"),
+        ({**m, "chunk_bytes": 1 << 31}, "chunk_bytes must be a power of two"),
+        (
+            {**m, "files": [{**pages, "chunks": pages["chunks"][:-1]}, entries["empty.img"]]},
+            "must list 6 digest",
+        ),
+        ({**m, "files": [{**pages, "chunks": ["x"] * 6}, entries["empty.img"]]}, "64 lower-case hex"),
+        ({k: v for k, v in m.items() if k != "chunk_bytes"}, "need the manifest's chunk_bytes"),
+    ]:
+        bad["id"] = compute_id(bad)
+        with pytest.raises(ManifestError, match=needle):
+            validate_manifest(bad)
+
+
+@pytest.mark.parametrize("created", ["yesterday", "2026-11-28T05:40:00", ""])
+def test_created_must_be_an_rfc3339_time_with_a_zone(images: Path, created: str) -> None:
+    m = dict(build_manifest("demo", "w1", FACTS, hash_files(images)))
+    m["created"] = created
+    m["id"] = compute_id(m)
+    with pytest.raises(ManifestError, match="created"):
+        validate_manifest(m)
+
+
+def test_plan_and_facts_files_never_block_or_follow_links(tmp_path: Path) -> None:
+    """A FIFO or a symlink where the plan or facts.json should be: read at once, cold / refused."""
+    fifo = tmp_path / "plan.json"
+    os.mkfifo(fifo)
+    plan = read_plan(fifo)
+    assert plan["action"] == "cold" and "FIFO" in plan.get("reason", "")
+    (tmp_path / "real.json").write_bytes(orjson.dumps(FACTS))
+    link = tmp_path / "facts.json"
+    link.symlink_to(tmp_path / "real.json")
+    with pytest.raises(FactsError, match="symlink"):
+        read_facts_file(link)
+    write_facts_file(tmp_path / "out" / "facts.json", FACTS)
+    assert read_facts_file(tmp_path / "out" / "facts.json") == FACTS
+    assert stat.S_IMODE((tmp_path / "out" / "facts.json").stat().st_mode) == 0o644
+    (tmp_path / "big.json").write_bytes(b" " * 70_000 + orjson.dumps(FACTS))
+    with pytest.raises(FactsError, match="more than"):
+        read_facts_file(tmp_path / "big.json")
+
+
+def _pci(root: Path, slot: str, vendor: str, klass: str, driver: str | None) -> None:
+    d = root / "devices" / slot
+    d.mkdir(parents=True)
+    (d / "vendor").write_text(vendor + "\n")
+    (d / "class").write_text(klass + "\n")
+    if driver:
+        (root / "drivers" / driver).mkdir(parents=True, exist_ok=True)
+        (d / "driver").symlink_to(root / "drivers" / driver)
+
+
+def test_node_gpu_count_counts_every_gpu_of_the_node(tmp_path: Path) -> None:
+    """A container given 1 of 4 GPUs sees 1 in NVML; sysfs shows the node's 4 (not its NVSwitch, not
+    a GPU bound to vfio, not other vendors): the facts carry 4 wherever they are detected."""
+    for i in range(4):
+        _pci(tmp_path, f"0000:1{i}:00.0", "0x10de", "0x030200", "nvidia")
+    _pci(tmp_path, "0000:20:00.0", "0x10de", "0x068000", "nvidia")  # NVSwitch
+    _pci(tmp_path, "0000:21:00.0", "0x10de", "0x030200", "vfio-pci")  # passed to a VM
+    _pci(tmp_path, "0000:22:00.0", "0x8086", "0x030000", "i915")
+    assert pci_gpu_count(tmp_path / "devices") == 4
+    assert node_gpu_count(1, tmp_path / "devices", tmp_path / "noproc") == 4
+    proc = tmp_path / "proc"
+    for i in range(2):
+        (proc / "gpus" / f"0000:1{i}:00.0").mkdir(parents=True)
+    assert node_gpu_count(1, tmp_path / "missing", proc) == 2  # no sysfs: the largest count seen
+    assert pci_gpu_count(tmp_path / "missing") is None

@@ -228,10 +228,10 @@ def build_manifest(
     created: str | None = None,
     *,
     gpu: GpuLayout | None = None,
-    chunk_bytes: int | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> Manifest:
     """An unsigned manifest with its id computed. ``chunk_bytes``: the chunk size of the files'
-    ``chunks`` digests (required when they carry some)."""
+    ``chunks`` digests, recorded when they carry some."""
     if not is_dns1123_label(name):
         raise ManifestError("malformed", f"snapshot name {name!r} must be a DNS-1123 label")
     if not workload or not isinstance(workload, str):
@@ -247,8 +247,6 @@ def build_manifest(
         "created": created or now_rfc3339(),
     }
     if any("chunks" in e for e in files):
-        if chunk_bytes is None:
-            raise ManifestError("malformed", "files carry chunk digests: chunk_bytes is required")
         m["chunk_bytes"] = chunk_bytes
     if gpu is not None:
         m["gpu"] = gpu

@@ -6,7 +6,9 @@ longer restore, evict least recently used snapshots until the cache fits its byt
 that a restore holds), record the budget for ``thaw fetch``, and patch this Node's ``thaw.dev/facts``
 and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client), and
 post an Event on each Thaw pod of this node saying how it started and how its checkpoint went (from
-the outcome copies ``thaw exec`` leaves in the cache: thaw/node/events.py).
+the outcome copies in the cache, for the pods its own API list shows on this node: thaw/node/events.py).
+The inventory lists only snapshots whose manifest signature verifies against the key recorded beside
+them when Thaw staged them (and, with ``--trust DIR``, only keys in that directory).
 Without ``--node`` it prints the annotations instead (a dry run for people and demos).
 """
 
@@ -25,13 +27,23 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import orjson
+
 from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
 from thaw.contract.canonical import canonical_json
 from thaw.contract.facts import NodeFacts
 from thaw.contract.inventory import Inventory, render_inventory
+from thaw.contract.signing import TrustedKeys, load_trusted_keys
 from thaw.errors import UsageError
-from thaw.node.events import node_events
-from thaw.snapshot.cache import clean_stale, enforce_budget, inventory, remove_incompatible, write_budget
+from thaw.node.events import PodRef, node_events, pod_ref, unverified_specs
+from thaw.snapshot.cache import (
+    clean_stale,
+    enforce_budget,
+    inventory,
+    mark_in_use,
+    remove_incompatible,
+    write_budget,
+)
 
 log = logging.getLogger("thaw.agent")
 
@@ -49,14 +61,16 @@ class PassResult:
     evicted: list[str] = field(default_factory=list)
 
 
-def upkeep(cache_dir: Path, budget: int, facts: NodeFacts) -> PassResult:
+def upkeep(cache_dir: Path, budget: int, facts: NodeFacts, trusted: TrustedKeys | None = None) -> PassResult:
     """One pass over the cache (no cluster I/O)."""
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_budget(cache_dir, budget)
+    mark_in_use(cache_dir)  # restores hold snapshots through read-only mounts: their last use is now
     stale = clean_stale(cache_dir)
     incompatible = remove_incompatible(cache_dir, facts)
     evicted = enforce_budget(cache_dir, budget)
-    return PassResult(facts, inventory(cache_dir, facts, budget), stale, incompatible, evicted)
+    inv = inventory(cache_dir, facts, budget, trusted=trusted)
+    return PassResult(facts, inv, stale, incompatible, evicted)
 
 
 def node_annotations(facts: NodeFacts, inv: Inventory) -> dict[str, str]:
@@ -73,6 +87,15 @@ def core_api() -> Any:
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
     return client.CoreV1Api()
+
+
+def node_pods(api: Any, node: str) -> dict[str, PodRef]:
+    """This node's Thaw pods by uid, from the API (a list with ``spec.nodeName=<node>``; each pod
+    checked again here, whatever a proxy did with the selector)."""
+    resp = api.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}", _preload_content=False)
+    items = orjson.loads(resp.data).get("items") or []
+    refs = (pod_ref(p) for p in items if (p.get("spec") or {}).get("nodeName") == node)
+    return {r["uid"]: r for r in refs if r is not None}
 
 
 def post_events(api: Any, events: Iterable[dict[str, Any]], posted: set[str]) -> None:
@@ -127,13 +150,15 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
     api = core_api() if args.node else None
+    trust = getattr(args, "trust", None)
     posted: set[str] = set()
     last_sent: dict[str, str] | None = None
     last_sent_at = 0.0
     failed = False
     while True:
         try:
-            result = upkeep(args.cache, args.budget, node_facts(args.facts))
+            trusted = load_trusted_keys(trust) if trust is not None else None
+            result = upkeep(args.cache, args.budget, node_facts(args.facts), trusted)
             for what, items in (
                 ("removed leftover", result.stale),
                 ("removed snapshot no longer compatible with this node", result.incompatible),
@@ -156,10 +181,16 @@ def run(args: argparse.Namespace) -> int:
                 )
             # How each Thaw pod on this node started, as Events on the pod (thaw/node/events.py).
             if api is not None:
-                post_events(api, node_events(args.cache, args.node), posted)
+                post_events(api, node_events(args.cache, args.node, node_pods(api, args.node)), posted)
             else:
-                for body in node_events(args.cache, "(dry run)"):
-                    log.info("event (dry run): %s", event_line(body))
+                for uid, spec in unverified_specs(args.cache):
+                    log.info(
+                        "event (dry run, pod uid %s not checked against the API): %s %s: %s",
+                        uid,
+                        spec["type"],
+                        spec["reason"],
+                        spec["message"],
+                    )
             failed = False
         except Exception as exc:
             # A transient API or disk error must not crash-loop the DaemonSet: log it, try again.

@@ -1,8 +1,8 @@
 """What each Thaw pod's start did, as Kubernetes Events on the pod (``kubectl describe pod``).
 
-The workload container holds no API credentials (by design), so ``thaw exec`` leaves a copy of its
-outcome file in the node cache (``<cache>/.outcomes/<pod uid>.json``, root-only like the cache), and
-the node agent, which already has the cache and a ServiceAccount, turns each into Events:
+The workload container holds no API credentials (by design), so its outcome file is relayed into the
+node cache (``<cache>/.outcomes/<pod uid>.json``, root-only like the cache), and the node agent,
+which already has the cache and a ServiceAccount, turns each into Events:
 
 | outcome | type | reason |
 | --- | --- | --- |
@@ -13,10 +13,13 @@ the node agent, which already has the cache and a ServiceAccount, turns each int
 | ``checkpoint.status: failed`` | Warning | ``ThawCheckpointFailed`` |
 | ``checkpoint.status: skipped`` | Warning | ``ThawCheckpointSkipped`` |
 
-An Event's name is derived from the pod, the container's start and the message, so the agent posting
-it again (a restart of the agent) is answered 409 and changes nothing. ``outcome_specs`` and
-``event_body`` are pure; ``write_outcome_copy`` (thaw exec, :mod:`thaw.snapshot.outcome_copy`) and
-``node_events`` (the agent) are the file I/O around them; the agent posts.
+Only for pods that the agent's own API list shows on its node, matched by the copy's uid (its file
+name): the pod's name, namespace and containers come from that API object, never from the file, so
+an outcome file can only ever speak about its own pod. Copies are read bounded
+(thaw.snapshot.outcome_copy.read_outcome_copies). An Event's name is derived from the pod, the
+container's start and the message, so the agent posting it again (a restart of the agent) is
+answered 409 and changes nothing. ``outcome_specs``, ``pod_ref`` and ``event_body`` are pure;
+``node_events`` is the file I/O around them; the agent lists the pods and posts.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
-import orjson
-
-from thaw.snapshot.outcome_copy import OUTCOMES_DIR
+from thaw.contract.annotations import CONTAINER, INJECTED
+from thaw.snapshot.outcome_copy import read_outcome_copies, remove_outcome_copy
 
 OUTCOME_MAX_AGE_S = 7 * 24 * 3600  # copies not updated for this long belong to pods long gone
+ORPHAN_AGE_S = 600  # a copy of a pod not on this node (gone) is removed after this long
 MESSAGE_MAX = 1024  # what kubectl shows comfortably; the API allows more
 COMPONENT = "thaw"
 
@@ -43,6 +46,16 @@ class ObjectRef(TypedDict):
     namespace: str
     uid: str
     fieldPath: str
+
+
+class PodRef(TypedDict):
+    """A pod as the agent's API list shows it."""
+
+    name: str
+    namespace: str
+    uid: str
+    containers: list[str]
+    target: str  # the container Thaw wraps: thaw.dev/container, else the first
 
 
 class EventSpec(TypedDict):
@@ -101,15 +114,30 @@ _TIMING_LABELS = (
 )
 
 
-def event_body(
-    spec: EventSpec, outcome: Mapping[str, Any], uid: str, node: str, now: str
-) -> dict[str, Any] | None:
-    """A core/v1 Event on the outcome's pod, or None when the outcome does not name its pod (a
-    container the webhook did not inject)."""
-    pod = outcome.get("pod") or {}
-    name, namespace = pod.get("name"), pod.get("namespace")
-    if not name or not namespace or not uid:
+def pod_ref(pod: Mapping[str, Any]) -> PodRef | None:
+    """A Thaw pod (``thaw.dev/injected``) of an API list (a dict as the API serves it), else None."""
+    meta = pod.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    name, namespace, uid = meta.get("name"), meta.get("namespace"), meta.get("uid")
+    if INJECTED not in annotations or not (
+        isinstance(name, str) and isinstance(namespace, str) and isinstance(uid, str) and name and uid
+    ):
         return None
+    containers = [
+        str(c.get("name")) for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name")
+    ]
+    target = annotations.get(CONTAINER)
+    if target not in containers:
+        target = containers[0] if containers else "main"
+    return {"name": name, "namespace": namespace, "uid": uid, "containers": containers, "target": target}
+
+
+def event_body(
+    spec: EventSpec, outcome: Mapping[str, Any], pod: PodRef, node: str, now: str
+) -> dict[str, Any]:
+    """A core/v1 Event on ``pod`` (identity from the API object; the outcome gives only the
+    message and the container's start)."""
+    name, namespace, uid = pod["name"], pod["namespace"], pod["uid"]
     started = str(outcome.get("started", ""))
     digest = hashlib.sha256(f"{uid}\0{started}\0{spec['reason']}\0{spec['message']}".encode()).hexdigest()
     ref: ObjectRef = {
@@ -118,7 +146,7 @@ def event_body(
         "name": name,
         "namespace": namespace,
         "uid": uid,
-        "fieldPath": f"spec.containers{{{pod.get('container') or 'main'}}}",
+        "fieldPath": f"spec.containers{{{pod['target']}}}",
     }
     return {
         "apiVersion": "v1",
@@ -137,28 +165,27 @@ def event_body(
     }
 
 
-def node_events(cache: Path, node: str, now: float | None = None) -> Iterator[dict[str, Any]]:
-    """Every Event the outcome copies in ``cache`` call for (unreadable copies are skipped: a copy
-    being replaced is read whole next time). Copies older than OUTCOME_MAX_AGE_S are removed."""
+def node_events(
+    cache: Path, node: str, pods: Mapping[str, PodRef], now: float | None = None
+) -> Iterator[dict[str, Any]]:
+    """Every Event the outcome copies in ``cache`` call for, for the pods in ``pods`` (by uid: this
+    node's Thaw pods from the API). Copies of pods not there are skipped, and removed once
+    ORPHAN_AGE_S old (the pod is gone); copies older than OUTCOME_MAX_AGE_S are removed."""
     now = time.time() if now is None else now
     stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
-    try:
-        entries = sorted((cache / OUTCOMES_DIR).iterdir())
-    except OSError:
-        return
-    for f in entries:
-        try:
-            if now - f.stat().st_mtime > OUTCOME_MAX_AGE_S:  # a pod long gone, or a dead writer's temp
-                f.unlink(missing_ok=True)
-                continue
-            if f.suffix != ".json" or f.name.startswith("."):
-                continue
-            outcome = orjson.loads(f.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            continue
-        if not isinstance(outcome, dict):
+    for uid, outcome, mtime in read_outcome_copies(cache, OUTCOME_MAX_AGE_S, now):
+        pod = pods.get(uid)
+        if pod is None:
+            if now - mtime > ORPHAN_AGE_S:
+                remove_outcome_copy(cache, uid)
             continue
         for spec in outcome_specs(outcome):
-            body = event_body(spec, outcome, f.stem, node, stamp)
-            if body is not None:
-                yield body
+            yield event_body(spec, outcome, pod, node, stamp)
+
+
+def unverified_specs(cache: Path, now: float | None = None) -> Iterator[tuple[str, EventSpec]]:
+    """(pod uid, spec) of every copy, for a dry run without the API: nothing is posted from these."""
+    now = time.time() if now is None else now
+    for uid, outcome, _ in read_outcome_copies(cache, OUTCOME_MAX_AGE_S, now):
+        for spec in outcome_specs(outcome):
+            yield uid, spec

@@ -348,10 +348,12 @@ def _fresh_pin(snapshot_dir: Path, now: float) -> bool:
 
 
 def _last_used(d: Path) -> float:
+    """The newest of the use lock's mtime and the pins' (the directory's when it has neither)."""
     times = [mtime for _, mtime in _pins(d)]
     for p in (_use_lock(d), d):
         with contextlib.suppress(OSError):
             times.append(p.stat(follow_symlinks=False).st_mtime)
+            break
     return max(times) if times else 0.0
 
 
@@ -561,6 +563,8 @@ def install(
             return final
         if os.path.lexists(final) and not evict(final):  # not a whole snapshot: never ours to keep
             raise CacheError(f"{final} exists without a valid manifest and is in use")
+        for dead in remove_dead_temps(nd):  # their bytes count against the disk, not the budget
+            log.info("removed %s left by an interrupted fetch or publish", dead)
         make_room(cache_dir, manifest["total_bytes"], budget, keep=final)
         with temp_dir(nd) as tmp:
             try:
@@ -762,6 +766,33 @@ def signer_of(entry: CachedEntry, trusted: TrustedKeys | None = None) -> str | N
 # --- upkeep (the agent) ------------------------------------------------------------------------
 
 
+def _writer_alive(tmp: Path) -> bool:
+    """Whether the process that made the temporary directory ``tmp`` still holds its flock."""
+    try:
+        fd = open_dir(tmp)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def remove_dead_temps(nd: Path) -> list[str]:
+    """Remove the temporary copies in a name directory whose writer is gone; returns them."""
+    removed: list[str] = []
+    for e in _scandir(nd):
+        if e.name.startswith(TMP_PREFIX) and not (
+            e.is_dir(follow_symlinks=False) and _writer_alive(Path(e.path))
+        ):
+            _delete(Path(e.path))
+            removed.append(e.path)
+    return removed
+
+
 def _clean_name_dir(nd: Path, now: float, removed: list[str]) -> None:
     entries = _scandir(nd)
     names = {e.name for e in entries}
@@ -771,17 +802,9 @@ def _clean_name_dir(nd: Path, now: float, removed: list[str]) -> None:
             _delete(p)
             removed.append(str(p))
         elif n.startswith(TMP_PREFIX):
-            if e.is_dir(follow_symlinks=False):
-                with contextlib.suppress(OSError):
-                    fd = open_dir(p)
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # its writer is alive
-                    finally:
-                        os.close(fd)
-            _delete(p)
-            removed.append(str(p))
+            if not (e.is_dir(follow_symlinks=False) and _writer_alive(p)):
+                _delete(p)
+                removed.append(str(p))
         elif _HEX64.match(n):
             if not e.is_dir(follow_symlinks=False):
                 p.unlink(missing_ok=True)  # nothing staging makes

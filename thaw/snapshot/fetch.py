@@ -42,12 +42,14 @@ from thaw.contract.plan import Plan, cold_plan, parse_plan, restore_plan, write_
 from thaw.contract.signing import TrustedKeys, load_trusted_keys
 from thaw.snapshot.cache import (
     DEFAULT_NAMESPACE,
+    PIN_INFIX,
     CacheBusy,
     CacheError,
     CacheFull,
     StderrProgress,
     human_bytes,
     name_dir,
+    remove_dead_temps,
     stage,
     unpin,
 )
@@ -382,13 +384,16 @@ def _collect(fd: int, until: float) -> _Report:
     return report
 
 
-def _remove_dead_temps(args: argparse.Namespace) -> None:
-    """After killing the child: the temporary copies it left (their flock died with it)."""
-    from thaw.snapshot.cache import _clean_name_dir
-
+def _after_kill(args: argparse.Namespace) -> None:
+    """After killing the child: the temporary copies it left (their flock died with it), and its
+    pins (the plan is cold: nothing will use the snapshot for this pod)."""
     with contextlib.suppress(Exception):
         nd = name_dir(args.cache, getattr(args, "namespace", None) or DEFAULT_NAMESPACE, args.name)
-        _clean_name_dir(nd, time.time(), [])
+        remove_dead_temps(nd)
+        uid = getattr(args, "pod_uid", None)
+        if uid:
+            for p in nd.glob(f"*{PIN_INFIX}{uid}"):
+                unpin(nd / p.name.split(PIN_INFIX, 1)[0], uid)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -425,14 +430,7 @@ def run(args: argparse.Namespace) -> int:
             )
         else:
             plan = cold_plan(f"internal error: the fetch ended without a plan (it was {report.phase})")
-        _remove_dead_temps(args)
-        uid = getattr(args, "pod_uid", None)
-        if uid and plan["action"] == "cold":
-            with contextlib.suppress(Exception):
-                for snap in name_dir(
-                    args.cache, getattr(args, "namespace", None) or DEFAULT_NAMESPACE, args.name
-                ).glob(f"*.pin-{uid}"):
-                    unpin(snap.parent / snap.name.split(".pin-", 1)[0], uid)
+        _after_kill(args)
     else:
         os.waitpid(pid, 0)
     if report.facts is not None:

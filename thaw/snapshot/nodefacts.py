@@ -2,9 +2,18 @@
 kernel, arch.
 
 Sources, first that works: NVML through nvidia-ml-py; ``nvidia-smi``; ``/proc/driver/nvidia``. With
-none of them the node has no GPU (product "none", count 0, driver "none"). The product is written
-the way NVIDIA GPU Feature Discovery writes ``nvidia.com/gpu.product`` (spaces become '-'), so the
-extender's fallback on GFD labels and our facts agree. ``--facts FILE`` replaces detection.
+none of them the node has no GPU (product "none", count 0, driver "none").
+
+The count is the *node's*: inside a container the NVIDIA runtime shows only the GPUs the container
+was given (NVML, ``nvidia-smi`` and ``/proc/driver/nvidia/gpus`` alike), while the GPU-less
+``thaw-fetch`` and the agent see every one, and the keys of one node would then differ. So the
+count is the number of NVIDIA display controllers (PCI class 0x03, not the NVSwitches) bound to the
+``nvidia`` driver in sysfs, which every container sees whole; the largest of the counts where sysfs
+cannot be read. The container's own GPUs are in the manifest's GPU layout (thaw/runtime/gpu.py).
+
+The product is written the way NVIDIA GPU Feature Discovery writes ``nvidia.com/gpu.product``
+(spaces become '-'), so the extender's fallback on GFD labels and our facts agree. ``--facts FILE``
+replaces detection.
 """
 
 from __future__ import annotations
@@ -18,9 +27,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from thaw.contract.facts import FactsError, GpuFacts, NodeFacts, validate_facts
+from thaw.contract.facts import GpuFacts, NodeFacts, read_facts_file, validate_facts
+from thaw.contract.safeio import read_bounded
 
 log = logging.getLogger("thaw.nodefacts")
 
@@ -28,6 +36,8 @@ NONE = "none"
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
 PROC_NVIDIA = Path("/proc/driver/nvidia")
+SYS_PCI_DEVICES = Path("/sys/bus/pci/devices")
+NVIDIA_VENDOR = "0x10de"
 TOOL_TIMEOUT_S = 20
 
 
@@ -39,18 +49,33 @@ def gfd_product(name: str | bytes) -> str:
 
 
 def load_facts_file(path: Path) -> NodeFacts:
+    """``--facts FILE`` (bounded read, validated): thaw.contract.facts.read_facts_file."""
+    return read_facts_file(path)
+
+
+def pci_gpu_count(devices: Path = SYS_PCI_DEVICES) -> int | None:
+    """NVIDIA GPUs of the node in sysfs: vendor 0x10de, class 0x03xxxx (display controllers; an
+    NVSwitch is a bridge, 0x0680), bound to the ``nvidia`` driver. None when sysfs cannot be listed."""
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise FactsError(f"cannot read facts file {path}: {exc.strerror or exc}") from None
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise FactsError(f"facts file {path} is not JSON ({exc})") from None
-    try:
-        return validate_facts(value)
-    except FactsError as exc:
-        raise FactsError(f"facts file {path}: {exc}") from None
+        entries = sorted(devices.iterdir())
+    except OSError:
+        return None
+    count = 0
+    for d in entries:
+        try:
+            vendor = read_bounded(d / "vendor", 64).decode().strip()
+            klass = read_bounded(d / "class", 64).decode().strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if vendor != NVIDIA_VENDOR or not klass.startswith("0x03"):
+            continue
+        try:
+            driver = os.path.basename(os.readlink(d / "driver"))
+        except OSError:
+            continue
+        if driver == "nvidia":
+            count += 1
+    return count
 
 
 def _gpu_from_nvml() -> tuple[GpuFacts, str] | None:
@@ -121,12 +146,28 @@ def _gpu_from_proc(root: Path = PROC_NVIDIA) -> tuple[GpuFacts, str] | None:
     return {"product": product, "count": len(gpus)}, driver
 
 
+def node_gpu_count(seen: int, sys_devices: Path = SYS_PCI_DEVICES, proc: Path = PROC_NVIDIA) -> int:
+    """Every GPU of the node (module docstring): sysfs's count where it can be read, else the
+    largest of ``seen`` (what the answering source counted) and /proc/driver/nvidia/gpus."""
+    pci = pci_gpu_count(sys_devices)
+    if pci is not None and pci > 0:
+        return pci
+    try:
+        in_proc = sum(1 for _ in (proc / "gpus").iterdir())
+    except OSError:
+        in_proc = 0
+    return max(seen, in_proc)
+
+
 def detect_gpu() -> tuple[GpuFacts, str]:
-    """(GPU product and count, driver version), from the first source that answers."""
+    """(GPU product and the node's GPU count, driver version), from the first source that answers."""
     for source in (_gpu_from_nvml, _gpu_from_smi, _gpu_from_proc):
         found = source()
         if found is not None:
-            return found
+            gpu, driver = found
+            if gpu["product"] == NONE and gpu["count"] == 0:
+                return gpu, driver
+            return {"product": gpu["product"], "count": node_gpu_count(gpu["count"])}, driver
     return {"product": NONE, "count": 0}, NONE
 
 
