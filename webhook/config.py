@@ -118,7 +118,7 @@ class _Section(msgspec.Struct, rename="camel", forbid_unknown_fields=True, froze
 
 
 class ToolsSection(_Section, frozen=True):
-    command: list[NonEmpty] | None = None
+    command: Annotated[list[NonEmpty], msgspec.Meta(min_length=1)] | None = None
 
 
 class HostPathSection(_Section, frozen=True):
@@ -212,7 +212,7 @@ _ALLOWED: dict[str, str] = {
     "image": "a non-empty string (an image reference)",
     "excludedNamespaces": "a list of namespace names",
     "excludedNamespaces[]": "a non-empty namespace name",
-    "tools.command": "a list of non-empty strings",
+    "tools.command": "a non-empty list of non-empty strings (the command thaw-tools runs)",
     "tools.command[]": "a non-empty string",
     "env.allowlist": "a list of env names (PREFIX* for a prefix)",
     "env.allowlist[]": "a non-empty env name (PREFIX* for a prefix)",

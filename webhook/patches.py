@@ -32,7 +32,7 @@ import orjson
 
 from thaw.contract.annotations import EXTENDED_RESOURCE
 from thaw.contract.nccl import NCCL_ENV
-from thaw.contract.workload import CACHE_MOUNT_ROOT, DEFAULT_ENV, EXCLUDED_MOUNT_PATHS, EnvAllowlist
+from thaw.contract.workload import CACHE_MOUNT_ROOT, DEFAULT_ENV, EnvAllowlist
 from webhook.config import WebhookConfig
 from webhook.types import JsonObject, PatchOp, add, pointer, remove, replace
 
@@ -88,8 +88,7 @@ STORE_DIR = "/var/lib/thaw/store"
 TRUST_DIR = "/etc/thaw/trust"
 KEY_DIR = "/etc/thaw/key"
 # The target container's mounts (its snapshots' path is CACHE_DIR/<namespace>/<name>).
-MOUNT_PATHS = (TOOLS_DIR, RUNTIME_DIR, PLAN_DIR, WORK_DIR)
-assert set(MOUNT_PATHS) <= EXCLUDED_MOUNT_PATHS, "the workload hash must leave Thaw's mounts out"
+MOUNT_PATHS = (TOOLS_DIR, RUNTIME_DIR, PLAN_DIR, WORK_DIR)  # all in workload.EXCLUDED_MOUNT_PATHS
 
 # The runtime's commands and the env names of their flags (thaw/cli.py: every flag falls back to
 # THAW_<FLAG>). Each name the runtime may still rename is here once.

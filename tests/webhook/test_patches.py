@@ -385,3 +385,12 @@ def test_fresh_parts_are_per_pod() -> None:
     }
     sidecar_env = {e["name"]: e.get("value") for e in b["init"][2]["env"]}
     assert sidecar_env["THAW_CHECKPOINT"] == "never" and sidecar_env["THAW_WORKLOAD"] == "w2"
+
+
+def test_thaw_mounts_never_count_in_the_workload_hash() -> None:
+    from thaw.contract.workload import CACHE_MOUNT_ROOT, EXCLUDED_MOUNT_PATHS
+
+    assert set(P.MOUNT_PATHS) <= EXCLUDED_MOUNT_PATHS and P.CACHE_DIR == CACHE_MOUNT_ROOT
+    prepared = P.Prepared.build(WebhookConfig())
+    for m in prepared.fresh(True, "ns", "snap", "w", "on-ready")["mounts"]:
+        assert m["mountPath"] in EXCLUDED_MOUNT_PATHS or m["mountPath"].startswith(CACHE_MOUNT_ROOT + "/")
