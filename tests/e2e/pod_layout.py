@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from webhook.patches import FETCH_CONTAINER, THAW_BIN, TOOLS_CONTAINER
+from webhook.patches import FETCH_CONTAINER, INJECTED_VALUE, THAW_BIN, TOOLS_CONTAINER
 
 # The extended resource that makes kube-scheduler call the extender (DESIGN.md, wire protocols).
 EXTENDED_RESOURCE = "thaw.dev/restore"
@@ -35,7 +35,7 @@ def check_injected(
     """The pod as kube-apiserver stored it carries the whole injection of ``/mutate-restore``."""
     meta = pod["metadata"]
     annotations = meta.get("annotations") or {}
-    assert annotations.get("thaw.dev/injected") == "v1", annotations
+    assert annotations.get("thaw.dev/injected") == INJECTED_VALUE, annotations
     assert len(annotations.get("thaw.dev/workload", "")) == 32, annotations
 
     init = pod["spec"].get("initContainers") or []
@@ -54,11 +54,12 @@ def check_injected(
     assert env.get("THAW_READY") == ready_url, env
     assert env.get("THAW_CHECKPOINT") == "on-ready", env
 
-    # The default install: the second scheduler, called for Thaw pods through the extended resource.
+    # The default install: the second scheduler, which calls the extender for every pod it schedules;
+    # no extended resource (autoscalers could not place it: README, "Scheduler wiring").
     assert pod["spec"].get("schedulerName") == scheduler_name, pod["spec"].get("schedulerName")
     resources = target.get("resources") or {}
     for kind in ("requests", "limits"):
-        assert (resources.get(kind) or {}).get(EXTENDED_RESOURCE) == "1", resources
+        assert EXTENDED_RESOURCE not in (resources.get(kind) or {}), resources
 
 
 def check_init_ran(pod: Mapping[str, Any]) -> None:

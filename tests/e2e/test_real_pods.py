@@ -6,7 +6,7 @@ says how each piece is wired). Pod A, annotated ``thaw.dev/snapshot``:
 
 1. is admitted by the webhook through the MutatingWebhookConfiguration (``/mutate-restore``: the
    namespace is labelled ``thaw.dev/restore=allowed``): init containers, wrapped command, capabilities;
-2. is placed by the second scheduler, which calls the extender for it (the extended resource);
+2. is placed by the second scheduler, which calls the extender for it (every pod it schedules);
 3. runs ``thaw-tools`` and ``thaw-fetch`` (a cold plan: no snapshot yet) and the wrapped workload,
    which checkpoints when ready and publishes (the agent posts ``ThawCheckpointPublished``).
 
