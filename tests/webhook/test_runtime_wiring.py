@@ -151,3 +151,18 @@ def test_every_env_the_webhook_sets_is_a_flag_of_the_command(which: str) -> None
     # And the CLI parses with exactly that environment (types, choices).
     with environment(env_values(container)):
         build_parser().parse_args([command] + (["--", "true"] if command == "exec" else []))
+
+
+def test_replica_lists_are_written_as_the_runtime_reads_them() -> None:
+    from thaw.contract import workload
+    from thaw.runtime import replica_config
+
+    assert (workload.REPLICA_ENV, workload.CONFIG_MOUNTS) == (
+        replica_config.REPLICA_ENV,
+        replica_config.CONFIG_MOUNTS,
+    )
+    for names in ([], ["POD_NAME"], ["POD_NAME", "POD_IP"], ["/etc/app", "/var/run/secrets/app/token"]):
+        assert replica_config.names_list(workload.render_names(names)) == names
+    pod = injected_pod()
+    env = env_values(pod["spec"]["containers"][0])
+    assert replica_config.names_list(env[workload.REPLICA_ENV]) == []
