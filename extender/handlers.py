@@ -11,13 +11,15 @@ Bytes in, (HTTP status, bytes out): no Flask here, so tests and benchmarks call 
   only the nodes that score above 0, in the order asked: kube-scheduler adds an extender's score
   only to the hosts its list names, so a host left out scores 0 from it (``prioritizeNodes`` in
   ``pkg/scheduler/schedule_one.go``: ``if score, ok := allNodeExtendersScores[name]; ok {
-  ...TotalScore += score.TotalScore }``, since v1.26; before, ``combinedScores[name]``, a Go map
-  whose missing keys read 0; ``HTTPExtender.Prioritize`` in ``pkg/scheduler/extender.go`` returns
-  the decoded list as it is). ``[]`` for pods that are not Thaw's. Nodes that cannot restore score 0
-  and are left out, which makes the answer for a snapshot few nodes can restore much smaller.
+  ...TotalScore += score.TotalScore }``; older releases' ``generic_scheduler.go`` added
+  ``combinedScores[name]``, a Go map whose missing keys read 0; ``HTTPExtender.Prioritize`` in
+  ``pkg/scheduler/extender.go`` returns the decoded list as it is). ``[]`` for pods that are not
+  Thaw's. Nodes that cannot restore score 0 and are left out, which makes the answer for a snapshot
+  few nodes can restore much smaller.
 - Both verbs note where a Thaw pod is likely to land, after the answer is sent (``*_deferred``):
-  the node prioritize scored highest, or the one node a filter left (the scheduler then skips
-  prioritize); :meth:`extender.index.NodeIndex.note_placed` counts it as a restore in progress there.
+  the nodes prioritize scored highest (1/k on each of k tied), or the one node a filter left (the
+  scheduler then skips prioritize); :meth:`extender.index.NodeIndex.note_placed` counts it as a
+  restore in progress there.
 - The answer uses the mode of the question: ``NodeNames`` in, ``NodeNames`` out; ``Nodes`` in,
   ``Nodes`` out (the same objects, filtered). Never a node that was not in the input.
 - Bad input gets 400 with the reason (in ``Error`` for filter, whose result has that field).
