@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -220,6 +221,16 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
     assert "no checkpoint in this pod" in err and "delete the pod to try again" in err
 
 
+def _checkpoint_record(work: Path, status: str, timeout: float, what: str) -> dict[str, Any]:
+    """The outcome's checkpoint record once its status is ``status``."""
+    record: dict[str, Any] = wait_for(
+        lambda: (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == status and c,
+        timeout,
+        what,
+    )
+    return record
+
+
 class _BlockingHooks:
     """A sleep hook that never answers until released (a checkpoint stuck where a kill would find
     it), and a wake hook; counts the sleep calls."""
@@ -286,14 +297,7 @@ def test_a_checkpoint_killed_midway_is_not_tried_again(tmp_path: Path) -> None:
         hooks.release.set()
         second = _exec(*argv, env=env)
         try:
-            ck = wait_for(
-                lambda: (
-                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
-                    and c
-                ),
-                30,
-                "the restart's checkpoint record",
-            )
+            ck = _checkpoint_record(work, "skipped", 30, "the restart's checkpoint record")
             assert "did not finish" in ck["reason"] and "not tried again" in ck["reason"]
             assert not (work / "dump").exists()  # the dead dump is gone
             assert (work / "checkpoint.inprogress").is_file()  # and a later restart skips too
@@ -334,14 +338,7 @@ def test_no_checkpoint_when_the_work_directory_cannot_take_the_dump(tmp_path: Pa
             "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "48",
         )  # fmt: skip
         try:
-            ck = wait_for(
-                lambda: (
-                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
-                    and c
-                ),
-                60,
-                "the refused checkpoint",
-            )
+            ck = _checkpoint_record(work, "skipped", 60, "the refused checkpoint")
             assert ck["reason"].startswith("not enough room for the dump: it needs about ")
             assert str(work) in ck["reason"] and ck["estimated_bytes"] > 48 << 20
             assert not (work / "checkpoint.inprogress").exists() and not (work / "dump").exists()
@@ -401,14 +398,7 @@ def test_no_checkpoint_when_the_memory_limit_cannot_take_it(tmp_path: Path) -> N
             env={**os.environ, "PYTHONPATH": str(REPO)},
         )  # fmt: skip
         try:
-            ck = wait_for(
-                lambda: (
-                    (c := read_json(work / "outcome.json").get("checkpoint", {})).get("status") == "skipped"
-                    and c
-                ),
-                60,
-                "the refused checkpoint",
-            )
+            ck = _checkpoint_record(work, "skipped", 60, "the refused checkpoint")
             assert ck["reason"].startswith("the container's memory limit cannot take the checkpoint: ")
             assert "which is in memory" in ck["reason"] and "limit of 0.6 GiB" in ck["reason"]
             assert p.poll() is None

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import thaw
+from thaw.contract.safeio import fsync_dir
 
 log = logging.getLogger("thaw.install")
 
@@ -268,7 +269,7 @@ def install_shared(bundle: Path, runtime_dir: Path, bundle_id: str, lock_timeout
             copied = copy_tree(bundle, tmp)
             _syncfs(tmp)
             os.rename(tmp, final)
-            _fsync_dir(runtime_dir)
+            fsync_dir(runtime_dir)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -280,14 +281,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def point_link(link: Path, target: Path) -> None:
