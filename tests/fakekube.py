@@ -34,6 +34,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
@@ -123,6 +124,9 @@ class FakeKube(FakeServer):
         self.events: list[tuple[int, str, dict[str, Any]]] = []  # the Node watch's history
         self.core_events: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, name) -> Event
         self.pods: dict[str, dict[str, Any]] = {}  # uid -> Pod (what the node agent lists)
+        # Other objects by API path, served to GET: by default the agent's admission policies as
+        # shipped (the agent refuses to run without them: thaw/node/policy.py).
+        self.objects: dict[str, dict[str, Any]] = shipped_agent_policies()
         self._watch_sockets: set[socket.socket] = set()
         self._fail_lists = 0
         self.requests: list[str] = []  # "METHOD path?query" in order
@@ -212,6 +216,8 @@ class FakeKube(FakeServer):
                         self._json(404, status(404, "NotFound", f'nodes "{name}" not found'))
                     else:
                         self._json(200, node)
+                elif url.path in kube.objects:
+                    self._json(200, copy.deepcopy(kube.objects[url.path]))
                 else:
                     self._json(
                         404, status(404, "NotFound", "the server could not find the requested resource")
@@ -437,6 +443,23 @@ class FakeKube(FakeServer):
             with self._cond:
                 self._watch_sockets.discard(sock)
             h.close_connection = True
+
+
+def shipped_agent_policies() -> dict[str, dict[str, Any]]:
+    """manifests/base/agent-policy.yaml's policies and bindings, by the API path kube-apiserver serves
+    each at."""
+    import yaml
+
+    path = Path(__file__).resolve().parent.parent / "manifests" / "base" / "agent-policy.yaml"
+    plural = {
+        "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
+    }
+    return {
+        f"/apis/admissionregistration.k8s.io/v1/{plural[d['kind']]}/{d['metadata']['name']}": d
+        for d in yaml.safe_load_all(path.read_text())
+        if d and d.get("kind") in plural
+    }
 
 
 @contextmanager

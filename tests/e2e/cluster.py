@@ -256,6 +256,7 @@ class Thaw:
         self._start_extender()
         self._register_webhook(ca_bundle.splitlines()[-1])
         self.cluster.start_scheduler(self._scheduler_config())
+        self._apply_agent_policies()
         self._start_agent()
 
     def stop(self) -> None:
@@ -293,6 +294,18 @@ class Thaw:
         cmd += ["--cert-dir", str(self.certs), "--workers", "1", "--threads", "2", *extra]
         self.processes.append(HostProcess.start(name, cmd, self.logs / f"{name}.log", self._env()))
         self._wait_ready(name, f"https://127.0.0.1:{port}/readyz")
+
+    def _apply_agent_policies(self) -> None:
+        """manifests/base/agent-policy.yaml, as shipped: the agent refuses to run without its policies
+        (they narrow only the agent's ServiceAccount; the agent here runs with the admin's credentials)."""
+        from kubernetes import client
+
+        api = client.AdmissionregistrationV1Api(self.cluster.api_client())
+        for doc in yaml.safe_load_all((MANIFESTS / "agent-policy.yaml").read_text()):
+            if doc and doc["kind"] == "ValidatingAdmissionPolicy":
+                api.create_validating_admission_policy(doc)
+            elif doc and doc["kind"] == "ValidatingAdmissionPolicyBinding":
+                api.create_validating_admission_policy_binding(doc)
 
     def _start_agent(self) -> None:
         cmd = [str(THAW), "agent", "--cache", str(self.cache), "--budget", str(20 * 10**9)]

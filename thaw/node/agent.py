@@ -150,6 +150,14 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
     api = core_api() if args.node else None
+    if api is not None:  # writes only where its admission policies are in force (thaw/node/policy.py)
+        from thaw.node.policy import guard
+
+        api = guard(api, bool(getattr(args, "allow_without_node_policy", False)), args.node)
+    from thaw.node import metrics as agent_metrics
+
+    metrics = agent_metrics.start(args, api)  # /metrics and /readyz on --metrics-port
+    result: PassResult | None = None
     trust = getattr(args, "trust", None)
     posted: set[str] = set()
     last_sent: dict[str, str] | None = None
@@ -197,6 +205,8 @@ def run(args: argparse.Namespace) -> int:
             failed = True
             log.error("agent pass failed: %s: %s", type(exc).__name__, exc)
             log.debug("agent pass failed", exc_info=True)
+        if metrics is not None:
+            metrics.after_pass(args.cache, None if failed else result, api)
         if args.heartbeat is not None:
             touch(args.heartbeat)  # the loop is alive, whatever the pass met
         if args.once or stop.event.wait(args.interval):
