@@ -77,7 +77,8 @@ def prepare_metrics_dir(workers: int) -> Path | None:
 
 
 def metrics_payload() -> tuple[bytes, str]:
-    """The Prometheus exposition of this server, summed over its worker processes."""
+    """The Prometheus exposition of this server, summed over its worker processes, and the expiry
+    of the certificate it serves."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -85,8 +86,33 @@ def metrics_payload() -> tuple[bytes, str]:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        return generate_latest(registry) + certificate_metrics(), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY) + certificate_metrics(), CONTENT_TYPE_LATEST
+
+
+# The certificate file serve() serves (set before the workers fork, so each inherits it).
+_served_cert: Path | None = None
+CERT_EXPIRY_METRIC = "thaw_serving_certificate_expiry_timestamp_seconds"
+
+
+def certificate_metrics(cert_file: Path | None = None) -> bytes:
+    """``thaw_serving_certificate_expiry_timestamp_seconds``: when the served certificate expires
+    (read at each scrape: a rotated certificate shows at once), for the near-expiry alert; nothing
+    when the server serves plain HTTP or the file cannot be read."""
+    from cryptography import x509
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    path = cert_file or _served_cert
+    if path is None:
+        return b""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return b""
+    registry = CollectorRegistry()
+    gauge = Gauge(CERT_EXPIRY_METRIC, "Unix time the served TLS certificate expires", registry=registry)
+    gauge.set(cert.not_valid_after_utc.timestamp())
+    return generate_latest(registry)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -114,6 +140,8 @@ def serve(opts: ServeOptions) -> None:
                     "(the layout of a kubernetes.io/tls Secret; `thaw certs --out DIR` makes one)"
                 )
         ReloadingContext(opts.cert_dir)  # a broken certificate fails here, before forking workers
+        global _served_cert
+        _served_cert = opts.cert_dir / CERT_FILE
     metrics_dir = prepare_metrics_dir(opts.workers)
 
     def child_exit(_server: Any, worker: Any) -> None:
