@@ -291,11 +291,19 @@ def checkpoint(
         outcome.update(checkpoint={"status": "failed", "reason": why})
         return None
     ready_s = round(time.monotonic() - t0, 3)
-    need = estimate(root)
+    try:
+        need = estimate(root)
+    except OSError as exc:  # /proc unreadable: without an estimate, no dump
+        log.error("no checkpoint: cannot size the tree: %s", exc)
+        outcome.update(checkpoint={"status": "skipped", "reason": f"cannot size the tree: {exc}"})
+        return None
     sized: dict[str, Any] = {"ready_s": ready_s, "estimated_bytes": need.dump_bytes}
     if need.gpu_bytes is None:
         sized["note"] = "the GPU state's size is unknown (no NVML): not counted in the estimate"
-    why = cfg.publisher.room(need.dump_bytes) or refusal(need, room(cfg.work, None))
+    try:
+        why = cfg.publisher.room(need.dump_bytes) or refusal(need, room(cfg.work, None))
+    except Exception as exc:  # a check that broke is no reason to stop the server: no checkpoint
+        why = f"the checks before the dump failed: {type(exc).__name__}: {exc}"
     if why is not None:
         log.error("no checkpoint: %s", why)
         outcome.update(checkpoint={"status": "skipped", "reason": why, **sized})

@@ -128,9 +128,12 @@ class SidecarPublisher:
         """Write a request and wait for its answer; the answer, or why there was none."""
         rid = secrets.token_hex(8)
         result = self.work / workdir.RESULT
-        result.unlink(missing_ok=True)
         request = {"format": workdir.FORMAT, "id": rid, "step": step, "bytes": nbytes}
-        workdir.write_json(self.work / workdir.REQUEST, request)
+        try:
+            result.unlink(missing_ok=True)
+            workdir.write_json(self.work / workdir.REQUEST, request)
+        except OSError as exc:
+            return f"cannot write the request into {self.work}: {exc.strerror or exc}"
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             answer = workdir.read_json_or_none(result)
