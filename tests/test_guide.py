@@ -38,6 +38,7 @@ EXERCISED = {
     "publish": ["tests/runtime/test_store.py"],
     "status": ["tests/runtime/test_status.py"],
     "simulate": ["tests/extender/test_simulate.py"],
+    "gc": ["tests/registry/test_gc.py"],
 }
 
 
