@@ -119,6 +119,34 @@ def _copy(proc: subprocess.Popen[bytes], log: Any) -> None:
         log.flush()
 
 
+def _get_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers={"Connection": "close"}), timeout=timeout
+        ) as r:
+            r.read()
+            return 200 <= int(r.status) < 400
+    except (OSError, ValueError):
+        return False
+
+
+def _watch_ready(
+    spec: dict[str, Any], proc: subprocess.Popen[bytes], t0: float, result: dict[str, Any]
+) -> None:
+    """Record ``first_health_s`` (spec "health": a URL) and ``ready_file_s`` (spec "ready_file": a
+    path), seconds after the pod started; stops once both are seen or the pod has ended."""
+    url, path = spec.get("health"), spec.get("ready_file")
+    deadline = t0 + float(spec.get("timeout", 600))
+    while time.monotonic() < deadline and proc.poll() is None:
+        if url and "first_health_s" not in result and _get_ok(url):
+            result["first_health_s"] = round(time.monotonic() - t0, 3)
+        if path and "ready_file_s" not in result and os.path.exists(path):
+            result["ready_file_s"] = round(time.monotonic() - t0, 3)
+        if (not url or "first_health_s" in result) and (not path or "ready_file_s" in result):
+            return
+        time.sleep(0.02)
+
+
 def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     """Inside the new network namespace: start the pod, time its first answer, optionally wait for
     its checkpoint, ask again, stop it with SIGTERM (as kubelet does)."""
@@ -138,7 +166,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     argv = [
         "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *fresh_container_prefix(env, shared),
         *hide_dev_prefix(spec.get("hide_dev", [])), *spec.get("wrap", []),
-        sys.executable, "-m", "thaw", "exec", *spec["thaw_args"], "--", *spec["cmd"],
+        *spec.get("thaw", [sys.executable, "-m", "thaw"]), "exec", *spec["thaw_args"], "--", *spec["cmd"],
     ]  # fmt: skip
     t0 = time.monotonic()
     # The pod's stdout is a pipe, as a container's is (a file opened outside the pod's mount
@@ -147,6 +175,10 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     copier = threading.Thread(target=_copy, args=(proc, log), daemon=True)
     copier.start()
     result: dict[str, Any] = {"name": spec["name"]}
+    # When did the server's readiness URL first answer (what kubelet's probe would see), and when
+    # did the ready file appear: beside the first answer, whether "ready" came before the GPU state.
+    watcher = threading.Thread(target=_watch_ready, args=(spec, proc, t0, result), daemon=True)
+    watcher.start()
     first = None
     deadline = t0 + float(spec.get("timeout", 600))
     while time.monotonic() < deadline and proc.poll() is None:
@@ -182,6 +214,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
         proc.kill()
         proc.wait(10)
     result["exit"] = proc.returncode
+    watcher.join(5)
     copier.join(10)
     log.close()
     return result

@@ -14,6 +14,11 @@ its KV cache, and offers sleep mode for Thaw's hooks with vLLM's endpoints: ``PO
 (``?level=N`` accepted) frees the reservation (the decode step's own small cache stays: CUDA graphs
 point at it), ``POST /wake_up`` takes it again.
 
+``--weights-vmm`` keeps the weights in a CUDA VMM range (bench/gpu/vmm_weights.py) so that
+``/sleep?level=2`` also lets go of them (vLLM's level 2: the snapshot then carries no weights) and
+``/wake_up`` reloads them from the weights file into the same device addresses through pinned
+buffers. While asleep, ``/generate`` answers 503.
+
 Shapes are static (a KV cache of ``max_seq`` positions, one token per step, the position a device
 tensor) so that ``torch.compile(mode="reduce-overhead")`` captures the decode step as CUDA graphs.
 """
@@ -28,6 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,6 +184,8 @@ class Engine:
 ENGINE: Engine | None = None
 POOL_GB = 0.0
 POOL: list[torch.Tensor] = []  # the KV cache's reservation (--pool-gb); empty while asleep
+VMM: Any = None  # bench.gpu.vmm_weights.VmmWeights with --weights-vmm
+ASLEEP = [False]
 
 
 def reserve() -> None:
@@ -204,12 +212,30 @@ class Handler(BaseHTTPRequestHandler):
         assert ENGINE is not None
         path = self.path.split("?", 1)[0]
         if path in ("/sleep", "/wake_up"):
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            info: dict[str, Any] = {}
             if path == "/sleep":
+                level = self.path.split("level=", 1)[1][:1] if "level=" in self.path else "1"
+                if level == "2" and VMM is None:
+                    self._send(400, {"error": "level 2 needs --weights-vmm"})
+                    return
+                torch.cuda.synchronize()
+                ASLEEP[0] = True
                 POOL.clear()
                 torch.cuda.empty_cache()  # back to the driver: the checkpoint copies what is allocated
+                if level == "2":
+                    VMM.release()
             else:
+                if VMM is not None:
+                    info = VMM.reload()
+                    print(f"woke: weights reloaded {info}", flush=True)
                 reserve()
-            self._send(200, {"asleep": not POOL, "reserved_gib": torch.cuda.memory_reserved() / 2**30})
+                ASLEEP[0] = False
+            reserved = torch.cuda.memory_reserved() / 2**30
+            self._send(200, {"asleep": ASLEEP[0], "reserved_gib": reserved, **info})
+            return
+        if ASLEEP[0]:
+            self._send(503, {"error": "asleep"})
             return
         try:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
@@ -231,6 +257,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--compile", default="reduce-overhead", help="torch.compile mode, or 'none'")
     ap.add_argument("--make-weights", action="store_true")
     ap.add_argument("--pool-gb", type=float, default=0.0, help="GPU memory to reserve as a KV cache would")
+    ap.add_argument("--weights-vmm", action="store_true", help="weights that /sleep?level=2 lets go of")
     args = ap.parse_args(argv)
     cfg = CONFIGS[args.config]
     if args.make_weights:
@@ -238,12 +265,19 @@ def main(argv: list[str]) -> int:
         print(f"wrote {cfg.params() / 1e9:.2f} B parameters to {args.weights}", flush=True)
         return 0
     t0 = time.monotonic()
-    from safetensors.torch import load_file
+    global ENGINE, POOL_GB, VMM
+    if args.weights_vmm:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository
+        from bench.gpu.vmm_weights import VmmWeights
 
-    weights = load_file(args.weights, device="cuda")
+        VMM = VmmWeights(args.weights)
+        weights = VMM.load()
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(args.weights, device="cuda")
     torch.cuda.synchronize()
     t_load = time.monotonic()
-    global ENGINE, POOL_GB
     ENGINE = Engine(Model(cfg, weights), None if args.compile == "none" else args.compile)
     POOL_GB = args.pool_gb
     reserve()

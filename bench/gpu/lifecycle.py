@@ -1,0 +1,460 @@
+"""One snapshot's life in the GPU benchmarks, measured the same way for every workload (the
+transformers server, the stand-in and its levers, the compatibility matrix), with the runtime pods
+get (bench/gpu/bundle.py) in fresh-container pods (bench/gpu/harness.py):
+
+1. checkpoint pod: a cold start with ``--checkpoint on-ready``; the server's answer before and after
+   its checkpoint is the reference every restore must match;
+2. miss (issue 16.2): ``thaw fetch`` into another node's empty cache, timed, then a restore right
+   away (the image as the fetch left it in page cache): what a node that must fetch first gives;
+3. hits: the same snapshot restored from disk (page cache dropped), from page cache, and from a
+   tmpfs cache (the ``memory`` tier), each beside the storage bound of what it reads (image bytes /
+   that tier's read bandwidth, measured in the same run on the image's own files, issue 12);
+4. cold pod (page cache dropped; the pod's compile caches are fresh as every pod's are).
+
+Standard library and orjson (carried as a wheel to the GPU machine's Python, for thaw.contract); the
+pods run Thaw from the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.gpu.bundle import Runtime
+from bench.gpu.harness import drop_caches, phase
+from thaw.contract.workload import DEFAULT_ENV
+
+# What the webhook gives every Thaw pod's workload unless the pod sets it (inductor compiles in the
+# server's process, so no compile workers hold the GPU: issue 10.3).
+WEBHOOK_ENV = dict(DEFAULT_ENV)
+READ_CHUNK = 16 << 20
+BANDWIDTH_SAMPLE = 4 << 30  # bytes of the image read per tier: enough for a stable rate, not the whole image
+
+
+@dataclass
+class Suite:
+    """Where a suite works and how its pods run."""
+
+    root: Path  # work directory (stores, caches, plans)
+    out: Path  # $OUT: results come back from here
+    rt: Runtime
+    wrap: list[str]  # the pod's capabilities (harness.pod_caps_wrap)
+    log: Path  # every pod's stdout, appended
+    deadline: float  # time.monotonic() after which optional steps are skipped
+    facts: Path | None = None  # --facts for every Thaw command (CPU tests); None: detected
+    keys: Path = field(init=False)
+    trust: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys, self.trust = self.root / "keys", self.root / "trust"
+        if not (self.keys / "signing.key").exists():
+            r = self.thaw("keys", "generate", "--out", str(self.keys))
+            if r.returncode != 0:
+                raise RuntimeError(f"thaw keys generate: {r.stderr[-500:]}")
+        self.trust.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.keys / "signing.pub", self.trust / "signing.pub")
+
+    def thaw(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*self.rt.thaw, *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, **self.rt.env()},
+            timeout=timeout,
+        )
+
+    def left_s(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def facts_args(self) -> list[str]:
+        return ["--facts", str(self.facts)] if self.facts else []
+
+
+@dataclass
+class Workload:
+    """A server as a pod runs it, and the request whose answer is compared."""
+
+    name: str  # snapshot name (DNS-1123 label) and row label
+    cmd: list[str]
+    port: int
+    body: dict[str, Any] | None
+    path: str = "/generate"
+    ready_path: str = "/health"
+    env: dict[str, str] = field(default_factory=dict)
+    checkpoint_flags: list[str] = field(default_factory=list)  # e.g. --sleep/--wake
+    timeout: float = 420.0  # one pod's budget
+    answer_key: str = "tokens"
+    webhook_env: bool = True  # False: the pod's env without the webhook's defaults (as the user wrote it)
+    wrap: list[str] = field(default_factory=list)  # more argv before the pod's capabilities (a cgroup)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
+
+    @property
+    def ready(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.ready_path}"
+
+
+def answer(result: dict[str, Any], key: str, which: str = "first") -> Any:
+    return (result.get(which) or {}).get(key)
+
+
+def pod_env(s: Suite, w: Workload, more: dict[str, str] | None = None) -> dict[str, str]:
+    """The workload's env in a Thaw pod: the webhook's defaults (unless ``w.webhook_env`` is off),
+    the runtime's CRIU, the workload's own."""
+    return {**(WEBHOOK_ENV if w.webhook_env else {}), **s.rt.env(), **w.env, **(more or {})}
+
+
+def _spec(
+    s: Suite, w: Workload, name: str, outcome: Path, thaw_args: list[str], **extra: Any
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "url": w.url,
+        "body": w.body,
+        "health": w.ready,
+        "cmd": w.cmd,
+        "thaw": list(s.rt.thaw),
+        "env": pod_env(s, w),
+        "wrap": [*w.wrap, *s.wrap],
+        "timeout": w.timeout,
+        "request_timeout": 60,
+        "outcome": str(outcome),
+        "log": str(s.log),
+        "thaw_args": thaw_args,
+        **extra,
+    }
+
+
+def cold(s: Suite, w: Workload, name: str = "cold") -> dict[str, Any]:
+    """A cold start in a fresh pod, page cache dropped first."""
+    drop_caches()
+    outcome = s.root / f"pod-{w.name}-{name}" / "outcome.json"
+    return phase(_spec(s, w, name, outcome, ["--outcome", str(outcome)]))
+
+
+def checkpoint(s: Suite, w: Workload, store: Path, cache: Path) -> dict[str, Any]:
+    """The checkpoint pod (a cold start, page cache dropped): answers before and after its
+    checkpoint; ``result["outcome"]["checkpoint"]`` says how it went."""
+    drop_caches()
+    outcome = s.root / f"pod-{w.name}-ckpt" / "outcome.json"
+    args = [
+        "--checkpoint", "on-ready", "--ready", w.ready, "--store", str(store),
+        "--key", str(s.keys / "signing.key"), "--name", w.name, "--workload", f"bench-{w.name}",
+        "--outcome", str(outcome), "--cache", str(cache),
+        *s.facts_args(), *w.checkpoint_flags,
+    ]  # fmt: skip
+    return phase(_spec(s, w, "checkpoint", outcome, args, wait_checkpoint=True))
+
+
+def fetch(s: Suite, w: Workload, store: Path, cache: Path, plan: Path) -> dict[str, Any]:
+    """``thaw fetch`` into ``cache`` (another node's), timed."""
+    t = time.monotonic()
+    r = s.thaw(
+        "fetch", "--store", str(store), "--cache", str(cache), "--name", w.name,
+        "--workload", f"bench-{w.name}", "--trust", str(s.trust), "--plan", str(plan), *s.facts_args(),
+    )  # fmt: skip
+    seconds = round(time.monotonic() - t, 3)
+    try:
+        planned = json.loads(plan.read_text())
+    except (OSError, ValueError):
+        planned = {}
+    return {"fetch_s": seconds, "exit": r.returncode, "plan": planned, "log": r.stderr[-600:]}
+
+
+def restore(s: Suite, w: Workload, plan: Path, name: str, **extra: Any) -> dict[str, Any]:
+    """A restore in a fresh pod from ``plan``; ``again`` asks a second time."""
+    args = ["--plan", str(plan), "--ready", w.ready, "--outcome", str(plan.parent / "outcome.json")]
+    return phase(_spec(s, w, name, plan.parent / "outcome.json", args, again=True, **extra))
+
+
+# --- storage bounds (issue 12) -------------------------------------------------------------------
+
+
+def image_files(snapshot_dir: Path) -> list[Path]:
+    """The snapshot's regular files, largest first."""
+    files = [p for p in snapshot_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+    return sorted(files, key=lambda p: -p.stat().st_size)
+
+
+def read_rate(files: list[Path], limit: int = BANDWIDTH_SAMPLE) -> dict[str, float]:
+    """Read up to ``limit`` bytes of ``files`` in large reads; bytes, seconds and GB/s."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    t = time.monotonic()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while done < limit:
+                n = os.readv(fd, [view])
+                if n <= 0:
+                    break
+                done += n
+        finally:
+            os.close(fd)
+        if done >= limit:
+            break
+    seconds = max(time.monotonic() - t, 1e-9)
+    return {"bytes": done, "s": round(seconds, 3), "gb_s": round(done / seconds / 1e9, 2)}
+
+
+def bandwidths(disk_copy: Path, tmpfs_copy: Path | None) -> dict[str, Any]:
+    """This machine's read bandwidth per tier, on the image's own files: disk (page cache dropped
+    first), page cache (the same bytes again), tmpfs."""
+    files = image_files(disk_copy)
+    out: dict[str, Any] = {"dropped": drop_caches()}
+    out["disk"] = read_rate(files)
+    out["page cache"] = read_rate(files)
+    if tmpfs_copy is not None:
+        out["tmpfs"] = read_rate(image_files(tmpfs_copy))
+    return out
+
+
+def bound_s(image_bytes: int | None, gb_s: float | None) -> float | None:
+    """Seconds to read ``image_bytes`` at ``gb_s`` (pure)."""
+    if not image_bytes or not gb_s:
+        return None
+    return round(image_bytes / (gb_s * 1e9), 2)
+
+
+def mount_tmpfs(path: Path, size_bytes: int) -> bool:
+    """A tmpfs at ``path`` (a cache in node memory, as the agent's ``memory`` tier may be)."""
+    path.mkdir(parents=True, exist_ok=True)
+    gib = max(1, -(-size_bytes // (1 << 30)) + 1)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={gib}g,mode=0700", "tmpfs", str(path)], check=False
+    )
+    return r.returncode == 0
+
+
+def unmount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+# --- the whole life --------------------------------------------------------------------------------
+
+
+def snapshot_dir(plan: dict[str, Any]) -> Path | None:
+    p = plan.get("path")
+    return Path(p) if isinstance(p, str) and p else None
+
+
+def life(
+    s: Suite,
+    w: Workload,
+    *,
+    tiers: tuple[str, ...] = ("disk", "page cache", "tmpfs"),
+    with_cold: bool = True,
+    cold_min_left_s: float = 150.0,
+    extra_restores: tuple[tuple[str, dict[str, str]], ...] = (),
+) -> dict[str, Any]:
+    """Checkpoint, fetch + restore (miss), restores from ``tiers`` (hits), optional extra page-cache
+    restores with more pod env (``extra_restores``: label, env), then a cold pod when at least
+    ``cold_min_left_s`` is left. Returns every phase's result and the measurements."""
+    d = s.root / w.name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    res: dict[str, Any] = {"workload": w.name, "cmd": w.cmd, "env": pod_env(s, w)}
+    ck = checkpoint(s, w, d / "store", d / "cache-a")
+    res["checkpoint"] = ck
+    info = (ck.get("outcome") or {}).get("checkpoint", {})
+    res["image_bytes"] = info.get("bytes")
+    if info.get("status") != "published":
+        res["stopped"] = f"checkpoint {info.get('status')}: {info.get('reason') or ck.get('error')}"
+        return res
+    # 2. a node that must fetch first
+    plan = d / "b" / "plan.json"
+    plan.parent.mkdir(parents=True)
+    f = fetch(s, w, d / "store", d / "cache-b", plan)
+    res["fetch"] = f
+    if f["plan"].get("action") != "restore":
+        res["stopped"] = f"fetch: {f['plan'].get('reason') or f['log']}"
+        return res
+    res["miss"] = restore(s, w, plan, "restore, miss (fetched just now)")
+    # 3. a node that holds it: disk, page cache, tmpfs
+    disk_copy = snapshot_dir(f["plan"])
+    tmpfs_plan: Path | None = None
+    tmpfs_dir = d / "cache-tmpfs"
+    image = int(res["image_bytes"] or 0)
+    if "tmpfs" in tiers and mount_tmpfs(tmpfs_dir, image):
+        tmpfs_plan = d / "c" / "plan.json"
+        tmpfs_plan.parent.mkdir(parents=True)
+        tf = fetch(s, w, d / "store", tmpfs_dir, tmpfs_plan)
+        res["fetch_tmpfs"] = tf
+        if tf["plan"].get("action") != "restore":
+            tmpfs_plan = None
+    if disk_copy is not None and tiers:
+        res["bandwidth"] = bandwidths(
+            disk_copy, snapshot_dir(json.loads(tmpfs_plan.read_text())) if tmpfs_plan else None
+        )
+    hits: dict[str, Any] = {}
+    if "disk" in tiers:
+        drop_caches()
+        hits["disk"] = restore(s, w, plan, "restore, disk")
+    if "page cache" in tiers:
+        if "disk" not in tiers:
+            restore(s, w, plan, "warm the page cache")
+        hits["page cache"] = restore(s, w, plan, "restore, page cache")
+    for label, env in extra_restores:
+        hits[label] = restore(s, w, plan, f"restore, page cache, {label}", env=pod_env(s, w, env))
+    if tmpfs_plan is not None:
+        hits["tmpfs"] = restore(s, w, tmpfs_plan, "restore, tmpfs")
+    res["hits"] = hits
+    if tmpfs_plan is not None or tmpfs_dir.exists():
+        unmount(tmpfs_dir)
+    # 4. cold
+    if with_cold and s.left_s() > cold_min_left_s:
+        res["cold"] = cold(s, w)
+    elif with_cold:
+        res["cold_skipped"] = f"{s.left_s():.0f} s left"
+    return res
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+def _timings(r: dict[str, Any]) -> dict[str, Any]:
+    t: dict[str, Any] = (r.get("outcome") or {}).get("timings") or {}
+    return t
+
+
+def gpu_back_s(r: dict[str, Any]) -> float | None:
+    """Seconds from the pod's start until its GPU state was back, at the least (CRIU + CUDA
+    restore; thaw exec started a moment after the pod did)."""
+    t = _timings(r)
+    if "criu_restore_s" not in t:
+        return None
+    return round(float(t["criu_restore_s"]) + float(t.get("cuda_restore_s", 0.0)), 3)
+
+
+def health_before_gpu(r: dict[str, Any]) -> str:
+    """Whether a health check answered before the GPU state was back (pure): "yes" when the first
+    answer to the readiness URL came before even the lower bound of that moment."""
+    h, back = r.get("first_health_s"), gpu_back_s(r)
+    if h is None or back is None:
+        return "-"
+    return "yes" if h < back else "no"
+
+
+def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
+    """One row per run (pure): first answer, speed-up on cold, CRIU and CUDA seconds and shares,
+    storage bound, same answer as the checkpointed server."""
+    ck = res.get("checkpoint") or {}
+    ref = answer(ck, key, "after_checkpoint") or answer(ck, key)
+    cold_r = res.get("cold")
+    base = (cold_r or {}).get("first_answer_s") or ((ck.get("outcome") or {}).get("checkpoint") or {}).get(
+        "ready_s"
+    )
+    bw = res.get("bandwidth") or {}
+    image = res.get("image_bytes")
+    out: list[dict[str, Any]] = []
+
+    def row(label: str, r: dict[str, Any], *, extra_s: float = 0.0, tier: str | None = None) -> None:
+        t = _timings(r)
+        fa = r.get("first_answer_s")
+        total = round(fa + extra_s, 3) if fa is not None else None
+        bound = bound_s(image, (bw.get(tier) or {}).get("gb_s")) if tier else None
+        out.append(
+            {
+                "run": label,
+                "result": (r.get("outcome") or {}).get("result"),
+                "reason": (r.get("outcome") or {}).get("reason") or r.get("error"),
+                "first_answer_s": total,
+                "speedup": round(base / total, 1) if base and total else None,
+                "criu_s": t.get("criu_restore_s"),
+                "cuda_s": t.get("cuda_restore_s"),
+                "criu_share": round(t["criu_restore_s"] / total, 2)
+                if total and "criu_restore_s" in t
+                else None,
+                "cuda_share": round(t["cuda_restore_s"] / total, 2)
+                if total and "cuda_restore_s" in t
+                else None,
+                "bound_s": bound,
+                "x_bound": round(total / bound, 1) if total and bound else None,
+                "health_before_gpu": health_before_gpu(r),
+                "same": (answer(r, key) == ref and ref is not None) if label != "cold" else None,
+                "same_as_cold": answer(r, key) == answer(cold_r or {}, key) if cold_r else None,
+            }
+        )
+
+    if cold_r:
+        row("cold", cold_r)
+    hits = res.get("hits") or {}
+    for tier in ("tmpfs", "page cache", "disk"):
+        if tier in hits:
+            row(f"hit, {tier}", hits[tier], tier=tier)
+    for label, r in hits.items():
+        if label not in ("tmpfs", "page cache", "disk"):
+            row(f"hit, page cache, {label}", r, tier="page cache")
+    if "miss" in res:
+        row("miss: fetch + restore", res["miss"], extra_s=float(res["fetch"]["fetch_s"]))
+    return out
+
+
+EXTENDER_NOTE = (
+    "hit = a node that holds the snapshot; miss = a node that must fetch it first (fetch included). "
+    "The extender ranks nodes holding the snapshot first (memory tier, then disk, then fetch), so once "
+    "a node holds it, hits are the common case; a miss is each node's first replica."
+)
+
+
+def table(res: dict[str, Any], key: str = "tokens") -> str:
+    """The rows as text, with the image, checkpoint, fetch and bandwidth lines."""
+    ck = ((res.get("checkpoint") or {}).get("outcome") or {}).get("checkpoint") or {}
+    lines = [f"-- {res['workload']}"]
+    if res.get("stopped"):
+        lines.append(f"stopped: {res['stopped']}")
+    image = res.get("image_bytes") or 0
+    f = res.get("fetch") or {}
+    bw = res.get("bandwidth") or {}
+    rate = f"{image / f['fetch_s'] / 1e9:.2f} GB/s" if f.get("fetch_s") and image else "-"
+    lines.append(
+        f"image {image / 1e9:.2f} GB; checkpoint pause: cuda {ck.get('cuda_checkpoint_s')} s, criu dump "
+        f"{ck.get('criu_dump_s')} s, cuda restore {ck.get('cuda_restore_s')} s; "
+        f"publish {ck.get('publish_s')} s; "
+        f"fetch {f.get('fetch_s')} s ({rate})"
+    )
+    if bw:
+        lines.append(
+            "read bandwidth (this run, the image's files): "
+            + ", ".join(f"{k} {v['gb_s']} GB/s" for k, v in bw.items() if isinstance(v, dict))
+        )
+    lines.append(
+        f"{'run':34} {'answer s':>8} {'speedup':>7} {'criu s':>7} {'cuda s':>7} {'bound s':>7} "
+        f"{'x bound':>7} {'health<gpu':>10}  same"
+    )
+    for r in rows(res, key):
+        same = r["same"] if r["run"] != "cold" else "-"
+        speedup = f"{r['speedup']}x" if r["speedup"] else "-"
+        lines.append(
+            f"{r['run']:34} {r['first_answer_s']!s:>8} {speedup:>7} "
+            f"{r['criu_s'] or '-'!s:>7} {r['cuda_s'] or '-'!s:>7} {r['bound_s'] or '-'!s:>7} "
+            f"{r['x_bound'] or '-'!s:>7} {r['health_before_gpu']:>10}  {same}"
+            + (
+                f"  ({r['result']}: {str(r['reason'])[:160]})"
+                if r["result"] not in ("restored", None)
+                else ""
+            )
+        )
+    lines.append(EXTENDER_NOTE)
+    return "\n".join(lines)
+
+
+def keep_log_tail(log: Path, dest: Path, limit: int = 8 << 20) -> None:
+    """The last ``limit`` bytes of the pods' log into ``dest`` (what comes back from $OUT is capped)."""
+    try:
+        size = log.stat().st_size
+        with open(log, "rb") as src, open(dest, "wb") as out:
+            src.seek(max(0, size - limit))
+            shutil.copyfileobj(src, out)
+    except OSError:
+        pass
