@@ -39,8 +39,10 @@ larger undercounts a node that already reported restores of other pods). The gue
 where kube-scheduler's own plugins outweigh the extender's difference; the agents' report corrects
 it within a pass. Asked again about the same pod (a retry), the new answer replaces the old.
 
-Memory. Per memo, about 0.5 KB per node; memos are kept while their total stays under
-``MEMO_ENTRIES`` node decisions (least recently used dropped first), and at most ``MEMO_KEYS``.
+Memory. Per memo, about 0.12 KB per node of answers, and up to 0.35 KB more for its two kept node
+lists (``VIEWS``): 2.2 MiB at 5,000 nodes, measured. Memos are kept while their total stays under
+``MEMO_ENTRIES`` node answers (least recently used dropped first), and at most ``MEMO_KEYS``: at
+most ~70 MiB, whatever the number of snapshots or nodes.
 Warnings about unreadable annotations are remembered per node as one hash (not the text), so
 annotation churn leaves nothing behind. Placed pods are kept at most ``PLACED_MAX``.
 
@@ -69,8 +71,8 @@ from extender.scoring import DEFAULT_PARAMS, MAX_SCORE, Decision, Params, Varian
 
 log = logging.getLogger(__name__)
 
-# Node decisions kept over all memos (~0.5 KB each: ~80 MB at most), and memos at most: a 5,000-node
-# cluster keeps 32 snapshots' decisions, a 500-node one 64.
+# Node answers kept over all memos (~0.45 KB each with the views: ~70 MiB at most), and memos at
+# most: a 5,000-node cluster keeps 32 snapshots' answers, a 500-node one 64.
 MEMO_ENTRIES = 160_000
 MEMO_KEYS = 64
 # Pods whose placement is remembered (those of the last placed_window_s; the oldest go first).
@@ -84,6 +86,8 @@ UNKNOWN_REASON = "not in the extender's node view (Node not seen by its watch ye
 # Decisions a writer computes before it lets request threads run (time.sleep(0) releases the GIL):
 # ~0.2 ms of work, against the interpreter's 5 ms switch interval.
 YIELD_EVERY = 32
+# Node lists whose answers a memo keeps (Memo.answer): a pod's filter and prioritize lists.
+VIEWS = 2
 
 Key = tuple[str, str]  # (snapshot, workload)
 
@@ -92,10 +96,14 @@ def failure_message(snapshot: str, reason: str) -> str:
     return f"thaw: cannot restore snapshot {snapshot}: {reason}"
 
 
-def _positions(names: list[str]) -> dict[str, list[int]]:
-    pos: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        pos.setdefault(name, []).append(i)
+def _positions(names: list[str]) -> dict[str, int | list[int]]:
+    """name -> its position in ``names`` (a list of them for a name asked more than once)."""
+    pos: dict[str, int | list[int]] = {name: i for i, name in enumerate(names)}
+    if len(pos) != len(names):
+        seen: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            seen.setdefault(name, []).append(i)
+        pos.update({name: at for name, at in seen.items() if len(at) > 1})
     return pos
 
 
@@ -111,7 +119,7 @@ class View:
     frags: list[bytes | None]  # prioritize: the fragment, None for nodes that score 0
     keeps: list[bytes | None]  # filter: the JSON name of a node that can restore
     fails: list[tuple[bytes, bytes] | None]  # filter: (FailedNodes pair, unresolvable pair or b"")
-    pos: dict[str, list[int]] | None = None  # name -> positions, built on the first patch
+    pos: dict[str, int | list[int]] | None = None  # name -> position(s), built on first use
     out: dict[str, bytes] = field(default_factory=dict)  # verb -> answer at seq
     one: str | None = None  # filter: the one node it keeps, if it keeps one (set by its render)
 
@@ -140,7 +148,9 @@ class Memo:
     # Changes to the pieces: a count, and (the count at the log's start, the names changed since).
     seq: int = 0
     log: tuple[int, list[str]] = field(default_factory=lambda: (0, []))
-    view: View | None = None  # the last node list asked about (requests hold view_lock)
+    # The last node lists asked about, the latest first (requests hold view_lock): a pod's filter
+    # and prioritize lists differ when the filter took nodes out.
+    views: list[View] = field(default_factory=list)
     view_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def decide(self, node: NodeEntry) -> Decision:
@@ -182,8 +192,8 @@ class Memo:
         asked: Any = None  # a container of the names asked about
         if raw:
             with self.view_lock:
-                v = self.view
-                if v is not None and v.raw == raw:
+                v = self._kept(raw)
+                if v is not None:
                     v.pos = v.pos if v.pos is not None else _positions(v.names)
                     asked = v.pos.keys()
         if asked is None:
@@ -202,23 +212,33 @@ class Memo:
                 return sorted(hits)
         return []
 
-    # ---- the last node list (request threads) ----------------------------------------------------
+    # ---- the last node lists (request threads) ---------------------------------------------------
     def answer(
         self, raw: bytes, names: list[str], verb: str, render: Callable[[View], bytes]
     ) -> tuple[bytes, str | None]:
         """``render(view)`` for the node list ``names`` (sent as ``raw``), from the view kept for
-        the last list: reused when the list and the memo are unchanged, patched where the memo
-        changed, rebuilt for another list. With the view's ``one``."""
+        that list: reused when the list and the memo are unchanged, patched where the memo changed,
+        built for a list not kept (the oldest of VIEWS goes). With the view's ``one``."""
         with self.view_lock:
-            v = self.view
-            if v is None or v.raw != raw:
-                v = self.view = self._view(raw, names)
+            v = self._kept(raw)
+            if v is None:
+                v = self._view(raw, names)
+                self.views = [v, *self.views[: VIEWS - 1]]
             elif v.seq != self.seq:
                 self._patch(v)
             out = v.out.get(verb)
             if out is None:
                 out = v.out[verb] = render(v)
             return out, v.one
+
+    def _kept(self, raw: bytes) -> View | None:
+        """The kept view of this node list, moved to the front (view_lock held)."""
+        for i, v in enumerate(self.views):
+            if v.raw == raw:  # a memcmp; lists of other lengths differ at once
+                if i:
+                    self.views.insert(0, self.views.pop(i))
+                return v
+        return None
 
     def _view(self, raw: bytes, names: list[str]) -> View:
         seq = self.seq
@@ -248,7 +268,7 @@ class Memo:
             frag = self.fragments.get(name)
             keep = self.keeps.get(name)
             fail = None if keep is not None else self.fails.get(name) or self.unknown(name)
-            for i in at:
+            for i in at if isinstance(at, list) else (at,):
                 v.frags[i], v.keeps[i], v.fails[i] = frag, keep, fail
         v.seq = seq
         v.out.clear()

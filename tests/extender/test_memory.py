@@ -12,7 +12,9 @@ from contextlib import contextmanager
 import orjson
 import pytest
 
+from extender import handlers
 from extender.index import MEMO_ENTRIES, NodeIndex
+from extender.scoring import Params
 from extender.synthetic import WORKLOAD, cluster, node
 from thaw.contract.annotations import NODE_CACHE
 
@@ -51,15 +53,31 @@ def test_annotation_churn_leaves_nothing_behind(caplog: pytest.LogCaptureFixture
     assert used() < 1.0, f"{used():.1f} MiB retained"
 
 
-def test_many_snapshots_decisions_stay_within_the_budget() -> None:
-    items = orjson.loads(orjson.dumps(cluster(5000)["items"]))
-    idx = NodeIndex()
+def test_many_snapshots_answers_stay_within_the_budget() -> None:
+    doc = cluster(5000)
+    items = orjson.loads(orjson.dumps(doc["items"]))
+    idx = NodeIndex(Params(placed_window_s=0))
     idx.replace_all(items, "1")
     del items
+    names = [n["metadata"]["name"] for n in doc["items"]]
     with retained() as used:
-        for k in range(36):
+        for k in range(36):  # each asked about two node lists (a filter's and a prioritize's)
+            pod = {
+                "metadata": {
+                    "name": "p",
+                    "annotations": {
+                        "thaw.dev/snapshot": f"model-{k}",
+                        "thaw.dev/workload": WORKLOAD,
+                        "thaw.dev/placement": "required",
+                    },
+                }
+            }
+            for asked in (names, names[:4000]):
+                body = orjson.dumps({"Pod": pod, "Nodes": None, "NodeNames": asked})
+                assert handlers.filter_(idx, body)[0] == handlers.prioritize(idx, body)[0] == 200
             memo = idx.decisions(f"model-{k}", WORKLOAD)
             assert len(memo.keeps) + len(memo.fails) == 5000  # every node's answer, precomputed
     assert len(idx._memo) <= MEMO_ENTRIES // 5000
-    # Before: up to 256 memos of ~21 MiB each at 5,000 nodes. Now ~0.6 MiB each, 32 at most.
-    assert used() < 32, f"{used():.1f} MiB retained"
+    # Before: up to 256 memos of ~21 MiB each at 5,000 nodes. Now ~2.2 MiB each with their two
+    # node lists, 32 at most.
+    assert used() < 80, f"{used():.1f} MiB retained"
