@@ -154,9 +154,9 @@ def _other_scheduler(pod_spec: Mapping[str, Any], own: str | None) -> str | None
     if name in (None, "", DEFAULT_SCHEDULER) or name == own:
         return None
     return (
-        f"thaw: pod admitted unchanged: spec.schedulerName is {name!r}, so that scheduler places it, "
-        "not Thaw's wiring (its extender, restore-ready nodes, capabilities): it will start cold. "
-        f"To restore it, leave schedulerName unset (or {own or DEFAULT_SCHEDULER!r})"
+        f"thaw: pod admitted unchanged: spec.schedulerName is {name!r}; Thaw does not take a pod "
+        "from its scheduler (queues, gangs, GPU sharing) and restores only pods its own wiring "
+        f"places, so it starts cold. To restore it, use {own or DEFAULT_SCHEDULER!r}"
     )
 
 
