@@ -22,15 +22,40 @@ Action = Literal["restore", "cold"]
 MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; anything larger is not ours
 
 
+class FetchRecord(TypedDict):
+    """What staging the snapshot took: bytes copied from the store (0: it was in the node cache
+    already) and the seconds spent. The outcome carries the plan, so the agent counts cache hits,
+    misses and fetch throughput from it (thaw/node/metrics.py)."""
+
+    bytes: int
+    seconds: float
+
+
 class Plan(TypedDict):
     action: Action
     path: NotRequired[str]  # restore: the snapshot directory in the node cache (CRIU images + manifest.json)
     snapshot: NotRequired[str]  # restore: the snapshot id, "sha256:<hex>"
     reason: NotRequired[str]  # cold: why there is no restore, for people
+    fetch: NotRequired[FetchRecord]  # restore: what thaw fetch copied (absent in plans written by hand)
 
 
-def restore_plan(path: Path | str, snapshot_id: str) -> Plan:
-    return {"action": "restore", "path": str(path), "snapshot": snapshot_id}
+def restore_plan(path: Path | str, snapshot_id: str, fetch: FetchRecord | None = None) -> Plan:
+    plan: Plan = {"action": "restore", "path": str(path), "snapshot": snapshot_id}
+    if fetch is not None:
+        plan["fetch"] = fetch
+    return plan
+
+
+def parse_fetch_record(value: object) -> FetchRecord | None:
+    """A well-formed fetch record, else None (it only feeds metrics: never a reason to go cold)."""
+    if not isinstance(value, dict):
+        return None
+    n, s = value.get("bytes"), value.get("seconds")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        return None
+    if isinstance(s, bool) or not isinstance(s, int | float) or s < 0:
+        return None
+    return {"bytes": n, "seconds": float(s)}
 
 
 def cold_plan(reason: str) -> Plan:
@@ -71,7 +96,7 @@ def parse_plan(raw: bytes) -> Plan:
             return cold_plan(f"restore plan has no absolute 'path' (got {path!r})")
         if not isinstance(snap, str) or not snap.startswith("sha256:"):
             return cold_plan(f"restore plan has no 'snapshot' id of the form sha256:<hex> (got {snap!r})")
-        return restore_plan(path, snap)
+        return restore_plan(path, snap, parse_fetch_record(value.get("fetch")))
     return cold_plan(f"restore plan action must be 'restore' or 'cold', got {action!r}")
 
 

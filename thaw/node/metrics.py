@@ -76,6 +76,7 @@ RESTORE_FAILURES = (
 )
 CHECKPOINT_STATUSES = ("published", "failed", "skipped")
 READY_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
+RECOUNT_WINDOW_S = 120.0
 FETCH_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 # Every family the agent serves (the names Prometheus shows: counters with _total), for tests and docs.
@@ -275,8 +276,9 @@ class AgentMetrics:
 
     def _observe_outcomes(self, outcomes: Iterable[tuple[str, Mapping[str, Any], float]]) -> None:
         current: set[str] = set()
-        # An agent restarting finds older copies it (or its predecessor) already counted.
-        horizon = self._started_at - 2 * self.interval_s
+        # An agent restarting finds older copies its predecessor already counted; those changed in
+        # the last passes before it started may not have been, so they are (at most a few twice).
+        horizon = self._started_at - max(2 * self.interval_s, RECOUNT_WINDOW_S)
         for uid, outcome, mtime in outcomes:
             started = str(outcome.get("started", ""))
             for key, count in self._facts(uid, started, outcome):

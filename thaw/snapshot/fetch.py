@@ -274,6 +274,7 @@ def _attempt(  # noqa: PLR0917
 
     waiting = functools.partial(log.info, "another fetch of %s is staging it here; waiting", m["id"])
     phase(f"staging {m['id']} ({human_bytes(m['total_bytes'])})")
+    t0 = time.monotonic()
     try:
         path = stage(
             store,
@@ -305,7 +306,8 @@ def _attempt(  # noqa: PLR0917
         return f"cache error: {exc.strerror or exc} ({exc.filename or cache_dir})"
     if progress is not None and progress.done:
         progress.finish()
-    return restore_plan(path, m["id"])
+    # bytes 0: the snapshot was in the node cache already (a hit), for the agent's metrics.
+    return restore_plan(path, m["id"], {"bytes": copied[0], "seconds": round(time.monotonic() - t0, 3)})
 
 
 # --- the command: a child that works, a parent that keeps the deadline -----------------------------
