@@ -461,9 +461,10 @@ def test_no_privileged_container_and_no_host_access_outside_the_agent(overlay: s
             assert c.get("securityContext", {}).get("runAsUser", 1) != 0, f"{name}/{c['name']}"
 
 
-# The agent serves nothing, so it has no readiness to report (a DaemonSet takes no traffic); its
-# liveness is a heartbeat file checked by `thaw healthcheck` (test_agent_liveness_is_its_heartbeat).
-NO_READINESS = {AGENT: "thaw agent serves nothing"}
+# Every container has both probes; the agent's readiness is its metrics server's /readyz (a pass
+# reported the node: test_agent_is_ready_once_it_reports), its liveness a heartbeat file checked by
+# `thaw healthcheck` (test_agent_liveness_is_its_heartbeat).
+NO_READINESS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -707,3 +708,12 @@ def test_the_fallback_without_admission_policies_never_widens_the_agent(overlay:
     for o in objs:
         if o["apiVersion"].split("/")[0] not in NOT_IN_KUBERNETES_SCHEMAS:
             kubernetes_validate.validate(o, "1.29", strict=True)  # the clusters it is for
+
+
+def test_agent_is_ready_once_it_reports() -> None:
+    """The readiness probe asks the agent's own /readyz on the port its --metrics-port serves."""
+    ds = find(render("default"), "DaemonSet", AGENT)
+    [c] = ds["spec"]["template"]["spec"]["containers"]
+    [port] = [p for p in c["ports"] if p["name"] == c["readinessProbe"]["httpGet"]["port"]]
+    assert flag(c["args"], "metrics-port") == [str(port["containerPort"])]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"

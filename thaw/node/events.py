@@ -8,6 +8,7 @@ which already has the cache and a ServiceAccount, turns each into Events:
 | --- | --- | --- |
 | ``result: restored`` | Normal | ``ThawRestored`` |
 | ``result: cold`` after a failed restore | Warning | ``ThawRestoreFailed`` |
+| ``result: cold``, the snapshot ``unsigned:``/``untrusted:`` | Warning | ``ThawSnapshotUntrusted`` |
 | ``result: cold`` otherwise (no snapshot, incompatible, ...) | Normal | ``ThawColdStart`` |
 | ``checkpoint.status: published`` | Normal | ``ThawCheckpointPublished`` |
 | ``checkpoint.status: failed`` | Warning | ``ThawCheckpointFailed`` |
@@ -74,6 +75,17 @@ def outcome_specs(outcome: Mapping[str, Any]) -> list[EventSpec]:
         out.append({"type": "Normal", "reason": "ThawRestored", "message": restored_message(snap, outcome)})
     elif result == "cold" and reason.startswith("restore failed"):
         out.append({"type": "Warning", "reason": "ThawRestoreFailed", "message": f"{reason}; started cold"})
+    elif result == "cold" and reason.startswith(("unsigned:", "untrusted:")):
+        # A snapshot exists but this namespace cannot verify it: every replica will cold-start until
+        # the trust (or the signing key) is fixed, so say it loudly, with what to do.
+        fix = (
+            "put the signer's signing.pub into this namespace's trust Secret (thaw-trust) and give "
+            "checkpointing pods the signing key (thaw-signing-key); `thaw check cluster` says which "
+            "is missing"
+        )
+        out.append(
+            {"type": "Warning", "reason": "ThawSnapshotUntrusted", "message": f"cold start: {reason}. {fix}"}
+        )
     elif result == "cold":
         out.append(
             {"type": "Normal", "reason": "ThawColdStart", "message": f"cold start: {reason or 'no plan'}"}
