@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, required=True, help="bytes the pod files may take")
     p.add_argument("--reason", type=Path, required=True, help="file for the reason when refused or failed")
     p.add_argument("--root-pid", type=int, default=None, help="the tree's root (default: CRTOOLS_INIT_PID)")
+    p.add_argument("--skip", action="append", default=[], help="a path not to copy (stdout/stderr files)")
 
     p = sub.add_parser(
         "install-runtime", help="thaw-tools: link the node's copy of the runtime (copied once)"

@@ -223,8 +223,9 @@ class Netns:
 
 class Pod:
     """``thaw exec`` as PID 1 of a fresh container (module doc); its stdout/stderr is a pipe, as a
-    container's is, unless ``stdout`` gives another file descriptor for both (a log file,
-    /dev/null, a terminal: what a wrapper may be given outside Kubernetes)."""
+    container's is, unless ``stdout`` gives another file descriptor for both (a file, /dev/null, a
+    terminal opened by the caller, outside the pod), or ``stdout_file`` names a file the pod opens
+    itself (``sh -c 'thaw exec … >FILE 2>&1'`` in the container): what a wrapper may be given."""
 
     def __init__(
         self,
@@ -235,16 +236,18 @@ class Pod:
         wrap: list[str] | None = None,
         *,
         stdout: int | None = None,
+        stdout_file: str | None = None,
         volumes: Iterable[str | Path] = (),
     ):
         self.netns = netns
         self.started = time.monotonic()
         full_env = pod_env(env)
-        shared = [*paths_in([*thaw_args, *cmd, *full_env.values()]), *map(str, volumes)]
+        shared = [*paths_in([*thaw_args, *cmd, *full_env.values(), stdout_file or ""]), *map(str, volumes)]
+        redirect = ["sh", "-c", 'f=$1; shift; exec "$@" >"$f" 2>&1', "sh", stdout_file] if stdout_file else []
         argv = [
             "ip", "netns", "exec", netns.name,
             "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
-            *fresh_container_prefix(full_env, shared), *(wrap or []),
+            *fresh_container_prefix(full_env, shared), *(wrap or []), *redirect,
             sys.executable, "-m", "thaw", "exec", *thaw_args, "--", *cmd,
         ]  # fmt: skip
         self.proc = subprocess.Popen(

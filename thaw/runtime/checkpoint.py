@@ -45,6 +45,7 @@ from thaw.runtime.gpu import (
     visible_gpu_minors,
 )
 from thaw.runtime.outcome import Outcome
+from thaw.runtime.podfiles import DEFAULT_LIMIT as POD_FILES_LIMIT
 from thaw.runtime.publish import Publisher
 from thaw.runtime.ready import ReadySpec, wait_ready
 from thaw.runtime.room import Need, refusal, room, tree_bytes
@@ -76,14 +77,7 @@ class CheckpointConfig:
     opts: criu.CriuOptions
     logs: Path
     hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.contract.hooks
-
-
-def stdio_names() -> dict[str, str]:
-    out: dict[str, str] = {}
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            out[str(fd)] = os.readlink(f"/proc/self/fd/{fd}")
-    return out
+    pod_files_limit: int = POD_FILES_LIMIT  # bytes of pod files a snapshot may carry (thaw.runtime.podfiles)
 
 
 def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict[str, Any]:
@@ -115,6 +109,24 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         refused = gpu_holders_refusal(pids, cuda_pids, fds)  # before the lock: one line, with the fix
         if refused:
             raise RuntimeError(refused)
+    from thaw.runtime import podfiles, replica_config
+
+    try:  # before anything is frozen: a configuration that cannot be recorded means no snapshot
+        config = replica_config.record(os.environ)
+    except replica_config.ConfigError as exc:
+        raise RuntimeError(str(exc)) from exc
+    stdio = criu.stdio_resources()  # what a restore rebinds to the new container's (criu.stdio_resource)
+    # CRIU's post-dump action copies the pod files while the tree is frozen (thaw.runtime.podfiles);
+    # files of the root filesystem changed since thaw exec started are the container's writable layer.
+    refusal_file = cfg.logs / "podfiles-refused"
+    script = podfiles.write_action_script(
+        cfg.logs / "criu-action.sh",
+        images,
+        since=podfiles.process_start(os.getpid()),
+        limit=cfg.pod_files_limit,
+        reason=refusal_file,
+        skip=criu.stdio_paths(stdio),
+    )
     uuids = gpu_uuids_or_none(cuda)
     with _asleep(cfg.hooks, timings):
         frozen = False
@@ -136,11 +148,20 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
             if reasons:
                 raise RuntimeError("; ".join(reasons))
             t = time.monotonic()
-            criu.run(
-                criu.dump_args(binary, root, images, cfg.logs, cfg.opts),
-                cfg.logs / "dump.log",
-                CRIU_DUMP_TIMEOUT_S,
-            )
+            try:
+                criu.run(
+                    criu.dump_args(
+                        binary, root, images, cfg.logs, cfg.opts,
+                        action_script=script, externals=criu.externals(stdio),
+                    ),
+                    cfg.logs / "dump.log",
+                    CRIU_DUMP_TIMEOUT_S,
+                )  # fmt: skip
+            except criu.CriuError as exc:
+                why = podfiles.refusal(refusal_file)  # the capture's own words (over the limit, unreadable)
+                if why is not None:
+                    raise RuntimeError(why) from exc
+                raise
             timings["criu_dump_s"] = round(time.monotonic() - t, 3)
         finally:
             if frozen and cuda is not None:
@@ -159,7 +180,9 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         "pids": pids,
         "cuda_pids": cuda_pids,
         "cmd": cmd,
-        "stdio": stdio_names(),
+        "stdio": stdio,
+        "pod_files": podfiles.summary(images),
+        "config": config,
         "tcp_established": cfg.opts.tcp_established,
         "gpu": gpu_layout(
             cuda_pids, fds_before, visible_gpu_minors(), {p: rank_env(p) for p in cuda_pids}, uuids

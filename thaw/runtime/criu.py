@@ -25,8 +25,16 @@ Flags, and why (DESIGN.md; issue 5):
   time namespace's clock offsets (SYS_TIME). Measured in a container-like setup (root, the runtime's
   default capabilities plus CHECKPOINT_RESTORE and SYS_PTRACE): dump and restore work; without
   CHECKPOINT_RESTORE the dump is refused ("Effective capability 40 missing").
-- ``--inherit-fd fd[N]:pipe:[INODE]`` on restore: the workload's stdout/stderr were the old container's
-  log pipes; they are rebound to the new container's, so logs keep flowing after a restore.
+- ``--inherit-fd fd[N]:RESOURCE`` on restore: the workload's stdout/stderr were the old container's
+  (its log pipes in a pod); they are rebound to the new container's, so logs keep flowing after a
+  restore, whatever each was (:func:`stdio_resource`): a pipe or socket (``pipe:[INODE]``), a file
+  (``path/to/file``, no leading slash: CRIU then takes our descriptor instead of reopening the file,
+  whose size it would check: "bad size" for a log file that grew), ``/dev/null`` (a file to CRIU),
+  a terminal (``tty[RDEV:DEV]``, which the dump marks ``--external``: no ``--shell-job``), or a file
+  opened outside the container's mount namespace (``file[MNT:INO]``, also ``--external``: CRIU
+  cannot find its mount).
+- ``--action-script`` on dump: CRIU runs it at post-dump while the tree is still frozen; it copies
+  the pod files into the images (thaw/runtime/podfiles.py).
 """
 
 from __future__ import annotations
@@ -139,7 +147,15 @@ def _common(opts: CriuOptions, images: Path, work: Path, log: str) -> list[str]:
 
 
 def dump_args(
-    binary: str, root_pid: int, images: Path, work: Path, opts: CriuOptions, *, leave_running: bool = True
+    binary: str,
+    root_pid: int,
+    images: Path,
+    work: Path,
+    opts: CriuOptions,
+    *,
+    leave_running: bool = True,
+    action_script: Path | None = None,
+    externals: Sequence[str] = (),
 ) -> list[str]:
     args = [binary, "dump", "-t", str(root_pid), *_common(opts, images, work, "dump.log")]
     # Dump only: a restore uses the method recorded in the images (CRIU ignores the flag there).
@@ -147,7 +163,80 @@ def dump_args(
     args += ["--ghost-limit", str(opts.ghost_limit)]
     if leave_running:
         args.append("--leave-running")
+    if action_script is not None:
+        args += ["--action-script", str(action_script)]
+    for resource in externals:
+        args += ["--external", resource]
     return [*args, *opts.extra]
+
+
+def stdio_resource(
+    target: str, *, is_tty: bool, rdev: int, dev: int, ino: int, mnt_id: int, mnt_here: bool
+) -> str:
+    """How CRIU names the file behind one of the workload's stdout/stderr, for ``--inherit-fd``;
+    "" when it cannot be inherited (pure, module doc). ``mnt_here``: its mount (``mnt_id``) is in our
+    mount namespace. One that is not (a file or /dev/null opened by whoever started ``thaw exec``,
+    outside the container) can only be dumped as an external file, ``file[MNT:INO]``, whose size CRIU
+    still checks at restore unless it was opened for appending."""
+    if is_tty:
+        return f"tty[{rdev:x}:{dev:x}]"
+    if target.startswith(("pipe:[", "socket:[")):
+        return target
+    if not target.startswith("/") or len(target) == 1 or target.endswith(" (deleted)"):
+        return ""
+    if mnt_here:
+        return target[1:]
+    return f"file[{mnt_id:x}:{ino:x}]"
+
+
+def _fd_mnt_id(fd: int) -> int:
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("mnt_id:"):
+            return int(line.split()[1])
+    return -1
+
+
+def stdio_resources() -> dict[str, str]:
+    """:func:`stdio_resource` of our own fds 1 and 2 (the workload inherits them), by fd number."""
+    try:
+        here = {
+            int(line.split()[0]) for line in Path("/proc/self/mountinfo").read_text().splitlines() if line
+        }
+    except (OSError, ValueError):
+        here = set()
+    out: dict[str, str] = {}
+    for fd in (1, 2):
+        try:
+            st, mnt = os.fstat(fd), _fd_mnt_id(fd)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except (OSError, ValueError):
+            continue
+        name = stdio_resource(
+            target,
+            is_tty=os.isatty(fd),
+            rdev=st.st_rdev,
+            dev=st.st_dev,
+            ino=st.st_ino,
+            mnt_id=mnt,
+            mnt_here=mnt in here,
+        )
+        if name:
+            out[str(fd)] = name
+    return out
+
+
+def stdio_paths(stdio: dict[str, str]) -> list[str]:
+    """The files among ``stdio`` (stdio_resources) that CRIU takes by path: the pod files leave them
+    to the new container's own stdout/stderr (pure)."""
+    return sorted(
+        {"/" + r for r in stdio.values() if not r.startswith(("pipe:[", "socket:[", "tty[", "file["))}
+    )
+
+
+def externals(stdio: dict[str, str]) -> list[str]:
+    """What the dump must take as external (``--external``): the terminals and the files from outside
+    the container among ``stdio`` (stdio_resources), pure."""
+    return sorted({r for r in stdio.values() if r.startswith(("tty[", "file["))})
 
 
 def restore_args(

@@ -128,6 +128,7 @@ def checkpoint_config(
         opts=opts,
         logs=logs,
         hooks=hooks,
+        pod_files_limit=args.pod_files_limit,
     )
     return cfg, None
 

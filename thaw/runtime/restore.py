@@ -29,7 +29,9 @@ from thaw.runtime import criu, hooks
 from thaw.runtime.checkpoint import META_FORMAT, META_NAME
 from thaw.runtime.gpu import container_gpu_problem, gpu_uuids_or_none, visible_gpu_minors
 from thaw.runtime.outcome import Outcome
+from thaw.runtime.podfiles import PodFilesError, PutBack, put_back
 from thaw.runtime.ready import ReadySpec, wait_ready
+from thaw.runtime.replica_config import differences
 from thaw.runtime.stopped import NoRestoreThread, continue_tree, restore_threads, running_alone
 from thaw.runtime.supervisor import Supervisor
 from thaw.runtime.workdir import ReadyGate
@@ -89,16 +91,18 @@ def load_meta(images: Path) -> dict[str, Any]:
 
 
 def inherit_list(stdio: dict[str, str], fds: dict[int, int]) -> list[tuple[int, str]]:
-    """--inherit-fd pairs: the old stdout/stderr (pipes, sockets) -> our current ones (pure).
+    """--inherit-fd pairs: the old stdout/stderr -> our current ones, whatever each was (pure).
 
-    ``fds`` maps the workload's fd (1, 2) to the fd number criu gets for it. Paths are reopened by
-    CRIU itself and are not listed; one pipe used for both is listed once.
+    ``stdio`` holds CRIU's names for them (criu.stdio_resource: ``pipe:[N]``, ``socket:[N]``,
+    ``tty[RDEV:DEV]``, ``path/to/file``); a snapshot from before those names holds the path with its
+    leading slash, which is dropped. ``fds`` maps the workload's fd (1, 2) to the fd number criu gets
+    for it; one file used for both is listed once.
     """
     out: list[tuple[int, str]] = []
     seen: set[str] = set()
     for fd in (1, 2):
-        name = stdio.get(str(fd))
-        if not name or name.startswith("/") or name in seen:
+        name = stdio.get(str(fd), "").removeprefix("/")
+        if not name or name in seen:
             continue
         seen.add(name)
         out.append((fds[fd], name))
@@ -132,6 +136,7 @@ def restore(
     timings: dict[str, float] = {}
     restored: list[int] = []
     pids: list[int] = []
+    put: PutBack | None = None
     try:
         # The use lock (the agent does not evict it meanwhile), the plan's id, every file re-hashed:
         # what CRIU reads below is what was signed. SnapshotGone, CacheBusy, VerifyFailed: cold.
@@ -143,6 +148,9 @@ def restore(
                 raise RestoreFailed(
                     f"snapshot was taken of command {meta.get('cmd')!r}, this pod runs {cmd!r}"
                 )
+            differs = differences(meta.get("config"), os.environ)  # thaw.runtime.replica_config
+            if differs:
+                raise RestoreFailed(differs)
             pids = [int(p) for p in meta.get("pids", [])]
             # Every rank restores onto the GPU ordinals it had, or none does (never half a server).
             problem = container_gpu_problem(meta.get("gpu"), len(visible_gpu_minors()))
@@ -153,6 +161,14 @@ def restore(
             busy = criu.wait_pids_free(pids, PID_FREE_WAIT_S)
             if busy:
                 raise RestoreFailed(f"PIDs {busy[:5]} of the snapshot are taken in this container")
+            t_files = time.monotonic()
+            try:  # the files a new pod lacks, where CRIU will reopen them (thaw.runtime.podfiles)
+                put = put_back(snapshot_dir)
+            except PodFilesError as exc:
+                raise RestoreFailed(str(exc)) from exc
+            if put.files:
+                timings["pod_files"] = put.files
+                timings["pod_files_s"] = round(time.monotonic() - t_files, 3)
             stdio_fds = {1: os.dup(1), 2: os.dup(2)}
             pidfile = logs / "restore.pid"
             pidfile.unlink(missing_ok=True)
@@ -238,6 +254,8 @@ def restore(
         leftovers = sorted(set(restored) | set(criu.pids_in_use(pids)) | ({sup.root} if sup.root else set()))
         if leftovers:
             sup.kill_tree(leftovers)
+        if put is not None:
+            put.undo()  # the cold start gets the pod's own files, not the snapshot's
         log.error("restore failed, cold start: %s", reason)
         outcome.update(result="cold", reason=f"restore failed: {reason}", timings=timings)
         return False
