@@ -154,8 +154,10 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     url, body = spec["url"], spec.get("body")
     outcome_path = Path(spec["outcome"])
     outcome_path.unlink(missing_ok=True)  # a previous pod's outcome must not be read as this one's
+    if spec.get("ready_file"):
+        Path(spec["ready_file"]).unlink(missing_ok=True)  # nor its ready file
     log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
-    env = {**os.environ, **spec.get("env", {})}
+    env = {**os.environ, **spec.get("runtime_env", {}), **spec.get("env", {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     # A fresh container (thaw/dev/sandbox.py): new tmpfs over its writable places, the paths it is
     # given (store, plan, outcome, "volumes") bound back; before hide_dev, which binds /dev/shm.

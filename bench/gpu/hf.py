@@ -120,10 +120,7 @@ def main(argv: list[str]) -> int:
     (args.out / "hf.json").write_text(json.dumps(res, indent=1))
     (args.out / "hf.txt").write_text(text + "\n")
     lifecycle.keep_log_tail(s.log, args.out / "hf-pods.log")
-    ok = res["life"].get("stopped") is None and all(
-        r["same"] for r in res["rows"] if r["run"] != "cold" and r["result"] == "restored"
-    )
-    return 0 if ok else 1
+    return 0 if lifecycle.all_restored(res["life"]) else 1
 
 
 if __name__ == "__main__":

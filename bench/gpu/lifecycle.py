@@ -171,9 +171,13 @@ def fetch(s: Suite, w: Workload, store: Path, cache: Path, plan: Path) -> dict[s
 
 
 def restore(s: Suite, w: Workload, plan: Path, name: str, **extra: Any) -> dict[str, Any]:
-    """A restore in a fresh pod from ``plan``; ``again`` asks a second time."""
+    """A restore in a fresh pod from ``plan``; ``again`` asks a second time. Its work directory is
+    the plan's (beside --outcome), so ``<work>/ready`` is watched there."""
     args = ["--plan", str(plan), "--ready", w.ready, "--outcome", str(plan.parent / "outcome.json")]
-    return phase(_spec(s, w, name, plan.parent / "outcome.json", args, again=True, **extra))
+    spec = _spec(
+        s, w, name, plan.parent / "outcome.json", args, again=True, ready_file=str(plan.parent / "ready")
+    )
+    return phase({**spec, **extra})
 
 
 # --- storage bounds (issue 12) -------------------------------------------------------------------
@@ -219,11 +223,13 @@ def bandwidths(disk_copy: Path, tmpfs_copy: Path | None) -> dict[str, Any]:
     return out
 
 
-def bound_s(image_bytes: int | None, gb_s: float | None) -> float | None:
-    """Seconds to read ``image_bytes`` at ``gb_s`` (pure)."""
-    if not image_bytes or not gb_s:
+def bound_s(
+    image_bytes: int | None, gb_s: float | None, extra_bytes: int = 0, extra_gb_s: float | None = None
+) -> float | None:
+    """Seconds to read ``image_bytes`` at ``gb_s``, plus ``extra_bytes`` at ``extra_gb_s`` (pure)."""
+    if not image_bytes or not gb_s or (extra_bytes and not extra_gb_s):
         return None
-    return round(image_bytes / (gb_s * 1e9), 2)
+    return round(image_bytes / (gb_s * 1e9) + (extra_bytes / (extra_gb_s * 1e9) if extra_gb_s else 0.0), 2)
 
 
 def mount_tmpfs(path: Path, size_bytes: int) -> bool:
@@ -256,14 +262,22 @@ def life(
     with_cold: bool = True,
     cold_min_left_s: float = 150.0,
     extra_restores: tuple[tuple[str, dict[str, str]], ...] = (),
+    extra_read_bytes: int = 0,
 ) -> dict[str, Any]:
     """Checkpoint, fetch + restore (miss), restores from ``tiers`` (hits), optional extra page-cache
-    restores with more pod env (``extra_restores``: label, env), then a cold pod when at least
-    ``cold_min_left_s`` is left. Returns every phase's result and the measurements."""
+    restores with more pod env (``extra_restores``: label, env; thaw exec reads its flags from
+    ``THAW_<FLAG>``), then a cold pod when at least ``cold_min_left_s`` is left. ``extra_read_bytes``:
+    what a restore reads besides the image (weights reloaded on wake), for the storage bound.
+    Returns every phase's result and the measurements."""
     d = s.root / w.name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    res: dict[str, Any] = {"workload": w.name, "cmd": w.cmd, "env": pod_env(s, w)}
+    res: dict[str, Any] = {
+        "workload": w.name,
+        "cmd": w.cmd,
+        "env": pod_env(s, w),
+        "extra_read_bytes": extra_read_bytes,
+    }
     ck = checkpoint(s, w, d / "store", d / "cache-a")
     res["checkpoint"] = ck
     info = (ck.get("outcome") or {}).get("checkpoint", {})
@@ -356,13 +370,21 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
     )
     bw = res.get("bandwidth") or {}
     image = res.get("image_bytes")
+    extra = int(res.get("extra_read_bytes") or 0)
     out: list[dict[str, Any]] = []
 
     def row(label: str, r: dict[str, Any], *, extra_s: float = 0.0, tier: str | None = None) -> None:
         t = _timings(r)
         fa = r.get("first_answer_s")
         total = round(fa + extra_s, 3) if fa is not None else None
-        bound = bound_s(image, (bw.get(tier) or {}).get("gb_s")) if tier else None
+        # what a wake reloads (the model files) comes from the disk after the page cache was
+        # dropped, else from page cache, whatever tier holds the image
+        extra_tier = "disk" if tier == "disk" else "page cache"
+        bound = (
+            bound_s(image, (bw.get(tier) or {}).get("gb_s"), extra, (bw.get(extra_tier) or {}).get("gb_s"))
+            if tier
+            else None
+        )
         out.append(
             {
                 "run": label,
@@ -379,8 +401,12 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
                 if total and "cuda_restore_s" in t
                 else None,
                 "bound_s": bound,
-                "x_bound": round(total / bound, 1) if total and bound else None,
+                "x_bound": round(total / bound, 1) if total and bound and "criu_restore_s" in t else None,
                 "health_before_gpu": health_before_gpu(r),
+                "first_health_s": r.get("first_health_s"),
+                "ready_file_s": r.get("ready_file_s"),
+                "gpu_back_s": gpu_back_s(r),
+                "wake_s": t.get("wake_s"),
                 "same": (answer(r, key) == ref and ref is not None) if label != "cold" else None,
                 "same_as_cold": answer(r, key) == answer(cold_r or {}, key) if cold_r else None,
             }
@@ -398,6 +424,26 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
     if "miss" in res:
         row("miss: fetch + restore", res["miss"], extra_s=float(res["fetch"]["fetch_s"]))
     return out
+
+
+def all_restored(res: dict[str, Any], key: str = "tokens") -> bool:
+    """Every restore of the life restored with the checkpointed server's answer (pure)."""
+    restores = [r for r in rows(res, key) if r["run"] != "cold"]
+    return (
+        res.get("stopped") is None
+        and bool(restores)
+        and all(r["result"] == "restored" and r["same"] for r in restores)
+    )
+
+
+def short_reason(reason: object, limit: int = 220) -> str:
+    """The part of a failure's reason that says what failed: CRIU's error lines first (pure)."""
+    text = str(reason)
+    parts = [p.strip() for p in text.split(" | ")]
+    errors = [p for p in parts[1:] if "Error" in p or "Can't" in p]
+    if errors:
+        text = f"{parts[0].split(': (', 1)[0]}: {' | '.join(errors[:2])}"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 EXTENDER_NOTE = (
@@ -430,7 +476,7 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
         )
     lines.append(
         f"{'run':34} {'answer s':>8} {'speedup':>7} {'criu s':>7} {'cuda s':>7} {'bound s':>7} "
-        f"{'x bound':>7} {'health<gpu':>10}  same"
+        f"{'x bound':>7} {'health s':>8} {'ready s':>7} {'health<gpu':>10}  same"
     )
     for r in rows(res, key):
         same = r["same"] if r["run"] != "cold" else "-"
@@ -438,9 +484,10 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
         lines.append(
             f"{r['run']:34} {r['first_answer_s']!s:>8} {speedup:>7} "
             f"{r['criu_s'] or '-'!s:>7} {r['cuda_s'] or '-'!s:>7} {r['bound_s'] or '-'!s:>7} "
-            f"{r['x_bound'] or '-'!s:>7} {r['health_before_gpu']:>10}  {same}"
+            f"{r['x_bound'] or '-'!s:>7} {r['first_health_s'] or '-'!s:>8} {r['ready_file_s'] or '-'!s:>7} "
+            f"{r['health_before_gpu']:>10}  {same}"
             + (
-                f"  ({r['result']}: {str(r['reason'])[:160]})"
+                f"  ({r['result']}: {short_reason(r['reason'])})"
                 if r["result"] not in ("restored", None)
                 else ""
             )

@@ -1,7 +1,7 @@
 """GPU benchmark: cold start versus restore through ``thaw fetch`` + ``thaw exec``, side by side in one
 run, on one machine, with identical greedy outputs checked. Run on the GPU machine as root:
 
-    THAW_CRIU=.tools/criu/bin/criu python3 -m bench.gpu.side_by_side [--config bench|small] [--out DIR]
+    python3 -m bench.gpu.side_by_side [--config bench|small] [--out DIR]   # thaw, CRIU: bench/gpu/bundle.py
 
 Steps (each pod in fresh PID, mount and network namespaces, ``thaw exec`` as its PID 1):
 1. weights: a random safetensors file for the config (written here, on this machine's disk);
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.gpu import bundle
 from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
 from thaw.contract.nccl import NCCL_ENV
 from thaw.dev.sandbox import read_json
@@ -64,13 +65,22 @@ def sh(cmd: str) -> str:
 
 
 def thaw(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
-    }
+    """The runtime pods get (bench/gpu/bundle.py), with its CRIU."""
+    rt = bundle.resolve()
     return subprocess.run(
-        [sys.executable, "-m", "thaw", *args], capture_output=True, text=True, check=False, cwd=REPO, env=env
+        [*rt.thaw, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+        env={**os.environ, **rt.env()},
     )
+
+
+def pod_runtime() -> dict[str, Any]:
+    """The harness spec's keys that run the bundle's thaw exec and CRIU in a pod."""
+    rt = bundle.resolve()
+    return {"thaw": list(rt.thaw), "runtime_env": rt.env()}
 
 
 def checkpoint_args(
@@ -123,7 +133,8 @@ def main(argv: list[str]) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "gpu": sh("nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader"),
         "kernel": platform.release(),
-        "criu": sh(f"{os.environ.get('THAW_CRIU', 'criu')} --version | head -1"),
+        "criu": sh(f"{bundle.resolve().criu or 'criu'} --version | head -1"),
+        "runtime": bundle.resolve().describe(),
         "disk": sh(f"df -hT {root} | tail -1"),
         "cpus": os.cpu_count(),
     }
@@ -198,7 +209,10 @@ def main(argv: list[str]) -> int:
     # every pod with a pod's capabilities, not full root; TCP repair for the ranks' connections
     wrap = pod_caps_wrap(("net_admin",) if args.tp > 1 else ())
     res["pod_caps"] = "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE" if wrap else "full root"
-    common = {"url": url, "body": body, "cmd": cmd, "timeout": 420, "request_timeout": 60, "wrap": wrap}
+    common = {
+        "url": url, "body": body, "cmd": cmd, "timeout": 420, "request_timeout": 60, "wrap": wrap,
+        **pod_runtime(),
+    }  # fmt: skip
 
     def cold_env(name: str) -> dict[str, str]:
         cc = root / f"compile-cache-{name}"
@@ -420,6 +434,7 @@ def probe_once(
         "wrap": ctx["wrap"],
         "log": str(ctx["log"]),
         "env": env,
+        **pod_runtime(),
     }
     ck = phase(
         {

@@ -77,11 +77,23 @@ def test_table_names_hit_miss_and_what_the_extender_makes_common() -> None:
     assert lifecycle.EXTENDER_NOTE in text
 
 
-def test_a_failed_restore_shows_its_reason() -> None:
+def test_a_failed_restore_shows_what_failed_and_fails_the_run() -> None:
     life = _life()
-    life["hits"]["disk"]["outcome"] = {"result": "cold", "reason": "restore failed: criu restore exited 1"}
+    life["hits"]["tmpfs"]["first"] = {"tokens": CKPT_TOKENS}
+    assert lifecycle.all_restored(life)
+    reason = (
+        "restore failed: criu restore exited 1 (log /w/restore.log): (00.0003) Zero page detection failed, "
+        "optimization turns off. | (00.06) 4096: Error (criu/files-reg.c:2353): Can't open file "
+        "tmp/torchinductor_root/7d/x.main.so on restore: No such file or directory | (00.07) Error (criu/cr-x.c)"
+    )
+    life["hits"]["disk"]["outcome"] = {"result": "cold", "reason": reason}
     text = lifecycle.table(life)
-    assert "(cold: restore failed: criu restore exited 1)" in text
+    assert "(cold: restore failed: criu restore exited 1 (log /w/restore.log): (00.06) 4096: Error" in text
+    assert "Zero page" not in text
+    disk = next(r for r in lifecycle.rows(life) if r["run"] == "hit, disk")
+    assert disk["x_bound"] is None  # a cold start is not measured against the restore's bound
+    assert not lifecycle.all_restored(life)
+    assert not lifecycle.all_restored({"workload": "w", "stopped": "checkpoint failed: x"})
 
 
 def test_bound_needs_both_numbers() -> None:

@@ -1,0 +1,157 @@
+"""GPU benchmark, the stand-in (bench/gpu/server.py: 4.3 B bf16, ``torch.compile`` reduce-overhead /
+CUDA graphs): where restore time goes and which levers help, side by side in one run (issues 10.4,
+12, 16.2), through the runtime pods get (the bundle) in fresh pods:
+
+    python3 -m bench.gpu.speed --out $OUT        # on the GPU machine, as root (~7 min)
+
+1. this machine's host-to-device rate from pageable and from pinned memory (bench/gpu/h2d.py): the
+   CUDA restore copies from pageable memory;
+2. the current path: the server checkpointed awake; cold; restored on a node that must fetch first
+   (fetch included) and on nodes that hold it: disk, page cache, tmpfs (the memory tier), each beside
+   the storage bound (image bytes / that tier's bandwidth, measured in this run on the image's
+   files); from page cache with each readiness gate (``--ready-gate file``: the tree runs at once and
+   ``<work>/ready`` appears once CUDA is back; ``stopped``: the tree stays stopped until then), with
+   whether the server's health check answered before its GPU state was back;
+3. the weights-out-of-the-image lever: the same server with ``--weights-vmm``, checkpointed asleep
+   at level 2 (``--sleep /sleep?level=2 --wake /wake_up``: no weights in the snapshot; the wake
+   reloads them from the weights file into the same device addresses through pinned buffers),
+   restored the same ways.
+Writes speed.json, speed.txt and speed-pods.log under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.gpu import bundle, lifecycle
+from bench.gpu.harness import REPO, pod_caps_wrap
+from bench.gpu.hf import machine
+
+PORT = 8000
+PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
+
+
+def h2d(python: str) -> dict[str, Any]:
+    r = subprocess.run(
+        [python, str(REPO / "bench/gpu/h2d.py"), "4"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=180,
+    )
+    try:
+        value: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        return value
+    except (ValueError, IndexError):
+        return {"error": (r.stderr or r.stdout)[-400:]}
+
+
+def cuda_rate(life: dict[str, Any], tier: str = "page cache") -> float | None:
+    """GB/s of the CUDA restore in a hit (GPU bytes: the image less the host memory it also holds;
+    an upper bound on what the driver copied)."""
+    r = (life.get("hits") or {}).get(tier) or {}
+    t = ((r.get("outcome") or {}).get("timings") or {}).get("cuda_restore_s")
+    gpu = life.get("gpu_bytes")
+    return round(gpu / t / 1e9, 2) if t and gpu else None
+
+
+def lever_summary(current: dict[str, Any], lever: dict[str, Any]) -> list[str]:
+    """First answer, current path against the lever, per run kind (pure)."""
+    a = {r["run"]: r for r in lifecycle.rows(current)}
+    b = {r["run"]: r for r in lifecycle.rows(lever)}
+    out = []
+    for run in ("hit, tmpfs", "hit, page cache", "hit, disk", "miss: fetch + restore"):
+        if run in a and run in b:
+            x, y = a[run]["first_answer_s"], b[run]["first_answer_s"]
+            verdict = "helps" if x and y and y < x else "does not help"
+            out.append(f"{run:24} current {x} s, weights out of the image {y} s: {verdict}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="bench", choices=("bench", "small"))
+    ap.add_argument("--python", default="python3")
+    ap.add_argument(
+        "--dir", type=Path, default=Path(os.environ.get("THAW_BENCH_DIR", "/var/tmp/thawgpu")) / "speed"
+    )
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
+    ap.add_argument("--budget-s", type=float, default=510.0, help="optional steps are skipped past this")
+    ap.add_argument("--no-lever", action="store_true", help="only the current path")
+    args = ap.parse_args(argv)
+    start = time.monotonic()
+    shutil.rmtree(args.dir, ignore_errors=True)
+    args.dir.mkdir(parents=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rt = bundle.resolve()
+    res: dict[str, Any] = {"suite": "speed", "config": args.config, **machine(args.python, rt)}
+    print(json.dumps(res), flush=True)
+    weights = args.dir / "weights.safetensors"
+    mk = subprocess.run(
+        [args.python, str(REPO / "bench/gpu/server.py"), "--weights", str(weights), "--config", args.config,
+         "--make-weights"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if mk.returncode != 0:
+        print(mk.stderr[-2000:], file=sys.stderr)
+        return 1
+    res["weights_bytes"] = weights.stat().st_size
+    res["h2d"] = h2d(args.python)
+    print("host to device:", json.dumps(res["h2d"]), flush=True)
+    s = lifecycle.Suite(
+        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.dir / "pods.log",
+        deadline=start + args.budget_s,
+    )  # fmt: skip
+    server = [args.python, str(REPO / "bench/gpu/server.py"), "--weights", str(weights),
+              "--config", args.config, "--port", str(PORT)]  # fmt: skip
+    body = {"prompt": PROMPT, "max_new_tokens": 32}
+    current = lifecycle.Workload(name="standin", cmd=server, port=PORT, body=body)
+    res["current"] = lifecycle.life(
+        s, current, extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),), cold_min_left_s=200
+    )
+    res["current"]["gpu_bytes"] = res["weights_bytes"]  # the weights dominate what the GPU holds
+    texts = [lifecycle.table(res["current"])]
+    if not args.no_lever and s.left_s() > 120:
+        lever = lifecycle.Workload(
+            name="standin-l2",
+            cmd=[*server, "--weights-vmm"],
+            port=PORT,
+            body=body,
+            checkpoint_flags=["--sleep", "/sleep?level=2", "--wake", "/wake_up"],
+        )
+        res["lever"] = lifecycle.life(s, lever, with_cold=False, extra_read_bytes=res["weights_bytes"])
+        res["lever"]["cold"] = res["current"].get("cold")  # the same server cold: one baseline
+        texts.append(lifecycle.table(res["lever"]))
+        texts += lever_summary(res["current"], res["lever"])
+    elif not args.no_lever:
+        res["lever_skipped"] = f"{s.left_s():.0f} s left"
+    h = res["h2d"]
+    rate = cuda_rate(res["current"])
+    head = (
+        f"== stand-in {args.config} ({res['weights_bytes'] / 1e9:.2f} GB weights) | {res['gpu']} | kernel "
+        f"{res['kernel']} | {res['criu']} | torch {res['torch']} | {res['runtime']['runtime']} "
+        f"| {res['date']}"
+    )
+    where = (
+        f"CUDA restore (page cache hit): ~{rate} GB/s for the weights; this machine's host-to-device: "
+        f"pageable {h.get('pageable_gb_s')} GB/s, pinned {h.get('pinned_gb_s')} GB/s"
+    )
+    res["elapsed_s"] = round(time.monotonic() - start, 1)
+    text = "\n".join([head, where, *texts, f"elapsed {res['elapsed_s']} s"])
+    print(text, flush=True)
+    (args.out / "speed.json").write_text(json.dumps(res, indent=1))
+    (args.out / "speed.txt").write_text(text + "\n")
+    lifecycle.keep_log_tail(s.log, args.out / "speed-pods.log")
+    return 0 if res["current"].get("stopped") is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
