@@ -84,7 +84,7 @@ def test_a_failed_restore_shows_what_failed_and_fails_the_run() -> None:
     reason = (
         "restore failed: criu restore exited 1 (log /w/restore.log): (00.0003) Zero page detection failed, "
         "optimization turns off. | (00.06) 4096: Error (criu/files-reg.c:2353): Can't open file "
-        "tmp/torchinductor_root/7d/x.main.so on restore: No such file or directory | (00.07) Error (criu/cr-x.c)"
+        "tmp/torchinductor_root/7d/x.main.so on restore: No such file | (00.07) Error (criu/cr-x.c)"
     )
     life["hits"]["disk"]["outcome"] = {"result": "cold", "reason": reason}
     text = lifecycle.table(life)
