@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import orjson
 import yaml
@@ -115,7 +115,7 @@ def check_webhook_config(mwc: Reply) -> Line:
             "run thaw check cluster with a kubeconfig that may read admissionregistration",
         )
     hooks = mwc.body.get("webhooks") or []
-    paths = {(h.get("clientConfig") or {}).get("service", {}).get("path") for h in hooks}
+    paths = {_target(h)[1] for h in hooks}
     if not paths >= PATHS:
         return fail(
             name,
@@ -132,6 +132,16 @@ def check_webhook_config(mwc: Reply) -> Line:
             "cert-manager, its cainjector",
         )
     return ok(name, f"{WEBHOOK_CONFIG}: {len(hooks)} entries, caBundle set")
+
+
+def _target(hook: Mapping[str, Any]) -> tuple[str, str]:
+    """(host, path) a webhook entry sends to: its Service's DNS name, or its URL's host."""
+    cc = hook.get("clientConfig") or {}
+    svc = cc.get("service")
+    if isinstance(svc, Mapping):
+        return f"{svc.get('name')}.{svc.get('namespace')}.svc", str(svc.get("path") or "/")
+    url = urlsplit(str(cc.get("url") or ""))
+    return url.hostname or "", url.path or "/"
 
 
 def _certs(pem: bytes) -> list[Any]:
@@ -171,17 +181,15 @@ def check_serving_cert(
     leaf = certs[0]
     out: list[Line] = []
     try:
-        sans = set(
-            leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-                x509.DNSName
-            )
-        )
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        sans = set(san.get_values_for_type(x509.DNSName)) | {
+            str(a) for a in san.get_values_for_type(x509.IPAddress)
+        }
     except x509.ExtensionNotFound:
         sans = set()
     for hook in mwc.get("webhooks") or []:
         cc = hook.get("clientConfig") or {}
-        svc = cc.get("service") or {}
-        host = f"{svc.get('name')}.{svc.get('namespace')}.svc"
+        host = _target(hook)[0]
         cas = _certs(base64.b64decode(cc.get("caBundle") or ""))
         if not any(_issued_by(leaf, ca) for ca in cas):
             out.append(
@@ -192,7 +200,7 @@ def check_serving_cert(
                     "certificate controller (or cert-manager's cainjector) update the caBundle",
                 )
             )
-        if svc and host not in sans:
+        if host not in sans:
             out.append(
                 fail(
                     name,
