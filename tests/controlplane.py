@@ -141,6 +141,7 @@ def control_plane() -> Iterator[ControlPlane]:
         "K8S_APISERVER_PORT": str(_free_port()),
         "K8S_ETCD_PORT": str(_free_port()),
         "K8S_ETCD_PEER_PORT": str(_free_port()),
+        "K8S_SCHEDULER_PORT": str(_free_port()),
     }
     cp = ControlPlane(STATE, env)
     cp.script("down", str(STATE), "--wipe", timeout=60)  # whatever a killed run left
