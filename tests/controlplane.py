@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +22,7 @@ import pytest
 import yaml
 
 from tests.images import REPO, require
+from thaw.serve.serving import free_port
 
 CONTROL_PLANE = REPO.parent / "shared" / "tools" / "k8s-control-plane"
 STATE = REPO / ".tools" / "apiserver"
@@ -37,12 +37,6 @@ def unavailable() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is missing: scripts/ensure-tools installs it"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -138,10 +132,10 @@ def control_plane() -> Iterator[ControlPlane]:
     require(unavailable())
     STATE.mkdir(parents=True, exist_ok=True)
     env = {
-        "K8S_APISERVER_PORT": str(_free_port()),
-        "K8S_ETCD_PORT": str(_free_port()),
-        "K8S_ETCD_PEER_PORT": str(_free_port()),
-        "K8S_SCHEDULER_PORT": str(_free_port()),
+        "K8S_APISERVER_PORT": str(free_port()),
+        "K8S_ETCD_PORT": str(free_port()),
+        "K8S_ETCD_PEER_PORT": str(free_port()),
+        "K8S_SCHEDULER_PORT": str(free_port()),
     }
     cp = ControlPlane(STATE, env)
     cp.script("down", str(STATE), "--wipe", timeout=60)  # whatever a killed run left
