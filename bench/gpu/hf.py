@@ -66,7 +66,10 @@ def main(argv: list[str]) -> int:
         "--dir", type=Path, default=Path(os.environ.get("THAW_BENCH_DIR", "/var/tmp/thawgpu")) / "hf"
     )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
-    ap.add_argument("--budget-s", type=float, default=500.0, help="optional steps are skipped past this")
+    ap.add_argument("--budget-s", type=float, default=450.0, help="the cold pod is skipped past this")
+    ap.add_argument(
+        "--limit-s", type=float, default=560.0, help="no pod runs past this (the command's limit)"
+    )
     ap.add_argument("--facts", type=Path, help="node facts file for every Thaw command (no GPU here)")
     ap.add_argument("--timeout", type=float, default=420.0, help="one pod's limit")
     args = ap.parse_args(argv)
@@ -91,8 +94,9 @@ def main(argv: list[str]) -> int:
         return 1
     res["model_bytes"] = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.dir / "pods.log",
-        deadline=start + args.budget_s, facts=args.facts,
+        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "hf-pods.log",
+        deadline=start + args.budget_s, facts=args.facts, hard_deadline=start + args.limit_s,
+        save=lambda: lifecycle.save_json(args.out / "hf.json", res),
     )  # fmt: skip
     w = lifecycle.Workload(
         name="hf-qwen2",
@@ -103,7 +107,8 @@ def main(argv: list[str]) -> int:
         env={"HF_HUB_OFFLINE": "1"},
         timeout=args.timeout,
     )  # fmt: skip
-    res["life"] = lifecycle.life(s, w)
+    res["life"] = {}
+    lifecycle.life(s, w, res=res["life"])
     res["rows"] = lifecycle.rows(res["life"])
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     text = "\n".join(
@@ -117,9 +122,8 @@ def main(argv: list[str]) -> int:
         ]
     )
     print(text, flush=True)
-    (args.out / "hf.json").write_text(json.dumps(res, indent=1))
+    lifecycle.save_json(args.out / "hf.json", res)
     (args.out / "hf.txt").write_text(text + "\n")
-    lifecycle.keep_log_tail(s.log, args.out / "hf-pods.log")
     return 0 if lifecycle.all_restored(res["life"]) else 1
 
 

@@ -47,6 +47,13 @@ WARMUP_PROMPT = list(range(100, 116))
 WARMUP_NEW = 32
 
 
+def serving_dtype(device: str) -> torch.dtype:
+    """bf16 on the GPU. On the CPU (tests) float32: on CPUs with AMX, oneDNN's bf16 matmuls use AMX
+    tiles, whose per-process permission (arch_prctl ARCH_REQ_XCOMP_PERM) CRIU 4.2.1 does not give
+    a restored process back, so it dies with SIGILL at its first AMX instruction."""
+    return torch.bfloat16 if device != "cpu" else torch.float32
+
+
 def make_model(path: str, size: str, seed: int, device: str) -> int:
     """Random weights from ``seed`` with transformers' own initialisation, saved as safetensors;
     returns the parameter count."""
@@ -68,7 +75,7 @@ class Engine:
     def __init__(self, path: str, device: str, compile_mode: str) -> None:
         from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+        kwargs: dict[str, Any] = {"dtype": serving_dtype(device)}
         if device != "cpu":
             kwargs["device_map"] = device
         self.model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()

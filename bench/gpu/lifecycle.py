@@ -22,6 +22,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ class Suite:
     log: Path  # every pod's stdout, appended
     deadline: float  # time.monotonic() after which optional steps are skipped
     facts: Path | None = None  # --facts for every Thaw command (CPU tests); None: detected
+    hard_deadline: float = float("inf")  # no pod may run past it (the command's own limit)
+    save: Callable[[], None] | None = None  # writes the suite's results so far (after every phase)
     keys: Path = field(init=False)
     trust: Path = field(init=False)
 
@@ -72,6 +75,17 @@ class Suite:
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
+
+    def hard_left_s(self) -> float:
+        return self.hard_deadline - time.monotonic()
+
+    def pod_timeout(self, wanted: float) -> float:
+        """A pod's limit within the hard deadline (a pod may take ~90 s past its own limit to stop)."""
+        return max(30.0, min(wanted, self.hard_left_s() - 90.0))
+
+    def saved(self) -> None:
+        if self.save is not None:
+            self.save()
 
     def facts_args(self) -> list[str]:
         return ["--facts", str(self.facts)] if self.facts else []
@@ -125,7 +139,7 @@ def _spec(
         "thaw": list(s.rt.thaw),
         "env": pod_env(s, w),
         "wrap": [*w.wrap, *s.wrap],
-        "timeout": w.timeout,
+        "timeout": s.pod_timeout(w.timeout),
         "request_timeout": 60,
         "outcome": str(outcome),
         "log": str(s.log),
@@ -137,7 +151,7 @@ def _spec(
 def cold(s: Suite, w: Workload, name: str = "cold") -> dict[str, Any]:
     """A cold start in a fresh pod, page cache dropped first."""
     drop_caches()
-    outcome = s.root / f"pod-{w.name}-{name}" / "outcome.json"
+    outcome = s.root / w.name / f"pod-{name}" / "outcome.json"
     return phase(_spec(s, w, name, outcome, ["--outcome", str(outcome)]))
 
 
@@ -145,7 +159,7 @@ def checkpoint(s: Suite, w: Workload, store: Path, cache: Path) -> dict[str, Any
     """The checkpoint pod (a cold start, page cache dropped): answers before and after its
     checkpoint; ``result["outcome"]["checkpoint"]`` says how it went."""
     drop_caches()
-    outcome = s.root / f"pod-{w.name}-ckpt" / "outcome.json"
+    outcome = s.root / w.name / "pod-checkpoint" / "outcome.json"
     args = [
         "--checkpoint", "on-ready", "--ready", w.ready, "--store", str(store),
         "--key", str(s.keys / "signing.key"), "--name", w.name, "--workload", f"bench-{w.name}",
@@ -258,6 +272,7 @@ def life(
     s: Suite,
     w: Workload,
     *,
+    res: dict[str, Any] | None = None,
     tiers: tuple[str, ...] = ("disk", "page cache", "tmpfs"),
     with_cold: bool = True,
     cold_min_left_s: float = 150.0,
@@ -266,24 +281,31 @@ def life(
 ) -> dict[str, Any]:
     """Checkpoint, fetch + restore (miss), restores from ``tiers`` (hits), optional extra page-cache
     restores with more pod env (``extra_restores``: label, env; thaw exec reads its flags from
-    ``THAW_<FLAG>``), then a cold pod when at least ``cold_min_left_s`` is left. ``extra_read_bytes``:
-    what a restore reads besides the image (weights reloaded on wake), for the storage bound.
-    Returns every phase's result and the measurements."""
+    ``THAW_<FLAG>``), then a cold pod when at least ``cold_min_left_s`` is left before the soft
+    deadline. ``extra_read_bytes``: what a restore reads besides the image (weights reloaded on
+    wake), for the storage bound. Fills and returns ``res`` (the caller's, so that ``s.save`` writes
+    what is done after every phase); a step without time left before the hard deadline is skipped
+    and named in ``res["skipped"]``."""
     d = s.root / w.name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
-    res: dict[str, Any] = {
-        "workload": w.name,
-        "cmd": w.cmd,
-        "env": pod_env(s, w),
-        "extra_read_bytes": extra_read_bytes,
-    }
+    res = {} if res is None else res
+    res.update(workload=w.name, cmd=w.cmd, env=pod_env(s, w), extra_read_bytes=extra_read_bytes, skipped=[])
+
+    def time_for(step: str, need_s: float = 60.0) -> bool:
+        s.saved()
+        if s.hard_left_s() > need_s:
+            return True
+        res["skipped"].append(f"{step} ({s.hard_left_s():.0f} s left)")
+        return False
+
     ck = checkpoint(s, w, d / "store", d / "cache-a")
     res["checkpoint"] = ck
     info = (ck.get("outcome") or {}).get("checkpoint", {})
     res["image_bytes"] = info.get("bytes")
     if info.get("status") != "published":
         res["stopped"] = f"checkpoint {info.get('status')}: {info.get('reason') or ck.get('error')}"
+        s.saved()
         return res
     # 2. a node that must fetch first
     plan = d / "b" / "plan.json"
@@ -292,44 +314,48 @@ def life(
     res["fetch"] = f
     if f["plan"].get("action") != "restore":
         res["stopped"] = f"fetch: {f['plan'].get('reason') or f['log']}"
+        s.saved()
         return res
-    res["miss"] = restore(s, w, plan, "restore, miss (fetched just now)")
+    if time_for("restore, miss"):
+        res["miss"] = restore(s, w, plan, "restore, miss (fetched just now)")
     # 3. a node that holds it: disk, page cache, tmpfs
     disk_copy = snapshot_dir(f["plan"])
     tmpfs_plan: Path | None = None
     tmpfs_dir = d / "cache-tmpfs"
     image = int(res["image_bytes"] or 0)
-    if "tmpfs" in tiers and mount_tmpfs(tmpfs_dir, image):
+    if "tmpfs" in tiers and time_for("tmpfs fetch", 120) and mount_tmpfs(tmpfs_dir, image):
         tmpfs_plan = d / "c" / "plan.json"
         tmpfs_plan.parent.mkdir(parents=True)
         tf = fetch(s, w, d / "store", tmpfs_dir, tmpfs_plan)
         res["fetch_tmpfs"] = tf
         if tf["plan"].get("action") != "restore":
             tmpfs_plan = None
-    if disk_copy is not None and tiers:
+    if disk_copy is not None and tiers and time_for("bandwidth", 90):
         res["bandwidth"] = bandwidths(
             disk_copy, snapshot_dir(json.loads(tmpfs_plan.read_text())) if tmpfs_plan else None
         )
     hits: dict[str, Any] = {}
-    if "disk" in tiers:
+    res["hits"] = hits
+    if "disk" in tiers and time_for("restore, disk"):
         drop_caches()
         hits["disk"] = restore(s, w, plan, "restore, disk")
-    if "page cache" in tiers:
-        if "disk" not in tiers:
+    if "page cache" in tiers and time_for("restore, page cache"):
+        if "disk" not in hits:
             restore(s, w, plan, "warm the page cache")
         hits["page cache"] = restore(s, w, plan, "restore, page cache")
     for label, env in extra_restores:
-        hits[label] = restore(s, w, plan, f"restore, page cache, {label}", env=pod_env(s, w, env))
-    if tmpfs_plan is not None:
+        if time_for(f"restore, page cache, {label}"):
+            hits[label] = restore(s, w, plan, f"restore, page cache, {label}", env=pod_env(s, w, env))
+    if tmpfs_plan is not None and time_for("restore, tmpfs"):
         hits["tmpfs"] = restore(s, w, tmpfs_plan, "restore, tmpfs")
-    res["hits"] = hits
-    if tmpfs_plan is not None or tmpfs_dir.exists():
+    if tmpfs_dir.exists():
         unmount(tmpfs_dir)
     # 4. cold
-    if with_cold and s.left_s() > cold_min_left_s:
+    if with_cold and s.left_s() > cold_min_left_s and time_for("cold", 120):
         res["cold"] = cold(s, w)
     elif with_cold:
-        res["cold_skipped"] = f"{s.left_s():.0f} s left"
+        res["skipped"].append(f"cold ({s.left_s():.0f} s left before the soft deadline)")
+    s.saved()
     return res
 
 
@@ -492,8 +518,17 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
                 else ""
             )
         )
+    if res.get("skipped"):
+        lines.append("skipped for time: " + "; ".join(res["skipped"]))
     lines.append(EXTENDER_NOTE)
     return "\n".join(lines)
+
+
+def save_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` whole or not at all (the command may be stopped at its limit mid-write)."""
+    tmp = path.with_suffix(".part")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
 
 
 def keep_log_tail(log: Path, dest: Path, limit: int = 8 << 20) -> None:

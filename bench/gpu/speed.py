@@ -84,7 +84,10 @@ def main(argv: list[str]) -> int:
         "--dir", type=Path, default=Path(os.environ.get("THAW_BENCH_DIR", "/var/tmp/thawgpu")) / "speed"
     )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
-    ap.add_argument("--budget-s", type=float, default=510.0, help="optional steps are skipped past this")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="the cold pod is skipped past this")
+    ap.add_argument(
+        "--limit-s", type=float, default=560.0, help="no pod runs past this (the command's limit)"
+    )
     ap.add_argument("--no-lever", action="store_true", help="only the current path")
     args = ap.parse_args(argv)
     start = time.monotonic()
@@ -107,16 +110,19 @@ def main(argv: list[str]) -> int:
     res["h2d"] = h2d(args.python)
     print("host to device:", json.dumps(res["h2d"]), flush=True)
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.dir / "pods.log",
-        deadline=start + args.budget_s,
+        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "speed-pods.log",
+        deadline=start + args.budget_s, hard_deadline=start + args.limit_s,
+        save=lambda: lifecycle.save_json(args.out / "speed.json", res),
     )  # fmt: skip
     server = [args.python, str(REPO / "bench/gpu/server.py"), "--weights", str(weights),
               "--config", args.config, "--port", str(PORT)]  # fmt: skip
     body = {"prompt": PROMPT, "max_new_tokens": 32}
     current = lifecycle.Workload(name="standin", cmd=server, port=PORT, body=body)
-    res["current"] = lifecycle.life(
-        s, current, extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),), cold_min_left_s=200
-    )
+    res["current"] = {}
+    lifecycle.life(
+        s, current, res=res["current"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),),
+        cold_min_left_s=0,
+    )  # fmt: skip
     res["current"]["gpu_bytes"] = res["weights_bytes"]  # the weights dominate what the GPU holds
     texts = [lifecycle.table(res["current"])]
     if not args.no_lever and s.left_s() > 120:
@@ -127,7 +133,8 @@ def main(argv: list[str]) -> int:
             body=body,
             checkpoint_flags=["--sleep", "/sleep?level=2", "--wake", "/wake_up"],
         )
-        res["lever"] = lifecycle.life(s, lever, with_cold=False, extra_read_bytes=res["weights_bytes"])
+        res["lever"] = {}
+        lifecycle.life(s, lever, res=res["lever"], with_cold=False, extra_read_bytes=res["weights_bytes"])
         res["lever"]["cold"] = res["current"].get("cold")  # the same server cold: one baseline
         texts.append(lifecycle.table(res["lever"]))
         texts += lever_summary(res["current"], res["lever"])
@@ -147,9 +154,8 @@ def main(argv: list[str]) -> int:
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     text = "\n".join([head, where, *texts, f"elapsed {res['elapsed_s']} s"])
     print(text, flush=True)
-    (args.out / "speed.json").write_text(json.dumps(res, indent=1))
+    lifecycle.save_json(args.out / "speed.json", res)
     (args.out / "speed.txt").write_text(text + "\n")
-    lifecycle.keep_log_tail(s.log, args.out / "speed-pods.log")
     return 0 if res["current"].get("stopped") is None else 1
 
 

@@ -154,14 +154,17 @@ def verdict(p: Pattern, life: dict[str, Any]) -> tuple[str, bool]:
         served = ck.get("after_checkpoint") is not None
         stopped = " (workload stopped once, restarted cold)" if info.get("stopped_workload") else ""
         kept = "" if served or stopped else " (and the server did not answer after it)"
-        text = f"checkpoint {info.get('status')}: {info.get('reason')}{stopped}{kept}"
+        text = f"checkpoint {info.get('status')}: {lifecycle.short_reason(info.get('reason'), 600)}{stopped}{kept}"
         return text, p.expect == "refuse" and (served or bool(stopped))
     if life.get("stopped"):
         return str(life["stopped"]), False
     miss = life.get("miss") or {}
     out = miss.get("outcome") or {}
     if out.get("result") != "restored":
-        return f"restore failed, cold start: {out.get('reason') or miss.get('error')}", False
+        return (
+            f"restore failed, cold start: {lifecycle.short_reason(out.get('reason') or miss.get('error'))}",
+            False,
+        )
     key = "tokens" if p.module == "hf" else "out"
     ref = lifecycle.answer(ck, key, "after_checkpoint") or lifecycle.answer(ck, key)
     same = ref is not None and lifecycle.answer(miss, key) == ref
@@ -180,7 +183,10 @@ def main(argv: list[str]) -> int:
         "--dir", type=Path, default=Path(os.environ.get("THAW_BENCH_DIR", "/var/tmp/thawgpu")) / "matrix"
     )
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/thaw-out")))
-    ap.add_argument("--budget-s", type=float, default=500.0)
+    ap.add_argument("--budget-s", type=float, default=510.0, help="no pattern starts past this")
+    ap.add_argument(
+        "--limit-s", type=float, default=560.0, help="no pod runs past this (the command's limit)"
+    )
     ap.add_argument("--facts", type=Path)
     args = ap.parse_args(argv)
     start = time.monotonic()
@@ -202,26 +208,26 @@ def main(argv: list[str]) -> int:
             check=True, capture_output=True,
         )  # fmt: skip
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.dir / "pods.log",
-        deadline=start + args.budget_s, facts=args.facts,
+        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "matrix-pods.log",
+        deadline=start + args.budget_s, facts=args.facts, hard_deadline=start + args.limit_s,
+        save=lambda: lifecycle.save_json(args.out / "matrix.json", res),
     )  # fmt: skip
     rows: list[dict[str, Any]] = []
+    res["rows"] = rows
     for p in chosen:
         row: dict[str, Any] = {"key": p.key, "pattern": p.label, "expect": p.expect, "fix": p.fix}
-        if s.left_s() < 45:
+        rows.append(row)  # saved with what is done so far after every phase
+        if s.left_s() < 45 or s.hard_left_s() < 150:
             row.update(verdict="skipped: time budget", ok=None)
-            rows.append(row)
             continue
         if p.needs == "jax" and not str(res["versions"].get("jax", "")).startswith(tuple("0123456789")):
             row.update(verdict="skipped: no jax here", ok=None)
-            rows.append(row)
             continue
         wrap: list[str] = []
         if p.guard:
             guard = memory_guard(p.key, GUARD_LIMIT)
             if guard is None:
                 row.update(verdict="skipped: no memory cgroup to contain its checkpoint", ok=None)
-                rows.append(row)
                 continue
             wrap = guard
         if p.module == "hf":
@@ -237,7 +243,9 @@ def main(argv: list[str]) -> int:
             answer_key=key, webhook_env=p.webhook_env, wrap=wrap,
         )  # fmt: skip
         t = time.monotonic()
-        life = lifecycle.life(s, w, tiers=(), with_cold=False)
+        life: dict[str, Any] = {}
+        row["life"] = life
+        lifecycle.life(s, w, res=life, tiers=(), with_cold=False)
         text, ok = verdict(p, life)
         ck = life.get("checkpoint") or {}
         miss = life.get("miss") or {}
@@ -254,11 +262,9 @@ def main(argv: list[str]) -> int:
             },
             restore_timings=(miss.get("outcome") or {}).get("timings"),
             seconds=round(time.monotonic() - t, 1),
-            life=life,
         )
         print(json.dumps({k: v for k, v in row.items() if k != "life"}), flush=True)
-        rows.append(row)
-    res["rows"] = rows
+        s.saved()
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     v = res["versions"]
     lines = [
@@ -270,7 +276,7 @@ def main(argv: list[str]) -> int:
     for r in rows:
         exp = {True: "yes", False: "NO", None: "-"}[r.get("ok")]
         extra = ""
-        if r.get("restore_first_answer_s") is not None:
+        if r.get("restore_first_answer_s") is not None and str(r["verdict"]).startswith("restored"):
             extra = (
                 f" (cold pod {r.get('cold_first_answer_s')} s, restore {r['restore_first_answer_s']} s, "
                 f"image {(r.get('image_bytes') or 0) / 1e9:.2f} GB)"
@@ -284,9 +290,8 @@ def main(argv: list[str]) -> int:
     lines.append(f"elapsed {res['elapsed_s']} s")
     text_out = "\n".join(lines)
     print(text_out, flush=True)
-    (args.out / "matrix.json").write_text(json.dumps(res, indent=1))
+    lifecycle.save_json(args.out / "matrix.json", res)
     (args.out / "matrix.txt").write_text(text_out + "\n")
-    lifecycle.keep_log_tail(s.log, args.out / "matrix-pods.log")
     return 0 if all(r.get("ok") is not False for r in rows) else 1
 
 
