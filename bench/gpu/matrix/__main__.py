@@ -154,7 +154,8 @@ def verdict(p: Pattern, life: dict[str, Any]) -> tuple[str, bool]:
         served = ck.get("after_checkpoint") is not None
         stopped = " (workload stopped once, restarted cold)" if info.get("stopped_workload") else ""
         kept = "" if served or stopped else " (and the server did not answer after it)"
-        text = f"checkpoint {info.get('status')}: {lifecycle.short_reason(info.get('reason'), 600)}{stopped}{kept}"
+        why = lifecycle.short_reason(info.get("reason"), 600)
+        text = f"checkpoint {info.get('status')}: {why}{stopped}{kept}"
         return text, p.expect == "refuse" and (served or bool(stopped))
     if life.get("stopped"):
         return str(life["stopped"]), False
