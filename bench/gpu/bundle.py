@@ -12,6 +12,9 @@ Standard library only: it runs under the GPU machine's Python, which has none of
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -40,13 +43,23 @@ class Runtime:
     thaw: tuple[str, ...]
     criu: str | None
     root: Path | None = None
+    # Where the bundle's own loader cannot find the driver's libcuda.so.1 (it reads the loader cache
+    # and the default directories, not LD_LIBRARY_PATH): THAW_LIBCUDA, named in every table.
+    libcuda: str | None = None
 
     def env(self) -> dict[str, str]:
         """The pods' environment for CRIU (the webhook sets THAW_CRIU to the bundle's criu)."""
-        return {"THAW_CRIU": self.criu} if self.criu else {}
+        out = {"THAW_CRIU": self.criu} if self.criu else {}
+        if self.libcuda:
+            out["THAW_LIBCUDA"] = self.libcuda
+        return out
 
     def describe(self) -> str:
-        return f"bundle {self.root}" if self.kind == "bundle" else f"repository ({' '.join(self.thaw)})"
+        if self.kind != "bundle":
+            return f"repository ({' '.join(self.thaw)})"
+        return f"bundle {self.root}" + (
+            f" (THAW_LIBCUDA={self.libcuda}: not found by itself)" if self.libcuda else ""
+        )
 
 
 def bundle_runtime(root: Path) -> Runtime:
@@ -111,6 +124,7 @@ def unpack(tarball: Path = TARBALL, dest: Path = UNPACKED) -> Path:
     return root
 
 
+@functools.cache
 def resolve() -> Runtime:
     """``THAW_RT`` (a bundle directory), else the carried tarball (unpacked), else the repository."""
     explicit = os.environ.get("THAW_RT")
@@ -118,10 +132,40 @@ def resolve() -> Runtime:
         root = Path(explicit)
         if not (root / "bin" / "thaw").exists():
             raise SystemExit(f"THAW_RT={explicit} has no bin/thaw (build one: scripts/build-runtime DIR)")
-        return bundle_runtime(root)
-    if TARBALL.exists():
-        return bundle_runtime(unpack())
-    return repository_runtime()
+    elif TARBALL.exists():
+        root = unpack()
+    else:
+        return repository_runtime()
+    return dataclasses.replace(bundle_runtime(root), libcuda=libcuda_fallback(root))
+
+
+def host_library(name: str) -> str | None:
+    """The path this process's loader resolves ``name`` to (LD_LIBRARY_PATH included), or None."""
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return None
+    stem = name.split(".so", 1)[0]
+    with open("/proc/self/maps") as f:
+        for line in f:
+            path = line.split(None, 5)[-1].strip()
+            if os.path.basename(path).startswith(stem + ".so"):
+                return path
+    return None
+
+
+def libcuda_fallback(root: Path) -> str | None:
+    """None when the bundle's Python loads libcuda.so.1 by itself (or there is none here at all);
+    else the host's path to it, for THAW_LIBCUDA."""
+    host = host_library("libcuda.so.1")
+    if host is None:
+        return None
+    r = subprocess.run(
+        bundled_python(root, CUDA_CHECK), capture_output=True, text=True, check=False, timeout=120
+    )
+    if r.returncode == 0 or "libcuda.so.1" not in r.stderr:
+        return None
+    return host
 
 
 def bundled_python(root: Path, code: str, *args: str) -> list[str]:
@@ -155,8 +199,9 @@ def check(rt: Runtime) -> dict[str, Any]:
         out["criu"] = (r.stdout.strip().splitlines() or [r.stderr.strip()])[0]
     if rt.root is not None:
         r = subprocess.run(
-            bundled_python(rt.root, CUDA_CHECK), capture_output=True, text=True, check=False, timeout=120
-        )
+            bundled_python(rt.root, CUDA_CHECK), capture_output=True, text=True, check=False, timeout=120,
+            env={**os.environ, **rt.env()},
+        )  # fmt: skip
         out["cuda"] = r.stdout.strip() if r.returncode == 0 else f"failed: {r.stderr.strip()[-400:]}"
     return out
 
