@@ -221,11 +221,18 @@ def churn_server(n: int, rate: float, seed: int, info: str) -> None:
             last = now
             with kube._cond:  # the watch is a few events behind at most: keep its history short
                 del kube.events[:-2000]
-            Path(info + ".count").write_text(f"{done} {time.monotonic() - t0:.3f}")
+            tmp = Path(info + ".count.tmp")
+            tmp.write_text(f"{done} {time.monotonic() - t0:.3f}")
+            os.replace(tmp, info + ".count")  # the reader sees the old count or the new, never half
 
 
 def _updates(info: Path) -> tuple[int, float]:
-    done, secs = (info.parent / (info.name + ".count")).read_text().split()
+    """(updates, seconds) so far, as :func:`churn_server` last wrote them (every half second)."""
+    count = info.parent / (info.name + ".count")
+    deadline = time.monotonic() + 10
+    while not count.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done, secs = count.read_text().split()
     return int(done), float(secs)
 
 
