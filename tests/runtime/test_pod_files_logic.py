@@ -238,6 +238,49 @@ def test_the_action_script_runs_the_capture_as_criu_would(holder: Any, tmp_path:
     assert f"largest: {journal.parent.parent.parent}/lib/libx.so" in (podfiles.refusal(reason) or "")
 
 
+BUNDLE_PROBE = r"""
+import subprocess, sys
+sys.path.insert(0, sys.argv.pop(1))
+from pathlib import Path
+from thaw.runtime import podfiles
+images, since, pid = Path(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+where, reason = images.parent / "a.sh", images.parent / "r"
+script = podfiles.write_action_script(where, images, since=since, limit=1 << 20, reason=reason)
+env = {"PATH": "/usr/bin:/bin", "CRTOOLS_SCRIPT_ACTION": "post-dump", "CRTOOLS_INIT_PID": pid}
+print(subprocess.run([str(script)], env=env, check=False).returncode, script.read_text().splitlines()[-1])
+"""
+
+
+@pytest.mark.slow
+@needs_root
+def test_the_action_script_works_from_the_runtime_bundle(holder: Any, tmp_path: Path) -> None:
+    """In a pod thaw exec is the bundle's (scripts/build-runtime, at /thaw/rt/bin/thaw): its action
+    script runs the bundle's own wrapper, which needs nothing of the workload's image but /bin/sh."""
+    proc, since, _pod, journal, lib = holder
+    bundle = tmp_path / "rt"
+    repo = Path(__file__).resolve().parents[2]
+    built = subprocess.run(
+        [str(repo / "scripts" / "build-runtime"), str(bundle), "--python", os.path.realpath(sys.executable),
+         "--no-criu"],
+        capture_output=True, text=True, check=False, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    (python,) = (bundle / "python" / "bin").iterdir()
+    images = tmp_path / "images"
+    images.mkdir()
+    out = subprocess.run(
+        [str(bundle / "lib" / "ld-linux-x86-64.so.2"), "--library-path", str(bundle / "lib"), str(python),
+         "-I", "-S", "-c", BUNDLE_PROBE, str(bundle / "python" / "site"), str(images), repr(since),
+         str(proc.pid)],
+        capture_output=True, text=True, check=False, timeout=120, env={"PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    code, last = out.stdout.strip().split(" ", 1)
+    assert code == "0" and last.startswith(f"exec {bundle}/bin/thaw capture-pod-files "), out.stdout
+    captured = {e["path"] for e in json.loads((images / "podfiles" / "index.json").read_text())["files"]}
+    assert {str(journal), str(lib)} <= captured
+
+
 def test_put_back_refuses_a_bad_index(tmp_path: Path) -> None:
     (tmp_path / "podfiles").mkdir()
     (tmp_path / "podfiles" / "index.json").write_text(json.dumps(_index(path="/tmp/../x")))
