@@ -25,6 +25,12 @@ for a recomputation, and a busy cluster's annotation churn costs the writer a fe
 update and memo. A long recomputation (a new holder of a widely held snapshot redoes its holders)
 lets other threads run every ``YIELD_EVERY`` nodes, so a request waits for at most that many.
 
+Kept node lists. kube-scheduler asks about the same feasible nodes pod after pod, so each memo keeps
+the answers for the last ``VIEWS`` node lists it was asked about (:class:`View`, keyed by the
+request's NodeNames bytes) and a log of the nodes whose pieces changed: a request whose list is
+kept is a comparison of bytes and, if the memo changed since, a patch of those nodes' positions and
+a join. Only a new list costs a lookup per node.
+
 Placed pods. The agents' ``restoring`` counts reach the extender up to one pass (30 s) late, so a
 burst of replicas would see every holder idle and pile onto the best one. The extender therefore
 counts the Thaw pods it placed, from its own answers (no watch of pods: the webhook marks Thaw pods
@@ -37,7 +43,9 @@ for ``Params.placed_window_s``; the queue a decision uses is the larger of the n
 ``restoring`` and that count (not the sum: once the agent reports, it counts the same restores; the
 larger undercounts a node that already reported restores of other pods). The guess can be wrong
 where kube-scheduler's own plugins outweigh the extender's difference; the agents' report corrects
-it within a pass. Asked again about the same pod (a retry), the new answer replaces the old.
+it within a pass. Asked again about the same pod (a retry), the new answer replaces the old. A
+count reaches the decisions in steps of ``PLACED_STEP`` and is not spread over more than
+``PLACED_TIES`` nodes, so that noting a pod redoes a few nodes, not every tied one.
 
 Memory. Per memo, about 0.12 KB per node of answers, and up to 0.35 KB more for its two kept node
 lists (``VIEWS``): 2.2 MiB at 5,000 nodes, measured. Memos are kept while their total stays under
@@ -46,9 +54,11 @@ most ~70 MiB, whatever the number of snapshots or nodes.
 Warnings about unreadable annotations are remembered per node as one hash (not the text), so
 annotation churn leaves nothing behind. Placed pods are kept at most ``PLACED_MAX``.
 
-Thread safety: writers hold ``_lock``; readers take no lock. Under the GIL single dict operations
-are atomic, readers never iterate the shared dicts, and a reader that races a write answers from a
-view at most one event old, which is what a watch-fed cache gives anyway.
+Thread safety: writers hold ``_lock``; readers take no lock on the index (a memo's ``view_lock``
+guards only its kept lists). Under the GIL single dict operations are atomic, readers never iterate
+the shared dicts (a bucket is copied or intersected in one step), a writer replaces an entry
+before it removes the old one, and a reader that races a write answers from a view at most one
+event old, which is what a watch-fed cache gives anyway.
 """
 
 from __future__ import annotations
