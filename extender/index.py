@@ -449,7 +449,7 @@ class NodeIndex:
         if not e.problems:
             self._logged.pop(e.name, None)
             return
-        mark = hash((e.source, e.problems))
+        mark = hash(repr((e.source, e.problems)))  # repr: a --nodes file may hold non-strings
         if self._logged.get(e.name) != mark:
             self._logged[e.name] = mark
             for problem in e.problems:

@@ -53,6 +53,18 @@ def test_annotation_churn_leaves_nothing_behind(caplog: pytest.LogCaptureFixture
     assert used() < 1.0, f"{used():.1f} MiB retained"
 
 
+def test_an_annotation_that_is_not_a_string_is_a_problem_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    idx = NodeIndex()
+    n = node("odd", snapshots=[])
+    n["metadata"]["annotations"][NODE_CACHE] = {"v": 1}  # a --nodes file can say anything
+    idx.replace_all([n], "1")
+    assert idx.upsert({**n, "metadata": {**n["metadata"], "resourceVersion": "2"}}) is False
+    assert "must be a string holding JSON" in caplog.text
+    assert idx.decisions("m", WORKLOAD).decision("odd").tier == "cold"
+
+
 def test_many_snapshots_answers_stay_within_the_budget() -> None:
     doc = cluster(5000)
     items = orjson.loads(orjson.dumps(doc["items"]))
