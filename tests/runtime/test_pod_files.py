@@ -167,7 +167,8 @@ def test_the_snapshot_carries_the_pod_files_signed(stateful: Taken) -> None:
     for e in index["files"]:
         assert listed[e["file"]]["size"] == e["size"]  # in the manifest: digests and signature
     assert "podfiles/index.json" in listed
-    assert {d["path"] for d in index["dirs"]} >= {os.path.dirname(lib), os.path.dirname(journal)}
+    dirs = {d["path"] for d in index["dirs"]}
+    assert dirs >= {os.path.dirname(lib), os.path.dirname(journal), os.path.dirname(stateful.before["ipc"])}
     meta = read_json(stateful.directory / "thaw-exec.json")
     assert meta["pod_files"]["files"] == 2 and meta["root_pid"] >= 4096
     # The configuration a replica must share: the names, each value only as a digest.
@@ -182,9 +183,10 @@ def test_restored_in_a_fresh_pod_with_its_state(stateful: Taken, tmp_path: Path)
         assert outcome["timings"]["pod_files"] == 2
         state = ns.http("GET", f"{URL}/state")
         assert state is not None
-        same = ("counter", "token", "mixed", "journal_bytes", "journal_lines", "lib", "journal")
+        same = ("counter", "token", "mixed", "journal_bytes", "journal_lines", "lib", "journal", "ipc")
         assert {k: state[k] for k in same} == {k: stateful.before[k] for k in same}
         assert state["counter"] == 2 and state["pid"] >= 4096
+        assert state["ipc_answer"] == state["token"]  # its UNIX socket, bound again in a recreated directory
         # The restored server goes on: its counter (in the shared object) and its journal grow.
         assert ns.http("POST", f"{URL}/bump") == {"counter": 3}
         after = ns.http("GET", f"{URL}/state")

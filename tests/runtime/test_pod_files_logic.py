@@ -92,6 +92,16 @@ def test_limit_refusal_names_the_largest() -> None:
     assert "largest: /tmp/d (3.0 GiB), /tmp/a (700.0 MiB). " in why and "/dev/shm/c" not in why
 
 
+def test_unix_socket_paths() -> None:
+    text = (
+        "Num       RefCount Protocol Flags    Type St Inode Path\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 613143 /tmp/zmq/ipc sock\n"
+        "0000000000000000: 00000002 00000000 00010000 0001 01 613144 @abstract\n"
+        "0000000000000000: 00000003 00000000 00000000 0001 03 613145\n"
+    )
+    assert podfiles.unix_socket_paths(text) == {613143: "/tmp/zmq/ipc sock"}
+
+
 def test_ancestors_stop_at_the_mount() -> None:
     assert podfiles.ancestors("/root/.cache/app/journal.log", "/root") == ["/root/.cache", "/root/.cache/app"]
     assert podfiles.ancestors("/app/data/x", "/") == ["/app", "/app/data"]
@@ -127,8 +137,10 @@ def test_index_problem(change: dict[str, Any], problem: str | None) -> None:
 # --- capture from a live process, and put back -------------------------------------------------
 
 HOLDER = r"""
-import mmap, os, sys
+import mmap, os, socket, sys
 held = open(sys.argv[1], "a+b")                     # open, as the journal is
+listener = socket.socket(socket.AF_UNIX)            # bound in a directory of its own (ZMQ's ipc://)
+listener.bind(os.path.join(sys.argv[3], "..", "sock", "s.sock"))
 f = open(sys.argv[2], "rb")
 mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)  # mapped, as a shared object is
 f.close()
@@ -147,6 +159,7 @@ def holder(tmp_path: Path) -> Any:
     (pod / "cache" / "app").mkdir(parents=True)
     (pod / "lib").mkdir()
     (pod / "work").mkdir()
+    (pod / "sock").mkdir(mode=0o710)
     journal, lib = pod / "cache" / "app" / "journal.log", pod / "lib" / "libx.so"
     journal.write_bytes(b"line 1\nline 2\n")
     lib.write_bytes(os.urandom(20000))
@@ -180,14 +193,15 @@ def test_capture_takes_what_was_written_here_and_puts_it_back(holder: Any, tmp_p
     index = podfiles.capture([proc.pid], images, since=since, limit=1 << 20)
     assert {e["path"] for e in index["files"]} == {str(journal), str(lib)}  # not Python's, not the deleted
     assert index["bytes"] == 14 + 20000 and "deleted" in index["skipped"] and "image" in index["skipped"]
-    assert str(pod / "work") in {d["path"] for d in index["dirs"]}  # the working directory
+    assert {str(pod / "work"), str(pod / "sock")} <= {d["path"] for d in index["dirs"]}  # cwd, socket's
     on_disk = json.loads((images / "podfiles" / "index.json").read_text())
     assert on_disk["files"] == index["files"]
     # A new pod: none of it is there.
     saved_journal = journal.read_bytes()
     for p in (journal, lib):
         p.unlink()
-    for d in (pod / "cache" / "app", pod / "cache", pod / "lib", pod / "work"):
+    (pod / "sock" / "s.sock").unlink()
+    for d in (pod / "cache" / "app", pod / "cache", pod / "lib", pod / "work", pod / "sock"):
         d.rmdir()
     put = podfiles.put_back(images)
     assert (put.files, put.bytes) == (2, 14 + 20000)
@@ -201,7 +215,7 @@ def test_capture_takes_what_was_written_here_and_puts_it_back(holder: Any, tmp_p
         )
     assert os.stat(lib).st_mtime_ns == 1_600_000_000_444_555_666
     assert os.stat(lib).st_atime_ns == 1_600_000_000_111_222_333
-    assert (pod / "work").is_dir()
+    assert (pod / "work").is_dir() and stat.S_IMODE(os.stat(pod / "sock").st_mode) == 0o710
     put.undo()  # a restore that failed after this: the cold start gets a fresh pod
     assert not journal.exists() and not lib.exists() and not (pod / "cache").exists()
 

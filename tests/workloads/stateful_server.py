@@ -13,12 +13,15 @@ Warm-up, as a compiled server's start does:
   request counter in its own data segment;
 - makes a random token;
 - opens ``$HOME/.cache/app/journal.log`` for reading and appending and keeps it open: one line at
-  warm-up and one per ``POST /bump`` (a growing journal).
+  warm-up and one per ``POST /bump`` (a growing journal);
+- listens on a UNIX socket in a new directory of its own under ``$TMPDIR`` (as ZMQ's ``ipc://``
+  endpoints of multi-process servers do): ``GET /state`` answers through it too.
 
 Endpoints: ``GET /healthz`` (200 once warm), ``GET /state`` (JSON: ``counter``, ``token``, ``mixed``
 (the token's number put through the object's function), ``journal_bytes`` and ``journal_lines``
 (read back through the open file), ``journal_lines_at_start`` (lines the journal already had at
-warm-up: 0 in a fresh container), ``lib``, ``journal``, ``compiled``, ``pid``), ``POST /bump``
+warm-up: 0 in a fresh container), ``lib``, ``journal``, ``compiled``, ``pid``, ``ipc`` (the socket's
+path) and ``ipc_answer`` (what a connection to it answered)), ``POST /bump``
 (counter + 1, a journal line; answers ``{"counter": N}``). Each request is logged on stdout.
 """
 
@@ -29,6 +32,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +50,8 @@ class State:
     compiled: bool = False
     token: str = ""
     journal: BinaryIO | None = None
+    ipc: socket.socket | None = None
+    ipc_path = ""
     journal_path = ""
     lines_at_start = 0
 
@@ -83,6 +89,24 @@ def warm_up() -> None:
     journal.write(f"warm-up {State.token} pid {os.getpid()}\n".encode())
     journal.flush()
     State.journal = journal
+    State.ipc_path = os.path.join(
+        tempfile.mkdtemp(prefix="stateful-ipc-", dir=tempfile.gettempdir()), "ctl.sock"
+    )
+    State.ipc = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    State.ipc.bind(State.ipc_path)
+    State.ipc.listen(4)
+
+
+def ipc_answer() -> str:
+    """One round trip through the UNIX socket: a client connects, the server answers its token."""
+    assert State.ipc is not None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(5)
+        client.connect(State.ipc_path)
+        conn, _ = State.ipc.accept()
+        with conn:
+            conn.sendall(State.token.encode())
+        return client.recv(64).decode()
 
 
 def state() -> dict[str, object]:
@@ -102,6 +126,8 @@ def state() -> dict[str, object]:
         "journal": State.journal_path,
         "compiled": State.compiled,
         "pid": os.getpid(),
+        "ipc": State.ipc_path,
+        "ipc_answer": ipc_answer(),
     }
 
 

@@ -24,7 +24,8 @@ an open file's ``fdinfo``) and its ``stat`` (:func:`classify`, pure; its rules i
 7. anything else (hostPath, PVC, CSI, NFS; the kubelet's /etc/hosts and /etc/resolv.conf): shared
    with other pods or made by the kubelet for every pod: not copied.
 
-A directory (a process's working directory) is recreated, empty, where it is missing.
+A directory (a process's working directory, the directory of a UNIX socket bound to a path, which
+CRIU binds again) is recreated, empty, where it is missing.
 
 Where: ``podfiles/`` in the snapshot's image directory: each file as ``podfiles/N`` and the index
 ``podfiles/index.json`` (path, size, mode, uid, gid, atime and mtime in ns; the directories above
@@ -247,13 +248,28 @@ class Held:
     proc: str  # the /proc link that opens that very file
 
 
+def unix_socket_paths(text: str) -> dict[int, str]:
+    """Bound UNIX sockets of /proc/PID/net/unix with a filesystem path, by inode (pure)."""
+    out: dict[int, str] = {}
+    for line in text.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7].startswith("/") and fields[6].isdigit():
+            out[int(fields[6])] = fields[7]
+    return out
+
+
 def held_files(pids: Iterable[int]) -> list[Held]:
-    """Every path the processes hold: open files, mapped files, working directories (one per path)."""
+    """Every path the processes hold: open files, mapped files, working directories (one per path),
+    and the directory of each UNIX socket they have bound to a path (CRIU binds it again there)."""
     seen: dict[str, Held] = {}
+    sockets: set[int] = set()
+    bound: dict[int, str] = {}
 
     def add(path: str, proc: str) -> None:
         if path.startswith("/") and path not in seen:
             seen[path] = Held(path, proc)
+        elif path.startswith("socket:[") and path.endswith("]") and path[8:-1].isdigit():
+            sockets.add(int(path[8:-1]))
 
     for pid in pids:
         base = f"/proc/{pid}"
@@ -267,6 +283,12 @@ def held_files(pids: Iterable[int]) -> list[Held]:
             for name in os.listdir(f"{base}/map_files"):
                 with contextlib.suppress(OSError):
                     add(os.readlink(f"{base}/map_files/{name}"), f"{base}/map_files/{name}")
+        if sockets - set(bound):
+            with contextlib.suppress(OSError):
+                bound.update(unix_socket_paths(Path(f"{base}/net/unix").read_text()))
+    for inode in sorted(sockets & set(bound)):
+        parent = os.path.normpath(os.path.dirname(bound[inode]))  # the path as bind() was given it
+        add(parent, parent)  # held by path: the hook shares the tree's mount namespace
     return list(seen.values())
 
 
