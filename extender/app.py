@@ -9,6 +9,7 @@ a request is a few dict lookups and one orjson call, well under a millisecond of
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -253,8 +254,16 @@ class Verbs:
         return [out] if after is None else self.deferred.body(out, after)
 
 
+# How long a thread may hold the GIL while another waits for it (CPython's default is 5 ms). The
+# watch thread parses events in runs (a chunk of the stream holds several) without blocking, and a
+# request that arrives meanwhile would wait for the whole run: a shorter slice bounds that wait,
+# at the cost of more switches, which only happen while two threads want to run.
+SWITCH_INTERVAL_S = 0.0005
+
+
 def create_app(config: AppConfig | None = None) -> Flask:
     cfg = config or CONFIG
+    sys.setswitchinterval(SWITCH_INTERVAL_S)  # the worker process serves only this app
     index = NodeIndex(cfg.params)
     view: NodeWatch | FileView
     if cfg.nodes_file is not None:
