@@ -1,7 +1,8 @@
 # One image for all of Thaw: the webhook, the extender, the node agent, the certificate controller
 # (thaw webhook|extender|agent|certs), and the runtime that workload pods get: /opt/thaw, which the
-# thaw-tools init container copies into an emptyDir at /thaw, so `thaw exec` runs in any workload
-# image whatever Python or glibc it has (scripts/build-runtime says how).
+# thaw-tools init container (`thaw install-runtime`) copies once per node into a hostPath and links at
+# /thaw/rt, so `thaw exec` runs in any workload image whatever Python or glibc it has
+# (scripts/build-runtime says how).
 #
 # Build: docker build -t ghcr.io/kube-thaw/thaw:0.1.0 .   (or buildah bud / podman build)
 # BASE is any Debian trixie (or newer) image; tests/manifests/test_image.py builds this file with
@@ -38,8 +39,8 @@ RUN --mount=type=secret,id=pip_cert \
  && /opt/thaw/bin/criu --version
 
 FROM ${BASE}
-# sh and cp are all the final image needs beyond /opt/thaw: bin/thaw is a sh wrapper, and the
-# thaw-tools init container runs `cp -a /opt/thaw/. /thaw/`.
+# sh is all the final image needs beyond /opt/thaw: bin/thaw is a sh wrapper; thaw-tools copies with
+# `thaw install-runtime` itself (no cp).
 COPY --from=build /opt/thaw /opt/thaw
 ENV THAW_CRIU=/opt/thaw/bin/criu
 # Non-root by default (the webhook, extender, certificate controller and kube manifests' restricted
