@@ -33,6 +33,7 @@ EXERCISED = {
     "keys": ["thaw/dev/demo_node.py"],
     "fetch": ["thaw/dev/demo_node.py", "tests/runtime/test_exec_criu.py"],
     "exec": ["thaw/dev/sandbox.py", "tests/runtime/test_exec_criu.py"],
+    "capture-pod-files": ["thaw/runtime/podfiles.py", "tests/runtime/test_pod_files_logic.py"],
     "agent": ["thaw/dev/demo_node.py", "tests/runtime/test_agent.py"],
     "healthcheck": ["tests/runtime/test_agent.py"],
     "publish": ["tests/runtime/test_store.py"],
