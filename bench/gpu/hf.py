@@ -113,7 +113,7 @@ def main(argv: list[str]) -> int:
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     text = "\n".join(
         [
-            f"== transformers Qwen2 {args.size} ({res['model_bytes'] / 1e9:.2f} GB bf16), "
+            f"== transformers Qwen2 {args.size} ({res['model_bytes'] / 1e9:.2f} GB of safetensors), "
             f"torch.compile defaults | "
             f"{res['gpu']} | kernel {res['kernel']} | {res['criu']} | torch {res['torch']} | "
             f"transformers {res['transformers']} | {res['runtime']['runtime']} | {res['date']}",

@@ -243,7 +243,7 @@ def bound_s(
     """Seconds to read ``image_bytes`` at ``gb_s``, plus ``extra_bytes`` at ``extra_gb_s`` (pure)."""
     if not image_bytes or not gb_s or (extra_bytes and not extra_gb_s):
         return None
-    return round(image_bytes / (gb_s * 1e9) + (extra_bytes / (extra_gb_s * 1e9) if extra_gb_s else 0.0), 2)
+    return round(image_bytes / (gb_s * 1e9) + (extra_bytes / (extra_gb_s * 1e9) if extra_gb_s else 0.0), 3)
 
 
 def mount_tmpfs(path: Path, size_bytes: int) -> bool:
@@ -514,7 +514,7 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
             f"{r['health_before_gpu']:>10}  {same}"
             + (
                 f"  ({r['result']}: {short_reason(r['reason'])})"
-                if r["result"] not in ("restored", None)
+                if r["result"] not in ("restored", None) and r["run"] != "cold"
                 else ""
             )
         )

@@ -15,6 +15,7 @@ from tests.runtime.pods import REPO, read_json, wait_for
 from thaw.runtime.blockers import (
     COMPILE_WORKER_FIX,
     Holder,
+    cuda_restore_hint,
     gpu_holders,
     gpu_holders_refusal,
     holders_refusal,
@@ -180,3 +181,11 @@ def test_thaw_exec_refuses_before_the_lock_and_criu(tmp_path: Path) -> None:
         p.terminate()
         _, err = p.communicate(timeout=20)
     assert "checkpoint failed, server keeps running: checkpoint refused before CRIU" in err
+
+
+def test_shared_gpu_memory_is_named_where_the_restore_failed_as_it_does() -> None:
+    hint = cuda_restore_hint(2, "CUDA_ERROR_INVALID_VALUE")
+    assert "CUDA IPC" in hint and "driver 610" in hint and "NCCL_P2P_DISABLE=1" in hint
+    assert cuda_restore_hint(4, "CUDA_ERROR_NOT_SUPPORTED") == hint
+    assert cuda_restore_hint(1, "CUDA_ERROR_INVALID_VALUE") == ""  # one process shares with no one
+    assert cuda_restore_hint(2, "CUDA_ERROR_OUT_OF_MEMORY") == ""

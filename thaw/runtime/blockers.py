@@ -131,6 +131,27 @@ def holders_refusal(holders: Sequence[Holder]) -> str | None:
     )
 
 
+# Measured on driver 580 (README, "Tensor parallel"): with NCCL's P2P transport (CUDA IPC between the
+# ranks) the restore after the dump failed with CUDA_ERROR_INVALID_VALUE; with cuMem handles and the
+# shared-memory transport, CUDA_ERROR_NOT_SUPPORTED. NVIDIA's cuda-checkpoint supports CUDA IPC from
+# driver 610.
+SHARED_GPU_MEMORY_ERRORS = ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED")
+
+
+def cuda_restore_hint(cuda_processes: int, error_name: str) -> str:
+    """The likely cause and fix to append to a failed CUDA restore of a tree (pure): "" unless
+    several CUDA processes failed the way memory shared between them does."""
+    if cuda_processes < 2 or error_name not in SHARED_GPU_MEMORY_ERRORS:
+        return ""
+    return (
+        "; likely GPU memory shared between the tree's CUDA processes (CUDA IPC: cudaIpc* handles, "
+        "torch.multiprocessing CUDA tensors, NCCL's P2P transport, or cuMem handles with NCCL's "
+        "shared-memory transport), which the CUDA checkpoint supports only from driver 610; fix: "
+        "NCCL_P2P_DISABLE=1 and NCCL_CUMEM_ENABLE=0 (the webhook's tensor-parallel settings), and no "
+        "CUDA IPC between the pod's processes (share through host memory)"
+    )
+
+
 # --- reading /proc -----------------------------------------------------------------------------
 
 

@@ -171,7 +171,10 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
                 try:
                     cuda.thaw(cuda_pids)
                 except CudaError as exc:
+                    from thaw.runtime.blockers import cuda_restore_hint
+
                     why = f"the CUDA state could not be put back after the checkpoint: {exc}"
+                    why += cuda_restore_hint(len(cuda_pids), exc.name)
                     raise WorkloadBroken(why) from exc
                 timings["cuda_restore_s"] = round(time.monotonic() - t, 3)
     meta = {
