@@ -110,7 +110,13 @@ def _checkpoint_ended(pod: Pod, flag: Path, outcome: Path) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _restored(
-    taken: Taken, pod_dir: Path, cmd: list[str], stdout: int | None = None, stdout_file: str | None = None
+    taken: Taken,
+    pod_dir: Path,
+    cmd: list[str],
+    *,
+    stdout: int | None = None,
+    stdout_file: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[tuple[Netns, Pod, dict[str, Any]]]:
     """``thaw fetch`` then ``thaw exec`` in a new fresh pod; yields once the restore has a result."""
     plan = pod_dir / "plan.json"
@@ -123,8 +129,8 @@ def _restored(
     assert read_json(plan)["action"] == "restore", read_json(plan)
     ns = Netns()
     pod = Pod(
-        ns, ["--plan", str(plan), "--ready", f"{URL}/state"], cmd, dict(POD_ENV), wrap=with_caps(THAW_CAPS),
-        stdout=stdout, stdout_file=stdout_file,
+        ns, ["--plan", str(plan), "--ready", f"{URL}/state"], cmd, {**POD_ENV, **(env or {})},
+        wrap=with_caps(THAW_CAPS), stdout=stdout, stdout_file=stdout_file,
     )  # fmt: skip
     try:
         out = wait_for(
@@ -191,6 +197,30 @@ def test_restored_in_a_fresh_pod_with_its_state(stateful: Taken, tmp_path: Path)
         assert ns.http("POST", f"{URL}/bump") == {"counter": 3}
         after = ns.http("GET", f"{URL}/state")
         assert after is not None and after["journal_lines"] == stateful.before["journal_lines"] + 1
+
+
+def test_a_replica_with_other_configuration_starts_cold_and_says_which(
+    stateful: Taken, tmp_path: Path
+) -> None:
+    """Issue 11.9: the snapshot's memory holds the old configuration; a replica whose environment
+    differs is not restored from it. A per-replica variable the webhook names is left out."""
+    env = {"MODEL_REVISION": "b", "POD_NAME": "replica-7", "THAW_REPLICA_ENV": "POD_NAME"}
+    with _restored(stateful, tmp_path, STATEFUL_CMD, env=env) as (ns, pod, outcome):
+        assert outcome["result"] == "cold", outcome
+        assert outcome["reason"] == (
+            "restore failed: this replica's configuration differs from the snapshot's:"
+            " environment MODEL_REVISION (only here)"
+        )
+        state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold server", pod)
+        assert state["counter"] == 0 and state["journal_lines_at_start"] == 0  # cold, in a fresh pod
+    # The same replica without the new variable: its POD_NAME alone does not stop the restore.
+    with _restored(
+        stateful,
+        tmp_path / "again",
+        STATEFUL_CMD,
+        env={"POD_NAME": "replica-8", "THAW_REPLICA_ENV": "POD_NAME"},
+    ) as (ns, pod, outcome):
+        assert outcome["result"] == "restored", outcome
 
 
 def test_a_cold_pod_sees_none_of_another_pods_files(stateful: Taken, tmp_path: Path) -> None:
