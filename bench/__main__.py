@@ -17,6 +17,7 @@ SUITES = [
     "bench.install_runtime",
     "bench.pid_floor",
     "bench.registry",
+    "bench.snapshot_io",
 ]
 
 

@@ -432,8 +432,9 @@ def test_plan_and_facts_files_never_block_or_follow_links(tmp_path: Path) -> Non
 def _pci(root: Path, slot: str, vendor: str, klass: str, driver: str | None) -> None:
     d = root / "devices" / slot
     d.mkdir(parents=True)
-    (d / "vendor").write_text(vendor + "\n")
-    (d / "class").write_text(klass + "\n")
+    # sysfs attributes claim 4096 bytes whatever they hold
+    (d / "vendor").write_text((vendor + "\n").ljust(4096))
+    (d / "class").write_text((klass + "\n").ljust(4096))
     if driver:
         (root / "drivers" / driver).mkdir(parents=True, exist_ok=True)
         (d / "driver").symlink_to(root / "drivers" / driver)

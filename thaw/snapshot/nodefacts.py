@@ -38,6 +38,7 @@ BUNDLED_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
 PROC_NVIDIA = Path("/proc/driver/nvidia")
 SYS_PCI_DEVICES = Path("/sys/bus/pci/devices")
 NVIDIA_VENDOR = "0x10de"
+SYSFS_ATTR_BYTES = 4096
 TOOL_TIMEOUT_S = 20
 
 
@@ -63,8 +64,9 @@ def pci_gpu_count(devices: Path = SYS_PCI_DEVICES) -> int | None:
     count = 0
     for d in entries:
         try:
-            vendor = read_bounded(d / "vendor", 64).decode().strip()
-            klass = read_bounded(d / "class", 64).decode().strip()
+            # sysfs attributes say 4096 bytes whatever they hold
+            vendor = read_bounded(d / "vendor", SYSFS_ATTR_BYTES).decode().strip()
+            klass = read_bounded(d / "class", SYSFS_ATTR_BYTES).decode().strip()
         except (OSError, UnicodeDecodeError):
             continue
         if vendor != NVIDIA_VENDOR or not klass.startswith("0x03"):

@@ -3,8 +3,8 @@
 One engine for the four places bytes move or are checked:
 
 - ``ingest_files``: a dump directory into a new directory, each file read once through a bounded
-  descriptor and hashed as it is copied (the whole-file sha256 on one thread, the chunk digests
-  and the write on another), so what is hashed is what is stored;
+  descriptor and hashed as it is copied (the whole-file sha256 and the chunk digests each on its
+  own thread over the buffers just read and written), so what is hashed is what is stored;
 - ``copy_files``: a snapshot's files from a source (the store, or the cache for a publish) into a
   new directory, each chunk read, checked against its digest and written by whichever worker takes
   it (``os.preadv``/``os.pwrite`` at the chunk's offset: no shared file position);
@@ -21,6 +21,8 @@ rename that makes the directory visible (what the atomic rename needs); nothing 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import os
@@ -101,6 +103,26 @@ class _SafeProgress:
                 self.progress(n)
 
 
+# --- writeback ---------------------------------------------------------------------------------
+
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[..., int] | None = None
+try:
+    _fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).sync_file_range
+    _fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range = _fn
+except (OSError, AttributeError):  # not Linux, or no libc: the final fsync does it all
+    pass
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range just written to disk, without waiting (``sync_file_range(WRITE)``), so
+    the disk works while the next chunks are hashed and the fsync before the rename finds little
+    left to do. Durability still comes from that fsync only."""
+    if _sync_file_range is not None and length > 0:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
 # --- units of work ------------------------------------------------------------------------------
 
 
@@ -148,6 +170,8 @@ def _do_piece(p: _Piece, buf: bytearray, progress: _SafeProgress, deadline: Dead
         raise DigestMismatch(
             f"{_describe(p)} has sha256 {got}, the manifest says {p.want} (tampered or corrupt)"
         )
+    if p.dst is not None:
+        start_writeback(p.dst, p.offset, p.length)
 
 
 def _pieces(entry: FileEntry, src: int, dst: int | None, chunk_bytes: int | None) -> Iterator[_Piece]:
@@ -287,18 +311,6 @@ def _create(dst_root: int, rel: str) -> int:
             os.close(cur)
 
 
-def _preallocate(fd: int, size: int) -> None:
-    """Reserve the file's blocks up front: no room is an error now, not half-way (ENOSPC)."""
-    if size <= 0:
-        return
-    try:
-        os.posix_fallocate(fd, 0, size)
-    except OSError as exc:
-        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            raise
-        os.ftruncate(fd, size)
-
-
 def _stream_copy(  # noqa: PLR0917
     src: BinaryIO,
     dst: int,
@@ -400,7 +412,6 @@ def copy_files(
             src = open_source(e)
             dst = _create(dst_root, e["path"])
             opened.append((src, dst))
-            _preallocate(dst, e["size"])
             fd = _regular_fd(src)
             if fd is None:
                 _stream_copy(src, dst, e, chunk_bytes, safe, deadline)
@@ -526,6 +537,36 @@ class _Budget:
                 raise TooLarge(f"the dump grew past its cap while being read (at {what})")
 
 
+class _Chunker:
+    """Chunk digests of a stream fed in order (runs on its own thread)."""
+
+    def __init__(self, chunk_bytes: int) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.piece = hashlib.sha256()
+        self.chunks: list[str] = []
+        self.pos = 0
+
+    def feed(self, data: memoryview) -> None:
+        off, n = 0, len(data)
+        while off < n:
+            take = min(n - off, self.chunk_bytes - self.pos % self.chunk_bytes)
+            self.piece.update(data[off : off + take])
+            off += take
+            self.pos += take
+            if self.pos % self.chunk_bytes == 0:
+                self.chunks.append(self.piece.hexdigest())
+                self.piece = hashlib.sha256()
+
+    def finish(self) -> list[str]:
+        if self.pos % self.chunk_bytes:
+            self.chunks.append(self.piece.hexdigest())
+        return self.chunks
+
+
+RING = 8  # read-ahead buffers per file being ingested (CHUNK each)
+WRITEBACK_BYTES = 64 << 20  # written data handed to the disk in pieces this large
+
+
 def _ingest_one(  # noqa: PLR0917
     s: _Source,
     dst: int | None,
@@ -534,51 +575,49 @@ def _ingest_one(  # noqa: PLR0917
     budget: _Budget,
     deadline: Deadline,
 ) -> FileEntry:
-    """Read ``s`` once, to EOF: its whole-file sha256 on a helper thread, its chunk digests and the
-    write here. Returns its entry (size is what was read, not what fstat said at open)."""
+    """Read ``s`` once, to EOF, and write it here; the whole-file sha256 and the chunk digests each
+    on a helper thread, in order, over the same buffers (three stages in parallel: a file goes at
+    the speed of one sha256 stream). Returns its entry (size is what was read, not what fstat said
+    at open)."""
     whole = hashlib.sha256()
-    piece = hashlib.sha256()
-    chunks: list[str] = []
-    ring = [bytearray(CHUNK) for _ in range(4)]
-    busy: list[Future[None] | None] = [None] * len(ring)
+    chunker = _Chunker(chunk_bytes)
+    ring = [bytearray(CHUNK) for _ in range(RING)]
+    busy: list[tuple[Future[None], Future[None]] | None] = [None] * RING
     pos = 0
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="thaw-sha") as seq:
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="thaw-sha") as seq,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="thaw-chunks") as chunked,
+    ):
         try:
             i = 0
             while True:
                 deadline.check(f"ingesting {s.rel}")
-                slot = i % len(ring)
+                slot = i % RING
                 prev = busy[slot]
                 if prev is not None:
-                    prev.result()  # the whole-file hash is done with this buffer
+                    prev[0].result()  # both hashers are done with this buffer
+                    prev[1].result()
                 mv = memoryview(ring[slot])
                 n = os.readv(s.fd, [mv])
                 if n == 0:
                     break
                 budget.take(n, s.rel)
                 data = mv[:n]
-                busy[slot] = seq.submit(whole.update, data)
-                off = 0
-                while off < n:
-                    take = min(n - off, chunk_bytes - (pos + off) % chunk_bytes)
-                    piece.update(data[off : off + take])
-                    off += take
-                    if (pos + off) % chunk_bytes == 0:
-                        chunks.append(piece.hexdigest())
-                        piece = hashlib.sha256()
+                busy[slot] = (seq.submit(whole.update, data), chunked.submit(chunker.feed, data))
                 done = 0 if dst is not None else n
                 while done < n:
                     done += os.pwrite(dst, data[done:], pos + done)  # type: ignore[arg-type]
                 pos += n
+                if dst is not None and pos % WRITEBACK_BYTES < n:
+                    start_writeback(dst, pos - pos % WRITEBACK_BYTES - WRITEBACK_BYTES, WRITEBACK_BYTES)
                 progress(n)
                 i += 1
         finally:
-            for f in busy:
-                if f is not None:
-                    f.exception()  # wait: no buffer is reused or freed under the hasher
-    if pos % chunk_bytes:
-        chunks.append(piece.hexdigest())
-    entry: FileEntry = {"path": s.rel, "size": pos, "sha256": whole.hexdigest(), "chunks": chunks}
+            for b in busy:
+                if b is not None:
+                    b[0].exception()  # wait: no buffer is reused or freed under a hasher
+                    b[1].exception()
+    entry: FileEntry = {"path": s.rel, "size": pos, "sha256": whole.hexdigest(), "chunks": chunker.finish()}
     return entry
 
 
@@ -610,21 +649,17 @@ def ingest_files(
         dst_root = open_dir(dst_dir)
         for s in sources:
             dsts.append(_create(dst_root, s.rel))
-            _preallocate(dsts[-1], s.size)
         safe, budget = _SafeProgress(progress), _Budget(max_bytes)
         n = workers or default_workers()
         jobs = list(zip(sources, dsts, strict=True))
-        if n < 3 or len(jobs) == 1:
+        if n < 4 or len(jobs) == 1:
             entries = [_ingest_one(s, d, chunk_bytes, safe, budget, deadline) for s, d in jobs]
         else:
-            # Two threads per file (whole-file sha256, chunk digests + write): n // 2 files at once.
-            with ThreadPoolExecutor(max_workers=max(1, n // 2), thread_name_prefix="thaw-ingest") as pool:
+            # Three threads per file (read and write, whole-file sha256, chunk digests).
+            with ThreadPoolExecutor(max_workers=max(1, n // 3), thread_name_prefix="thaw-ingest") as pool:
                 futs = [pool.submit(_ingest_one, s, d, chunk_bytes, safe, budget, deadline) for s, d in jobs]
                 wait(futs)
                 entries = [f.result() for f in futs]
-        for e, d in zip(entries, dsts, strict=True):
-            if os.fstat(d).st_size != e["size"]:
-                os.ftruncate(d, e["size"])  # the source shrank after it was opened: keep what was read
         _fsync_all(dsts, workers)
         _fsync_dirs(dst_root, [s.rel for s in sources])
     finally:
