@@ -191,7 +191,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     result["first_answer_s"] = round(time.monotonic() - t0, 3) if first is not None else None
     result["first"] = first
     if first is not None and spec.get("wait_checkpoint"):
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and proc.poll() is None:  # a pod that died will not publish
             ck = read_json(outcome_path).get("checkpoint", {})
             if ck.get("status") in ("published", "failed"):
                 break
