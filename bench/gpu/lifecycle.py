@@ -433,6 +433,8 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
                 "ready_file_s": r.get("ready_file_s"),
                 "gpu_back_s": gpu_back_s(r),
                 "wake_s": t.get("wake_s"),
+                "gate_s": t.get("gate_s"),
+                "stopped_gate": t.get("stopped_gate"),
                 "same": (answer(r, key) == ref and ref is not None) if label != "cold" else None,
                 "same_as_cold": answer(r, key) == answer(cold_r or {}, key) if cold_r else None,
             }
@@ -489,10 +491,11 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
     f = res.get("fetch") or {}
     bw = res.get("bandwidth") or {}
     rate = f"{image / f['fetch_s'] / 1e9:.2f} GB/s" if f.get("fetch_s") and image else "-"
+    publish_rate = f" ({image / ck['publish_s'] / 1e9:.2f} GB/s)" if ck.get("publish_s") and image else ""
     lines.append(
         f"image {image / 1e9:.2f} GB; checkpoint pause: cuda {ck.get('cuda_checkpoint_s')} s, criu dump "
         f"{ck.get('criu_dump_s')} s, cuda restore {ck.get('cuda_restore_s')} s; "
-        f"publish {ck.get('publish_s')} s; "
+        f"publish {ck.get('publish_s')} s{publish_rate}; "
         f"fetch {f.get('fetch_s')} s ({rate})"
     )
     if bw:
