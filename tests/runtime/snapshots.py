@@ -3,10 +3,12 @@ driven through the real ``thaw`` CLI (the contract the init container and the ag
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,3 +168,30 @@ def node(
         "spec": {},
         "status": {},
     }
+
+
+HOLD_FLOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)  # read-only is enough for flock (a file or a directory)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def flock_held(path: Path) -> Iterator[None]:
+    """Another process holds an exclusive flock on ``path`` (opened read-only, as any process that
+    can read it could: a co-tenant through a read-only mount, a writer on its temporary directory)
+    until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_FLOCK, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("")

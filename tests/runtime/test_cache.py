@@ -7,7 +7,6 @@ import io
 import os
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.runtime.snapshots import FACTS, World, facts
+from tests.runtime.snapshots import FACTS, World, facts, flock_held
 from thaw.contract.facts import compat_key
 from thaw.contract.manifest import Manifest, build_manifest, hex_of, sign_manifest
 from thaw.contract.signing import TrustedKeys, key_id, public_key_pem
@@ -142,43 +141,13 @@ def test_hold_verified_refuses_another_snapshot_extra_files_and_a_missing_lock(t
         pass
 
 
-HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)  # what any process that can read the lock file can do
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
-@pytest.fixture
-def exclusive_holder() -> Iterator[object]:
-    procs: list[subprocess.Popen[str]] = []
-
-    def hold(path: Path) -> None:
-        p = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        procs.append(p)
-        assert p.stdout is not None and p.stdout.readline().strip() == "held"
-
-    yield hold
-    for p in procs:
-        p.communicate("")
-
-
-def test_hold_verified_never_hangs_on_a_lock_held_forever(tmp_path: Path, exclusive_holder: object) -> None:
+def test_hold_verified_never_hangs_on_a_lock_held_forever(tmp_path: Path) -> None:
     path, m = cached(tmp_path)
-    exclusive_holder(path.parent / (path.name + ".use"))  # type: ignore[operator]
     t = time.monotonic()
-    with (
-        pytest.raises(CacheBusy, match="held the lock past the deadline"),
-        hold_verified(path, m["id"], soon(0.5)),
-    ):
-        pass
+    with flock_held(path.parent / (path.name + ".use")):
+        busy = pytest.raises(CacheBusy, match="held the lock past the deadline")
+        with busy, hold_verified(path, m["id"], soon(0.5)):
+            pass
     assert time.monotonic() - t < 5
 
 
@@ -262,15 +231,6 @@ def test_room_problem_counts_what_could_be_evicted(tmp_path: Path) -> None:
 # --- upkeep ----------------------------------------------------------------------------------------
 
 
-TMP_HOLDER = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_clean_stale_removes_only_what_dead_processes_left(tmp_path: Path) -> None:
     """Issue 11.6: a writer killed mid-copy left its temporary copy for a day. A temporary whose
     writer is gone (its flock is free) goes at the next pass; a live writer's stays."""
@@ -281,14 +241,7 @@ def test_clean_stale_removes_only_what_dead_processes_left(tmp_path: Path) -> No
     dead.mkdir()
     (dead / "pages-1.img").write_bytes(b"half")
     live.mkdir()
-    writer = subprocess.Popen(
-        [sys.executable, "-c", TMP_HOLDER, str(live)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert writer.stdout is not None and writer.stdout.readline().strip() == "held"
+    with flock_held(live):  # its writer is alive
         (nd / ".trash-half").mkdir()
         (nd / ("d" * 64 + ".use")).touch()  # lock of a snapshot long gone
         (nd / ("e" * 64)).mkdir()  # no manifest: never a whole snapshot
@@ -307,8 +260,6 @@ def test_clean_stale_removes_only_what_dead_processes_left(tmp_path: Path) -> No
         assert sorted(p.name for p in nd.iterdir()) == sorted(
             [path.name, path.name + ".use", path.name + ".fetch", ".tmp-live"]
         )
-    finally:
-        writer.communicate("")
     assert str(live) in clean_stale(cache)  # its writer is gone now
 
 

@@ -18,7 +18,17 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.runtime.snapshots import FACTS, REPO, THAW, World, cache_entries, facts, read_json, thaw
+from tests.runtime.snapshots import (
+    FACTS,
+    REPO,
+    THAW,
+    World,
+    cache_entries,
+    facts,
+    flock_held,
+    read_json,
+    thaw,
+)
 from thaw.contract.facts import read_facts_file
 from thaw.contract.manifest import compute_id, dump_manifest, hex_of, sign_manifest
 from thaw.contract.plan import read_plan
@@ -320,32 +330,14 @@ def test_a_fifo_as_manifest_in_the_cache_never_hangs_fetch(world: World) -> None
     assert read_json(poisoned / "manifest.json")["id"] == sid
 
 
-HOLD_FLOCK = """
-import fcntl, os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)  # read-only is enough for flock: a read-only mount is too
-fcntl.flock(fd, fcntl.LOCK_EX)
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_a_cotenant_holding_the_fetch_lock_cannot_hang_fetch(world: World) -> None:
     """Issue 11.4: a co-tenant holding the ``.fetch`` flock kept fetch in Init past 10 s."""
     sid = world.publish(small(world))
     lock = world.cache / "default" / "demo" / f"{hex_of(sid)}.fetch"
     lock.parent.mkdir(parents=True)
     lock.touch()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_FLOCK, str(lock)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with flock_held(lock):  # as a co-tenant could through its read-only mount
         plan = fetch_within(world, "--deadline", "3", seconds=30)
-    finally:
-        holder.communicate("")
     assert plan["action"] == "cold" and str(plan["reason"]).startswith("cache busy:"), plan
     assert float(str(plan["_seconds"])) < 20
     no_partial_snapshot(world)
