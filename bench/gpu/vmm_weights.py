@@ -94,6 +94,10 @@ def stream_file(path: str, start: int, nbytes: int, dst: torch.Tensor, streams: 
         th.join()
     if errors:
         raise errors[0]
+    if cuda:
+        # The pinned buffers go back to the driver, not to torch's host cache: a checkpoint taken
+        # later should not carry (or depend on) pinned memory the server no longer uses.
+        getattr(torch._C, "_host_emptyCache", lambda: None)()
     return time.monotonic() - t
 
 
@@ -158,6 +162,7 @@ class VmmWeights:
         self.start, self.header = read_header(path)
         self.nbytes = data_bytes(self.header)
         self.device = device
+        torch.zeros(1, device=f"cuda:{device}")  # the primary context, current in this thread
         self.cuda = ctypes.CDLL("libcuda.so.1")
         self.prop = _AllocProp(type=1, requestedHandleTypes=0, location=_Location(type=1, id=device))
         gran = ctypes.c_size_t(0)
@@ -169,7 +174,7 @@ class VmmWeights:
                     ctypes.c_uint64(0), ctypes.c_uint64(0))  # fmt: skip
         self.ptr = ptr.value
         self.handle: int | None = None
-        self.region = torch.as_tensor(_CudaArray(self.ptr, self.nbytes), device=f"cuda:{device}")
+        self.region: torch.Tensor | None = None  # made once the range is mapped (torch reads its device)
         self.tensors: dict[str, torch.Tensor] = {}
 
     def _check(self, name: str, *args: Any) -> None:
@@ -192,6 +197,7 @@ class VmmWeights:
     def load(self) -> dict[str, torch.Tensor]:
         """Map and fill the range; the tensors (views at fixed addresses)."""
         self.reload()
+        assert self.region is not None
         self.tensors = views(self.region, self.header)
         return self.tensors
 
@@ -210,6 +216,8 @@ class VmmWeights:
             return {"reload_s": 0.0}
         t = time.monotonic()
         self._map()
+        if self.region is None:
+            self.region = torch.as_tensor(_CudaArray(self.ptr, self.nbytes), device=f"cuda:{self.device}")
         seconds = stream_file(self.path, self.start, self.nbytes, self.region)
         torch.cuda.synchronize()
         total = time.monotonic() - t
