@@ -77,7 +77,17 @@ from typing import Any
 import orjson
 
 from extender.nodes import NodeEntry, NodeError, parse_node
-from extender.scoring import DEFAULT_PARAMS, MAX_SCORE, Decision, Params, Variant, decide
+from extender.scoring import (
+    DEFAULT_PARAMS,
+    MAX_SCORE,
+    Decision,
+    Params,
+    Variant,
+    decide,
+    restore_seconds,
+    score_of,
+    spread_factor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +164,9 @@ class Memo:
     fails: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)
     # by_score[s]: the nodes that score s (1..10), to name the best node of an answer.
     by_score: list[set[str]] = field(default_factory=lambda: [set() for _ in range(MAX_SCORE + 1)])
+    # Local hits: name -> (estimated seconds, cold seconds, the build's compat key), to redo their
+    # score alone when only the spread damping moves (_respread).
+    local: dict[str, tuple[float, float, str]] = field(default_factory=dict)
     used: float = 0.0  # monotonic time of the last request, for least-recently-used eviction
     # Changes to the pieces: a count, and (the count at the log's start, the names changed since).
     seq: int = 0
@@ -228,7 +241,9 @@ class Memo:
     ) -> tuple[bytes, str | None]:
         """``render(view)`` for the node list ``names`` (sent as ``raw``), from the view kept for
         that list: reused when the list and the memo are unchanged, patched where the memo changed,
-        built for a list not kept (the oldest of VIEWS goes). With the view's ``one``."""
+        built for a list not kept (the oldest of VIEWS goes). With the view's ``one``. ``verb``
+        is "filter" (its answer reads ``keeps``/``fails``) or "prioritize" (``frags``): a patch
+        drops only the answers whose pieces it changed."""
         with self.view_lock:
             v = self._kept(raw)
             if v is None:
@@ -271,6 +286,7 @@ class Memo:
             return
         if v.pos is None:
             v.pos = _positions(v.names)
+        frags_moved = verdicts_moved = False
         for name in set(log[v.seq - base : seq - base]):
             at = v.pos.get(name)
             if at is None:
@@ -279,10 +295,16 @@ class Memo:
             keep = self.keeps.get(name)
             fail = None if keep is not None else self.fails.get(name) or self.unknown(name)
             for i in at if isinstance(at, list) else (at,):
+                frags_moved |= v.frags[i] != frag
+                verdicts_moved |= v.keeps[i] != keep or v.fails[i] != fail
                 v.frags[i], v.keeps[i], v.fails[i] = frag, keep, fail
         v.seq = seq
-        v.out.clear()
-        v.one = None
+        # Most changes move a score, not whether a node can restore: the filter answer stays.
+        if frags_moved:
+            v.out.pop("prioritize", None)
+        if verdicts_moved:
+            v.out.pop("filter", None)
+            v.one = None
 
     # ---- writers (the index holds its lock) ------------------------------------------------------
     def _changed(self, name: str) -> None:
@@ -293,16 +315,40 @@ class Memo:
         self.log = (base, log)
         self.seq += 1
 
-    def _set(self, name: str, d: Decision) -> None:
+    def _set(self, name: str, d: Decision, compat: str | None = None) -> None:
+        if d.tier in ("memory", "disk") and compat is not None:  # a local hit: see _respread
+            self.local[name] = (d.seconds, d.cold_seconds, compat)
+        else:
+            self.local.pop(name, None)
+        self._piece(name, d.score, d.restorable, d.reason)
+
+    def _respread(self, compats: Iterable[str]) -> None:
+        """The holders of these builds again, after their holder count or the node count moved:
+        only their spread damping did, so their score is redone from the estimate kept in
+        ``local`` (no decision recomputed; the pieces of a local hit carry no reason)."""
+        index = self.index
+        p = index.params
+        for compat in compats:
+            variant = self.variants.get(compat)
+            if variant is None:
+                continue
+            best = restore_seconds(variant.bytes, "memory", p)
+            spread = spread_factor(variant.holders, self.node_count, p)
+            for name in list(index._holders.get((self.snapshot, self.workload, compat), ())):
+                kept = self.local.get(name)
+                if kept is not None and kept[2] == compat:
+                    self._piece(name, score_of(kept[0], kept[1], best, spread), True, "")
+
+    def _piece(self, name: str, score: int, restorable: bool, reason: str) -> None:
         # Each dict entry is replaced in one step, the new one before the old goes: a request that
         # reads meanwhile finds the node in one dict or both, never in neither (which reads as a
         # node the view does not know).
         key = self.index.name_json[name]
-        frag = b'{"Host":%b,"Score":%d}' % (key, d.score) if d.score > 0 else None
-        if d.restorable:
+        frag = b'{"Host":%b,"Score":%d}' % (key, score) if score > 0 else None
+        if restorable:
             keep, fail = key, None
         else:
-            pair = key + b":" + orjson.dumps(failure_message(self.snapshot, d.reason))
+            pair = key + b":" + orjson.dumps(failure_message(self.snapshot, reason))
             keep, fail = None, (pair, pair)
         old_frag = self.fragments.get(name)
         if frag == old_frag and keep == self.keeps.get(name) and fail == self.fails.get(name):
@@ -314,7 +360,7 @@ class Memo:
                 del self.fragments[name]
             else:
                 self.fragments[name] = frag
-                self.by_score[d.score].add(name)
+                self.by_score[score].add(name)
         if keep is not None:
             self.keeps[name] = keep
             self.fails.pop(name, None)
@@ -325,6 +371,7 @@ class Memo:
         self._changed(name)
 
     def _drop(self, name: str) -> None:
+        self.local.pop(name, None)
         found = self.fragments.pop(name, None) is not None
         if found:
             for bucket in self.by_score:
@@ -339,7 +386,7 @@ class Memo:
             if node is None:
                 self._drop(name)
             else:
-                self._set(name, self.decide(node))
+                self._set(name, self.decide(node), node.compat)
             if i % YIELD_EVERY == 0:
                 time.sleep(0)
 
@@ -508,12 +555,11 @@ class NodeIndex:
             if count_moved:
                 memo.node_count = len(self.nodes)
                 spread_of |= set(memo.variants)
-            for compat in spread_of:
-                redo |= set(self._holders.get((key[0], key[1], compat), ()))
             if known is not None:
                 memo.known_facts = known
                 redo |= self._partial
             memo._refresh(redo)
+            memo._respread(spread_of)
 
     def _refresh_nodes(self, names: Iterable[str]) -> None:
         """Recompute, in every memo, those of the given nodes whose placed count moved by a step

@@ -110,7 +110,14 @@ def cold_seconds(size: int | None, p: Params = DEFAULT_PARAMS) -> float:
     return p.cold_fixed_s + size / p.cold_load_bps
 
 
-def _score(t: float, cold: float, best: float, spread: float) -> int:
+def spread_factor(holders: int, node_count: int, p: Params = DEFAULT_PARAMS) -> float:
+    """The ImageLocality-style damping of a holder's score (module docstring)."""
+    held = min(holders, node_count) / node_count if node_count else 1.0
+    return 1.0 - p.spread_weight * (1.0 - held)
+
+
+def score_of(t: float, cold: float, best: float, spread: float) -> int:
+    """The 0..10 score of an estimate ``t`` against ``cold`` and ``best`` (module docstring)."""
     if t >= cold or cold <= best:
         return 0
     share = math.log(cold / t) / math.log(cold / best) if t > best else 1.0
@@ -173,9 +180,7 @@ def decide(
                 size = c.bytes or size
         if local is not None:
             t = restore_seconds(size, local, p) * queue
-            held = min(variant.holders, node_count) / node_count if node_count else 1.0
-            spread = 1.0 - p.spread_weight * (1.0 - held)
-            score = _score(t, cold, best, spread)
+            score = score_of(t, cold, best, spread_factor(variant.holders, node_count, p))
             return Decision(
                 local,
                 t,
@@ -190,7 +195,7 @@ def decide(
             "fetch",
             t,
             cold,
-            _score(t, cold, best, 1.0),
+            score_of(t, cold, best, 1.0),
             True,
             f"fetch {_gb(size)} then restore ~{t:.1f} s vs cold ~{cold:.1f} s{queue_note}",
         )
@@ -213,7 +218,7 @@ def decide(
             "fetch",
             t,
             cold,
-            _score(t, cold, best, 1.0),
+            score_of(t, cold, best, 1.0),
             True,
             f"fetch {_gb(size)} then restore ~{t:.1f} s vs cold ~{cold:.1f} s (facts from GPU labels, "
             "no thaw.dev/facts yet)",

@@ -140,8 +140,18 @@ def test_a_node_change_recomputes_only_what_it_reaches(monkeypatch: pytest.Monke
     seen.clear()
     idx.upsert(node("n3", snapshots=[cached(SNAP, 8_100_000_000, "memory")], resource_version="3"))
     assert sorted(seen) == ["n3", "n3"]
-    # A new holder: the holders' spread damping moves, in that snapshot's memo only.
+    # A new holder: the holders' spread damping moves, in that snapshot's memo only, and only their
+    # score is redone from the kept estimate (Memo._respread): no other decision is recomputed.
     seen.clear()
+    rescored: list[str] = []
+    piece = Memo._piece
+
+    def counted_piece(self: Memo, name: str, score: int, restorable: bool, reason: str) -> None:
+        rescored.append(name)
+        piece(self, name, score, restorable, reason)
+
+    monkeypatch.setattr(Memo, "_piece", counted_piece)
     idx.upsert(node("n60", snapshots=[cached(SNAP, 8_100_000_000, "disk")], resource_version="4"))
-    assert sorted(set(seen)) == sorted({f"n{i}" for i in range(10)} | {"n60"}) and len(seen) == 12
+    assert seen == ["n60", "n60"]
+    assert sorted(set(rescored)) == sorted({f"n{i}" for i in range(10)} | {"n60"})
     assert "n60" in memo.fragments and "n60" not in other.fragments  # no build of other-model anywhere
