@@ -129,3 +129,16 @@ def test_matrix_verdicts() -> None:
     }
     text, good = verdict(_pattern("cuda-ipc"), stopped)
     assert good and "stopped once" in text
+
+
+def test_lever_summary_says_where_the_lever_helps() -> None:
+    from bench.gpu.speed import lever_summary
+
+    current = _life()
+    lever = _life()
+    lever["hits"]["page cache"]["first_answer_s"] = 2.0  # faster than 5.0
+    lever["hits"]["disk"]["first_answer_s"] = 9.0  # slower than 8.0
+    lines = lever_summary(current, lever)
+    assert any(ln.startswith("hit, page cache") and "5.0 s" in ln and "2.0 s: helps" in ln for ln in lines)
+    assert any(ln.startswith("hit, disk") and "does not help" in ln for ln in lines)
+    assert any(ln.startswith("miss: fetch + restore") for ln in lines)
