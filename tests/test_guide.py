@@ -36,6 +36,7 @@ EXERCISED = {
     "capture-pod-files": ["thaw/runtime/podfiles.py", "tests/runtime/test_pod_files_logic.py"],
     "agent": ["thaw/dev/demo_node.py", "tests/runtime/test_agent.py"],
     "healthcheck": ["tests/runtime/test_agent.py"],
+    "check": ["tests/node/test_check.py"],
     "publish": ["tests/runtime/test_store.py"],
     "status": ["tests/runtime/test_status.py"],
     "simulate": ["tests/extender/test_simulate.py"],
