@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -74,8 +73,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=420.0, help="one pod's limit")
     args = ap.parse_args(argv)
     start = time.monotonic()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
+    lifecycle.fresh_suite_dir(args.dir)
     args.out.mkdir(parents=True, exist_ok=True)
     rt = bundle.resolve()
     res: dict[str, Any] = {"suite": "hf", "size": args.size, **machine(args.python, rt)}
@@ -124,6 +122,8 @@ def main(argv: list[str]) -> int:
     print(text, flush=True)
     lifecycle.save_json(args.out / "hf.json", res)
     (args.out / "hf.txt").write_text(text + "\n")
+    if not os.environ.get("THAW_BENCH_KEEP"):  # the next suite needs the disk
+        lifecycle.clear(args.dir)
     return 0 if lifecycle.all_restored(res["life"]) else 1
 
 

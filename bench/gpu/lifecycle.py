@@ -527,6 +527,31 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
     return "\n".join(lines)
 
 
+SUITE_DIRS = ("hf", "matrix", "speed")  # under $THAW_BENCH_DIR; the unpacked bundle stays
+
+
+def clear(path: Path) -> None:
+    """Remove ``path`` with whatever tmpfs caches a stopped run left mounted under it."""
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [ln.split()[1] for ln in f]
+    except OSError:
+        mounts = []
+    prefix = str(path).rstrip("/") + "/"
+    for m in sorted((m for m in mounts if m.startswith(prefix)), key=len, reverse=True):
+        unmount(Path(m))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def fresh_suite_dir(path: Path) -> None:
+    """An empty work directory for a suite, and none of the other suites' left on this disk (64 GiB
+    on the GPU machine: one suite's stores and caches take up to ~35 GB)."""
+    for name in SUITE_DIRS:
+        clear(path.parent / name)
+    clear(path)
+    path.mkdir(parents=True)
+
+
 def save_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` whole or not at all (the command may be stopped at its limit mid-write)."""
     tmp = path.with_suffix(".part")

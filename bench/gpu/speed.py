@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -92,8 +91,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-lever", action="store_true", help="only the current path")
     args = ap.parse_args(argv)
     start = time.monotonic()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
+    lifecycle.fresh_suite_dir(args.dir)
     args.out.mkdir(parents=True, exist_ok=True)
     rt = bundle.resolve()
     res: dict[str, Any] = {"suite": "speed", "config": args.config, **machine(args.python, rt)}
@@ -164,6 +162,8 @@ def main(argv: list[str]) -> int:
     print(text, flush=True)
     lifecycle.save_json(args.out / "speed.json", res)
     (args.out / "speed.txt").write_text(text + "\n")
+    if not os.environ.get("THAW_BENCH_KEEP"):  # the next suite needs the disk
+        lifecycle.clear(args.dir)
     return 0 if res["current"].get("stopped") is None else 1
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -191,8 +190,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--facts", type=Path)
     args = ap.parse_args(argv)
     start = time.monotonic()
-    shutil.rmtree(args.dir, ignore_errors=True)
-    args.dir.mkdir(parents=True)
+    lifecycle.fresh_suite_dir(args.dir)
     args.out.mkdir(parents=True, exist_ok=True)
     rt = bundle.resolve()
     from bench.gpu.hf import machine
@@ -293,6 +291,8 @@ def main(argv: list[str]) -> int:
     print(text_out, flush=True)
     lifecycle.save_json(args.out / "matrix.json", res)
     (args.out / "matrix.txt").write_text(text_out + "\n")
+    if not os.environ.get("THAW_BENCH_KEEP"):  # the next suite needs the disk
+        lifecycle.clear(args.dir)
     return 0 if all(r.get("ok") is not False for r in rows) else 1
 
 
