@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -180,27 +181,48 @@ def test_a_real_kube_scheduler_calls_the_extender_by_ip_with_server_name(
             "-p",
             json.dumps({"status": status}),
         )
-        out = cp.script("scheduler", str(cp.dir), str(path), timeout=120)
-        assert "healthz: ok" in out, (cp.dir / "logs" / "kube-scheduler.log").read_text()[-3000:]
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "p1", "namespace": "default"},
-            "spec": {"containers": [{"name": "c", "image": "registry.invalid/x"}]},
-        }
-        cp.apply([pod])
-        wait_until(
-            "the pod to be bound to n1",
-            lambda: cp.kubectl("get", "pod", "p1", "-o", "jsonpath={.spec.nodeName}").stdout == "n1",
-            timeout=60,
-        )
-        time.sleep(0.2)
-        # Answered over TLS verified by serverName: a failed handshake would be skipped (ignorable)
-        # and count nothing here.
+        # First without serverName (the control): by IP the certificate cannot verify, the call is
+        # skipped (ignorable) and the pod is still scheduled, but the extender answers nothing.
+        bare = copy.deepcopy(cfg)
+        del bare["extenders"][0]["tlsConfig"]["serverName"]
+        (tmp_path / "bare.yaml").write_text(yaml.safe_dump(bare))
+        _schedule(cp, tmp_path / "bare.yaml", "p0")
+        assert _metric(port, "filter") == 0
+        _stop_scheduler(cp)
+        # Then as shipped: the same calls, verified by serverName, reach the extender.
+        _schedule(cp, path, "p1")
         assert _metric(port, "filter") >= 1, (cp.dir / "logs" / "kube-scheduler.log").read_text()[-3000:]
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _schedule(cp: ControlPlane, config: Path, pod_name: str) -> None:
+    """Start kube-scheduler with ``config`` and wait until it binds a new pod to n1."""
+    out = cp.script("scheduler", str(cp.dir), str(config), timeout=120)
+    assert "healthz: ok" in out, (cp.dir / "logs" / "kube-scheduler.log").read_text()[-3000:]
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": pod_name, "namespace": "default"},
+        "spec": {"containers": [{"name": "c", "image": "registry.invalid/x"}]},
+    }
+    cp.apply([pod])
+    wait_until(
+        f"pod {pod_name} to be bound to n1",
+        lambda: cp.kubectl("get", "pod", pod_name, "-o", "jsonpath={.spec.nodeName}").stdout == "n1",
+        timeout=60,
+    )
+    time.sleep(0.5)  # the extender's counters are written after its answer
+
+
+def _stop_scheduler(cp: ControlPlane) -> None:
+    """Stop the kube-scheduler this test started (by the pid the script recorded)."""
+    pid_file = cp.dir / "pids" / "kube-scheduler.pid"
+    pid = int(pid_file.read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_until("kube-scheduler to stop", lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    pid_file.unlink()
 
 
 def _up(port: int) -> bool:
