@@ -69,12 +69,13 @@ def cached(world: World, tag: str, name: str | None = None) -> dict[str, Any]:
     return plan
 
 
-def hold(path: str) -> subprocess.Popen[str]:
-    """A process holding a snapshot the way a restoring ``thaw exec`` does (thaw.snapshot.cache.in_use)."""
+def hold(plan: dict[str, Any]) -> subprocess.Popen[str]:
+    """A process holding a snapshot the way a restoring ``thaw exec`` does (hold_verified)."""
     p = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from thaw.snapshot.cache import in_use\n"
-         "with in_use(Path(sys.argv[1])):\n    print('held', flush=True); sys.stdin.read()", path],
+         "import sys, time; from pathlib import Path; from thaw.snapshot.cache import hold_verified\n"
+         "with hold_verified(Path(sys.argv[1]), sys.argv[2], time.monotonic() + 10):\n"
+         "    print('held', flush=True); sys.stdin.read()", plan["path"], plan["snapshot"]],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
@@ -132,7 +133,7 @@ def test_budget_evicts_least_recently_used_first_never_in_use(world: World, kube
     for age, t in enumerate(("d", "b", "c", "a")):  # last use: a oldest, then c, b, d newest
         lock = Path(plans[t]["path"] + ".use")
         os.utime(lock, (now - 1000 * (age + 1), now - 1000 * (age + 1)))
-    holder = hold(plans["a"]["path"])  # the oldest is being restored right now
+    holder = hold(plans["a"])  # the oldest is being restored right now
     try:
         out = agent(world, kube, budget=250_000)  # room for two 100 kB snapshots
         assert out.returncode == 0, out.stderr
@@ -145,7 +146,7 @@ def test_budget_evicts_least_recently_used_first_never_in_use(world: World, kube
         holder.communicate("")
     out = agent(world, kube, budget=150_000)
     assert out.returncode == 0, out.stderr
-    # a was touched when the restore released it, so it is now the most recent: d goes.
+    # The agent marked a used while the restore held it, so it is now the most recent: d goes.
     assert Path(plans["a"]["path"]).exists() and not Path(plans["d"]["path"]).exists()
     assert "restoring" not in parse_inventory(node_annotations(kube)[NODE_CACHE])
 

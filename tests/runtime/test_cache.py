@@ -28,7 +28,6 @@ from thaw.snapshot.cache import (
     clean_stale,
     evict,
     hold_verified,
-    in_use,
     inventory,
     list_cached,
     make_room,
@@ -194,15 +193,6 @@ def test_a_fresh_pin_keeps_a_snapshot_until_it_expires(tmp_path: Path) -> None:
     os.utime(pin_file, (old, old))
     assert clean_stale(tmp_path / "cache") == [str(pin_file)]  # the agent removes expired pins
     assert evict(path) is True
-
-
-def test_in_use_holds_off_eviction_and_reports_an_evicted_snapshot(tmp_path: Path) -> None:
-    path, _ = cached(tmp_path)
-    with in_use(path):
-        assert evict(path) is False
-    assert evict(path) is True and not path.exists()
-    with pytest.raises(SnapshotGone, match="no longer in the node cache"), in_use(path):
-        pass
 
 
 def test_stage_refuses_a_store_file_that_differs_and_leaves_no_temp(tmp_path: Path) -> None:

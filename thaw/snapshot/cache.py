@@ -719,22 +719,6 @@ def hold_verified(
         os.close(fd)  # releases the shared lock
 
 
-@contextlib.contextmanager
-def in_use(snapshot_dir: Path) -> Iterator[Path]:
-    """Hold a snapshot without verifying it (hold_verified is the restore's): the agent never
-    evicts it while this is held. SnapshotGone if it was evicted (or is not a complete snapshot)."""
-    if not snapshot_dir.parent.is_dir():
-        raise SnapshotGone(f"snapshot {snapshot_dir} is not in the node cache")
-    with _lock(_use_lock(snapshot_dir), shared=True):
-        if not (snapshot_dir / MANIFEST_NAME).is_file():
-            raise SnapshotGone(f"snapshot {snapshot_dir} is no longer in the node cache (evicted)")
-        _touch(_use_lock(snapshot_dir))
-        try:
-            yield snapshot_dir
-        finally:
-            _touch(_use_lock(snapshot_dir))
-
-
 # --- signatures --------------------------------------------------------------------------------
 
 
