@@ -33,10 +33,11 @@ NODE_CACHE = "thaw.dev/cache"
 RESTORE_LABEL = "thaw.dev/restore"
 RESTORE_LABEL_VALUE = "allowed"
 
-# Extended resource the webhook requests (1) in the target container, so that a scheduler whose
-# extender entry lists it in managedResources (ignoredByScheduler: true) calls the extender for
-# Thaw pods only. kubelet drops extended resources its node does not advertise before admission
-# (removeMissingExtendedResources), so the request never blocks a pod on the node.
+# Extended resource the webhook can request (1) in the target container (scheduler.extendedResource,
+# off in the shipped config: autoscalers cannot place such a pod, README "Scheduler wiring"), so
+# that a scheduler whose extender entry lists it in managedResources (ignoredByScheduler: true)
+# calls the extender for Thaw pods only. kubelet drops extended resources its node does not
+# advertise before admission (removeMissingExtendedResources), so it never blocks a pod on a node.
 EXTENDED_RESOURCE = "thaw.dev/restore"
 
 USER_KEYS = (SNAPSHOT, CONTAINER, CHECKPOINT, PLACEMENT, TENSOR_PARALLEL, SLEEP, WAKE)
