@@ -17,8 +17,11 @@ Every key is optional::
     cache:
       hostPath: /var/lib/thaw/cache      # node cache (hostPath, DirectoryOrCreate)
     store:                               # exactly one of:
-      hostPath: /var/lib/thaw/store      #   a node directory (one-node clusters, tests)
+      hostPath: /var/lib/thaw/store      #   a node directory: serves ONE node (one-node clusters, tests)
       # claimName: thaw-store            #   a PersistentVolumeClaim (ReadWriteMany) in the pod's namespace
+      # registry: oci://HOST[:PORT]/REPO #   an OCI registry (README, "Snapshots on an OCI registry"), with:
+      # authSecretName: thaw-registry    #     a kubernetes.io/dockerconfigjson Secret (pod's namespace)
+      # caConfigMap: thaw-registry-ca    #     or caSecret: the registry's CA (key caKey, default ca.crt)
     trust:                               # public keys that sign snapshots; exactly one of:
       secretName: thaw-trust
       # configMapName: thaw-trust
@@ -85,6 +88,7 @@ DEFAULT_ENV_ALLOWLIST = (
 # SYS_ADMIN is not added by default: it is far broader, and is only needed for a process under a
 # seccomp filter (PTRACE_O_SUSPEND_SECCOMP); add it here if your pods run with a seccomp profile.
 DEFAULT_CAPABILITIES = ("CHECKPOINT_RESTORE", "SYS_PTRACE")
+DEFAULT_CA_KEY = "ca.crt"  # store.caKey: the registry CA's key in its Secret or ConfigMap
 # thaw-tools runs the image's own runtime: `thaw install-runtime` copies the bundle once per node
 # (hostPath `runtime.hostPath`) and links it into the pod's tools emptyDir (/thaw/rt).
 DEFAULT_TOOLS_COMMAND = ("/opt/thaw/bin/thaw", "install-runtime")
@@ -103,6 +107,8 @@ _DNS_SUBDOMAIN = r"^(?=.{1,253}$)[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([
 _READY = r"^(https?://\S+|tcp:\d{1,5}|file:/\S*)$"
 _CAPABILITY = r"^(?!CAP_)[A-Z][A-Z_]*$"
 _FILE_NAME = r"^[^/]+$"
+# oci://HOST[:PORT]/REPOSITORY (thaw/snapshot/oci.py parses it fully; this catches the obvious).
+_REGISTRY = r"^oci://[A-Za-z0-9.\-\[\]:]+/[a-z0-9]+([._/-]+[a-z0-9]+)*$"
 # Kubernetes resource.Quantity (apimachinery quantity.go's grammar, as a regular expression).
 _QUANTITY = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
 
@@ -128,10 +134,22 @@ class HostPathSection(_Section, frozen=True):
 class StoreSection(_Section, frozen=True):
     host_path: AbsPath | None = None
     claim_name: ObjectName | None = None
+    registry: Annotated[str, msgspec.Meta(pattern=_REGISTRY)] | None = None
+    auth_secret_name: ObjectName | None = None
+    ca_config_map: ObjectName | None = None
+    ca_secret: ObjectName | None = None
+    ca_key: Annotated[str, msgspec.Meta(pattern=_FILE_NAME)] | None = None
 
     def __post_init__(self) -> None:
-        if (self.host_path is None) == (self.claim_name is None):
-            raise ValueError("exactly one of hostPath, claimName")
+        if sum(x is not None for x in (self.host_path, self.claim_name, self.registry)) != 1:
+            raise ValueError("exactly one of hostPath, claimName, registry")
+        registry_only = (self.auth_secret_name, self.ca_config_map, self.ca_secret, self.ca_key)
+        if self.registry is None and any(x is not None for x in registry_only):
+            raise ValueError("only with registry: authSecretName, caConfigMap, caSecret, caKey")
+        if self.ca_config_map is not None and self.ca_secret is not None:
+            raise ValueError("at most one of caConfigMap, caSecret")
+        if self.ca_key is not None and self.ca_config_map is None and self.ca_secret is None:
+            raise ValueError("only with caConfigMap or caSecret: caKey")
 
 
 class TrustSection(_Section, frozen=True):
@@ -194,6 +212,11 @@ _ALLOWED: dict[str, str] = {
     "cache.hostPath": "an absolute path",
     "store.hostPath": "an absolute path",
     "store.claimName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "store.registry": "oci://HOST[:PORT]/REPOSITORY (lower-case repository path)",
+    "store.authSecretName": "a Kubernetes object name (DNS-1123 subdomain)",
+    "store.caConfigMap": "a Kubernetes object name (DNS-1123 subdomain)",
+    "store.caSecret": "a Kubernetes object name (DNS-1123 subdomain)",
+    "store.caKey": "a file name inside the Secret or ConfigMap",
     "trust.secretName": "a Kubernetes object name (DNS-1123 subdomain)",
     "trust.configMapName": "a Kubernetes object name (DNS-1123 subdomain)",
     "signingKey.secretName": "a Kubernetes object name (DNS-1123 subdomain)",
@@ -230,8 +253,15 @@ for _section in ("initResources", "sidecarResources"):
 
 @dataclass(frozen=True, slots=True)
 class StoreSource:
+    """Exactly one of ``host_path``, ``claim_name``, ``registry``; the rest only with ``registry``."""
+
     host_path: str | None = None
     claim_name: str | None = None
+    registry: str | None = None  # oci://HOST[:PORT]/REPOSITORY
+    auth_secret_name: str | None = None  # kubernetes.io/dockerconfigjson, in the pod's namespace
+    ca_config_map: str | None = None
+    ca_secret: str | None = None
+    ca_key: str = DEFAULT_CA_KEY
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,7 +312,7 @@ def _resources(
 
 
 _AT = re.compile(r"^(?P<reason>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)
-_OWN_CHECKS = ("exactly one of",)
+_OWN_CHECKS = ("exactly one of", "only with", "at most one of")
 _UNKNOWN = re.compile(r"^Object contains unknown field `(?P<field>[^`]*)`$")
 _SEGMENT = re.compile(r"\.([^.\[]+)|\[([^\]]*)\]")
 
@@ -396,7 +426,15 @@ def parse_config(raw: Any) -> WebhookConfig:
     d = WebhookConfig()
     store = d.store
     if f.store is not None:
-        store = StoreSource(host_path=f.store.host_path, claim_name=f.store.claim_name)
+        store = StoreSource(
+            host_path=f.store.host_path,
+            claim_name=f.store.claim_name,
+            registry=f.store.registry,
+            auth_secret_name=f.store.auth_secret_name,
+            ca_config_map=f.store.ca_config_map,
+            ca_secret=f.store.ca_secret,
+            ca_key=f.store.ca_key or DEFAULT_CA_KEY,
+        )
     trust = d.trust
     if f.trust is not None:
         trust = TrustSource(secret_name=f.trust.secret_name, config_map_name=f.trust.config_map_name)

@@ -50,6 +50,8 @@ VOL_SNAPSHOTS = "thaw-snapshots"  # hostPath: <cache>/<namespace>/<name> only (t
 VOL_STORE = "thaw-store"
 VOL_TRUST = "thaw-trust"
 VOL_KEY = "thaw-key"
+VOL_REGISTRY_AUTH = "thaw-registry-auth"  # store.authSecretName: thaw-fetch and thaw-sidecar only
+VOL_REGISTRY_CA = "thaw-registry-ca"  # store.caConfigMap / store.caSecret: the same two
 INIT_CONTAINER_NAMES = (TOOLS_CONTAINER, FETCH_CONTAINER, SIDECAR_CONTAINER)
 VOLUME_NAMES = (
     VOL_TOOLS,
@@ -62,6 +64,8 @@ VOLUME_NAMES = (
     VOL_STORE,
     VOL_TRUST,
     VOL_KEY,
+    VOL_REGISTRY_AUTH,
+    VOL_REGISTRY_CA,
 )
 
 # Paths inside the containers (notes/POD-LAYOUT.md; thaw.contract.workload.EXCLUDED_MOUNT_PATHS lists
@@ -87,6 +91,8 @@ CACHE_DIR = CACHE_MOUNT_ROOT
 STORE_DIR = "/var/lib/thaw/store"
 TRUST_DIR = "/etc/thaw/trust"
 KEY_DIR = "/etc/thaw/key"
+REGISTRY_AUTH_DIR = "/etc/thaw/registry-auth"  # THAW_REGISTRY_AUTH: the Secret's .dockerconfigjson
+REGISTRY_CA_DIR = "/etc/thaw/registry-ca"
 # The target container's mounts (its snapshots' path is CACHE_DIR/<namespace>/<name>).
 MOUNT_PATHS = (TOOLS_DIR, RUNTIME_DIR, PLAN_DIR, WORK_DIR)  # all in workload.EXCLUDED_MOUNT_PATHS
 
@@ -176,12 +182,13 @@ class Prepared:
             # Root to write the root-owned hostPath, and nothing more: it copies and links files.
             "securityContext": root | {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         }
+        store_env, store_volumes, store_ro, store_rw = _store_parts(config)
         fetch = {
             "name": FETCH_CONTAINER,
             **image,
             "command": [RUNTIME_BIN, "fetch"],
             "env": [
-                _env("THAW_STORE", STORE_DIR),
+                *store_env,
                 _env("THAW_CACHE", CACHE_DIR),
                 _env("THAW_TRUST", TRUST_DIR),
                 _env("THAW_PLAN", PLAN_FILE),
@@ -193,7 +200,7 @@ class Prepared:
             "volumeMounts": [
                 _rw(VOL_PLAN, PLAN_DIR),
                 _rw(VOL_CACHE, CACHE_DIR),
-                _ro(VOL_STORE, STORE_DIR),
+                *store_ro,
                 _ro(VOL_TRUST, TRUST_DIR),
             ],
             "resources": config.init_resources,
@@ -209,7 +216,7 @@ class Prepared:
             "command": [RUNTIME_BIN, SIDECAR],
             "env": [
                 _env("THAW_CACHE", CACHE_DIR),
-                _env("THAW_STORE", STORE_DIR),
+                *store_env,
                 _env("THAW_PLAN", PLAN_FILE),
                 _env(ENV_WORK, WORK_DIR),
                 _env(ENV_STATE, STATE_DIR),
@@ -217,7 +224,7 @@ class Prepared:
             ],
             "volumeMounts": [
                 _rw(VOL_CACHE, CACHE_DIR),
-                _rw(VOL_STORE, STORE_DIR),
+                *store_rw,
                 _ro(VOL_PLAN, PLAN_DIR),
                 _rw(VOL_WORK, WORK_DIR),
                 _rw(VOL_STATE, STATE_DIR),
@@ -225,14 +232,6 @@ class Prepared:
             "resources": config.sidecar_resources,
             "securityContext": root,
         }
-        store: JsonObject
-        if config.store.claim_name is not None:
-            store = {"name": VOL_STORE, "persistentVolumeClaim": {"claimName": config.store.claim_name}}
-        else:
-            store = {
-                "name": VOL_STORE,
-                "hostPath": {"path": config.store.host_path, "type": "DirectoryOrCreate"},
-            }
         # optional: a Secret/ConfigMap missing from the pod's namespace must not hold the pod in
         # ContainerCreating: no trusted key means a cold plan, no signing key means no publishing.
         trust: JsonObject
@@ -250,7 +249,7 @@ class Prepared:
             {"name": VOL_WORK, "emptyDir": {}},
             {"name": VOL_STATE, "emptyDir": {}},
             {"name": VOL_CACHE, "hostPath": {"path": config.cache_host_path, "type": "DirectoryOrCreate"}},
-            store,
+            *store_volumes,
             trust,
         ]
         key_volume = {
@@ -317,6 +316,46 @@ class Prepared:
         )
         parts["mounts"].append(_ro(VOL_SNAPSHOTS, own))  # the same path as thaw-fetch's: the plan's
         return parts
+
+
+def _store_parts(
+    config: WebhookConfig,
+) -> tuple[list[JsonObject], list[JsonObject], list[JsonObject], list[JsonObject]]:
+    """The store as thaw-fetch and thaw-sidecar get it (never the workload): their env, the pod's
+    volumes, thaw-fetch's mounts (read-only) and thaw-sidecar's (the directory store read-write).
+
+    A directory store (hostPath, PVC) is a volume at STORE_DIR. A registry is ``THAW_STORE=oci://...``
+    with, where configured, its dockerconfigjson Secret's mount as ``THAW_REGISTRY_AUTH`` (the
+    directory: thaw reads its ``.dockerconfigjson``) and its CA as ``THAW_REGISTRY_CA``. Both are
+    optional volumes: a Secret missing from the pod's namespace gives a cold plan naming it, never a
+    pod stuck in ContainerCreating.
+    """
+    store = config.store
+    if store.registry is None:
+        volume: JsonObject
+        if store.claim_name is not None:
+            volume = {"name": VOL_STORE, "persistentVolumeClaim": {"claimName": store.claim_name}}
+        else:
+            volume = {"name": VOL_STORE, "hostPath": {"path": store.host_path, "type": "DirectoryOrCreate"}}
+        env = [_env("THAW_STORE", STORE_DIR)]
+        return env, [volume], [_ro(VOL_STORE, STORE_DIR)], [_rw(VOL_STORE, STORE_DIR)]
+    env = [_env("THAW_STORE", store.registry)]
+    volumes: list[JsonObject] = []
+    mounts: list[JsonObject] = []
+    if store.auth_secret_name is not None:
+        env.append(_env("THAW_REGISTRY_AUTH", REGISTRY_AUTH_DIR))
+        secret = {"secretName": store.auth_secret_name, "optional": True, "defaultMode": 0o400}
+        volumes.append({"name": VOL_REGISTRY_AUTH, "secret": secret})
+        mounts.append(_ro(VOL_REGISTRY_AUTH, REGISTRY_AUTH_DIR))
+    if store.ca_config_map is not None or store.ca_secret is not None:
+        env.append(_env("THAW_REGISTRY_CA", f"{REGISTRY_CA_DIR}/{store.ca_key}"))
+        if store.ca_secret is not None:
+            source: JsonObject = {"secret": {"secretName": store.ca_secret, "optional": True}}
+        else:
+            source = {"configMap": {"name": store.ca_config_map, "optional": True}}
+        volumes.append({"name": VOL_REGISTRY_CA, **source})
+        mounts.append(_ro(VOL_REGISTRY_CA, REGISTRY_CA_DIR))
+    return env, volumes, mounts, list(mounts)
 
 
 # --- builders -------------------------------------------------------------------------------------

@@ -508,6 +508,9 @@ def test_sidecar_resources_are_small_and_configurable() -> None:
     [
         ({"imagePullPolicy": "Sometimes"}, "imagePullPolicy='Sometimes'"),
         ({"store": {"hostPath": "/a", "claimName": "b"}}, "exactly one of hostPath, claimName"),
+        ({"store": {"registry": "https://reg/thaw"}}, "oci://HOST[:PORT]/REPOSITORY"),
+        ({"store": {"hostPath": "/a", "authSecretName": "r"}}, "only with registry"),
+        ({"store": {"registry": "oci://reg/t", "caSecret": "a", "caConfigMap": "b"}}, "at most one of"),
         ({"cache": {"hostPath": "relative"}}, "cache.hostPath='relative'"),
         ({"capabilities": ["CAP_SYS_ADMIN"]}, "without CAP_"),
         ({"scheduler": {"extendedResource": "yes"}}, "scheduler.extendedResource='yes'"),

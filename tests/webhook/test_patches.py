@@ -394,3 +394,65 @@ def test_thaw_mounts_never_count_in_the_workload_hash() -> None:
     prepared = P.Prepared.build(WebhookConfig())
     for m in prepared.fresh(True, "ns", "snap", "w", "on-ready")["mounts"]:
         assert m["mountPath"] in EXCLUDED_MOUNT_PATHS or m["mountPath"].startswith(CACHE_MOUNT_ROOT + "/")
+
+
+@pytest.mark.parametrize(
+    ("store", "env", "volumes"),
+    [
+        (
+            {"registry": "oci://reg.example:5000/thaw"},
+            {"THAW_STORE": "oci://reg.example:5000/thaw"},
+            {},
+        ),
+        (
+            {
+                "registry": "oci://reg.example/thaw",
+                "authSecretName": "pull",
+                "caSecret": "ca",
+                "caKey": "r.pem",
+            },
+            {
+                "THAW_STORE": "oci://reg.example/thaw",
+                "THAW_REGISTRY_AUTH": "/etc/thaw/registry-auth",
+                "THAW_REGISTRY_CA": "/etc/thaw/registry-ca/r.pem",
+            },
+            {
+                "thaw-registry-auth": {
+                    "secret": {"secretName": "pull", "optional": True, "defaultMode": 0o400}
+                },
+                "thaw-registry-ca": {"secret": {"secretName": "ca", "optional": True}},
+            },
+        ),
+        (
+            {"registry": "oci://reg.example/thaw", "caConfigMap": "ca"},
+            {"THAW_STORE": "oci://reg.example/thaw", "THAW_REGISTRY_CA": "/etc/thaw/registry-ca/ca.crt"},
+            {"thaw-registry-ca": {"configMap": {"name": "ca", "optional": True}}},
+        ),
+    ],
+)
+def test_registry_store_reaches_fetch_and_sidecar_only(
+    store: dict[str, str], env: dict[str, str], volumes: dict[str, dict[str, Any]]
+) -> None:
+    """A registry store (issue 13) is env and optional Secret/ConfigMap volumes for thaw-fetch and
+    thaw-sidecar; no store volume at all; the workload sees none of it."""
+    from webhook.config import parse_config
+
+    parts = P.Prepared.build(parse_config({"store": store})).fresh(True, "ns", "snap", "w", "on-ready")
+    tools, fetch, sidecar = parts["init"]
+    by_name = {v["name"]: v for v in parts["volumes"]}
+    assert P.VOL_STORE not in by_name
+    assert {n: {k: v for k, v in by_name[n].items() if k != "name"} for n in volumes} == volumes
+    assert not {P.VOL_REGISTRY_AUTH, P.VOL_REGISTRY_CA} - set(volumes) & set(by_name)
+    for c in (fetch, sidecar):
+        got = {
+            e["name"]: e["value"] for e in c["env"] if e["name"].startswith(("THAW_STORE", "THAW_REGISTRY"))
+        }
+        assert got == env, c["name"]
+        mounts = {m["name"]: m for m in c["volumeMounts"]}
+        for name in volumes:
+            assert mounts[name]["readOnly"] is True and mounts[name]["mountPath"].startswith("/etc/thaw/")
+        assert P.VOL_STORE not in mounts
+    workload_env = {e["name"] for e in parts["env"]}
+    assert not workload_env & {"THAW_STORE", "THAW_REGISTRY_AUTH", "THAW_REGISTRY_CA"}
+    assert not {m["name"] for m in parts["mounts"]} & {P.VOL_STORE, *volumes}
+    assert not {m["name"] for m in tools["volumeMounts"]} & {P.VOL_STORE, *volumes}
