@@ -321,3 +321,40 @@ def test_no_publisher_means_no_dump(tmp_path: Path) -> None:
     publisher = SidecarPublisher(tmp_path, answer_s=0.5)
     why = publisher.room(1000)
     assert why is not None and "thaw-sidecar did not answer" in why
+
+
+def test_an_unusable_registry_store_is_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    """The webhook mounts a registry's dockerconfigjson Secret as optional: where it is missing the
+    mount is empty. The sidecar keeps running (a native sidecar that exits would hold the workload
+    back), relays outcomes, and answers thaw exec with the reason."""
+    pod = Pod(tmp_path)
+    empty_secret = tmp_path / "registry-auth"
+    empty_secret.mkdir()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
+        **POD,
+        "PYTHONPATH": str(REPO),
+        "THAW_NAME": "qwen",
+        "THAW_WORKLOAD": "w-qwen",
+        "THAW_KEY": str(pod.keys / "signing.key"),
+        "THAW_STORE": "oci://registry.example:5000/thaw",
+        "THAW_REGISTRY_AUTH": str(empty_secret),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "thaw", "sidecar", "--work", str(pod.work), "--plan", str(pod.plan),
+         "--cache", str(pod.cache), "--state", str(pod.state), "--interval", "0.05"],
+        env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        why = SidecarPublisher(pod.work, answer_s=30).room(1000)
+        assert why is not None and why.startswith("store unusable:") and "dockerconfigjson" in why, why
+        workdir.write_json(pod.work / workdir.OUTCOME, {"result": "cold", "exit_code": 0})
+        deadline = time.monotonic() + 20
+        while not outcome_copy_path(pod.cache, UID).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert outcome_copy_path(pod.cache, UID).exists(), err

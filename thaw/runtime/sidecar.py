@@ -71,6 +71,10 @@ class SidecarConfig:
     workload: str | None
     facts: Path | None
     checkpoint: str = "on-ready"
+    # Why --store could not be opened (a registry auth Secret missing from the namespace): the
+    # sidecar still relays outcomes and answers requests (a refusal naming it), never a crash loop
+    # that would keep the workload from starting.
+    store_problem: str | None = None
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     interval: float = 0.5
 
@@ -147,6 +151,8 @@ class Sidecar:
         if cfg.key is None or not cfg.key.is_file():
             return f"no signing key mounted ({cfg.key or 'no --key'}): this pod publishes nothing"
         if cfg.store is None:
+            if cfg.store_problem is not None:
+                return f"store unusable: {cfg.store_problem}"
             return "no store configured (--store): this pod publishes nothing"
         missing = [
             what
@@ -307,13 +313,14 @@ def _not_a_dump(dump: Path) -> str | None:
 def run(args: argparse.Namespace) -> int:
     """``thaw sidecar``: relay the outcome and publish the pod's dump once, until SIGTERM."""
     from thaw.contract.facts import facts_path
-    from thaw.errors import UsageError
     from thaw.snapshot.stores import store_from_args
 
+    store, store_problem = None, None
     try:
         store = store_from_args(args) if args.store else None
     except ValueError as exc:
-        raise UsageError(str(exc)) from exc
+        store_problem = str(exc)
+        log.error("store unusable, this pod publishes nothing: %s", exc)
     facts = args.facts if args.facts is not None else facts_path(args.plan)
     cfg = SidecarConfig(
         work=args.work,
@@ -327,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
         facts=facts if facts.is_file() else None,
         checkpoint=args.checkpoint,
         interval=float(args.interval),
+        store_problem=store_problem,
     )
     sidecar = Sidecar(cfg)
     signal.signal(signal.SIGTERM, sidecar.stop)
