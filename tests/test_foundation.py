@@ -109,17 +109,20 @@ def test_every_flag_falls_back_to_its_env(monkeypatch: pytest.MonkeyPatch) -> No
             "THAW_WORKLOAD": "w",
             "THAW_TRUST": "/t",
             "THAW_PLAN": "/p/plan.json",
+            "THAW_REGISTRY_AUTH": "/r/auth",
         },
         monkeypatch,
     )
+    # --store is the store factory's spec (a path, file:// or oci://: thaw/snapshot/stores.py), a string.
     assert (args.store, args.cache, args.name, args.workload, args.trust, args.plan) == (
-        Path("/s"),
+        "/s",
         Path("/c"),
         "qwen",
         "w",
         Path("/t"),
         Path("/p/plan.json"),
     )
+    assert args.registry_auth == Path("/r/auth") and args.registry_ca is None
 
 
 def test_command_line_wins_and_types_and_lists_apply(monkeypatch: pytest.MonkeyPatch) -> None:
