@@ -5,6 +5,7 @@ admitted with full injection by the webhook."""
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import json
 import re
@@ -23,24 +24,52 @@ from webhook.review import build_response
 README = REPO / "README.md"
 EXAMPLE = REPO / "manifests" / "examples" / "vllm-deployment.yaml"
 
-# Where each command of the guide really runs: the demo (thaw/dev/demo*.py, checked by
-# tests/test_demo.py) or a test that calls it through the CLI.
-EXERCISED = {
-    "demo": ["tests/test_demo.py"],
-    "webhook": ["thaw/dev/demo.py", "tests/webhook/test_server.py"],
-    "extender": ["extender/demo.py", "tests/extender/test_server.py"],
-    "certs": ["webhook/launch.py", "tests/test_foundation.py"],
-    "keys": ["thaw/dev/demo_node.py"],
-    "fetch": ["thaw/dev/demo_node.py", "tests/runtime/test_exec_criu.py"],
-    "exec": ["thaw/dev/sandbox.py", "tests/runtime/test_exec_criu.py"],
-    "capture-pod-files": ["thaw/runtime/podfiles.py", "tests/runtime/test_pod_files_logic.py"],
-    "agent": ["thaw/dev/demo_node.py", "tests/runtime/test_agent.py"],
-    "healthcheck": ["tests/runtime/test_agent.py"],
-    "check": ["tests/node/test_check.py"],
-    "publish": ["tests/runtime/test_store.py"],
-    "status": ["tests/runtime/test_status.py"],
-    "simulate": ["tests/extender/test_simulate.py"],
-    "gc": ["tests/registry/test_gc.py"],
+# Every ``thaw`` command (the CLI's, not only the guide's) and the tests that run it for real, through
+# the CLI (``python -m thaw CMD``, the runtime bundle's ``bin/thaw`` or ``thaw.cli.main``), by pytest
+# node id. The ids are checked to name test functions; what each runs is said beside it.
+EXERCISED: dict[str, tuple[str, ...]] = {
+    # `python -m thaw demo`, interrupted; the demo's steps end to end (webhook, fetch, exec, agent).
+    "demo": (
+        "tests/test_demo.py::test_ctrl_c_leaves_no_process_and_no_namespace",
+        "tests/test_demo.py::test_demo_checkpoints_places_and_restores_for_real",
+    ),
+    "webhook": ("tests/webhook/test_server.py::test_bad_config_stops_before_serving",),
+    "extender": ("tests/extender/test_server.py::test_bad_nodes_file_is_a_usage_error",),
+    "certs": ("tests/test_foundation.py::test_exit_codes_and_one_line_errors",),
+    # `thaw keys generate` by the demo's node step and by the real-cluster test's setup.
+    "keys": (
+        "tests/test_demo.py::test_demo_checkpoints_places_and_restores_for_real",
+        "tests/e2e/test_real_pods.py::test_checkpoint_in_one_pod_restore_in_another",
+    ),
+    "fetch": ("tests/runtime/test_exec_criu.py::test_restore_answers_with_pre_checkpoint_state",),
+    "exec": ("tests/runtime/test_exec_criu.py::test_restore_answers_with_pre_checkpoint_state",),
+    # CRIU's post-dump action script execs `thaw capture-pod-files` with CRIU's environment.
+    "capture-pod-files": (
+        "tests/runtime/test_pod_files_logic.py::test_the_action_script_runs_the_capture_as_criu_would",
+    ),
+    # thaw-tools: a bundle installed into a node directory by three pods, linked into each.
+    "install-runtime": (
+        "tests/runtime/test_install_runtime.py::test_first_pod_copies_later_pods_link",
+        "tests/runtime/test_install_runtime.py::test_the_built_runtime_installs_itself_without_capabilities",
+    ),
+    # thaw-sidecar: `thaw sidecar` as a process answering thaw exec's requests and publishing.
+    "sidecar": (
+        "tests/runtime/test_sidecar.py::test_thaw_exec_side_of_the_protocol",
+        "tests/runtime/test_exec_criu.py::"
+        "test_the_sidecar_publishes_what_thaw_exec_dumped_and_the_key_never_reaches_the_workload",
+    ),
+    "agent": ("tests/runtime/test_agent.py::test_agent_loop_patches_changes_and_stops_on_sigterm",),
+    "healthcheck": ("tests/runtime/test_agent.py::test_heartbeat_and_healthcheck",),
+    # `thaw check node` on this machine; `thaw check cluster` against a real kube-apiserver.
+    "check": (
+        "tests/node/test_check.py::test_thaw_check_node_on_this_machine",
+        "tests/node/test_check.py::test_a_working_install_passes",
+    ),
+    "publish": ("tests/runtime/test_store.py::test_publish_with_a_cache_keeps_the_nodes_copy_signed",),
+    "status": ("tests/runtime/test_status.py::test_status_table_from_the_cluster",),
+    "simulate": ("tests/extender/test_simulate.py::test_cli_reports_and_plots",),
+    # Both stores: a directory and a real registry server.
+    "gc": ("tests/registry/test_gc.py::test_thaw_gc",),
 }
 
 
@@ -112,13 +141,31 @@ def test_every_guide_command_parses() -> None:
     assert whole >= 10, whole
 
 
-def test_every_guide_command_is_run_by_the_demo_or_a_test() -> None:
-    subs = {_split(c)[1][0] for c in _commands()}
-    assert subs <= set(EXERCISED), subs - set(EXERCISED)
-    for sub in subs:
-        for path in EXERCISED[sub]:
-            text = (REPO / path).read_text()
-            assert re.search(rf'"{sub}"|thaw {sub}\b', text), f"{path} does not run thaw {sub}"
+def _test_functions(path: str) -> set[str]:
+    tree = ast.parse((REPO / path).read_text(), filename=path)
+    return {n.name for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")}
+
+
+def test_every_command_is_run_by_a_test() -> None:
+    """Every command of the CLI and of the guide has tests that run it, and each named test exists."""
+    parser = build_parser()
+    commands = set(_subparser_names(parser))
+    guide = {_split(c)[1][0] for c in _commands()}
+    assert guide <= commands, guide - commands
+    assert set(EXERCISED) == commands, (
+        f"commands without a test: {sorted(commands - set(EXERCISED))}; "
+        f"listed but not commands: {sorted(set(EXERCISED) - commands)}"
+    )
+    for command, node_ids in EXERCISED.items():
+        assert node_ids, command
+        for node_id in node_ids:
+            path, _, name = node_id.partition("::")
+            assert name in _test_functions(path), f"thaw {command}: {node_id} is not a test function"
+
+
+def _subparser_names(parser: argparse.ArgumentParser) -> list[str]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(action.choices)
 
 
 def test_example_deployment_is_valid() -> None:
