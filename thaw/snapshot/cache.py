@@ -876,10 +876,6 @@ def mark_in_use(cache_dir: Path) -> int:
     return held
 
 
-def restoring_count(cache_dir: Path) -> int:
-    return sum(1 for e in list_cached(cache_dir) if _is_locked(_use_lock(e.path)))
-
-
 def _fs_type(path: Path) -> str:
     """The filesystem type of ``path``'s mount (longest mount point prefix in /proc/self/mounts)."""
     real = os.path.realpath(path)
