@@ -106,7 +106,9 @@ def main(argv: list[str]) -> int:
         timeout=args.timeout,
     )  # fmt: skip
     res["life"] = {}
-    lifecycle.life(s, w, res=res["life"])
+    # the readiness gate that keeps the tree stopped until its GPU state is back, beside the
+    # default ready file (issue 10.4: both measured in one run)
+    lifecycle.life(s, w, res=res["life"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),))
     res["rows"] = lifecycle.rows(res["life"])
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     text = "\n".join(
