@@ -85,3 +85,52 @@ def test_runtime_runs_in_an_empty_root(runtime: Path, tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert {p.name for p in (root / "tmp" / "c").iterdir()} >= {"ca.crt", "tls.crt", "tls.key"}
     assert not (root / "usr").exists() and not (root / "lib").exists(), "nothing of the host was needed"
+
+
+# A stand-in for the driver's library: the five checkpoint symbols and a cuInit that succeeds.
+FAKE_LIBCUDA = """
+int cuInit(unsigned flags) { (void)flags; return 0; }
+int cuGetErrorName(int code, const char **name) { (void)code; *name = "CUDA_ERROR_FAKE"; return 0; }
+int cuCheckpointProcessLock(int pid, void *args) { (void)pid; (void)args; return 1; }
+int cuCheckpointProcessCheckpoint(int pid, void *args) { (void)pid; (void)args; return 1; }
+int cuCheckpointProcessRestore(int pid, void *args) { (void)pid; (void)args; return 1; }
+int cuCheckpointProcessUnlock(int pid, void *args) { (void)pid; (void)args; return 1; }
+int cuCheckpointProcessGetState(int pid, int *state) { (void)pid; (void)state; return 1; }
+"""
+
+
+def _cuda_line(runtime: Path, env: dict[str, str]) -> str:
+    out = subprocess.run(
+        [str(runtime / "bin" / "thaw"), "check", "node", "--cache", "/nonexistent", "--criu", "/bin/true"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    lines = [ln for ln in (out.stdout + out.stderr).splitlines() if "CUDA checkpoint API" in ln]
+    assert lines, out.stdout + out.stderr
+    return lines[0]
+
+
+def test_runtime_finds_libcuda_through_the_callers_ld_library_path(runtime: Path, tmp_path: Path) -> None:
+    """NVIDIA's CUDA base images find libcuda.so.1 only through LD_LIBRARY_PATH
+    (/usr/local/nvidia/lib64): the bundle's loader must search it after the bundle's own lib, whose
+    libraries still win over the caller's (broken copies of them come first there)."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("needs a C compiler for the stand-in libcuda.so.1 (make tools)")
+    driver = tmp_path / "nvidia-lib64"
+    driver.mkdir()
+    (tmp_path / "fake_cuda.c").write_text(FAKE_LIBCUDA)
+    build = [cc, "-shared", "-fPIC", "-o", str(driver / "libcuda.so.1"), str(tmp_path / "fake_cuda.c")]
+    subprocess.run(build, check=True, capture_output=True)
+    for lib in (runtime / "lib").iterdir():
+        # Broken copies would break the CLI if searched first; libc stays valid: the wrapper itself
+        # is the image's /bin/sh, which the caller's LD_LIBRARY_PATH rightly serves.
+        if not lib.name.startswith(("ld-linux", "libc.so")):
+            (driver / lib.name).write_bytes(b"not a library\n")
+    base = {"PATH": "/usr/bin:/bin"}
+    assert "cannot load libcuda.so.1" in _cuda_line(runtime, base)
+    found = _cuda_line(runtime, {**base, "LD_LIBRARY_PATH": f"{driver}:/nonexistent"})
+    assert "cuInit ok" in found, found
