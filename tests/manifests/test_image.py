@@ -2,8 +2,10 @@
 
 tests/images.py builds the image once per session (the e2e test runs the same image in real pods);
 this module checks it: the entrypoint, the non-root user, the runtime and CRIU >= 4.2 in it, and the
-webhook's default ``thaw-tools`` command copying the runtime as the image's user into a root-owned
-directory, as kubelet's emptyDir is. Several minutes: slow.
+webhook's own ``thaw-tools`` container (command, env, user and dropped capabilities, read from the
+injection) installing the runtime into a root-owned node directory (a DirectoryOrCreate hostPath)
+and linking it at ``/thaw/rt`` in a 0777 emptyDir; the workload then runs ``/thaw/rt/bin/thaw`` and
+its CRIU as another user. Several minutes: slow.
 """
 
 from __future__ import annotations
@@ -15,7 +17,15 @@ import pytest
 
 from tests.images import Buildah
 from webhook.config import WebhookConfig
-from webhook.patches import TOOLS_DIR
+from webhook.patches import (
+    CRIU_BIN,
+    RUNTIME_DIR,
+    RUNTIME_LINK,
+    THAW_BIN,
+    TOOLS_CONTAINER,
+    TOOLS_DIR,
+    Prepared,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -35,24 +45,40 @@ def test_image_runs_the_runtime_and_criu(buildah: Buildah, thaw_image: str) -> N
         version = buildah(*run, "/opt/thaw/bin/criu", "--version")
         m = re.search(r"Version:\s*(\d+)\.(\d+)", version)
         assert m and (int(m.group(1)), int(m.group(2))) >= (4, 2), version
-        # What the thaw-tools init container does: the webhook's default command, as the image's
-        # user (65532), into a directory that root owns with mode 0777 (an emptyDir), then the copy
-        # runs from its new place.
+    finally:
+        buildah("rm", ctr)
+
+
+def test_thaw_tools_installs_the_runtime_the_workload_runs(buildah: Buildah, thaw_image: str) -> None:
+    """What kubelet runs for ``thaw-tools``, as the webhook injects it, then the workload's view."""
+    parts = json.loads(Prepared.build(WebhookConfig()).parts)
+    (tools,) = [c for c in parts["init"] if c["name"] == TOOLS_CONTAINER]
+    security = tools["securityContext"]
+    assert security["runAsUser"] == 0 and security["capabilities"]["drop"] == ["ALL"], security
+    assert {m["mountPath"] for m in tools["volumeMounts"]} == {TOOLS_DIR, RUNTIME_DIR}
+    ctr = buildah("from", "--pull-never", thaw_image).strip()
+    try:
+        as_root = ("run", "--isolation", "chroot", "--user", "0:0", ctr, "--")
+        # The volumes as kubelet makes them: the emptyDir 0777, the hostPath root's 0755.
+        buildah(*as_root, "install", "-d", "-m", "0777", TOOLS_DIR)
+        buildah(*as_root, "install", "-d", "-m", "0755", RUNTIME_DIR)
+        env = [f"--env={e['name']}={e['value']}" for e in tools["env"]]
         buildah(
-            "run",
-            "--isolation",
-            "chroot",
-            "--user",
-            "0:0",
-            ctr,
-            "--",
-            "install",
-            "-d",
-            "-m",
-            "0777",
-            TOOLS_DIR,
-        )
-        buildah(*run, *WebhookConfig().tools_command)
-        assert "certs" in buildah(*run, f"{TOOLS_DIR}/bin/thaw", "--help")
+            "run", "--isolation", "chroot", "--user", "0:0", "--cap-drop", "ALL", *env, ctr, "--",
+            *tools["command"],
+        )  # fmt: skip
+        link = buildah(*as_root, "readlink", RUNTIME_LINK).strip()
+        assert re.fullmatch(rf"{RUNTIME_DIR}/sha256-[0-9a-f]{{32}}", link), link
+        # The workload container: another user, the runtime through the link, read only.
+        as_user = ("run", "--isolation", "chroot", "--user", "1000:1000", ctr, "--")
+        assert "install-runtime" in buildah(*as_user, THAW_BIN, "--help")
+        version = buildah(*as_user, CRIU_BIN, "--version")
+        assert re.search(r"Version:\s*4\.2", version), version
+        # A second pod on the node links the same copy and copies nothing.
+        buildah(*as_root, "rm", RUNTIME_LINK)
+        buildah("run", "--isolation", "chroot", "--user", "0:0", "--cap-drop", "ALL", *env, ctr, "--",
+                *tools["command"])  # fmt: skip
+        assert buildah(*as_root, "readlink", RUNTIME_LINK).strip() == link
+        assert buildah(*as_root, "ls", RUNTIME_DIR).split() == [link.rsplit("/", 1)[1]]
     finally:
         buildah("rm", ctr)
