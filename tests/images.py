@@ -6,8 +6,8 @@ storage, chroot isolation: no daemon, no overlay mounts). On it:
 
 - ``thaw_image``: the repository's Dockerfile, built as a user would (tests/manifests/test_image.py
   checks it; tests/e2e runs it as the runtime that pods get);
-- ``build_workload_image``: the same base plus Debian packages (python3) and one program, a workload
-  image for real pods (tests/e2e).
+- ``build_workload_image``: the same base plus Debian packages (python3) and one program (with the
+  files it needs beside it), a workload image for real pods (tests/e2e).
 
 ``export_image`` writes an image as a docker-archive, the form ``ctr images import`` takes. The
 fixtures are registered for the whole suite in tests/conftest.py, so CI builds each image once.
@@ -140,9 +140,15 @@ def thaw_image(buildah: Buildah, debian_base: str) -> str:
 
 
 def build_workload_image(
-    buildah: Buildah, base: str, ref: str, program: Path, packages: Sequence[str] = ("python3",)
+    buildah: Buildah,
+    base: str,
+    ref: str,
+    program: Path,
+    packages: Sequence[str] = ("python3",),
+    files: Sequence[Path] = (),
 ) -> str:
-    """``base`` plus Debian ``packages`` and ``program`` at ``APP_DIR``/its name, committed as ``ref``.
+    """``base`` plus Debian ``packages`` and ``program`` (and ``files`` beside it) at ``APP_DIR``,
+    committed as ``ref``.
 
     The image runs as root (Kubernetes grants a container's added capabilities only to root) and
     has no entrypoint: the pod names its command, as Thaw pods must.
@@ -159,7 +165,8 @@ def build_workload_image(
         )
         buildah("run", "--isolation", "chroot", ctr, "--", "sh", "-c", install, timeout=900)
         buildah("run", "--isolation", "chroot", ctr, "--", "mkdir", "-p", APP_DIR)
-        buildah("copy", ctr, str(program), f"{APP_DIR}/{program.name}")
+        for path in (program, *files):
+            buildah("copy", ctr, str(path), f"{APP_DIR}/{path.name}")
         buildah("config", "--user", "0:0", "--workingdir", APP_DIR, ctr)
         buildah("commit", "-q", ctr, ref)
     finally:

@@ -2,10 +2,14 @@
 
 The control plane (etcd, kube-apiserver, kube-scheduler) and the node (kubelet, containerd, runc, a
 CNI bridge) come from the workplace's ``../shared/tools/k8s-control-plane`` and ``k8s-node``, found
-beside the repository (the CI checkout has the same sibling). Thaw's servers run on the host, each
-configured from the shipped manifests (manifests/base) with only what a host process must change:
-the webhook's and the extender's addresses become ``https://127.0.0.1:PORT`` URLs, the scheduler's
-kubeconfig and CA file are files here, the node cache and store are directories of this run.
+beside the repository (the CI checkout has the same sibling). Thaw's webhook, extender and
+thaw-scheduler run on the host, each configured from the shipped manifests (manifests/base) with only
+what a host process must change: the webhook's and the extender's addresses become
+``https://127.0.0.1:PORT`` URLs, the scheduler's kubeconfig and CA file are files here. The node
+agent runs as the cluster runs it: a pod of the shipped DaemonSet's template, on the node, with the
+shipped ServiceAccount, RBAC and ValidatingAdmissionPolicies and the token kubelet mounts for it
+(bound to its pod, so it carries the node's name). The node's runtime copies, cache and store are
+directories of this run.
 
 Everything here does I/O; the test reads as the path a pod takes (tests/e2e/test_real_pods.py).
 """
@@ -40,7 +44,34 @@ NODE_NAME = "thaw-node"
 CONTAINERD = "/run/containerd/containerd.sock"
 HOST_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
 THAW = REPO / ".venv" / "bin" / "thaw"
+KUBECTL = REPO / ".venv" / "bin" / "kubectl"
 MANIFESTS = REPO / "manifests" / "base"
+THAW_NAMESPACE = "thaw-system"
+AGENT_POD = f"thaw-agent-{NODE_NAME}"
+# What the ServiceAccount admission plugin adds to a pod (it is off on this control plane, which has
+# no controller-manager): the token kubelet requests for the pod (TokenRequest, bound to the pod, so
+# kube-apiserver records the pod's node in it), the cluster's CA and the namespace.
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SA_VOLUME = {
+    "name": "kube-api-access",
+    "projected": {
+        "defaultMode": 0o644,
+        "sources": [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {
+                "downwardAPI": {
+                    "items": [
+                        {
+                            "path": "namespace",
+                            "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                        }
+                    ]
+                }
+            },
+        ],
+    },
+}
 
 T = TypeVar("T")
 # One line per test for the terminal summary (tests/e2e/conftest.py): what CI's log shows.
@@ -173,6 +204,34 @@ class Cluster:
     def scheduler_kubeconfig(self) -> Path:
         return self.cp / "scheduler.kubeconfig"
 
+    @property
+    def ca(self) -> Path:
+        return self.cp / "pki" / "ca.crt"
+
+    def apiserver_port(self) -> int:
+        server = str(yaml.safe_load(self.kubeconfig.read_text())["clusters"][0]["cluster"]["server"])
+        return int(server.rsplit(":", 1)[1])
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> str:
+        """kubectl as the cluster's admin; a failure fails the test with its message."""
+        out = self._kubectl(args, stdin)
+        if out is None or out.returncode != 0:
+            why = "did not finish within 120 s" if out is None else f"failed: {out.stderr[-3000:]}"
+            pytest.fail(f"kubectl {' '.join(args)} {why}", pytrace=False)
+        return out.stdout
+
+    def kubectl_or_none(self, *args: str) -> str | None:
+        """kubectl's output, or None where it failed (for polling and diagnostics)."""
+        out = self._kubectl(args, None)
+        return out.stdout if out is not None and out.returncode == 0 else None
+
+    def _kubectl(self, args: Sequence[str], stdin: str | None) -> subprocess.CompletedProcess[str] | None:
+        cmd = [str(KUBECTL), "--kubeconfig", str(self.kubeconfig), *args]
+        try:
+            return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            return None
+
     def up(self) -> None:
         """Start from a clean slate whatever a previous run left (processes, etcd data, pods)."""
         self.down(wipe=True)
@@ -216,6 +275,7 @@ class Thaw:
     processes: list[HostProcess] = field(default_factory=list)
     webhook_port: int = 0
     extender_port: int = 0
+    agent_metrics_port: int = 0
 
     @property
     def certs(self) -> Path:
@@ -234,6 +294,10 @@ class Thaw:
         return self.run / "store"
 
     @property
+    def runtime(self) -> Path:
+        return self.run / "runtime"
+
+    @property
     def logs(self) -> Path:
         return self.run / "logs"
 
@@ -245,7 +309,7 @@ class Thaw:
         }
 
     def start(self) -> None:
-        for d in (self.logs, self.keys, self.cache, self.store):
+        for d in (self.logs, self.keys, self.cache, self.store, self.runtime):
             d.mkdir(parents=True, exist_ok=True)
         ca_bundle = sh(
             [THAW, "certs", "--out", self.certs, "--dns", "localhost", "--ip", "127.0.0.1"]
@@ -256,8 +320,8 @@ class Thaw:
         self._start_extender()
         self._register_webhook(ca_bundle.splitlines()[-1])
         self.cluster.start_scheduler(self._scheduler_config())
-        self._apply_agent_policies()
         self._start_agent()
+        self.wait_agent_ready()
 
     def stop(self) -> None:
         for p in reversed(self.processes):
@@ -269,12 +333,15 @@ class Thaw:
     # --- the pieces ---------------------------------------------------------------------------
 
     def webhook_config(self) -> dict[str, Any]:
-        """The shipped ConfigMap thaw-webhook-config (second scheduler, extended resource), with the
-        image imported into the node and this run's cache and store directories."""
+        """The shipped ConfigMap thaw-webhook-config (the second scheduler, a hostPath store: one
+        node), with the image imported into the node and this run's runtime, cache and store
+        directories instead of the host's /var/lib/thaw."""
         config: dict[str, Any] = yaml.safe_load(_manifest_data("webhook.yaml", "thaw-webhook-config"))
+        assert "hostPath" in config["store"], config["store"]  # a one-node store: right for one node
         config.update(
             image=self.thaw_image,
             imagePullPolicy="Never",
+            runtime={"hostPath": str(self.runtime)},
             cache={"hostPath": str(self.cache)},
             store={"hostPath": str(self.store)},
         )
@@ -295,22 +362,50 @@ class Thaw:
         self.processes.append(HostProcess.start(name, cmd, self.logs / f"{name}.log", self._env()))
         self._wait_ready(name, f"https://127.0.0.1:{port}/readyz")
 
-    def _apply_agent_policies(self) -> None:
-        """manifests/base/agent-policy.yaml, as shipped: the agent refuses to run without its policies
-        (they narrow only the agent's ServiceAccount; the agent here runs with the admin's credentials)."""
-        from kubernetes import client
-
-        api = client.AdmissionregistrationV1Api(self.cluster.api_client())
-        for doc in yaml.safe_load_all((MANIFESTS / "agent-policy.yaml").read_text()):
-            if doc and doc["kind"] == "ValidatingAdmissionPolicy":
-                api.create_validating_admission_policy(doc)
-            elif doc and doc["kind"] == "ValidatingAdmissionPolicyBinding":
-                api.create_validating_admission_policy_binding(doc)
-
     def _start_agent(self) -> None:
-        cmd = [str(THAW), "agent", "--cache", str(self.cache), "--budget", str(20 * 10**9)]
-        cmd += ["--node", NODE_NAME, "--interval", "1", "--heartbeat", str(self.run / "agent.alive")]
-        self.processes.append(HostProcess.start("agent", cmd, self.logs / "agent.log", self._env()))
+        """The shipped agent, as a pod of its DaemonSet's template on the node (this control plane
+        runs no DaemonSet controller, so the pod is created bound to the node, as that controller
+        would have it), with manifests/base/agent.yaml's ServiceAccount and RBAC and
+        agent-policy.yaml's policies, which the agent checks at start against its own identity."""
+        docs = [d for f in ("namespace.yaml", "agent.yaml", "agent-policy.yaml") for d in _manifests(f)]
+        rest = [d for d in docs if d["kind"] != "DaemonSet"]
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(rest))
+        # What kube-controller-manager's root-ca-cert-publisher puts in every namespace.
+        ca = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "kube-root-ca.crt", "namespace": THAW_NAMESPACE},
+            "data": {"ca.crt": self.cluster.ca.read_text()},
+        }
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(ca))
+        # The DaemonSet runs on nodes labelled as GPU Feature Discovery labels GPU nodes (README,
+        # Install, step 4: label them yourself without it).
+        self.cluster.kubectl("label", "node", NODE_NAME, "nvidia.com/gpu.present=true", "--overwrite")
+        (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
+        self.agent_metrics_port = free_port()
+        pod = agent_pod(
+            daemonset, self.thaw_image, self.cache, self.cluster.apiserver_port(), self.agent_metrics_port
+        )
+        self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(pod))
+
+    def agent_log(self) -> str:
+        return self.cluster.kubectl_or_none("-n", THAW_NAMESPACE, "logs", AGENT_POD, "-c", "agent") or ""
+
+    def wait_agent_ready(self, timeout: float = 120) -> None:
+        """The agent pod Ready: its /readyz answers once a pass has reported the node."""
+
+        def ready() -> bool:
+            jsonpath = "jsonpath={.status.conditions[?(@.type=='Ready')].status}"
+            return (
+                self.cluster.kubectl_or_none("-n", THAW_NAMESPACE, "get", "pod", AGENT_POD, "-o", jsonpath)
+                == "True"
+            )
+
+        def why() -> str:
+            status = self.cluster.kubectl_or_none("-n", THAW_NAMESPACE, "get", "pod", AGENT_POD, "-o", "yaml")
+            return f"{status}\n--- agent log:\n{self.agent_log()[-4000:]}"
+
+        wait_for(f"agent pod {AGENT_POD} Ready", ready, timeout, every=0.5, explain=why)
 
     def _wait_ready(self, name: str, url: str) -> None:
         proc = self.process(name)
@@ -365,6 +460,45 @@ class Thaw:
         name = self.webhook_config()["scheduler"]["name"]
         assert isinstance(name, str)
         return name
+
+
+def agent_pod(
+    daemonset: Mapping[str, Any], image: str, cache: Path, apiserver_port: int, metrics_port: int
+) -> dict[str, Any]:
+    """The DaemonSet's pod on NODE_NAME, with what this machine's cluster must change, each for the
+    reason said; everything else (user, capabilities, read-only root, probes, RBAC) as shipped."""
+    template = json.loads(json.dumps(daemonset["spec"]["template"]))
+    spec = template["spec"]
+    spec["nodeName"] = NODE_NAME
+    # kube-apiserver listens on 127.0.0.1 only and no kube-proxy runs here: the pod reaches it on
+    # the host's loopback (in-cluster config reads KUBERNETES_SERVICE_HOST/PORT, which win over the
+    # service links kubelet sets).
+    spec["hostNetwork"] = True
+    spec["dnsPolicy"] = "ClusterFirstWithHostNet"
+    (container,) = spec["containers"]
+    container["image"], container["imagePullPolicy"] = image, "Never"
+    # One pass a second (the shipped 30 s would make the test wait); metrics on a free port of the
+    # host (host network).
+    args = [a for a in container["args"] if not a.startswith("--metrics-port=")]
+    container["args"] = [*args, f"--metrics-port={metrics_port}", "--interval=1"]
+    for port in container["ports"]:
+        if port["name"] == "metrics":
+            port["containerPort"] = metrics_port
+    container["env"] += [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": str(apiserver_port)},
+    ]
+    container["volumeMounts"].append({"name": SA_VOLUME["name"], "mountPath": SA_DIR, "readOnly": True})
+    for volume in spec["volumes"]:
+        if volume["name"] == "cache":
+            volume["hostPath"]["path"] = str(cache)
+    spec["volumes"].append(json.loads(json.dumps(SA_VOLUME)))
+    meta = {**template["metadata"], "name": AGENT_POD, "namespace": daemonset["metadata"]["namespace"]}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def _manifests(file: str) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((MANIFESTS / file).read_text()) if d]
 
 
 def _manifest_data(file: str, config_map: str, key: str = "config.yaml") -> str:

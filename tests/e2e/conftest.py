@@ -68,7 +68,9 @@ def workload_image(
     def get(workload: Workload) -> str:
         if workload.name not in built:
             ref = f"localhost/thaw-workload-{workload.name}:e2e"
-            build_workload_image(buildah, debian_base, ref, workload.program, workload.packages)
+            build_workload_image(
+                buildah, debian_base, ref, workload.program, workload.packages, workload.files
+            )
             _load(cluster, buildah, ref, ref, out)
             built[workload.name] = ref
         return built[workload.name]

@@ -2,17 +2,22 @@
 
 On a real kube-apiserver, kube-scheduler and kubelet 1.36 (containerd, runc, a CNI bridge), with
 Thaw's image built from the repository's Dockerfile and imported into the node (tests/e2e/cluster.py
-says how each piece is wired). Pod A, annotated ``thaw.dev/snapshot``:
+says how each piece is wired; the agent is a pod there). The workload is issue 10's server
+(tests/workloads/stateful_server.py): a shared object it puts under ``$TMPDIR`` and maps, a journal
+it keeps open and appends to under ``$HOME/.cache``, a UNIX socket under ``$TMPDIR``: all in the
+container's writable layer. Pod A, annotated ``thaw.dev/snapshot``:
 
 1. is admitted by the webhook through the MutatingWebhookConfiguration (``/mutate-restore``: the
-   namespace is labelled ``thaw.dev/restore=allowed``): init containers, wrapped command, capabilities;
+   namespace is labelled ``thaw.dev/restore=allowed``): the layout of tests/e2e/pod_layout.py;
 2. is placed by the second scheduler, which calls the extender for it (every pod it schedules);
-3. runs ``thaw-tools`` and ``thaw-fetch`` (a cold plan: no snapshot yet) and the wrapped workload,
-   which checkpoints when ready and publishes (the agent posts ``ThawCheckpointPublished``).
+3. runs ``thaw-tools`` (``thaw install-runtime``), ``thaw-fetch`` (a cold plan: no snapshot yet),
+   the native sidecar ``thaw-sidecar`` and the wrapped workload, which checkpoints when ready; the
+   sidecar publishes (the agent posts ``ThawCheckpointPublished``).
 
-Pod B, the same template, is restored from A's snapshot: it answers with the state A had at the
-checkpoint (a token drawn at A's warm-up), not A's later state, and the agent posts ``ThawRestored``
-and lists the snapshot in the Node's ``thaw.dev/cache``. Each pod's time to Ready is reported.
+Pod B, the same template, a new pod with a new writable layer, is restored from A's snapshot: it
+answers with the state A had at the checkpoint (its token, counter, journal and shared object), not
+A's later state, its journal grows on, and the agent posts ``ThawRestored`` and lists the snapshot in
+the Node's ``thaw.dev/cache``. Each pod's time to Ready is reported.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from tests.e2e.cluster import NODE_NAME, SUMMARY, Thaw, dump_json, sh, wait_for
 from tests.e2e.workloads import WORKLOADS, Workload
 from tests.images import REPO
 from webhook.config import DEFAULT_CAPABILITIES
+from webhook.patches import SIDECAR_CONTAINER
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
@@ -89,9 +95,12 @@ def _timeline(pod: Mapping[str, Any]) -> dict[str, float]:
     out["scheduled"] = at(conditions["PodScheduled"]["lastTransitionTime"]) - created
     for c in status.get("initContainerStatuses") or ():
         done = (c.get("state") or {}).get("terminated") or {}
+        running = (c.get("state") or {}).get("running") or {}  # thaw-sidecar, a native sidecar
         if done:
             out[f"{c['name']} started"] = at(done["startedAt"]) - created
             out[f"{c['name']} finished"] = at(done["finishedAt"]) - created
+        elif running:
+            out[f"{c['name']} started"] = at(running["startedAt"]) - created
     for c in status.get("containerStatuses") or ():
         running = (c.get("state") or {}).get("running") or {}
         if running:
@@ -143,7 +152,10 @@ class Diagnose:
         )
         events = "\n".join(f"{e.get('reason')}: {e.get('message')}" for e in self.api.events(self.ns, name))
         hosts = "\n".join(f"--- {p.name} log:\n{p.tail(2000)}" for p in self.thaw.processes)
-        return f"pod {name} status:\n{dump_json(pod.get('status'))}\nevents:\n{events}\n{logs}\n{hosts}"
+        agent = f"--- agent pod log:\n{self.thaw.agent_log()[-3000:]}"
+        return (
+            f"pod {name} status:\n{dump_json(pod.get('status'))}\nevents:\n{events}\n{logs}\n{hosts}\n{agent}"
+        )
 
 
 def _start_pod(
@@ -167,13 +179,20 @@ def _start_pod(
 def _event(
     api: Api, ns: str, name: str, reason: str, *, diagnose: Callable[[str], str], timeout: float
 ) -> str:
-    def find() -> str | None:
-        for e in api.events(ns, name):
-            if e.get("reason") == reason:
-                return str(e.get("message"))
-        return None
+    """The message of the agent's Event ``reason`` on pod ``name``. The agent's policy
+    (thaw-agent-events) admits it only from the node the agent's token is bound to, reported as
+    that node: the agent pod ran with its own identity, not an admin's."""
 
-    return wait_for(f"Event {reason} on pod {name}", find, timeout, every=0.5, explain=lambda: diagnose(name))
+    def find() -> dict[str, Any] | None:
+        return next((e for e in api.events(ns, name) if e.get("reason") == reason), None)
+
+    event = wait_for(
+        f"Event {reason} on pod {name}", find, timeout, every=0.5, explain=lambda: diagnose(name)
+    )
+    assert (event.get("reportingComponent"), event.get("reportingInstance")) == ("thaw-agent", NODE_NAME), (
+        event
+    )
+    return str(event.get("message"))
 
 
 @pytest.mark.parametrize("workload", list(WORKLOADS.values()), ids=list(WORKLOADS))
@@ -211,6 +230,7 @@ def test_checkpoint_in_one_pod_restore_in_another(
         capabilities=DEFAULT_CAPABILITIES,
         scheduler_name=thaw.scheduler_name(),
         ready_url=f"http://127.0.0.1:{workload.port}{workload.ready_path}",
+        snapshot=snapshot,
     )
     pod_layout.check_init_ran(pod_a)
     report["a_timeline_s"] = _timeline(pod_a)
@@ -220,9 +240,16 @@ def test_checkpoint_in_one_pod_restore_in_another(
     report["a_published"] = _event(api, ns, "a", "ThawCheckpointPublished", diagnose=diagnose, timeout=180)
     reasons = {str(e.get("reason")) for e in api.events(ns, "a")}
     assert "ThawColdStart" in reasons, reasons
-    assert "published snapshot sha256:" in api.logs(ns, "a", "server"), diagnose("a")
+    # thaw exec dumped; thaw-sidecar (the only container with the store and the key) published.
+    assert "checkpoint: {'status': 'published'" in api.logs(ns, "a", "server"), diagnose("a")
+    assert "published snapshot sha256:" in api.logs(ns, "a", SIDECAR_CONTAINER), diagnose("a")
     a_url = f"http://{pod_a['status']['podIP']}:{workload.port}"
     state_a = _http(a_url + workload.state_path)
+    # Its state lives in the writable layer a new pod lacks: the shared object under $TMPDIR (the
+    # prebuilt copy: the image has no compiler), the journal under $HOME/.cache.
+    assert str(state_a["lib"]).startswith("/tmp/") and state_a["compiled"] is False, state_a
+    assert str(state_a["journal"]).startswith("/root/.cache/") and state_a["journal_lines_at_start"] == 0
+    assert state_a["ipc_answer"] == state_a["token"], state_a
     if workload.bump_path:  # A moves on; B must come back with the state of the checkpoint
         assert _http(a_url + workload.bump_path, "POST") != state_a
 
@@ -244,9 +271,15 @@ def test_checkpoint_in_one_pod_restore_in_another(
     fetch_b = api.logs(ns, "b", "thaw-fetch")
     assert "restore sha256:" in fetch_b, f"{fetch_b}\n{diagnose('b')}"
     report["b_restored"] = _event(api, ns, "b", "ThawRestored", diagnose=diagnose, timeout=60)
-    state_b = _http(f"http://{pod_b['status']['podIP']}:{workload.port}{workload.state_path}")
+    b_url = f"http://{pod_b['status']['podIP']}:{workload.port}"
+    state_b = _http(b_url + workload.state_path)
     assert state_b == state_a, f"restored {state_b}, checkpointed {state_a}\n{diagnose('b')}"
     assert pod_b["status"]["podIP"] != pod_a["status"]["podIP"]
+    # B lives on from the checkpoint: its counter (in the shared object) and journal grow from there.
+    assert _http(b_url + "/bump", "POST") == {"counter": state_a["counter"] + 1}
+    grown = _http(b_url + workload.state_path)
+    assert grown["journal_lines"] == state_a["journal_lines"] + 1, grown
+    assert "restored" in api.logs(ns, "b", "server"), diagnose("b")
 
     # The workload process ran with the capabilities the webhook added (PID 1 is thaw exec).
     status = _exec(thaw, ns, "b", ["cat", "/proc/1/status"])
