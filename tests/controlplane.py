@@ -21,7 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.images import REPO, require
+from tests.images import REPO
+from tests.needs import require
 from thaw.serve.serving import free_port
 
 CONTROL_PLANE = REPO.parent / "shared" / "tools" / "k8s-control-plane"

@@ -25,11 +25,15 @@ from pathlib import Path
 
 import pytest
 
+from tests import needs
+
 REPO = Path(__file__).resolve().parent.parent
 BASE = "localhost/debian:trixie-thaw-test"
 THAW_IMAGE = "localhost/thaw:test"
 # Where a workload image keeps its program (``build_workload_image``).
 APP_DIR = "/app"
+# The one rule for a test that cannot run here (tests/needs.py); tests/e2e imports it from here.
+require = needs.require
 
 
 def missing_image_tools() -> str | None:
@@ -39,15 +43,6 @@ def missing_image_tools() -> str | None:
     if not (shutil.which("buildah") and shutil.which("debootstrap")):
         return "needs buildah and debootstrap from Debian (make tools installs them)"
     return None
-
-
-def require(reason: str | None) -> None:
-    """Skip with ``reason``; in CI (``CI=true``) fail instead: a missing tool must not pass silently."""
-    if reason is None:
-        return
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and this test cannot run: {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def run(cmd: Sequence[str], timeout: float = 900, what: str | None = None) -> str:

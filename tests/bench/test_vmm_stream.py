@@ -1,7 +1,7 @@
 """The stand-in's weight reload (bench/gpu/vmm_weights.py, issue 12): a safetensors file streamed in
 chunks, several in flight, into one region laid out as the file's data section; every tensor a view
-at its offset equals what safetensors itself loads. Needs torch and safetensors (the GPU machine
-has them; CI does not: skipped with the reason)."""
+at its offset equals what safetensors itself loads. Needs torch and safetensors: it runs on the GPU
+machine, which has them, and is skipped elsewhere with a reason CI allows (tests/needs.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+WHY = "runs on the GPU machine: bench/gpu's weight streaming needs torch and safetensors"
+torch = pytest.importorskip("torch", reason=WHY)
+safetensors_torch = pytest.importorskip("safetensors.torch", reason=WHY)
 
 from bench.gpu import vmm_weights  # noqa: E402  (after the skips)
 

@@ -43,7 +43,6 @@ def test_policies_see_the_same_arrivals_and_thaw_beats_spreading() -> None:
 
 
 def test_cli_reports_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
     png = tmp_path / "ttr.png"
     rc = main(["simulate", "--nodes", "16", "--pods", "200", "--seed", "2", "--plot", str(png)])
     out = capsys.readouterr().out

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.needs import require, requires, root
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +52,8 @@ def test_runtime_ignores_the_callers_python_environment(runtime: Path, tmp_path:
     assert (site / "runtime" / "execute.py").is_file() and not (site / "dev").exists()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
-@pytest.mark.skipif(not BUSYBOX.exists(), reason="needs busybox-static for the chroot's /bin/sh (make tools)")
+@requires(root("chroot"))
+@requires(None if BUSYBOX.exists() else "needs busybox-static for the chroot's /bin/sh (make tools)")
 def test_runtime_runs_in_an_empty_root(runtime: Path, tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "bin").mkdir(parents=True)
@@ -118,8 +119,8 @@ def test_runtime_finds_libcuda_through_the_callers_ld_library_path(runtime: Path
     (/usr/local/nvidia/lib64): the bundle's loader must search it after the bundle's own lib, whose
     libraries still win over the caller's (broken copies of them come first there)."""
     cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("needs a C compiler for the stand-in libcuda.so.1 (make tools)")
+    require(None if cc else "needs a C compiler for the stand-in libcuda.so.1 (make tools)")
+    assert cc is not None
     driver = tmp_path / "nvidia-lib64"
     driver.mkdir()
     (tmp_path / "fake_cuda.c").write_text(FAKE_LIBCUDA)

@@ -22,6 +22,7 @@ import yaml
 from extender.launch import extender_command
 from tests.controlplane import ControlPlane, wait_until
 from tests.manifests.test_manifests import _render
+from tests.needs import require, root
 from thaw.check import cluster as cc
 from thaw.check import node as cn
 from thaw.check.lines import Line, exit_code, fail, ok, render, warn
@@ -101,8 +102,7 @@ def test_cache_judgements() -> None:
 def test_thaw_check_node_on_this_machine(tmp_path: Path) -> None:
     """The real command: CRIU, criu check and the capabilities pass here (root, the bundled CRIU);
     this machine has no GPU, so the driver and CUDA lines fail, and the exit code says so."""
-    if os.geteuid() != 0:
-        pytest.skip("criu check and the capability line need root")
+    require(root("criu check and the capability line"))
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     out = subprocess.run(
@@ -254,8 +254,10 @@ def installed(
 ) -> Iterator[dict[str, Any]]:
     """Thaw installed as the README says, its webhook and extender served from this host."""
     ip = host_ip()
-    if ip is None:
-        pytest.skip("this host has no non-loopback address for the API server's service proxy to reach")
+    require(
+        None if ip else "this host has no non-loopback address for the API server's service proxy to reach"
+    )
+    assert ip is not None
     cp, tmp = control_plane, tmp_path_factory.mktemp("installed")
     cp.apply(_render("default"))
     tls = tmp / "tls"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import requires
 from tests.registry.server import Registry
 from tests.runtime.pods import missing_prerequisites, read_json, thaw_cli
 from tests.runtime.test_exec_criu import CMD, NAME, URL, _checkpointing, _restore_outcome, _run_pod, _workload
 
-_why = missing_prerequisites()
-pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+pytestmark = [pytest.mark.criu, requires(missing_prerequisites())]
 
 
 def test_checkpoint_through_a_registry_restores_its_state(registry: Registry, tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.needs import require, root
 from tests.runtime.snapshots import FACTS, World, facts, flock_held
 from thaw.contract.facts import compat_key
 from thaw.contract.manifest import Manifest, build_manifest, hex_of, sign_manifest
@@ -156,11 +157,8 @@ def ro_view(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     path, _ = cached(tmp_path)
     view = tmp_path / "view"
     view.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(["mount", "--bind", str(path.parent), str(view)], check=False).returncode
-    ):
-        pytest.skip("needs root to bind-mount")
+    require(root("bind-mounts"))
+    subprocess.run(["mount", "--bind", str(path.parent), str(view)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
         yield view / path.name, path

@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from tests.needs import require, requires, root
 from tests.runtime.pods import REPO, STATE_SERVER, read_json, wait_for
 
 
@@ -326,7 +325,7 @@ def _tmpfs(path: Path, size: str) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+@requires(root("mounts a tmpfs"))
 def test_no_checkpoint_when_the_work_directory_cannot_take_the_dump(tmp_path: Path) -> None:
     port = 8177
     work = tmp_path / "work"
@@ -375,15 +374,15 @@ def _memory_cgroup(limit: int) -> Path | None:
     return child
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="makes a cgroup and mounts a tmpfs")
+@requires(root("makes a cgroup and mounts a tmpfs"))
 def test_no_checkpoint_when_the_memory_limit_cannot_take_it(tmp_path: Path) -> None:
     """The dump goes to a work directory in memory (an emptyDir with medium: Memory): it counts
     against the container's memory limit, which cannot take it. Refused before the dump, with the
     numbers, instead of an OOM kill mid-checkpoint (the same check covers the CUDA checkpoint's host
     copy of GPU memory)."""
     cgroup = _memory_cgroup(600 << 20)
-    if cgroup is None:
-        pytest.skip("no memory cgroup can be made here")
+    require(None if cgroup is not None else "no memory cgroup can be made here (v1 or v2 with memory)")
+    assert cgroup is not None
     port = 8178
     work = tmp_path / "work"
     _tmpfs(work, "2g")  # room enough on the filesystem: the limit is memory

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from tests.needs import requires
 from tests.runtime.pods import (
     STATE_SERVER,
     THAW_CAPS,
@@ -34,8 +35,7 @@ from tests.runtime.pods import (
 )
 from tests.runtime.snapshots import World
 
-_why = missing_prerequisites()
-pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+pytestmark = [pytest.mark.criu, requires(missing_prerequisites())]
 
 PORT = 8171
 NAME = "state-server"

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import requires
 from tests.runtime.pods import (
     REPO,
     THAW_CAPS,
@@ -21,8 +22,7 @@ from tests.runtime.pods import (
     write_facts,
 )
 
-_why = missing_prerequisites()
-pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+pytestmark = [pytest.mark.criu, requires(missing_prerequisites())]
 
 PORT = 8172
 URL = f"http://127.0.0.1:{PORT}"

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from tests.needs import require, root
 from tests.runtime.snapshots import (
     FACTS,
     REPO,
@@ -488,13 +489,8 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs: a real filesystem that runs out of room (and a cache in node memory)."""
     mnt = tmp_path / "tmpfs"
     mnt.mkdir()
-    if (
-        os.geteuid() != 0
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=False
-        ).returncode
-    ):
-        pytest.skip("needs root to mount a tmpfs")
+    require(root("mounts a tmpfs"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:

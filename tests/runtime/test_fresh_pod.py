@@ -10,8 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
+from tests.needs import requires
 from thaw.dev.sandbox import (
     REPO,
     THAW_CAPS,
@@ -24,8 +23,7 @@ from thaw.dev.sandbox import (
     writable_places,
 )
 
-_why = missing_prerequisites()
-needs_root = pytest.mark.skipif(_why is not None, reason=_why or "")
+needs_root = requires(missing_prerequisites())
 
 
 def test_writable_places_are_a_containers() -> None:

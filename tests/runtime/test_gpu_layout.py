@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.needs import requires, root
 from thaw.runtime.gpu import container_gpu_problem, gpu_layout, gpu_minors, rank_env, visible_gpu_minors
 
 
@@ -69,7 +70,7 @@ def test_rank_env_reads_only_the_rank_variables() -> None:
     assert rank_env(2**22 + 7) == {}  # no such process
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts in a new mount namespace need root")
+@requires(root("mounts in a new mount namespace"))
 def test_bench_pod_view_of_dev_hides_only_the_named_devices() -> None:
     # The GPU benchmark gives a pod one GPU fewer this way (as a device plugin would); here the
     # hidden entries are ordinary devices, the mechanism is the same.

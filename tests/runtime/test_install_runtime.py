@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.needs import requires, root
 from thaw.runtime.install import (
     BUNDLE_ID_FILE,
     InstallError,
@@ -24,8 +25,8 @@ from thaw.runtime.install import (
 )
 
 NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv"
+needs_root = requires(
+    root("chowns and drops capabilities") or (None if shutil.which("setpriv") else "needs setpriv")
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.needs import requires
 from tests.runtime.pods import (
     REPO,
     STATE_SERVER,
@@ -31,8 +32,7 @@ from tests.runtime.pods import (
 )
 from tests.runtime.snapshots import World
 
-_why = missing_prerequisites()
-pytestmark = [pytest.mark.criu, pytest.mark.skipif(_why is not None, reason=_why or "")]
+pytestmark = [pytest.mark.criu, requires(missing_prerequisites())]
 
 PORT = 8173
 URL = f"http://127.0.0.1:{PORT}"

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.needs import requires, root
 from thaw.runtime import criu, podfiles, replica_config
 from thaw.runtime.podfiles import classify, parse_mountinfo
 from thaw.runtime.restore import inherit_list
@@ -179,9 +180,7 @@ def holder(tmp_path: Path) -> Any:
     proc.wait()
 
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0, reason="reads other processes' map_files and chowns (root)"
-)
+needs_root = requires(root("reads other processes' map_files and chowns"))
 
 
 @needs_root

@@ -5,10 +5,15 @@ filesystem)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO
+from tests.needs import require
 from thaw.snapshot.cache import _fs_type
 from thaw.snapshot.residency import PAGE, resident_bytes, resident_fraction
 
@@ -16,10 +21,19 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def disk_dir(tmp_path: Path) -> Path:
-    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip("the temporary directory is in memory: its pages cannot leave the page cache")
-    return tmp_path
+def disk_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a disk filesystem: the test's own, or one under /var/tmp or the repository
+    where the temporary directory is in memory (its pages could never leave the page cache)."""
+    for parent in (tmp_path, Path("/var/tmp"), REPO):
+        if _fs_type(parent) not in ("tmpfs", "ramfs"):
+            break
+    else:
+        require("no disk filesystem here (tmp, /var/tmp and the repository are all in memory)")
+    d = Path(tempfile.mkdtemp(prefix="thaw-residency-", dir=parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def write(path: Path, size: int) -> Path:
