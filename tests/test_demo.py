@@ -4,6 +4,7 @@ pure parts, its fallback without CRIU, and its cleanup on Ctrl-C."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extender.demo import bump_restoring, place_pods
 from extender.synthetic import cached, node
+from tests.webhook.helpers import answer
 from thaw.contract.inventory import parse_inventory
 from thaw.dev import demo, demo_node
 from thaw.dev.demo import DemoContext, print_summary
@@ -52,8 +55,10 @@ def _standins() -> list[int]:
 def test_map_env_maps_mounts_and_downward_api(tmp_path: Path) -> None:
     env: list[dict[str, Any]] = [
         {"name": "THAW_CACHE", "value": "/var/lib/thaw/cache"},
-        {"name": "THAW_PLAN", "value": "/run/thaw/plan.json"},
+        {"name": "THAW_PLAN", "value": "/run/thaw/plan/plan.json"},
         {"name": "THAW_KEY", "value": "/etc/thaw/key/signing.key"},
+        {"name": "THAW_CRIU", "value": "/thaw/rt/bin/criu"},
+        {"name": "THAW_RUNTIME_DIR", "value": "/var/lib/thaw/runtime"},
         {"name": "THAW_READY", "value": "http://127.0.0.1:8000/health"},
         {"name": "THAW_NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
         {"name": "HOME", "value": "/tmp"},
@@ -61,11 +66,47 @@ def test_map_env_maps_mounts_and_downward_api(tmp_path: Path) -> None:
     out = demo_node.map_env(env, tmp_path / "node", tmp_path / "pod", {"spec.nodeName": "gpu-local"})
     assert out == {
         "THAW_CACHE": str(tmp_path / "node/cache"),
-        "THAW_PLAN": str(tmp_path / "pod/run/plan.json"),
+        "THAW_PLAN": str(tmp_path / "pod/run/plan/plan.json"),
         "THAW_KEY": str(tmp_path / "node/keys/signing.key"),
+        "THAW_CRIU": str(tmp_path / "pod/tools/rt/bin/criu"),
+        "THAW_RUNTIME_DIR": str(tmp_path / "node/runtime"),
         "THAW_READY": "http://127.0.0.1:8000/health",
         "THAW_NODE_NAME": "gpu-local",
     }
+    # the pod's own snapshots, inside the cache's hostPath; the image's runtime; nothing else moves
+    node, pod = tmp_path / "node", tmp_path / "pod"
+    assert demo_node.map_path("/var/lib/thaw/cache/ns/snap", node, pod) == str(node / "cache/ns/snap")
+    assert demo_node.map_path("/opt/thaw/bin/thaw", node, pod) == str(node / "bundle/bin/thaw")
+    assert demo_node.map_path("/thawed", node, pod) == "/thawed"
+
+
+def test_the_demo_runs_each_container_as_the_webhook_injects_it() -> None:
+    """Commands, env and mounts come from the mutated pod, so the demo cannot drift from the webhook:
+    the workload's mounts are the plan, work, runtime and its own snapshots, the snapshots read-only;
+    the sidecar has the key; nobody else does."""
+    from tests.webhook.helpers import apply
+    from webhook.config import parse_config
+
+    config = parse_config(yaml.safe_load(demo.DEMO_CONFIG))
+    review = demo.admission_review(
+        demo.vllm_pod("qwen", demo.RESTORE_NS, {"thaw.dev/snapshot": "s"}), "ns", "u"
+    )
+    _, out = answer(review, restore=True, config=config)
+    pod = apply(review["request"]["object"], out["response"])
+    c = demo_node.pod_containers(pod)
+    node, mine = Path("/n"), Path("/p")
+    binds = dict(demo_node.volume_binds(c.target, node, mine))
+    assert binds == {
+        "/p/tools": True,
+        "/n/runtime": True,
+        "/p/run/plan": True,
+        "/p/run/work": False,
+        "/n/cache/ns/s": True,
+    }
+    assert ("/n/keys", True) in demo_node.volume_binds(c.sidecar, node, mine)
+    for other in (c.tools, c.fetch, c.target):
+        assert "/n/keys" not in dict(demo_node.volume_binds(other, node, mine))
+    assert c.tools["command"][-1] == "install-runtime" and c.sidecar["command"][-1] == "sidecar"
 
 
 def test_bump_restoring_counts_one_more_restore() -> None:
@@ -148,8 +189,21 @@ def test_demo_checkpoints_places_and_restores_for_real(tmp_path: Path) -> None:
     assert local and local[0].tier in ("memory", "disk")
     # Spread: the replicas use more than one of the nodes that hold the snapshot.
     assert len({p.node for p in ctx.placements}) >= 3
-    for command in ("thaw keys generate", "thaw agent --once", "thaw fetch", "thaw exec --"):
-        assert f"$ {command}" in text
+    for command in (
+        "thaw keys generate",
+        "thaw agent --once",
+        "thaw install-runtime",
+        "thaw fetch",
+        "thaw sidecar",
+        "/thaw/rt/bin/thaw exec --",
+    ):
+        assert f"$ {command}" in text, command
+    # thaw-sidecar published (the only container with the key), thaw exec restored from the
+    # snapshot through its read-only mount
+    assert ctx.cold.outcome["checkpoint"]["bytes"] > 0
+    # The agent's Events, from the outcomes thaw-sidecar relayed into the node cache.
+    for event in ("ThawColdStart", "ThawCheckpointPublished", "ThawRestored"):
+        assert re.search(rf"event: \w+ {event}", text), event
     assert "Time to ready on this machine" in text and "every case behaved as expected" in text
     assert _netns() == before and not _standins()
 
@@ -169,7 +223,7 @@ def test_ctrl_c_leaves_no_process_and_no_namespace() -> None:
     seen = []
     for raw in proc.stdout:
         seen.append(raw.decode(errors="replace"))
-        if "$ thaw exec --" in seen[-1]:  # the cold pod is starting: CRIU, netns, server all live
+        if "/thaw/rt/bin/thaw exec --" in seen[-1]:  # the cold pod starts: sidecar, netns, server live
             break
     time.sleep(1.0)
     assert _standins(), "".join(seen)

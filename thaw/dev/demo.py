@@ -425,7 +425,8 @@ def _time_to_ready(ctx: DemoContext) -> None:
     if not any(r for _, r in runs):
         return
     ctx.say(
-        f"\nTime to ready on this machine (stand-in: {WARMUP_S} s warm-up, {MEM_MB} MiB), fetch included:"
+        f"\nTime to ready on this machine (stand-in: {WARMUP_S} s warm-up, {MEM_MB} MiB), thaw-tools and "
+        "thaw-fetch included:"
     )
     for label, r in runs:
         if r is None:

@@ -1,38 +1,52 @@
 """The node steps of ``thaw demo``: this machine plays GPU node ``gpu-local`` and runs the runtime for
 real, with CRIU, on a CPU stand-in server (thaw/dev/standin.py: warm-up work and memory, then HTTP).
 
-1. ``cold_step``: the first replica finds no snapshot. ``thaw fetch`` (the ``thaw-fetch`` init
-   container) writes a cold plan; ``thaw exec`` (the wrapper) starts the server, waits for its
-   readiness URL, checkpoints it with CRIU, publishes the signed snapshot to the store and keeps a
-   copy in the node cache. ``thaw agent --once`` then prints the node's ``thaw.dev/facts`` and
-   ``thaw.dev/cache`` annotations, which the extender step reads as ``gpu-local``'s.
-2. ``restore_step``: a replica the extender placed on ``gpu-local`` runs ``thaw fetch`` + ``thaw exec``
-   again, in a fresh network namespace and process tree (:mod:`thaw.dev.sandbox`), and is restored.
+Each pod runs as the webhook injected it (the mutated pod the webhook step left in ``ctx.pods``): its
+containers' commands, environment and mounts are read from the injection, with the pod's paths
+mapped to directories under the demo's work directory (``NODE_PATHS``, ``POD_PATHS``):
 
-Both pods get exactly the ``THAW_*`` environment the webhook injected into the mutated pod (the
-``thaw-fetch`` init container's and the target container's), with the pod's mount paths mapped to
-directories under the demo's work directory, and exactly the capabilities the webhook added (on top
-of a container runtime's defaults, through setpriv). The workload command is the stand-in's, not
-vLLM's; the snapshot name and ``thaw.dev/workload`` are the webhook's. Node facts come from
-``--facts`` (``THAW_FACTS``): this machine's detected arch, kernel and CRIU, with a simulated GPU, so
-that the simulated cluster's nodes can share the snapshot.
+1. ``thaw-tools``: ``thaw install-runtime``, every capability dropped, copies the runtime bundle
+   once into the node's runtime directory and links it into the pod's tools directory (``/thaw/rt``).
+   The Thaw image's bundle (``/opt/thaw``) is played by :func:`make_bundle`: this repository's thaw
+   on this Python, with this machine's CRIU.
+2. ``thaw-fetch``: ``thaw fetch`` writes the plan (cold: no snapshot yet; later: restore).
+3. ``thaw-sidecar``: ``thaw sidecar``, started before the workload and stopped after it (a native
+   sidecar), relays the outcome into the node cache and publishes the dump ``thaw exec`` hands it,
+   signed with the key only it gets.
+4. The workload: ``/thaw/rt/bin/thaw exec -- CMD`` with the stand-in's command, in a fresh
+   container (:mod:`thaw.dev.sandbox`: its own network, PID and mount namespaces, fresh tmpfs over
+   its writable places) that sees of the node only its volumes: the plan, its own snapshots and the
+   runtime read-only, its work directory read-write; everything else of the node (the cache, the
+   store, the key) is hidden. It gets exactly the capabilities the webhook added.
+
+``cold_step`` runs the first replica (cold start, checkpoint on ready, publish), then ``thaw agent
+--once`` prints the node's ``thaw.dev/facts`` and ``thaw.dev/cache`` annotations, which the extender
+step reads as ``gpu-local``'s. ``restore_step`` runs a replica the extender placed on ``gpu-local``:
+restored. Node facts come from ``--facts`` (``THAW_FACTS``, for ``thaw fetch`` and the agent): this
+machine's detected arch, kernel and CRIU, with a simulated GPU, so that the simulated cluster's
+nodes can share the snapshot.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from thaw.contract.annotations import NODE_CACHE
-from thaw.dev.sandbox import STANDIN, Netns, Pod, missing_prerequisites, read_json, with_caps
+from thaw.dev.sandbox import REPO, STANDIN, Netns, Pod, missing_prerequisites, read_json, with_caps
+from webhook import patches as P
 
 if TYPE_CHECKING:
     from thaw.dev.demo import DemoContext
@@ -45,42 +59,36 @@ SIMULATED_GPU = {"gpu": {"product": "NVIDIA-H100-80GB-HBM3", "count": 8}, "drive
 BUDGET = 10 * 2**30
 READY_TIMEOUT_S = 60.0
 PUBLISH_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 15.0
+FINAL_CHECKPOINT = ("published", "failed", "skipped", "refused")
+# `thaw agent --once` without --node logs the Events it would post (thaw/node/agent.py).
+DRY_RUN_EVENT = re.compile(r"event \(dry run[^)]*\): (.*)$")
 
-# The pod's mount paths (webhook/patches.py) -> where this "node" keeps them.
+# The pod's paths (webhook/patches.py) -> where this "node" keeps them: the node's (hostPath volumes,
+# the store, the Secrets, the Thaw image's runtime) and the pod's own (its emptyDirs).
 NODE_PATHS = {
-    "/var/lib/thaw/cache": "cache",  # hostPath: shared by the node's pods
-    "/var/lib/thaw/store": "store",  # the store (a hostPath or a PVC)
-    "/etc/thaw/trust": "trust",  # the trust ConfigMap
-    "/etc/thaw/key": "keys",  # the signing-key Secret
+    P.IMAGE_RUNTIME: "bundle",  # /opt/thaw in Thaw's image: make_bundle()
+    P.RUNTIME_DIR: "runtime",  # hostPath: the node's runtime copies
+    P.CACHE_DIR: "cache",  # hostPath: shared by the node's pods
+    P.STORE_DIR: "store",  # the store (a hostPath or a PVC)
+    P.TRUST_DIR: "trust",  # the trust Secret
+    P.KEY_DIR: "keys",  # the signing-key Secret
 }
 POD_PATHS = {
-    "/run/thaw": "run",  # the plan emptyDir: one per pod
-    "/thaw": "tools",  # the tools emptyDir that the thaw-tools init container fills
+    "/run/thaw": "run",  # the plan, work and sidecar-state emptyDirs: one per pod
+    P.TOOLS_DIR: "tools",  # the tools emptyDir that thaw-tools links the runtime into
 }
 
 
-def install_tools(pod_dir: Path) -> None:
-    """What the ``thaw-tools`` init container does for a pod: put CRIU under the pod's ``/thaw/bin``
-    (here a link to this machine's CRIU 4.2, as ``make criu`` installed it)."""
-    from thaw.runtime.criu import find_criu
-
-    bin_dir = pod_dir / "tools" / "bin"
-    bin_dir.mkdir(parents=True)
-    criu = find_criu({k: v for k, v in os.environ.items() if k != "THAW_CRIU"})
-    (bin_dir / "criu").symlink_to(Path(criu).resolve())
-
-
-@dataclass
-class PodRun:
-    """What one pod did: its plan, its outcome file, its first answer and its timings."""
-
-    name: str
-    plan: dict[str, Any]
-    outcome: dict[str, Any]
-    answer: dict[str, Any] | None
-    fetch_s: float
-    ready_s: float | None  # from the start of thaw fetch to the first answer of the server
-    log: str
+def map_path(value: str, node_dir: Path, pod_dir: Path) -> str:
+    """A path inside the pod as this machine keeps it (pure): the longest mapped prefix wins."""
+    table = [(k, node_dir / v) for k, v in NODE_PATHS.items()] + [
+        (k, pod_dir / v) for k, v in POD_PATHS.items()
+    ]
+    for prefix, where in sorted(table, key=lambda kv: -len(kv[0])):
+        if value == prefix or value.startswith(prefix + "/"):
+            return str(where) + value[len(prefix) :]
+    return value
 
 
 def map_env(
@@ -94,26 +102,73 @@ def map_env(
         if not name.startswith("THAW_"):
             continue
         if "value" in e:
-            value = str(e["value"])
-            for prefix, sub in NODE_PATHS.items():
-                if value == prefix or value.startswith(prefix + "/"):
-                    value = str(node_dir / sub) + value[len(prefix) :]
-            for prefix, sub in POD_PATHS.items():
-                if value == prefix or value.startswith(prefix + "/"):
-                    value = str(pod_dir / sub) + value[len(prefix) :]
-            out[name] = value
+            out[name] = map_path(str(e["value"]), node_dir, pod_dir)
         else:
             path = e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath", "")
             out[name] = fields.get(path, "")
     return out
 
 
-def pod_containers(pod: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The mutated pod's ``thaw-fetch`` init container and its target container (the one whose command
-    the webhook wrapped with ``thaw exec``)."""
-    fetch = next(c for c in pod["spec"]["initContainers"] if c["name"] == "thaw-fetch")
+@dataclass(frozen=True)
+class Injected:
+    """The containers the webhook gave the pod, by role."""
+
+    tools: dict[str, Any]
+    fetch: dict[str, Any]
+    sidecar: dict[str, Any]
+    target: dict[str, Any]
+
+
+def pod_containers(pod: Mapping[str, Any]) -> Injected:
+    """The mutated pod's Thaw init containers and its target container (the one whose command the
+    webhook wrapped with ``thaw exec``)."""
+    init = {c["name"]: c for c in pod["spec"]["initContainers"]}
     target = next(c for c in pod["spec"]["containers"] if c.get("command", [""])[1:2] == ["exec"])
-    return fetch, target
+    return Injected(init[P.TOOLS_CONTAINER], init[P.FETCH_CONTAINER], init[P.SIDECAR_CONTAINER], target)
+
+
+def volume_binds(container: Mapping[str, Any], node_dir: Path, pod_dir: Path) -> list[tuple[str, bool]]:
+    """The container's Thaw volumes as (path on this machine, read-only), from its volumeMounts (pure)."""
+    return [
+        (map_path(m["mountPath"], node_dir, pod_dir), bool(m.get("readOnly")))
+        for m in container.get("volumeMounts") or ()
+        if str(m.get("name", "")).startswith("thaw-")
+    ]
+
+
+def make_bundle(where: Path) -> Path:
+    """The Thaw image's runtime bundle (``/opt/thaw``) as this machine has it: ``bin/thaw`` runs this
+    repository's thaw on this Python, ``bin/criu`` is this machine's CRIU (``make criu``), and
+    ``BUNDLE_ID`` names it, as scripts/build-runtime makes the real one (which the image carries)."""
+    from thaw.runtime.criu import find_criu
+    from thaw.runtime.install import write_bundle_id
+
+    (where / "bin").mkdir(parents=True)
+    code = f"import sys; sys.path.insert(0, {json.dumps(str(REPO))}); sys.argv[0] = 'thaw'; "
+    code += "from thaw.cli import main; sys.exit(main())"
+    wrapper = where / "bin" / "thaw"
+    wrapper.write_text(
+        "#!/bin/sh\n# thaw demo's stand-in for the Thaw image's /opt/thaw (scripts/build-runtime builds it)\n"
+        f'exec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    criu = find_criu({k: v for k, v in os.environ.items() if k != "THAW_CRIU"})
+    (where / "bin" / "criu").symlink_to(Path(criu).resolve())
+    write_bundle_id(where)
+    return where
+
+
+@dataclass
+class PodRun:
+    """What one pod did: its plan, its outcome file, its first answer and its timings."""
+
+    name: str
+    plan: dict[str, Any]
+    outcome: dict[str, Any]
+    answer: dict[str, Any] | None
+    fetch_s: float
+    ready_s: float | None  # from the start of thaw-tools to the first answer of the server
+    log: str
 
 
 def node_facts_file(path: Path) -> dict[str, Any]:
@@ -125,16 +180,14 @@ def node_facts_file(path: Path) -> dict[str, Any]:
     return facts
 
 
-def _cli(
-    argv: list[str], env: dict[str, str], netns: Netns | None = None
+def _run(
+    cmd: Sequence[str], env: dict[str, str], netns: Netns | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``thaw ARGV`` as a container would run it: configured by its environment only."""
-    from thaw.dev.sandbox import REPO
-
+    """A Thaw container's command, configured by its environment only."""
     prefix = ["ip", "netns", "exec", netns.name] if netns is not None else []
     clean = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "thaw", *argv],
+        [*prefix, *cmd],
         capture_output=True,
         text=True,
         check=False,
@@ -143,47 +196,138 @@ def _cli(
     )
 
 
+def _cli(argv: Sequence[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``thaw ARGV`` (this repository's) on this machine."""
+    return _run([sys.executable, "-m", "thaw", *argv], env)
+
+
+def _no_caps(security: Mapping[str, Any] | None) -> list[str]:
+    """The prefix that drops every capability, where the container's securityContext drops ALL."""
+    drop = ((security or {}).get("capabilities") or {}).get("drop") or []
+    return ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"] if "ALL" in drop else []
+
+
+def _last_line(res: subprocess.CompletedProcess[str]) -> str:
+    lines = res.stderr.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def workload_cmd() -> list[str]:
     return ["python3", str(STANDIN), str(PORT), "--warmup", WARMUP_S, "--mem-mb", MEM_MB]
 
 
+class Sidecar:
+    """``thaw-sidecar`` of one pod: started before the workload, stopped (SIGTERM) after it."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+        self.log = log
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, env={**clean, "PYTHONPATH": str(REPO), **env}, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
 def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool) -> PodRun:
-    """One replica of ``pod`` on this node: ``thaw fetch`` then ``thaw exec`` in a fresh sandbox, until
-    its server answers (and, with ``wait_publish``, until its snapshot is published). Stops it."""
-    fetch_c, target = pod_containers(pod)
+    """One replica of ``pod`` on this node, its containers as the webhook injected them (module
+    doc), until its server answers (and, with ``wait_publish``, until its snapshot is published).
+    Stops it."""
+    c = pod_containers(pod)
     node_dir, pod_dir = ctx.workdir / "node", ctx.workdir / name
-    (pod_dir / "run").mkdir(parents=True)
-    install_tools(pod_dir)
+    pod_dir.mkdir(parents=True)
+    namespace = next(e["value"] for e in c.fetch["env"] if e["name"] == P.ENV_NAMESPACE)
     fields = {
         "metadata.name": name,
-        "metadata.namespace": "llm-serving",
+        "metadata.namespace": namespace,
         "metadata.uid": str(uuid.uuid4()),
         "spec.nodeName": LOCAL_NODE,
     }
-    node_env = {"THAW_FACTS": str(node_dir / "facts.json")}  # --facts: no GPU to detect here
-    fetch_env = {**map_env(fetch_c.get("env", []), node_dir, pod_dir, fields), **node_env}
-    exec_env = {**map_env(target.get("env", []), node_dir, pod_dir, fields), **node_env}
-    caps = [c.lower() for c in target["securityContext"]["capabilities"]["add"]]
-    ready_url = exec_env.get("THAW_READY", f"http://127.0.0.1:{PORT}/health")
+
+    def env(container: Mapping[str, Any], **extra: str) -> dict[str, str]:
+        return {**map_env(container.get("env", []), node_dir, pod_dir, fields), **extra}
+
+    def command(container: Mapping[str, Any]) -> list[str]:
+        return [map_path(str(a), node_dir, pod_dir) for a in container["command"]]
+
+    # What kubelet makes before any container starts: the pod's emptyDirs (empty, for every pod)
+    # and its DirectoryOrCreate hostPaths (the pod's own snapshot directory among them).
+    for path, _ in volume_binds(c.sidecar, node_dir, pod_dir) + volume_binds(c.tools, node_dir, pod_dir):
+        if path.startswith(str(pod_dir)):
+            Path(path).mkdir(parents=True, exist_ok=True)
+    for volume in pod["spec"]["volumes"]:
+        host = volume.get("hostPath") or {}
+        if host.get("type") == "DirectoryOrCreate":
+            os.makedirs(map_path(host["path"], node_dir, pod_dir), mode=0o755, exist_ok=True)
+    facts = {"THAW_FACTS": str(node_dir / "facts.json")}  # --facts: no GPU to detect here
     netns = Netns("thaw-demo")
     sandbox: Pod | None = None
+    sidecar: Sidecar | None = None
     try:
-        shown = " ".join(f"{k}={v}" for k, v in sorted(fetch_env.items()))
-        ctx.say(f"    $ thaw fetch   # the thaw-fetch init container, configured by its env: {shown}")
         t0 = time.monotonic()
-        res = _cli(["fetch"], fetch_env, netns)
-        fetch_s = time.monotonic() - t0
+        tools_env = env(c.tools, THAW_BUNDLE=str(node_dir / "bundle"))
+        ctx.say(f"    $ thaw install-runtime   # thaw-tools, no capabilities: {_shown(tools_env)}")
+        res = _run([*_no_caps(c.tools.get("securityContext")), *command(c.tools)], tools_env)
+        if res.returncode != 0:
+            raise RuntimeError(f"thaw install-runtime exited {res.returncode}: {res.stderr.strip()}")
+        ctx.say(f"    {_last_line(res)}")
+
+        fetch_env = env(c.fetch, **facts)
+        ctx.say(f"    $ thaw fetch   # thaw-fetch, configured by its env: {_shown(fetch_env)}")
+        t_fetch = time.monotonic()
+        res = _run(command(c.fetch), fetch_env, netns)
+        fetch_s = time.monotonic() - t_fetch
         if res.returncode != 0:
             raise RuntimeError(f"thaw fetch exited {res.returncode}: {res.stderr.strip()}")
         plan = read_json(Path(fetch_env["THAW_PLAN"]))
-        ctx.say(f"    thaw fetch ({fetch_s:.2f} s): {res.stderr.strip().splitlines()[-1]}")
+        ctx.say(f"    thaw fetch ({fetch_s:.2f} s): {_last_line(res)}")
+
+        sidecar_env = env(c.sidecar)
         ctx.say(
-            f"    $ thaw exec -- {' '.join(workload_cmd())}   # the wrapper, in the netns {netns.name}, "
-            f"PID 1 of a new PID namespace; env: THAW_PLAN THAW_READY={ready_url} THAW_CHECKPOINT="
-            f"{exec_env.get('THAW_CHECKPOINT')} and the rest of {len(exec_env)} THAW_* variables"
+            f"    $ thaw sidecar &   # thaw-sidecar (native sidecar): the only container with the store, "
+            f"the whole cache and the key: {_shown(sidecar_env)}"
         )
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("THAW_")}, **exec_env}
-        sandbox = Pod(netns, [], workload_cmd(), env=env, wrap=with_caps(caps))
+        sidecar = Sidecar(command(c.sidecar), sidecar_env, pod_dir / "sidecar.log")
+
+        exec_env = env(c.target)
+        thaw_bin, *wrapped = command(c.target)
+        assert wrapped[:2] == ["exec", "--"], c.target["command"]
+        binds = volume_binds(c.target, node_dir, pod_dir)
+        caps = [cap.lower() for cap in c.target["securityContext"]["capabilities"]["add"]]
+        ready_url = exec_env.get("THAW_READY", f"http://127.0.0.1:{PORT}/health")
+        mounts = ", ".join(f"{p} ({'ro' if ro else 'rw'})" for p, ro in binds)
+        ctx.say(
+            f"    $ {P.THAW_BIN} exec -- {' '.join(workload_cmd())}   # the workload, PID 1 of a fresh "
+            f"container in the netns {netns.name}; env: THAW_READY={ready_url} THAW_CHECKPOINT="
+            f"{exec_env.get('THAW_CHECKPOINT')} and the rest of {len(exec_env)} THAW_* variables; "
+            f"of the node it sees only {mounts}"
+        )
+        base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+        sandbox = Pod(
+            netns,
+            [],
+            workload_cmd(),
+            env={**base, **exec_env},
+            wrap=with_caps(caps),
+            thaw=[thaw_bin],
+            hide=[ctx.workdir],
+            binds=binds,
+        )
         answer: dict[str, Any] | None = None
         deadline = time.monotonic() + READY_TIMEOUT_S
         while answer is None and time.monotonic() < deadline and sandbox.proc.poll() is None:
@@ -191,13 +335,13 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
             if answer is None:
                 time.sleep(0.05)
         ready_s = time.monotonic() - t0 if answer is not None else None
-        outcome_path = Path(exec_env["THAW_PLAN"]).parent / "outcome.json"
+        outcome_path = Path(exec_env[P.ENV_OUTCOME])
         outcome = read_json(outcome_path)
         if wait_publish and answer is not None:
             deadline = time.monotonic() + PUBLISH_TIMEOUT_S
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and sandbox.proc.poll() is None:
                 outcome = read_json(outcome_path)
-                if outcome.get("checkpoint", {}).get("status") in ("published", "failed"):
+                if outcome.get("checkpoint", {}).get("status") in FINAL_CHECKPOINT:
                     break
                 time.sleep(0.1)
         return PodRun(name, plan, outcome, answer, fetch_s, ready_s, "")
@@ -209,14 +353,24 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
                 ctx.say(
                     "    thaw exec's output:\n" + "\n".join("      " + ln for ln in log.splitlines()[-20:])
                 )
+        if sidecar is not None and sidecar.stop() not in (0, None):
+            ctx.say(
+                "    thaw sidecar's output:\n"
+                + "\n".join("      " + ln for ln in sidecar.tail().splitlines())
+            )
         netns.delete()
+
+
+def _shown(env: Mapping[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
 
 
 def _prepare_node(ctx: DemoContext) -> dict[str, Any]:
     """Signing keys, trust, store and cache directories, facts: what the node and cluster provide."""
     node_dir = ctx.workdir / "node"
-    for sub in ("store", "cache"):  # the store volume and the node cache's hostPath
+    for sub in ("store", "cache", "runtime"):  # the store volume, the cache's and runtime's hostPaths
         (node_dir / sub).mkdir(parents=True)
+    make_bundle(node_dir / "bundle")
     res = _cli(["keys", "generate", "--out", str(node_dir / "keys")], {})
     if res.returncode != 0:
         raise RuntimeError(f"thaw keys generate: {res.stderr.strip()}")
@@ -248,8 +402,9 @@ def agent_once(ctx: DemoContext) -> dict[str, str]:
         ctx.say(f"    {NODE_CACHE}: no snapshots; free {inv.get('free_bytes', 0) / 1e9:.0f} GB")
     # what it would post on this node's pods (kubectl describe pod), from thaw exec's outcome copies
     for line in res.stderr.splitlines():
-        if "event (dry run): " in line:
-            ctx.say(f"    event: {line.split('event (dry run): ', 1)[1]}")
+        m = DRY_RUN_EVENT.search(line)
+        if m:
+            ctx.say(f"    event: {m.group(1)}")
     return annotations
 
 
@@ -269,9 +424,9 @@ def cold_step(ctx: DemoContext) -> None:
         ctx.record("node", "cold start + checkpoint", "skipped", why)
         ctx.node_annotations = agent_once(ctx)
         return
-    _, target = pod_containers(pod)
+    target = pod_containers(pod).target
     ctx.say(
-        f"  pod qwen-0 on {LOCAL_NODE}: the webhook's THAW_* env, capabilities "
+        f"  pod qwen-0 on {LOCAL_NODE}, its containers as the webhook injected them; capabilities "
         f"{', '.join(target['securityContext']['capabilities']['add'])}; workload: {' '.join(workload_cmd())}"
     )
     run = run_pod(ctx, pod, "qwen-0", wait_publish=True)
@@ -279,7 +434,7 @@ def cold_step(ctx: DemoContext) -> None:
     ck = run.outcome.get("checkpoint", {})
     ctx.say(f"    plan: {run.plan.get('action')} ({run.plan.get('reason', '')})")
     ready = f"{run.ready_s:.2f} s" if run.ready_s is not None else "never"
-    ctx.say(f"    thaw exec: cold start; server ready after {ready} (fetch included)")
+    ctx.say(f"    thaw exec: cold start; server ready after {ready} (thaw-tools and thaw-fetch included)")
     ctx.say(
         f"    checkpoint: {ck.get('status')} {ck.get('snapshot', '')[:19]} {ck.get('bytes', 0) / 1e6:.0f} MB "
         f"(asleep: sleep {ck.get('sleep_s', '-')} s, criu dump {ck.get('criu_dump_s', '-')} s, "
@@ -313,7 +468,8 @@ def restore_step(ctx: DemoContext) -> None:
     ctx.say(f"    plan: {run.plan.get('action')} {run.plan.get('snapshot', run.plan.get('reason', ''))[:40]}")
     ctx.say(
         f"    thaw exec: {run.outcome.get('result')} {run.outcome.get('reason') or ''} "
-        f"timings {run.outcome.get('timings', {})}; server ready after {ready} (fetch included)"
+        f"timings {run.outcome.get('timings', {})}; server ready after {ready} "
+        "(thaw-tools and thaw-fetch included)"
     )
     cold = ctx.cold.answer or {}
     same = run.answer is not None and run.answer.get("digest") == cold.get("digest")

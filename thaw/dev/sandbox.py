@@ -13,7 +13,9 @@ environment is a container's (a few variables plus what the caller gives, not th
 and its stdout/stderr is a pipe. The directories it shares with the caller (the repository, the
 Python installation, the test's store, plans and outcome files: the pod's volumes) are bound back
 at the same paths. One pod's writes to its writable places are never seen by another pod, nor by
-the host.
+the host. Where a caller knows the pod's volumes exactly (``thaw demo``: the webhook's mounts),
+``hide`` puts an empty tmpfs over the directories that hold them (the node's state, other pods') and
+``binds`` puts back only the pod's own volumes, each read-only or not as its volumeMount says.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +110,19 @@ def kept_entries(paths: Iterable[str | Path], places: Iterable[str]) -> list[str
     return sorted(keep, key=lambda p: (p.count("/"), p))
 
 
-def fresh_container_prefix(env: Mapping[str, str], shared: Iterable[str | Path] = ()) -> list[str]:
+def fresh_container_prefix(
+    env: Mapping[str, str],
+    shared: Iterable[str | Path] = (),
+    *,
+    hide: Iterable[str | Path] = (),
+    binds: Iterable[tuple[str | Path, bool]] = (),
+) -> list[str]:
     """The argv prefix that makes the rest of a pod's command run in a fresh container (module doc):
     run it inside the pod's own mount namespace (after ``unshare --mount``/``--mount-proc``), before
     capabilities are dropped. ``env`` is the pod's environment (its HOME and TMPDIR); ``shared``
-    the paths the pod uses from its caller (volumes): the repository and this Python are added."""
+    the paths the pod uses from its caller (volumes): the repository and this Python are added.
+    ``hide``: directories covered by an empty tmpfs; ``binds``: (path, read-only) put back at the
+    same path afterwards (a pod's volumes inside hidden directories)."""
     places = writable_places(env)
     shared_paths = [
         *map(str, shared),
@@ -121,8 +131,20 @@ def fresh_container_prefix(env: Mapping[str, str], shared: Iterable[str | Path] 
         sys.base_prefix,
         os.path.realpath(sys.executable),
     ]
-    spec = {"places": places, "keep": kept_entries(shared_paths, places)}
+    spec = {
+        "places": places,
+        "keep": kept_entries(shared_paths, places),
+        "hide": [os.path.normpath(str(h)) for h in hide],
+        # parents first: a volume inside another one is bound after it
+        "binds": [
+            [p, ro] for p, ro in sorted(((os.path.normpath(str(p)), ro) for p, ro in binds), key=_depth)
+        ],
+    }
     return [sys.executable, "-m", "thaw.dev.sandbox", "fresh", json.dumps(spec), "--"]
+
+
+def _depth(bind: tuple[str, bool]) -> int:
+    return bind[0].count("/")
 
 
 def _bytes(value: str | None) -> bytes | None:
@@ -163,17 +185,31 @@ def fresh_main(spec_json: str, cmd: list[str]) -> int:
             data=f"mode={mode:o},uid={uid},gid={gid}",
         )
     for path, fd in held:
-        if not os.path.lexists(path):
-            if os.path.isdir(f"/proc/self/fd/{fd}"):
-                os.makedirs(path)
-            else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        _mount(libc, path, source=f"/proc/self/fd/{fd}", flags=_MS_BIND | _MS_REC)
-        os.close(fd)
+        _bind_back(libc, path, fd)
+    # The pod's volumes, held before their directories are hidden, then bound back (read-only ones
+    # remounted read-only: a bind mount takes the flag only on a remount).
+    volumes = [(p, ro, os.open(p, os.O_PATH | os.O_CLOEXEC)) for p, ro in spec.get("binds", [])]
+    for hidden in spec.get("hide", []):
+        _mount(libc, hidden, source="tmpfs", fstype="tmpfs", flags=_MS_NOSUID | _MS_NODEV, data="mode=755")
+    for path, read_only, fd in volumes:
+        _bind_back(libc, path, fd)
+        if read_only:
+            _mount(libc, path, flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY)
     _mount(libc, "/proc/sys", source="/proc/sys", flags=_MS_BIND | _MS_REC)
     _mount(libc, "/proc/sys", flags=_MS_REMOUNT | _MS_BIND | _MS_RDONLY)
     os.execvp(cmd[0], cmd)
+
+
+def _bind_back(libc: Any, path: str, fd: int) -> None:
+    """Bind what ``fd`` (an O_PATH descriptor) names at ``path``, making the mount point if needed."""
+    if not os.path.lexists(path):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            os.makedirs(path)
+        else:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+    _mount(libc, path, source=f"/proc/self/fd/{fd}", flags=_MS_BIND | _MS_REC)
+    os.close(fd)
 
 
 def missing_prerequisites() -> str | None:
@@ -238,17 +274,23 @@ class Pod:
         stdout: int | None = None,
         stdout_file: str | None = None,
         volumes: Iterable[str | Path] = (),
+        thaw: Sequence[str] | None = None,
+        hide: Iterable[str | Path] = (),
+        binds: Iterable[tuple[str | Path, bool]] = (),
     ):
         self.netns = netns
         self.started = time.monotonic()
         full_env = pod_env(env)
         shared = [*paths_in([*thaw_args, *cmd, *full_env.values(), stdout_file or ""]), *map(str, volumes)]
         redirect = ["sh", "-c", 'f=$1; shift; exec "$@" >"$f" 2>&1', "sh", stdout_file] if stdout_file else []
+        runtime = list(thaw) if thaw is not None else [sys.executable, "-m", "thaw"]
+        binds = list(binds)
+        shared += [str(p) for p, _ in binds]
         argv = [
             "ip", "netns", "exec", netns.name,
             "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
-            *fresh_container_prefix(full_env, shared), *(wrap or []), *redirect,
-            sys.executable, "-m", "thaw", "exec", *thaw_args, "--", *cmd,
+            *fresh_container_prefix(full_env, shared, hide=hide, binds=binds), *(wrap or []), *redirect,
+            *runtime, "exec", *thaw_args, "--", *cmd,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             argv,
