@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import not_run
+
 REPO = Path(__file__).resolve().parents[1]
 NO_CAPS = ["setpriv", "--bounding-set=-all", "--inh-caps=-all", "--"]
 GOAL_SPEEDUP = 10.0
@@ -54,8 +56,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        print("install_runtime: skipped (needs root and setpriv)")
-        return 0
+        return not_run("install_runtime", "needs root and setpriv")
     root = Path(tempfile.mkdtemp(prefix="thaw-bench-install-"))
     try:
         bundle = args.bundle

@@ -21,6 +21,7 @@ import json
 import subprocess
 import sys
 
+from bench import not_run
 from thaw.dev.sandbox import (
     REPO,
     THAW_CAPS,
@@ -82,8 +83,7 @@ def run_method(method: str) -> dict[str, object]:
 def main(argv: list[str]) -> int:
     why = missing_prerequisites()
     if why:
-        print(f"pid_floor: skipped: {why}")
-        return 0
+        return not_run("pid_floor", why)
     results = {m: run_method(m) for m in ("fork", "vfork", "clone3 set_tid")}
     print(
         f"{'method':<16} {'seconds':>8} {'next PID':>9}  (floor {FLOOR}; fresh pod, the pod's capabilities)"

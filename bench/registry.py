@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench import not_run
 from thaw.contract.signing import generate_keypair
 from thaw.snapshot.fetch import fetch
 from thaw.snapshot.store import Store, publish
@@ -91,8 +92,7 @@ def main(argv: list[str]) -> int:
 
     why = missing_tools()
     if why:
-        print(f"registry: not available ({why})")
-        return 1
+        return not_run("registry", why)
     root = Path(
         tempfile.mkdtemp(prefix="thaw-bench-registry-", dir=os.environ.get("THAW_BENCH_DIR", "/var/tmp"))
     )

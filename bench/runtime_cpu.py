@@ -20,34 +20,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import not_run
 from bench.gpu import bundle, lifecycle
 from bench.gpu.harness import pod_caps_wrap
+from thaw.dev.sandbox import STANDIN, missing_prerequisites, write_facts
 
 PORT = 8290
 WARMUP_S = "3"
 MEM_MB = "256"
 
 
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    if shutil.which("unshare") is None:
-        return "needs unshare (util-linux)"
-    try:
-        from thaw.runtime.criu import find_criu
-
-        find_criu()
-    except Exception as exc:
-        return str(exc)
-    return None
-
-
 def main(argv: list[str]) -> int:
-    why = _why_not()
+    why = missing_prerequisites()
     if why:
-        print(f"runtime_cpu: did not run ({why})")
-        return 1
-    from thaw.dev.sandbox import STANDIN, write_facts
+        return not_run("runtime_cpu", why)
 
     root = Path(tempfile.mkdtemp(prefix="thaw-bench-cpu-"))
     try:

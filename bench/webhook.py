@@ -39,6 +39,8 @@ from typing import Any
 
 from flask import Flask, Response, request
 
+from bench import not_run
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "k8s" / "admissionreview-v1-pod-create.request.json"
 GOALS = {"admissions_per_s": 2000.0, "p99_ms_at_1000": 5.0, "mutation_us": 100.0}
@@ -329,8 +331,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
-        print("bench.webhook: wrk is not installed (make tools, or apt-get install wrk)")
-        return 1
+        return not_run("bench.webhook", "wrk is not installed: make tools, or apt-get install wrk")
     from webhook.launch import make_certs, running_webhook
 
     body = review_body()
