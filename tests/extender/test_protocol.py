@@ -18,6 +18,12 @@ FILTERS = [n for n in REQUESTS if "-filter-" in n]
 PRIORITIZES = [n for n in REQUESTS if "-prioritize-" in n]
 
 
+def test_fixtures_found() -> None:
+    # raw/ holds 9 filter and 8 prioritize requests; a missing copy must fail, not leave the
+    # parametrized tests below with no case.
+    assert (len(FILTERS), len(PRIORITIZES)) == (9, 8), REQUESTS
+
+
 def call(fn: Any, index: NodeIndex, args: dict[str, Any]) -> tuple[int, Any]:
     status, body = fn(index, orjson.dumps(args))
     return status, orjson.loads(body)

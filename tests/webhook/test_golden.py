@@ -9,10 +9,10 @@ from tests/fixtures/k8s, opted in with ``annotations``/``command``/``args``). Th
 - equal ``golden/CASE.json`` (warnings and the mutated pod);
 - add nothing when the mutated pod is sent again (reinvocation).
 
-A golden with no case fails the run, and so does a case with no golden. Goldens are written only
-on request: ``THAW_REGENERATE_GOLDENS=1 pytest tests/webhook/test_golden.py`` writes them and skips
-the comparison (never comparing with a file it just wrote); review the diff, then run again
-without the switch. The switch is refused where ``CI=true``.
+A golden with no case fails the run, and so does a case with no golden. Goldens follow the suite's
+one rule (tests/golden.py): ``THAW_REGENERATE_GOLDENS=1 pytest tests/webhook/test_golden.py`` writes
+them and skips the comparison (never comparing with a file it just wrote); review the diff, then
+run again without the switch. The switch is refused where ``CI=true``.
 
 Also here, over every captured AdmissionReview (4 top-level captures, 17 raw requests): as captured
 (no annotation) the answer is "allowed, no patch, no warning"; opted in on ``/mutate``, unchanged
@@ -22,8 +22,6 @@ with the warning that says how to allow restore.
 from __future__ import annotations
 
 import copy
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +29,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tests import golden
 from tests.conftest import FIXTURES
 from tests.webhook.helpers import annotated, answer, apply, load_review, patch_ops, review_files
 from webhook.config import parse_config
@@ -38,7 +37,6 @@ from webhook.config import parse_config
 HERE = Path(__file__).parent
 TESTDATA = HERE / "testdata"
 GOLDEN = HERE / "golden"
-REGENERATE = os.environ.get("THAW_REGENERATE_GOLDENS") == "1"
 K8S_VERSION = "1.30"
 CASES = sorted(p.stem for p in TESTDATA.glob("*.yaml"))
 FILES = review_files()
@@ -71,16 +69,8 @@ def load_case(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def test_cases_and_goldens_pair_up() -> None:
     """Every golden belongs to a case (an unused one is stale), and there is a case per feature."""
-    goldens = sorted(p.stem for p in GOLDEN.glob("*.json"))
-    unused = sorted(set(goldens) - set(CASES))
-    assert not unused, f"goldens without a case in testdata/ (delete them): {unused}"
+    golden.check_all_used(GOLDEN, "*.json", [f"{c}.json" for c in CASES])
     assert len(CASES) >= 15, CASES
-
-
-def test_regeneration_is_refused_in_ci() -> None:
-    assert not (REGENERATE and os.environ.get("CI") == "true"), (
-        "THAW_REGENERATE_GOLDENS=1 in CI: goldens are written by a person, and reviewed"
-    )
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -101,14 +91,7 @@ def test_case_matches_golden(name: str) -> None:
     status, again = answer(again_review, restore=case["restore"], config=config)
     assert status == 200 and patch_ops(again["response"]) == []
 
-    golden = GOLDEN / f"{name}.json"
-    actual = {"warnings": response.get("warnings", []), "pod": mutated}
-    if REGENERATE:
-        golden.write_text(json.dumps(actual, indent=2, sort_keys=True) + "\n")
-        pytest.skip(f"{golden.name} written: review the diff, then run without THAW_REGENERATE_GOLDENS")
-    assert golden.exists(), f"{golden} is missing: write it with THAW_REGENERATE_GOLDENS=1 and review it"
-    expected = json.loads(golden.read_text())
-    assert expected == actual, f"{golden.name} is stale: regenerate it with THAW_REGENERATE_GOLDENS=1"
+    golden.check_json(GOLDEN / f"{name}.json", {"warnings": response.get("warnings", []), "pod": mutated})
 
 
 def test_fixtures_found() -> None:
