@@ -5,10 +5,11 @@ Everything that involves JSON in annotations happens here, on the watch thread (
 compatibility key, its cached snapshot copies and its restore queue, ready for the index.
 
 Facts come from the ``thaw.dev/facts`` annotation (written by the node agent). Where the agent has
-not run yet, NVIDIA GPU Feature Discovery labels give *partial* facts (GPU product and count, driver;
-arch from ``kubernetes.io/arch``, kernel from ``status.nodeInfo``): enough to tell that a node cannot
-restore a snapshot taken on other hardware, never enough to compute its compatibility key (the CRIU
-version is unknown), and such a node holds no cache anyway.
+not run yet, NVIDIA GPU Feature Discovery labels give *partial* facts (GPU product, driver; arch from
+``kubernetes.io/arch``, the kernel series from ``status.nodeInfo``): the fields of the compatibility
+key that labels carry, compared as the key compares them (thaw.contract.facts.compat_fields), enough
+to tell that a node cannot restore a snapshot taken on other hardware, never enough to compute its
+key (the CRIU version and the CPU flags are unknown), and such a node holds no cache anyway.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Literal
 import orjson
 
 from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
-from thaw.contract.facts import FactsError, compat_key, validate_facts
+from thaw.contract.facts import FactsError, compat_fields, compat_key, kernel_series, validate_facts
 from thaw.contract.inventory import InventoryError, Tier, parse_inventory
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,12 @@ class NodeEntry:
     facts_source: FactsSource
     # Key of the full facts (annotation only); None when facts are partial or missing.
     compat: str | None
-    # Partial facts from GFD labels, flattened (arch, kernel, gpu.product, gpu.count, driver): only
-    # the fields that are known. Empty for annotation facts (compat says it all) and for no facts.
+    # Partial facts from GFD labels, flattened as flatten_facts does (arch, kernel series,
+    # gpu.product, driver): only the fields that are known. Empty for annotation facts (compat says
+    # it all) and for no facts.
     partial: dict[str, str | int] = field(default_factory=dict)
-    # Full facts flattened the same way (annotation only), so partial facts can be compared.
+    # The key's fields of full facts, flattened the same way (annotation only), so partial facts
+    # can be compared.
     flat_facts: dict[str, str | int] = field(default_factory=dict)
     copies: tuple[CachedCopy, ...] = ()
     restoring: float = 0  # the agent reports a count; the index adds the pods it placed (1/k each)
@@ -70,28 +73,24 @@ class NodeEntry:
 
 
 def flatten_facts(facts: Mapping[str, Any]) -> dict[str, str | int]:
-    """``{"arch", "kernel", "gpu.product", "gpu.count", "driver", "criu"}`` for comparison."""
-    out: dict[str, str | int] = {}
-    for key in ("arch", "kernel", "driver", "criu"):
-        if isinstance(facts.get(key), str):
-            out[key] = facts[key]
-    gpu = facts.get("gpu")
-    if isinstance(gpu, Mapping):
-        if isinstance(gpu.get("product"), str):
-            out["gpu.product"] = gpu["product"]
-        if isinstance(gpu.get("count"), int):
-            out["gpu.count"] = gpu["count"]
-    return out
+    """The compatibility key's fields that labels can carry, as the key reads them (kernel series,
+    CRIU major version; thaw.contract.facts.compat_fields): ``{"arch", "kernel", "gpu.product",
+    "driver", "criu"}``. Two nodes with one key flatten the same."""
+    key = compat_fields(facts)
+    return {
+        "arch": key["arch"],
+        "kernel": key["kernel"],
+        "gpu.product": key["gpu"],
+        "driver": key["driver"],
+        "criu": key["criu"],
+    }
 
 
 def _gfd_facts(labels: Mapping[str, str], node_info: Mapping[str, Any]) -> dict[str, str | int]:
     product = labels.get(GFD_PRODUCT)
     if not product:
         return {}
-    out: dict[str, str | int] = {"gpu.product": product}
-    count = labels.get(GFD_COUNT, "")
-    if count.isdigit():
-        out["gpu.count"] = int(count)
+    out: dict[str, str | int] = {"gpu.product": product}  # the GPU count is not in the key
     if labels.get(GFD_DRIVER):
         out["driver"] = labels[GFD_DRIVER]
     arch = labels.get(ARCH_LABEL)
@@ -99,7 +98,7 @@ def _gfd_facts(labels: Mapping[str, str], node_info: Mapping[str, Any]) -> dict[
         out["arch"] = _GOARCH_TO_UNAME.get(arch, arch)
     kernel = node_info.get("kernelVersion")
     if isinstance(kernel, str) and kernel:
-        out["kernel"] = kernel
+        out["kernel"] = kernel_series(kernel)
     return out
 
 

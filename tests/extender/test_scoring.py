@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from extender.index import NodeIndex
-from extender.nodes import parse_node
+from extender.nodes import flatten_facts, parse_node
 from extender.scoring import DEFAULT_PARAMS, Params, Variant, cold_seconds, decide, restore_seconds
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
@@ -32,16 +32,7 @@ def one(entry: dict[str, object], variants: dict[str, Variant], nodes: int = 10,
         WORKLOAD,
         parse_node(entry),
         variants=variants,
-        known_facts={
-            H100: {
-                "gpu.product": "NVIDIA-H100-80GB-HBM3",
-                "gpu.count": 8,
-                "driver": "580.159.04",
-                "arch": "x86_64",
-                "kernel": "6.8.0-60-generic",
-                "criu": "4.2.1",
-            }
-        },
+        known_facts={H100: flatten_facts(H100_FACTS)},
         node_count=nodes,
         p=p,
     )
@@ -121,6 +112,22 @@ def test_no_known_build_is_a_cold_start_everywhere() -> None:
 def test_gfd_labels_that_do_not_match_are_not_restorable() -> None:
     d = one(node("g", facts=H200_FACTS, gfd=True), {H100: Variant(GB, holders=1)})
     assert d.tier == "cold" and "GPU labels (NVIDIA-H200" in d.reason
+
+
+@pytest.mark.parametrize(
+    ("changes", "tier"),
+    [
+        ({}, "fetch"),
+        ({"kernel": "6.8.0-62-generic"}, "fetch"),  # a kernel patch keeps the key: labels agree
+        ({"gpu": {"product": "NVIDIA-H100-80GB-HBM3", "count": 4}}, "fetch"),  # count is not in it
+        ({"kernel": "6.11.0-19-generic"}, "cold"),  # another kernel series
+        ({"driver": "590.44.01"}, "cold"),  # a driver upgrade
+    ],
+)
+def test_gfd_labels_are_compared_as_the_key_compares_facts(changes: dict[str, object], tier: str) -> None:
+    labelled = node("g", facts={**H100_FACTS, **changes}, gfd=True)  # type: ignore[arg-type]
+    d = one(labelled, {H100: Variant(GB, holders=1)})
+    assert d.tier == tier
 
 
 def test_unreadable_annotations_rank_as_no_cache_and_log_once(caplog: pytest.LogCaptureFixture) -> None:

@@ -254,7 +254,7 @@ def test_clean_stale_removes_only_what_dead_processes_left(tmp_path: Path) -> No
 def test_remove_incompatible_and_inventory_lists_only_restorable(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     old, old_m = cached(tmp_path, "a")
-    new_facts = facts(criu="4.3")
+    new_facts = facts(criu="5.0")  # a CRIU major release: another key (a minor one keeps it)
     new, _ = cached(tmp_path, "b", name="other", f=new_facts)
     inv = inventory(cache, new_facts, budget=10**9)
     assert [s["compat"] for s in inv["snapshots"]] == [compat_key(new_facts)]

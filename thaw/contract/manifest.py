@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from thaw.contract.annotations import is_dns1123_label
 from thaw.contract.canonical import canonical_json
-from thaw.contract.facts import FactsError, NodeFacts, compat_key, validate_facts
+from thaw.contract.facts import FactsError, NodeFacts, compat_key, compat_version, validate_facts
 from thaw.contract.safeio import open_beneath, read_bounded, read_fd
 from thaw.contract.signing import ALG, TrustedKeys, key_id, sign, verify
 
@@ -315,7 +315,7 @@ def validate_manifest(value: Any) -> Manifest:
     except FactsError as exc:
         raise ManifestError("malformed", f"manifest facts: {exc}") from None
     compat = _need(value, "compat", str, "a string")
-    if compat != compat_key(facts):
+    if compat_version(facts, compat) is None:  # version 1 keys read, and match no node (facts.py)
         raise ManifestError(
             "malformed", f"manifest compat {compat!r} is not the key of its facts ({compat_key(facts)})"
         )

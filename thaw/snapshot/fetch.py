@@ -78,7 +78,7 @@ def _incompatible_reason(name: str, facts: NodeFacts, candidates: list[Manifest]
     return (
         f"incompatible: {len(candidates)} snapshot(s) of {name} for this workload, none taken on a node "
         f"like this one (compat {key}); newest {newest['id'][:19]}…: "
-        f"{facts_difference(facts, newest['facts'])}"
+        f"{facts_difference(facts, newest['facts'], newest['compat'])}"
     )
 
 

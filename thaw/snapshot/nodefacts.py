@@ -1,5 +1,6 @@
 """Detecting this node's facts (thaw.contract.facts.NodeFacts): GPU product and count, driver, CRIU,
-kernel, arch.
+kernel, arch, and the CPU's instruction-set flags (``/proc/cpuinfo``: x86 ``flags``, arm64
+``Features``; only those the compatibility key reads are kept).
 
 Sources, first that works: NVML through nvidia-ml-py; ``nvidia-smi``; ``/proc/driver/nvidia``. With
 none of them the node has no GPU (product "none", count 0, driver "none").
@@ -27,7 +28,16 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from thaw.contract.facts import GpuFacts, NodeFacts, read_facts_file, validate_facts
+from thaw.contract.facts import (
+    COMPAT_VERSION,
+    GpuFacts,
+    NodeFacts,
+    compat_fields,
+    compat_version,
+    isa_flags,
+    read_facts_file,
+    validate_facts,
+)
 from thaw.contract.safeio import read_bounded
 
 log = logging.getLogger("thaw.nodefacts")
@@ -36,6 +46,8 @@ NONE = "none"
 REPO = Path(__file__).resolve().parents[2]
 BUNDLED_CRIU = REPO / ".tools" / "criu" / "bin" / "criu"
 PROC_NVIDIA = Path("/proc/driver/nvidia")
+PROC_CPUINFO = Path("/proc/cpuinfo")
+MAX_CPUINFO_BYTES = 8 * 1024 * 1024  # ~2 kB per CPU; 8 MiB holds thousands
 SYS_PCI_DEVICES = Path("/sys/bus/pci/devices")
 NVIDIA_VENDOR = "0x10de"
 SYSFS_ATTR_BYTES = 4096
@@ -204,30 +216,73 @@ def detect_criu(criu: str | None = None) -> str:
     return parse_criu_version(out.stdout) or NONE
 
 
+def parse_cpu_flags(text: str, arch: str) -> list[str]:
+    """The key's CPU flags from /proc/cpuinfo: the first ``flags`` (x86) or ``Features`` (arm64)
+    line, filtered by thaw.contract.facts.isa_flags. Every CPU of a node lists the same."""
+    m = re.search(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)
+    return isa_flags(arch, m.group(1).split()) if m else []
+
+
+def detect_cpu_flags(arch: str, cpuinfo: Path = PROC_CPUINFO) -> list[str]:
+    try:
+        text = read_bounded(cpuinfo, MAX_CPUINFO_BYTES).decode(errors="replace")
+    except OSError as exc:
+        log.warning("cannot read %s: %s (no CPU flags in the facts)", cpuinfo, exc)
+        return []
+    return parse_cpu_flags(text, arch)
+
+
 def node_facts(facts_file: Path | None = None, criu: str | None = None) -> NodeFacts:
     """This node's facts: the validated ``facts_file`` when given, else detected."""
     if facts_file is not None:
         return load_facts_file(facts_file)
     gpu, driver = detect_gpu()
+    arch = platform.machine()
     facts: dict[str, Any] = {
-        "arch": platform.machine(),
+        "arch": arch,
         "kernel": platform.release(),
         "gpu": gpu,
         "driver": driver,
         "criu": detect_criu(criu),
+        "cpu": {"flags": detect_cpu_flags(arch)},
     }
     return validate_facts(facts)
 
 
-def facts_difference(mine: NodeFacts, theirs: NodeFacts) -> str:
-    """'driver 580.159.04 here vs 550.54.15 in the snapshot, ...': why two keys differ, for people."""
+def facts_difference(mine: NodeFacts, theirs: NodeFacts, their_compat: str | None = None) -> str:
+    """Why this node cannot restore a snapshot taken on ``theirs`` (keyed ``their_compat``), for
+    people: the facts the key reads that differ, each as the node and the snapshot have it, e.g.
+    'driver 580.159.04 here vs 550.54.15 in the snapshot'. Differences the key ignores (a kernel
+    patch release, the GPU count) are not reasons and are not named."""
     diffs: list[str] = []
-    for key in ("arch", "kernel", "driver", "criu"):
-        if mine[key] != theirs[key]:
-            diffs.append(f"{key} {mine[key]} here vs {theirs[key]} in the snapshot")
-    if mine["gpu"] != theirs["gpu"]:
+    if their_compat is not None and compat_version(theirs, their_compat) == 1:
         diffs.append(
-            f"gpu {mine['gpu']['count']}x {mine['gpu']['product']} here vs "
-            f"{theirs['gpu']['count']}x {theirs['gpu']['product']} in the snapshot"
+            f"taken by an older Thaw (compatibility key version 1: the facts whole, exact kernel "
+            f"release and GPU count included), which this Thaw (version {COMPAT_VERSION}) does not "
+            "restore; the next pod with checkpoint on-ready takes a new one"
         )
+    a, b = compat_fields(mine), compat_fields(theirs)
+    for key in ("arch", "driver"):
+        if a[key] != b[key]:
+            diffs.append(f"{key} {mine[key]} here vs {theirs[key]} in the snapshot")
+    if a["kernel"] != b["kernel"]:
+        diffs.append(
+            f"kernel {mine['kernel']} here vs {theirs['kernel']} in the snapshot "
+            f"(series {a['kernel']} vs {b['kernel']})"
+        )
+    if a["criu"] != b["criu"]:
+        diffs.append(
+            f"criu {mine['criu']} here vs {theirs['criu']} in the snapshot "
+            f"(major version {a['criu']} vs {b['criu']})"
+        )
+    if a["gpu"] != b["gpu"]:
+        diffs.append(f"gpu {mine['gpu']['product']} here vs {theirs['gpu']['product']} in the snapshot")
+    if a["cpu"] != b["cpu"]:
+        only_here = sorted(set(a["cpu"]) - set(b["cpu"]))
+        only_there = sorted(set(b["cpu"]) - set(a["cpu"]))
+        parts = [
+            f"{', '.join(only_here[:8])} here only" if only_here else "",
+            f"{', '.join(only_there[:8])} in the snapshot only" if only_there else "",
+        ]
+        diffs.append("CPU flags " + "; ".join(x for x in parts if x))
     return ", ".join(diffs) or "facts equal but keys differ (facts with extra fields)"
