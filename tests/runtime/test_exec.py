@@ -4,11 +4,12 @@ reaped, usage errors, the outcome file, and a checkpoint that fails without stop
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +61,49 @@ def test_sigterm_is_forwarded(tmp_path: Path) -> None:
     assert p.returncode == 3 and "got-term" in out
 
 
-def test_orphans_are_reaped(tmp_path: Path) -> None:
-    # The workload leaves a grandchild behind and exits; thaw exec (a child subreaper) reaps it
-    # rather than leaving a zombie, and still exits with the workload's status.
+# A child subreaper that never reaps anything but its one child: an orphan handed up to it stays
+# a zombie, which it reports once its child has exited (this machine's PID 1, or pytest, might reap
+# it and hide who should have).
+SUBREAPER = """
+import ctypes, json, os, subprocess, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit("cannot become a child subreaper")
+code = subprocess.Popen(sys.argv[2:]).wait()  # waitpid on that child alone
+try:
+    with open(f"/proc/{int(open(sys.argv[1]).read())}/stat") as f:
+        state, ppid = f.read().rsplit(")", 1)[1].split()[:2]
+except FileNotFoundError:
+    state, ppid = "gone", "0"
+print(json.dumps({"code": code, "orphan": state, "ours": int(ppid) == os.getpid()}))
+"""
+
+
+def _orphan_left_behind(tmp_path: Path, runner: list[str]) -> dict[str, Any]:
+    """Run a workload that leaves a grandchild behind (it exits at once) under ``runner``, inside
+    SUBREAPER: what became of the orphan. The workload waits up to 4 s for it to be reaped."""
     pidfile = tmp_path / "orphan.pid"
-    p = _exec("--", "sh", "-c", f"(sleep 0.3 & echo $! > {pidfile}); sleep 1; exit 0")
-    p.communicate(timeout=30)
-    assert p.returncode == 0
-    orphan = int(pidfile.read_text())
-    stat = Path(f"/proc/{orphan}/stat")
-    assert not stat.exists() or stat.read_text().split()[2] != "Z"
+    script = (
+        f"(sleep 0.2 & echo $! > {pidfile}); o=$(cat {pidfile}); i=0; "
+        "while kill -0 $o 2>/dev/null && [ $i -lt 80 ]; do sleep 0.05; i=$((i+1)); done; exit 5"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SUBREAPER, str(pidfile), *runner, "sh", "-c", script],
+        capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
+    return result
+
+
+def test_orphans_are_reaped(tmp_path: Path) -> None:
+    """The workload leaves a grandchild behind; thaw exec (a child subreaper, as PID 1 would be)
+    reaps it rather than leaving a zombie, and still exits with the workload's status. The control
+    first: without thaw exec, the orphan is a zombie of the subreaper above, so the check can fail."""
+    control = _orphan_left_behind(tmp_path, [])
+    assert control == {"code": 5, "orphan": "Z", "ours": True}, control
+    under_thaw = _orphan_left_behind(tmp_path, [sys.executable, "-m", "thaw", "exec", "--"])
+    assert under_thaw == {"code": 5, "orphan": "gone", "ours": False}, under_thaw
 
 
 def test_usage_errors() -> None:
@@ -151,10 +185,7 @@ def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
             "the checkpoint to fail",
         )
         assert "no-criu" in ck["reason"]
-        time.sleep(0.3)
-        assert p.poll() is None  # the server still runs
-        import urllib.request
-
+        assert p.poll() is None  # the server still runs, and answers:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=5) as r:
             assert b'"counter": 0' in r.read()
     finally:
@@ -165,12 +196,15 @@ def test_failed_checkpoint_keeps_the_server_running(tmp_path: Path) -> None:
 # The CUDA checkpoint cannot run here (no GPU): this starts thaw exec with dump() replaced by one
 # that fails as the driver did on 2x H200 when NCCL's cuMem and shared-memory transports were both
 # on (bench/gpu/results/h200x2-tp2-probes-2026-11-28.*): after CRIU's dump, the CUDA restore fails.
+# Each call to dump() adds a line to $DUMP_CALLS.
 BROKEN_DUMP = """
-import sys
+import os, sys
 import thaw.runtime.checkpoint as c
 from thaw.cli import main
 
 def dump(*_args, **_kw):
+    with open(os.environ["DUMP_CALLS"], "a") as f:
+        f.write("dump\\n")
     raise c.WorkloadBroken("the CUDA state could not be put back after the checkpoint: "
                            "cuCheckpointProcessRestore(pid 4128) failed: CUDA_ERROR_NOT_SUPPORTED (801)")
 
@@ -187,7 +221,8 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
         "--store", str(tmp_path / "store"), "--name", "n", "--workload", "w", "--outcome", str(outcome),
         "--pid-floor", "0", "--", "python3", str(STATE_SERVER), str(port),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    calls = tmp_path / "dump-calls"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DUMP_CALLS": str(calls)}
     # First run: the server is stopped (not left frozen) and thaw exec exits non-zero, so the
     # container restarts.
     first = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
@@ -195,20 +230,11 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
     ck = read_json(outcome)["checkpoint"]
     assert ck["status"] == "failed" and ck["stopped_workload"] is True
     assert "CUDA_ERROR_NOT_SUPPORTED" in ck["reason"] and "stopping it" in first.stderr
+    assert calls.read_text() == "dump\n"
     # The restart (same pod, same emptyDir): a cold start that serves and does not checkpoint again.
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
-        import urllib.request
-
-        def answers() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=2) as r:
-                    return b"counter" in r.read()
-            except OSError:
-                return False
-
-        wait_for(answers, 30, "the restarted server to answer")
-        time.sleep(1.0)  # time in which a checkpoint would have started
+        wait_for(lambda: _answers(port), 30, "the restarted server to answer")
         assert p.poll() is None
         ck = read_json(outcome)["checkpoint"]
         assert ck["status"] == "skipped" and ck["stopped_workload"] is True
@@ -218,6 +244,20 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
         p.terminate()
         _, err = p.communicate(timeout=20)
     assert "no checkpoint in this pod" in err and "delete the pod to try again" in err
+    # A checkpoint tried again would have run before the server was stopped (thaw exec waits for
+    # ready, then dumps, before it goes back to supervising) and left its mark: a second dump()
+    # call, or a later record ("waiting for ready", "failed") in place of the restart's first one.
+    assert calls.read_text() == "dump\n"
+    assert read_json(outcome)["checkpoint"] == ck
+
+
+def _answers(port: int) -> bool:
+    """The stand-in server on ``port`` answers its state."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=2) as r:
+            return b"counter" in r.read()
+    except OSError:
+        return False
 
 
 def _checkpoint_record(work: Path, status: str, timeout: float, what: str) -> dict[str, Any]:
@@ -300,21 +340,15 @@ def test_a_checkpoint_killed_midway_is_not_tried_again(tmp_path: Path) -> None:
             assert "did not finish" in ck["reason"] and "not tried again" in ck["reason"]
             assert not (work / "dump").exists()  # the dead dump is gone
             assert (work / "checkpoint.inprogress").is_file()  # and a later restart skips too
-            import urllib.request
-
-            def answers() -> bool:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/state", timeout=2) as r:
-                        return b"counter" in r.read()
-                except OSError:
-                    return False
-
-            wait_for(answers, 30, "the restarted server to answer")
-            time.sleep(1.0)  # time in which a checkpoint would have called the sleep hook again
-            assert hooks.sleeps == 1 and second.poll() is None
+            wait_for(lambda: _answers(port), 30, "the restarted server to answer")
+            assert second.poll() is None
         finally:
             second.terminate()
             second.communicate(timeout=20)
+        # Tried again, the checkpoint would have called the sleep hook before the server was
+        # stopped, or left a later record than the restart's first one ("waiting for ready").
+        assert hooks.sleeps == 1
+        assert read_json(work / "outcome.json")["checkpoint"] == ck
     finally:
         _kill_tree(first.pid)
         hooks.close()

@@ -306,8 +306,9 @@ def test_thaw_exec_side_of_the_protocol(tmp_path: Path) -> None:
         record = publisher.publish(dump, nbytes)
         assert record["status"] == "published" and record["bytes"] == nbytes, record
         assert publisher.publish(pod.dump(), 10)["status"] == "skipped"  # refused: once per pod
+        # The workload's last word, written just before kubelet stops the sidecar: its last relay
+        # on SIGTERM must carry it (no time given to a periodic one).
         workdir.write_json(pod.work / workdir.OUTCOME, {"result": "cold", "exit_code": 0})
-        time.sleep(0.3)
     finally:
         proc.terminate()
         _, err = proc.communicate(timeout=20)

@@ -27,9 +27,6 @@ from tests.webhook.helpers import annotated, answer, apply, load_review
 from thaw.cli import build_parser
 from webhook.patches import (
     CRIU_BIN,
-    ENV_NAMESPACE,
-    ENV_STATE,
-    ENV_WORK,
     FETCH_CONTAINER,
     IMAGE_RUNTIME,
     RUNTIME_BIN,
@@ -43,9 +40,6 @@ from webhook.patches import (
 # Read from the environment, not flags: the downward API's identity, and CRIU's path
 # (thaw/runtime/criu.py find_criu).
 NOT_FLAGS = {"THAW_POD_NAME", "THAW_POD_NAMESPACE", "THAW_POD_UID", "THAW_NODE_NAME", "THAW_CRIU"}
-# Flags notes/POD-LAYOUT.md gives the runtime that its helpers are adding now (their names live
-# once in webhook/patches.py): missing only these is expected until they land, not a drift.
-PENDING = {ENV_WORK, ENV_STATE, ENV_NAMESPACE}
 # Read by thaw exec from the environment (the configuration digest), not flags.
 EXEC_ENV_ONLY = {"THAW_CONTAINER", "THAW_REPLICA_ENV", "THAW_CONFIG_MOUNTS", "THAW_TCP_ESTABLISHED"}
 
@@ -136,15 +130,10 @@ def test_every_env_the_webhook_sets_is_a_flag_of_the_command(which: str) -> None
     container = pod["spec"]["containers"][0] if which == "workload" else init[which]
     command = _runtime_command(container)
     flags = _flag_envs(command)
-    if flags is None:
-        pytest.xfail(
-            f"`thaw {command}` is not in thaw/cli.py yet (notes/POD-LAYOUT.md: the runtime helpers')"
-        )
+    assert flags is not None, f"the webhook runs `thaw {command}`, which thaw/cli.py does not have"
     given = {e["name"] for e in container["env"] if e["name"].startswith("THAW_")} - NOT_FLAGS
     if command == "exec":
         given -= EXEC_ENV_ONLY
-    if given - flags and given - flags <= PENDING:
-        pytest.xfail(f"thaw {command} has no {sorted(given - flags)} yet (notes/POD-LAYOUT.md)")
     assert given <= flags, (
         f"thaw {command} has no flag for {sorted(given - flags)} (its flags: {sorted(flags)})"
     )
