@@ -13,8 +13,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.needs import require, requires, root
-from tests.runtime.pods import REPO, STATE_SERVER, read_json, wait_for
+from tests.needs import requires, root
+from tests.runtime.pods import REPO, STATE_SERVER, in_cgroup, memory_cgroup, read_json, wait_for
 
 
 def _exec(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
@@ -383,62 +383,32 @@ def test_no_checkpoint_when_the_work_directory_cannot_take_the_dump(tmp_path: Pa
         subprocess.run(["umount", str(work)], check=False)
 
 
-def _memory_cgroup(limit: int) -> Path | None:
-    """A child of this process's memory cgroup (v1 or v2) with ``limit``, or None where it cannot be
-    made here."""
-    import secrets
-
-    from thaw.runtime.room import CGROUP_ROOT, cgroup_paths
-
-    v2, v1 = cgroup_paths(Path("/proc/self/cgroup").read_text())
-    if v1 is not None and (CGROUP_ROOT / "memory").is_dir():
-        base, limit_file = CGROUP_ROOT / "memory" / v1.lstrip("/"), "memory.limit_in_bytes"
-    elif v2 is not None and (CGROUP_ROOT / "cgroup.controllers").is_file():
-        base, limit_file = CGROUP_ROOT / v2.lstrip("/"), "memory.max"
-    else:
-        return None
-    child = base / f"thaw-test-{secrets.token_hex(3)}"
-    try:
-        child.mkdir()
-        (child / limit_file).write_text(str(limit))
-    except OSError:
-        with contextlib.suppress(OSError):
-            child.rmdir()
-        return None
-    return child
-
-
 @requires(root("makes a cgroup and mounts a tmpfs"))
 def test_no_checkpoint_when_the_memory_limit_cannot_take_it(tmp_path: Path) -> None:
     """The dump goes to a work directory in memory (an emptyDir with medium: Memory): it counts
     against the container's memory limit, which cannot take it. Refused before the dump, with the
     numbers, instead of an OOM kill mid-checkpoint (the same check covers the CUDA checkpoint's host
     copy of GPU memory)."""
-    cgroup = _memory_cgroup(600 << 20)
-    require(None if cgroup is not None else "no memory cgroup can be made here (v1 or v2 with memory)")
-    assert cgroup is not None
     port = 8178
     work = tmp_path / "work"
-    _tmpfs(work, "2g")  # room enough on the filesystem: the limit is memory
-    try:
-        join = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
-        p = subprocess.Popen(
-            ["sh", "-c", join, "sh", sys.executable, "-m", "thaw", "exec",
-             "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
-             "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
-             "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "200"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-            env={**os.environ, "PYTHONPATH": str(REPO)},
-        )  # fmt: skip
+    with memory_cgroup(600 << 20) as cgroup:
+        _tmpfs(work, "2g")  # room enough on the filesystem: the limit is memory
         try:
-            ck = _checkpoint_record(work, "skipped", 60, "the refused checkpoint")
-            assert ck["reason"].startswith("the container's memory limit cannot take the checkpoint: ")
-            assert "which is in memory" in ck["reason"] and "limit of 0.6 GiB" in ck["reason"]
-            assert p.poll() is None
+            p = subprocess.Popen(
+                [*in_cgroup(cgroup), sys.executable, "-m", "thaw", "exec",
+                 "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
+                 "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
+                 "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )  # fmt: skip
+            try:
+                ck = _checkpoint_record(work, "skipped", 60, "the refused checkpoint")
+                assert ck["reason"].startswith("the container's memory limit cannot take the checkpoint: ")
+                assert "which is in memory" in ck["reason"] and "limit of 0.6 GiB" in ck["reason"]
+                assert p.poll() is None
+            finally:
+                p.terminate()
+                p.communicate(timeout=20)
         finally:
-            p.terminate()
-            p.communicate(timeout=20)
-    finally:
-        subprocess.run(["umount", str(work)], check=False)
-        with contextlib.suppress(OSError):
-            cgroup.rmdir()
+            subprocess.run(["umount", str(work)], check=False)

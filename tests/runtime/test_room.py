@@ -1,12 +1,16 @@
 """Whether a checkpoint fits (thaw.runtime.room, issue 11.6): the pure decision, the smaps and cgroup
-readers against the kernel's formats (a v1 and a v2 hierarchy laid out as sysfs has them), and this
-machine's own cgroup read for real."""
+readers against the kernel's formats (a v1 and a v2 hierarchy laid out as sysfs has them), and a
+memory cgroup made here read for real."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
+from tests.runtime.pods import REPO, in_cgroup, memory_cgroup
 from thaw.runtime.gpu import gpu_used_bytes
 from thaw.runtime.room import (
     DUMP_MARGIN_BYTES,
@@ -117,8 +121,18 @@ def test_memory_limit_v1(tmp_path: Path) -> None:
 
 
 def test_this_machines_cgroup_reads() -> None:
-    limit, used = memory_limit_and_use()
-    assert limit is None or (limit > 0 and (used is None or used >= 0))
+    """In a memory cgroup of its own with a known limit, a process reads that limit (or a lower one
+    of an ancestor's, the one the reader found from here) and a working set within it."""
+    here, _ = memory_limit_and_use()
+    with memory_cgroup(700 << 20) as cgroup:
+        out = subprocess.run(
+            [*in_cgroup(cgroup), sys.executable, "-c",
+             "import json; from thaw.runtime.room import memory_limit_and_use as m; print(json.dumps(m()))"],
+            capture_output=True, text=True, timeout=60, check=True, cwd=REPO,
+        )  # fmt: skip
+    limit, used = json.loads(out.stdout)
+    assert limit == min(700 << 20, here or 700 << 20), out.stdout
+    assert isinstance(used, int) and 0 < used < limit, out.stdout
 
 
 def test_gpu_memory_without_nvml_is_unknown_never_an_error() -> None:
