@@ -138,3 +138,12 @@ def test_unprivileged_mode_without_sys_admin() -> None:
     # CHECKPOINT_RESTORE (40) + SYS_PTRACE (19) + the runtime's defaults, no SYS_ADMIN (21)
     assert criu.mode_flags((1 << 40) | (1 << 19) | 0xA80425FB) == ("--unprivileged",)
     assert criu.effective_caps("no caps line") == 0
+
+
+def test_exit_note_names_the_signal_of_a_root_that_died() -> None:
+    from thaw.runtime.supervisor import exit_note
+
+    assert exit_note(None) == ""
+    assert exit_note(3) == " (exit status 3)"
+    assert exit_note(132) == " (exit status 132: SIGILL)"
+    assert exit_note(200) == " (exit status 200)"

@@ -33,7 +33,7 @@ from thaw.runtime.podfiles import PodFilesError, PutBack, put_back
 from thaw.runtime.ready import ReadySpec, wait_ready
 from thaw.runtime.replica_config import differences
 from thaw.runtime.stopped import NoRestoreThread, continue_tree, restore_threads, running_alone
-from thaw.runtime.supervisor import Supervisor
+from thaw.runtime.supervisor import Supervisor, exit_note
 from thaw.runtime.workdir import ReadyGate
 from thaw.snapshot.cache import CacheError, hold_verified
 
@@ -245,7 +245,7 @@ def restore(
             t2 = time.monotonic()
             why = wait_ready(ready, RESTORE_READY_TIMEOUT_S, alive=sup.alive)
             if why is not None:
-                raise RestoreFailed(f"restored server is not ready: {why}")
+                raise RestoreFailed(f"restored server is not ready: {why}{exit_note(sup.status)}")
             timings["ready_s"] = round(time.monotonic() - t2, 3)
     except Exception as exc:  # RestoreFailed, CriuError, CacheError, OSError, or a bug: cold, never a crash
         known = (RestoreFailed, criu.CriuError, CacheError, OSError)

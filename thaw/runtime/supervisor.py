@@ -64,6 +64,19 @@ def exit_code(status: int) -> int:
     return 128 - code if code < 0 else code
 
 
+def exit_note(code: int | None) -> str:
+    """ " (exit status N, signal NAME)" for a root that has exited, "" otherwise (pure): a restored
+    tree that dies at once is told apart from one that never answered."""
+    if code is None:
+        return ""
+    if code > 128:
+        try:
+            return f" (exit status {code}: {signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f" (exit status {code})"
+
+
 class Supervisor:
     """Forwards signals to the workload's root process and reaps every child."""
 
