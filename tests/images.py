@@ -139,6 +139,7 @@ def build_workload_image(
     base: str,
     ref: str,
     program: Path,
+    *,
     packages: Sequence[str] = ("python3",),
     files: Sequence[Path] = (),
 ) -> str:

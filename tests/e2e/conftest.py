@@ -69,7 +69,7 @@ def workload_image(
         if workload.name not in built:
             ref = f"localhost/thaw-workload-{workload.name}:e2e"
             build_workload_image(
-                buildah, debian_base, ref, workload.program, workload.packages, workload.files
+                buildah, debian_base, ref, workload.program, packages=workload.packages, files=workload.files
             )
             _load(cluster, buildah, ref, ref, out)
             built[workload.name] = ref
