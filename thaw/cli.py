@@ -296,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--min-free", type=int, default=50 << 30, help="free bytes the cache's filesystem should have")
     _add(p, "--budget", type=int, default=None, help="the agent's cache budget, to compare with the disk")
     _add(p, "--criu", default=None, help="CRIU binary (default: THAW_CRIU, PATH, the bundled one)")
-    p = csub.add_parser("cluster", help="webhook, certificates, scheduler wiring, agent, namespaces, keys, store")
-    _add(p, "--kubeconfig", default=None, help="kubeconfig (default: in-cluster, then KUBECONFIG, ~/.kube/config)")
+    p = csub.add_parser(
+        "cluster", help="webhook, certificates, scheduler wiring, agent, namespaces, keys, store"
+    )
+    _add(
+        p,
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig (default: in-cluster, then KUBECONFIG, ~/.kube/config)",
+    )
     _add(p, "--namespace", default="thaw-system", help="Thaw's namespace")
 
     p = sub.add_parser("simulate", help="replay a synthetic cluster through the placement policies")
