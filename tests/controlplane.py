@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,14 +149,3 @@ def control_plane() -> Iterator[ControlPlane]:
         yield cp
     finally:
         cp.script("down", str(STATE), "--wipe", timeout=60)
-
-
-def wait_until(what: str, check: Any, timeout: float = 30, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)

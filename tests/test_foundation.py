@@ -10,8 +10,6 @@ import ipaddress
 import os
 import ssl
 import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from thaw import cli
+from thaw.dev.sandbox import thaw_cli
 from thaw.serve.tls import ReloadingContext, generate, write_cert_dir
 
 # --- tls ------------------------------------------------------------------------------------------
@@ -151,25 +150,13 @@ def _sub(name: str) -> argparse.ArgumentParser:
     return sub
 
 
-def _thaw(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    return subprocess.run(
-        [sys.executable, "-m", "thaw", *argv],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        timeout=60,
-        check=False,
-    )
-
-
 def test_exit_codes_and_one_line_errors(tmp_path: Path) -> None:
-    done = _thaw("webhook")  # --cert-dir missing
+    done = thaw_cli("webhook")  # --cert-dir missing
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and "--cert-dir" in done.stderr
-    done = _thaw("certs", "--out", str(tmp_path))  # no SANs: a UsageError from the command
+    done = thaw_cli("certs", "--out", str(tmp_path))  # no SANs: a UsageError from the command
     assert done.returncode == 2 and "--dns" in done.stderr
-    done = _thaw("webhook", env={"THAW_CERT_DIR": str(tmp_path / "none")})  # env satisfies the flag
+    done = thaw_cli("webhook", env={"THAW_CERT_DIR": str(tmp_path / "none")})  # env satisfies the flag
     assert done.returncode == 1 and "tls.crt" in done.stderr and len(done.stderr.strip().splitlines()) == 1
-    done = _thaw("certs", env={"THAW_OUT": str(tmp_path / "c"), "THAW_DNS": "localhost"})
+    done = thaw_cli("certs", env={"THAW_OUT": str(tmp_path / "c"), "THAW_DNS": "localhost"})
     assert done.returncode == 0 and (tmp_path / "c" / "tls.crt").exists()
     assert base64.b64decode(done.stdout.strip()) == (tmp_path / "c" / "ca.crt").read_bytes()

@@ -6,7 +6,6 @@ import json
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +19,7 @@ from extender.launch import extender_command
 from extender.synthetic import cached, cluster, node
 from tests.conftest import load_fixture
 from tests.extender.conftest import SIZE, SNAPSHOT, annotate, fixture_nodes
+from thaw.dev.sandbox import thaw_cli
 from thaw.serve.serving import free_port
 from thaw.serve.tls import generate
 
@@ -116,12 +116,7 @@ def test_https_with_cert_dir(tmp_path: Path) -> None:
 def test_bad_nodes_file_is_a_usage_error(tmp_path: Path) -> None:
     bad = tmp_path / "nodes.yaml"
     bad.write_text("kind: NodeList\nitems: 3\n")
-    r = subprocess.run(
-        [sys.executable, "-m", "thaw", "extender", "--nodes", str(bad)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
+    r = thaw_cli("extender", "--nodes", bad)
     assert r.returncode == 2 and "expected a NodeList" in r.stderr
 
 

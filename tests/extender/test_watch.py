@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -14,15 +13,7 @@ from extender.synthetic import H100_FACTS, WORKLOAD, cached, node
 from extender.watch import NodeWatch
 from tests.fakekube import FakeKube, running
 from thaw.contract.annotations import NODE_CACHE
-
-
-def wait_for(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from thaw.dev.sandbox import wait_for
 
 
 @pytest.fixture
@@ -41,7 +32,7 @@ def watched(kube: FakeKube) -> Iterator[tuple[NodeIndex, NodeWatch]]:
     )
     assert not w.ready()
     w.start()
-    wait_for(w.ready, "the first list")
+    wait_for(w.ready, 10, "the first list", interval=0.02)
     yield index, w
     w.stop()
 
@@ -58,7 +49,12 @@ def test_initial_list_is_paginated_and_watch_asks_for_bookmarks(
     assert sorted(index.nodes) == [f"gpu-{i}" for i in range(5)]
     lists = [r for r in kube.requests if "watch" not in r and r.startswith("GET /api/v1/nodes?")]
     assert len(lists) == 3 and "continue=" in lists[1]  # 5 nodes, limit 2
-    wait_for(lambda: any("watch=True" in r or "watch=true" in r for r in kube.requests), "a watch")
+    wait_for(
+        lambda: any("watch=True" in r or "watch=true" in r for r in kube.requests),
+        10,
+        "a watch",
+        interval=0.02,
+    )
     watch_req = next(r for r in kube.requests if "watch=" in r)
     assert (
         "allowWatchBookmarks=true" in watch_req and f"resourceVersion={index.resource_version}" in watch_req
@@ -72,18 +68,30 @@ def test_patch_through_the_client_reaches_the_index(
     core = client.CoreV1Api(kube.api_client())
     # The client sends a dict body as a strategic merge patch, as the node agent will.
     core.patch_node("gpu-3", cache_patch("llama-70b"))
-    wait_for(lambda: any(c.name == "llama-70b" for c in index.nodes["gpu-3"].copies), "the MODIFIED event")
+    wait_for(
+        lambda: any(c.name == "llama-70b" for c in index.nodes["gpu-3"].copies),
+        10,
+        "the MODIFIED event",
+        interval=0.02,
+    )
     assert index.decisions("llama-70b", WORKLOAD).decision("gpu-3").tier == "memory"
     kube.add(node("gpu-9"))
     kube.delete("gpu-0")
-    wait_for(lambda: "gpu-9" in index.nodes and "gpu-0" not in index.nodes, "ADDED and DELETED")
+    wait_for(
+        lambda: "gpu-9" in index.nodes and "gpu-0" not in index.nodes, 10, "ADDED and DELETED", interval=0.02
+    )
 
 
 def test_bookmarks_advance_the_resource_version(kube: FakeKube, watched: tuple[NodeIndex, NodeWatch]) -> None:
     index, _ = watched
     kube.update("gpu-1", {"metadata": {"labels": {"x": "1"}}})  # not read by the extender
     rv = str(kube.resource_version)
-    wait_for(lambda: index.resource_version == rv, "the resourceVersion of the event or a bookmark")
+    wait_for(
+        lambda: index.resource_version == rv,
+        10,
+        "the resourceVersion of the event or a bookmark",
+        interval=0.02,
+    )
 
 
 def test_410_gone_relists_and_sees_changes_made_meanwhile(
@@ -96,8 +104,8 @@ def test_410_gone_relists_and_sees_changes_made_meanwhile(
     kube.delete("gpu-4")
     kube.compact()  # ...which is now too old: an ERROR event with a 410 Status
     kube.drop_watches()
-    wait_for(lambda: w.relists > before, "a relist after 410 Gone")
-    wait_for(lambda: "gpu-4" not in index.nodes, "the relisted view")
+    wait_for(lambda: w.relists > before, 10, "a relist after 410 Gone", interval=0.02)
+    wait_for(lambda: "gpu-4" not in index.nodes, 10, "the relisted view", interval=0.02)
     assert any(c.name == "mistral-7b" for c in index.nodes["gpu-2"].copies)
     assert w.ready()
 
@@ -126,6 +134,6 @@ def test_readiness_follows_an_outage(kube: FakeKube, watched: tuple[NodeIndex, N
     _, w = watched
     kube.fail_next_lists(1000)
     kube.drop_watches()
-    wait_for(lambda: not w.ready(), "not ready after the grace period")
+    wait_for(lambda: not w.ready(), 10, "not ready after the grace period", interval=0.02)
     kube.fail_next_lists(0)
-    wait_for(w.ready, "ready again after a relist", timeout=15)
+    wait_for(w.ready, 15, "ready again after a relist", interval=0.02)

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.controlplane import ControlPlane, wait_until
+from tests.controlplane import ControlPlane
 from tests.manifests.test_manifests import _render
+from thaw.dev.sandbox import wait_for
 from thaw.node.events import event_body, outcome_specs, pod_ref
 
 NS = "thaw-system"
@@ -88,12 +89,15 @@ def cluster(
         )
     }
     # A policy is enforced once kube-apiserver's policy informer has it: wait for a known refusal.
-    wait_until(
+    def refused() -> str:
+        return cp.kubectl("--kubeconfig", str(agent), "label", "node", "node-a", "x=y", check=False).stderr
+
+    wait_for(
+        lambda: "forbidden" in refused(),
+        30,
         "the node policy to be enforced",
-        lambda: (
-            "forbidden"
-            in cp.kubectl("--kubeconfig", str(agent), "label", "node", "node-a", "x=y", check=False).stderr
-        ),
+        interval=0.2,
+        explain=lambda: f"kubectl label node node-a as the agent: {refused()}",
     )
     yield {"agent": agent, "unbound": unbound, "certs": certs, "pods": pods, "tmp": tmp}
 

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import pytest
 import yaml
 
 from extender.launch import extender_command
-from tests.controlplane import ControlPlane, wait_until
+from tests.controlplane import ControlPlane
 from tests.manifests.test_manifests import (
     MANIFESTS,
     args_of,
@@ -31,6 +30,7 @@ from tests.manifests.test_manifests import (
     render,
     scheduler_config,
 )
+from thaw.dev.sandbox import stop, thaw_cli, thaw_env, wait_for
 from thaw.serve.serving import free_port
 
 STATIC = MANIFESTS / "scheduler" / "kube-scheduler-config.yaml"
@@ -133,11 +133,7 @@ def test_a_real_kube_scheduler_calls_the_extender_by_ip_with_server_name(
     cp = control_plane
     tls = tmp_path / "tls"
     # The serving certificate names the Service only, as the shipped controllers make it: no IP.
-    subprocess.run(
-        [sys.executable, "-m", "thaw", "certs", "--out", str(tls), "--dns", "thaw-extender.thaw-system.svc"],
-        check=True,
-        capture_output=True,
-    )
+    thaw_cli("certs", "--out", tls, "--dns", "thaw-extender.thaw-system.svc", check=True)
     _ctx = ssl.create_default_context(cafile=str(tls / "ca.crt"))
     _ctx.check_hostname = False  # the test's own reads of /metrics, by IP
     node = {
@@ -153,10 +149,9 @@ def test_a_real_kube_scheduler_calls_the_extender_by_ip_with_server_name(
     )
     port = free_port()
     cmd = extender_command(port, nodes, "--cert-dir", str(tls))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=thaw_env())
     try:
-        wait_until("the extender", lambda: _up(port))
+        wait_for(lambda: _up(port), 30, "the extender")
         cfg = static_config()
         cfg["clientConnection"] = {"kubeconfig": str(cp.dir / "scheduler.kubeconfig")}
         cfg["leaderElection"] = {"leaderElect": False}
@@ -193,11 +188,10 @@ def test_a_real_kube_scheduler_calls_the_extender_by_ip_with_server_name(
         # earlier) would be too: exactly one filter call (one node), none before it.
         _schedule(cp, path, "p1")
         log = cp.dir / "logs" / "kube-scheduler.log"
-        wait_until("the extender to count p1's filter call", lambda: _metric(port, "filter") >= 1, timeout=10)
+        wait_for(lambda: _metric(port, "filter") >= 1, 10, "the extender to count p1's filter call")
         assert _metric(port, "filter") == 1, log.read_text()[-3000:]
     finally:
-        proc.terminate()
-        proc.wait(10)
+        stop(proc)
 
 
 def _schedule(cp: ControlPlane, config: Path, pod_name: str) -> None:
@@ -211,10 +205,11 @@ def _schedule(cp: ControlPlane, config: Path, pod_name: str) -> None:
         "spec": {"containers": [{"name": "c", "image": "registry.invalid/x"}]},
     }
     cp.apply([pod])
-    wait_until(
-        f"pod {pod_name} to be bound to n1",
+    wait_for(
         lambda: cp.kubectl("get", "pod", pod_name, "-o", "jsonpath={.spec.nodeName}").stdout == "n1",
-        timeout=60,
+        60,
+        f"pod {pod_name} to be bound to n1",
+        interval=0.2,
     )
 
 
@@ -223,7 +218,7 @@ def _stop_scheduler(cp: ControlPlane) -> None:
     pid_file = cp.dir / "pids" / "kube-scheduler.pid"
     pid = int(pid_file.read_text())
     os.kill(pid, signal.SIGTERM)
-    wait_until("kube-scheduler to stop", lambda: not Path(f"/proc/{pid}").exists(), timeout=30)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 30, "kube-scheduler to stop")
     pid_file.unlink()
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.runtime.snapshots import kubeconfig
+from thaw.dev.sandbox import stop, thaw_command, thaw_env, wait_for
 from thaw.serve.serving import free_port
 
 FACTS = {
@@ -41,16 +39,16 @@ class Agent:
         except OSError as exc:
             return 0, str(exc)
 
-    def wait(self, what: str, check: object, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not check():  # type: ignore[operator]
+    def wait(self, what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+        def running_and(check: Callable[[], bool] = check) -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"thaw agent exited ({self.proc.returncode}): {self.log.read_text()[-3000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}: {self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+                raise AssertionError(f"thaw agent exited ({self.proc.returncode}): {self.tail()}")
+            return check()
+
+        wait_for(running_and, timeout, what, explain=self.tail)
+
+    def tail(self) -> str:
+        return self.log.read_text()[-3000:]
 
     def samples(self) -> dict[str, float]:
         """``name{labels}`` -> value of every sample on /metrics."""
@@ -71,8 +69,8 @@ def running_agent(
     facts = tmp / "facts.json"
     facts.write_text(json.dumps(FACTS))
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    cmd = [sys.executable, "-m", "thaw", "agent", "--cache", str(cache), "--budget", str(1 << 30)]
+    env = thaw_env()
+    cmd = [*thaw_command(), "agent", "--cache", str(cache), "--budget", str(1 << 30)]
     cmd += ["--facts", str(facts), "--interval", "0.5", "--metrics-port", str(port), *extra]
     if kube_url is not None:
         env["KUBECONFIG"] = str(kubeconfig(tmp / "kubeconfig", kube_url))
@@ -85,9 +83,4 @@ def running_agent(
         agent.wait("the metrics server", lambda: agent.get("/healthz")[0] == 200)
         yield agent
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,12 +18,13 @@ import pytest
 import yaml
 
 from extender.launch import extender_command
-from tests.controlplane import ControlPlane, wait_until
+from tests.controlplane import ControlPlane
 from tests.manifests.test_manifests import _render
 from tests.needs import require, root
 from thaw.check import cluster as cc
 from thaw.check import node as cn
 from thaw.check.lines import Line, exit_code, fail, ok, render, warn
+from thaw.dev.sandbox import stop, thaw_cli, thaw_command, thaw_env, wait_for
 from thaw.serve.serving import free_port
 
 GIB = 1 << 30
@@ -105,13 +104,7 @@ def test_thaw_check_node_on_this_machine(tmp_path: Path) -> None:
     require(root("criu check and the capability line"))
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    out = subprocess.run(
-        [sys.executable, "-m", "thaw", "check", "node", "--cache", str(cache), "--min-free", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = thaw_cli("check", "node", "--cache", cache, "--min-free", "1", timeout=120)
     lines = {
         row.split()[1]: row.split()[0]
         for row in out.stdout.splitlines()
@@ -147,20 +140,19 @@ APP = "llm"
 
 @contextmanager
 def serving(cmd: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("THAW_") and k != "PROMETHEUS_MULTIPROC_DIR"
-    }
+    env = {k: v for k, v in thaw_env().items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
+
+
+def _key_secret(name: str, key_file: Path) -> list[str]:
+    """kubectl's arguments for the README's step: Secret ``name`` in the app's namespace holding
+    ``key_file`` under its own name."""
+    return ["-n", APP, "create", "secret", "generic", name, f"--from-file={key_file.name}={key_file}"]
 
 
 def _secret(name: str, namespace: str, files: dict[str, bytes]) -> dict[str, Any]:
@@ -261,18 +253,13 @@ def installed(
     cp, tmp = control_plane, tmp_path_factory.mktemp("installed")
     cp.apply(_render("default"))
     tls = tmp / "tls"
-    subprocess.run(
-        [sys.executable, "-m", "thaw", "certs", "--out", str(tls), "--ip", ip,
-         "--dns", "thaw-webhook.thaw-system.svc", "--dns", "thaw-extender.thaw-system.svc"],
-        check=True, capture_output=True,
+    thaw_cli(
+        "certs", "--out", tls, "--ip", ip,
+        "--dns", "thaw-webhook.thaw-system.svc", "--dns", "thaw-extender.thaw-system.svc", check=True,
     )  # fmt: skip
     files = {f: (tls / f).read_bytes() for f in ("ca.crt", "tls.crt", "tls.key")}
     keys = tmp / "keys"
-    subprocess.run(
-        [sys.executable, "-m", "thaw", "keys", "generate", "--out", str(keys)],
-        check=True,
-        capture_output=True,
-    )
+    thaw_cli("keys", "generate", "--out", keys, check=True)
     labels = {"thaw.dev/restore": "allowed", "pod-security.kubernetes.io/enforce": "privileged"}
     cp.apply(
         [
@@ -286,24 +273,8 @@ def installed(
         ]
     )
     # The README's signing steps (Install, "Signing keys and trust"), in the pods' own namespace.
-    cp.kubectl(
-        "-n",
-        APP,
-        "create",
-        "secret",
-        "generic",
-        "thaw-signing-key",
-        f"--from-file=signing.key={keys / 'signing.key'}",
-    )
-    cp.kubectl(
-        "-n",
-        APP,
-        "create",
-        "secret",
-        "generic",
-        "thaw-trust",
-        f"--from-file=signing.pub={keys / 'signing.pub'}",
-    )
+    cp.kubectl(*_key_secret("thaw-signing-key", keys / "signing.key"))
+    cp.kubectl(*_key_secret("thaw-trust", keys / "signing.pub"))
     hook_port, ext_port = free_port(), free_port()
     nodes = tmp / "nodes.json"
     nodes.write_text(
@@ -314,7 +285,7 @@ def installed(
     config = tmp / "webhook.yaml"
     cm = json.loads(cp.kubectl("-n", NS, "get", "cm", "thaw-webhook-config", "-o", "json").stdout)
     config.write_text(cm["data"]["config.yaml"])
-    webhook = [sys.executable, "-m", "thaw", "webhook", "--host", "0.0.0.0", "--port", str(hook_port)]
+    webhook = [*thaw_command(), "webhook", "--host", "0.0.0.0", "--port", str(hook_port)]
     webhook += ["--cert-dir", str(tls), "--config", str(config), "--workers", "1", "--threads", "2"]
     extender = extender_command(ext_port, nodes, "--cert-dir", str(tls))
     extender[extender.index("--host") + 1] = "0.0.0.0"
@@ -354,11 +325,12 @@ def installed(
                 "numberMisscheduled": 0,
             },
         )
-        wait_until(
-            "the webhook and extender to serve",
+        wait_for(
             lambda: (
                 hook.poll() is None and ext.poll() is None and _open(ip, hook_port) and _open(ip, ext_port)
             ),
+            30,
+            "the webhook and extender to serve",
         )
         yield {"cp": cp, "tmp": tmp, "keys": keys, "hook": hook, "ip": ip}
 
@@ -393,10 +365,7 @@ def test_a_working_install_passes(installed: dict[str, Any]) -> None:
     assert ", trusted" in by[f"{APP}: signing key"][0].detail
     assert by[f"{APP}: store"][0].status == "warn"  # the shipped hostPath store: one node's only
     # The command prints the same and exits 0.
-    out = subprocess.run(
-        [sys.executable, "-m", "thaw", "check", "cluster", "--kubeconfig", str(cp.kubeconfig)],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    out = thaw_cli("check", "cluster", "--kubeconfig", cp.kubeconfig, timeout=120)
     assert out.returncode == 0 and "0 failed" in out.stdout, out.stdout + out.stderr
 
 
@@ -421,15 +390,7 @@ def failing(cp: ControlPlane, name: str) -> Line:
 
 def test_a_namespace_without_trust_fails_with_the_command_to_fix_it(installed: dict[str, Any]) -> None:
     cp, keys = installed["cp"], installed["keys"]
-    recreate = [
-        "-n",
-        APP,
-        "create",
-        "secret",
-        "generic",
-        "thaw-trust",
-        f"--from-file=signing.pub={keys / 'signing.pub'}",
-    ]
+    recreate = _key_secret("thaw-trust", keys / "signing.pub")
     with broken(cp, ["-n", APP, "delete", "secret", "thaw-trust"], restore=[recreate]):
         line = failing(cp, f"{APP}: trust")
         assert "is missing" in line.detail and line.fix.startswith(
@@ -440,29 +401,9 @@ def test_a_namespace_without_trust_fails_with_the_command_to_fix_it(installed: d
 def test_a_signing_key_the_namespace_does_not_trust_fails(installed: dict[str, Any]) -> None:
     cp, tmp, keys = installed["cp"], installed["tmp"], installed["keys"]
     other = tmp / "other-keys"
-    subprocess.run(
-        [sys.executable, "-m", "thaw", "keys", "generate", "--out", str(other)],
-        check=True,
-        capture_output=True,
-    )
-    swap = [
-        "-n",
-        APP,
-        "create",
-        "secret",
-        "generic",
-        "thaw-signing-key",
-        f"--from-file=signing.key={other / 'signing.key'}",
-    ]
-    back = [
-        "-n",
-        APP,
-        "create",
-        "secret",
-        "generic",
-        "thaw-signing-key",
-        f"--from-file=signing.key={keys / 'signing.key'}",
-    ]
+    thaw_cli("keys", "generate", "--out", other, check=True)
+    swap = _key_secret("thaw-signing-key", other / "signing.key")
+    back = _key_secret("thaw-signing-key", keys / "signing.key")
     with broken(
         cp,
         ["-n", APP, "delete", "secret", "thaw-signing-key"],
@@ -476,11 +417,7 @@ def test_a_signing_key_the_namespace_does_not_trust_fails(installed: dict[str, A
 def test_a_wrong_ca_bundle_fails_the_certificate_and_the_admission(installed: dict[str, Any]) -> None:
     cp, tmp = installed["cp"], installed["tmp"]
     other = tmp / "other-ca"
-    subprocess.run(
-        [sys.executable, "-m", "thaw", "certs", "--out", str(other), "--dns", "x"],
-        check=True,
-        capture_output=True,
-    )
+    thaw_cli("certs", "--out", other, "--dns", "x", check=True)
     mwc = json.loads(cp.kubectl("get", "mutatingwebhookconfiguration", "thaw-webhook", "-o", "json").stdout)
     good = mwc["webhooks"][0]["clientConfig"]["caBundle"]
     wrong = base64.b64encode((other / "ca.crt").read_bytes()).decode()

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from tests.runtime.snapshots import thaw
+from thaw.dev.sandbox import thaw_cli
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 USER, PASSWORD = "alice", "s3cret-pass"
@@ -171,7 +171,7 @@ class Registry:
 
     def setup(self) -> None:
         certs = self.root / "certs"
-        out = thaw("certs", "--out", certs, "--dns", "localhost", "--ip", "127.0.0.1")
+        out = thaw_cli("certs", "--out", certs, "--dns", "localhost", "--ip", "127.0.0.1")
         assert out.returncode == 0, out.stderr
         htpasswd = subprocess.run(
             ["htpasswd", "-Bbn", USER, PASSWORD], capture_output=True, check=True, text=True

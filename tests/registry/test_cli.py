@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 from tests.registry.server import CuttingProxy, Registry
-from tests.runtime.snapshots import World, cache_entries, read_json, thaw
+from tests.runtime.snapshots import World, cache_entries
 from thaw.contract.manifest import parse_manifest
+from thaw.dev.sandbox import read_json, thaw_cli
 from thaw.snapshot.registry import parts_of
 
 IMAGES = {"pages-1.img": os.urandom(150 * 1024 * 1024 + 4321), "core-1.img": b"core" * 4096}
@@ -28,7 +29,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 def publish(w: World, reg: Registry, name: str = "demo") -> str:
     images = w.images(name, IMAGES)
-    out = thaw(
+    out = thaw_cli(
         "publish", "--store", reg.store(), "--registry-auth", reg.auth_file(), "--registry-ca", reg.ca,
         "--name", name, "--workload", "w1", "--images", images, "--key", w.keys / "signing.key",
         "--facts", w.facts_file(),
@@ -39,7 +40,7 @@ def publish(w: World, reg: Registry, name: str = "demo") -> str:
 
 def fetch(w: World, store: str, cache: Path, auth: Path, ca: Path) -> dict[str, Any]:
     plan_path = cache.parent / f"plan-{cache.name}.json"
-    out = thaw(
+    out = thaw_cli(
         "fetch", "--store", store, "--registry-auth", auth, "--registry-ca", ca, "--cache", cache,
         "--name", "demo", "--workload", "w1", "--trust", w.trust, "--plan", plan_path,
         "--facts", w.facts_file(),
@@ -88,7 +89,7 @@ def test_wrong_credentials_give_a_cold_plan(world: World, registry: Registry, tm
 
 def test_untrusted_tls_gives_a_cold_plan(world: World, registry: Registry, tmp_path: Path) -> None:
     other_ca = tmp_path / "other"
-    assert thaw("certs", "--out", other_ca, "--dns", "localhost").returncode == 0
+    assert thaw_cli("certs", "--out", other_ca, "--dns", "localhost").returncode == 0
     plan = fetch(world, registry.store(), tmp_path / "cache", registry.auth_file(), other_ca / "ca.crt")
     _cold(plan, "TLS verification failed")
 

@@ -12,9 +12,10 @@ import pytest
 
 from tests.fakekube import FakeKube, running
 from tests.registry.server import Registry
-from tests.runtime.snapshots import FACTS, World, kubeconfig, node, thaw
+from tests.runtime.snapshots import FACTS, World, kubeconfig, node
 from thaw.contract.annotations import NODE_CACHE
 from thaw.contract.manifest import build_manifest
+from thaw.dev.sandbox import thaw_cli
 from thaw.node.gc import Entry, GcError, advertised_ids, retention
 from thaw.snapshot.stores import RegistryOptions, open_store
 
@@ -85,7 +86,7 @@ def test_thaw_gc(kind: str, kube: FakeKube, registry: Registry, tmp_path: Path) 
 
     def publish(workload: str, content: bytes) -> str:
         images = w.images(f"{workload}-{content.hex()}", {"a.img": content})
-        out = thaw(
+        out = thaw_cli(
             "publish", *flags, "--name", "demo", "--workload", workload, "--images", images,
             "--key", w.keys / "signing.key", "--facts", w.facts_file(),
         )  # fmt: skip
@@ -100,13 +101,13 @@ def test_thaw_gc(kind: str, kube: FakeKube, registry: Registry, tmp_path: Path) 
     def ids() -> set[str]:
         return {x.manifest["id"] for x in opened.list_snapshots("default", "demo")}
 
-    dry = thaw("gc", *flags, "--keep", "2", "--dry-run", env=env)
+    dry = thaw_cli("gc", *flags, "--keep", "2", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr
     assert [ln.split()[0] for ln in dry.stdout.splitlines() if w1[1][:19] in ln] == ["would"]
     assert "advertised by node(s) gpu-a" in dry.stdout
     assert ids() == {*w1, w2}  # a dry run deletes nothing
 
-    down = thaw(
+    down = thaw_cli(
         "gc",
         *flags,
         "--keep",
@@ -116,7 +117,7 @@ def test_thaw_gc(kind: str, kube: FakeKube, registry: Registry, tmp_path: Path) 
     assert down.returncode == 1 and "cannot list Nodes" in down.stderr and "nothing deleted" in down.stderr
     assert ids() == {*w1, w2}
 
-    real = thaw("gc", *flags, "--keep", "2", env=env)
+    real = thaw_cli("gc", *flags, "--keep", "2", env=env)
     assert real.returncode == 0, real.stderr
     assert "deleted 1, kept 4" in real.stderr
     assert ids() == {w1[0], w1[2], w1[3], w2}  # the newest two, the advertised one, the other workload

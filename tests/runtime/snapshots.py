@@ -1,11 +1,11 @@
 """Helpers for the snapshot-side tests: a key pair, a store, a cache and facts in a temporary tree,
-driven through the real ``thaw`` CLI (the contract the init container and the agent run)."""
+driven through the real ``thaw`` CLI (the contract the init container and the agent run), run by
+the sandbox's one runner (``thaw_cli``)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,9 +16,9 @@ from typing import Any
 import orjson
 
 from thaw.contract.facts import NodeFacts, compat_key
+from thaw.dev.sandbox import read_json, thaw_cli
 
 REPO = Path(__file__).resolve().parents[2]
-THAW = str(Path(sys.executable).parent / "thaw")
 
 FACTS: NodeFacts = {
     "arch": "x86_64",
@@ -33,25 +33,6 @@ def facts(**changes: Any) -> NodeFacts:
     f = copy.deepcopy(FACTS)
     f.update(changes)  # type: ignore[typeddict-item]
     return f
-
-
-def thaw(
-    *args: str | Path, env: dict[str, str] | None = None, check: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``thaw`` CLI; THAW_* from the test runner's environment never leak in."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    return subprocess.run(
-        [THAW, *map(str, args)],
-        capture_output=True,
-        text=True,
-        env={**base, **(env or {})},
-        check=check,
-        timeout=120,
-    )
-
-
-def read_json(path: Path) -> Any:
-    return orjson.loads(path.read_bytes())
 
 
 @dataclass
@@ -87,7 +68,7 @@ class World:
         return self.facts_file(f, f"facts-{compat_key(f)}.json")
 
     def setup_keys(self) -> None:
-        thaw("keys", "generate", "--out", self.keys, check=True)
+        thaw_cli("keys", "generate", "--out", self.keys, check=True)
         self.trust.mkdir(exist_ok=True)
         (self.trust / "signing.pub").write_bytes((self.keys / "signing.pub").read_bytes())
 
@@ -108,7 +89,7 @@ class World:
         *,
         namespace: str = "default",
     ) -> str:
-        out = thaw(
+        out = thaw_cli(
             "publish", "--store", self.store, "--name", name, "--workload", workload, "--images", images,
             "--key", key or self.keys / "signing.key", "--facts", self.facts_for(f), "--namespace", namespace,
         )  # fmt: skip
@@ -134,7 +115,7 @@ class World:
         namespace: str = "default",
     ) -> dict[str, Any]:
         self.plan.unlink(missing_ok=True)
-        out = thaw(*self.fetch_args(name, workload, f, namespace), *extra, env=env)
+        out = thaw_cli(*self.fetch_args(name, workload, f, namespace), *extra, env=env)
         assert out.returncode == 0, out.stderr  # never fails the pod
         plan: dict[str, Any] = read_json(self.plan)
         plan["_stderr"] = out.stderr

@@ -15,11 +15,12 @@ import orjson
 import pytest
 
 from tests.fakekube import FakeKube, running
-from tests.runtime.snapshots import FACTS, THAW, World, facts, kubeconfig, node, thaw
+from tests.runtime.snapshots import FACTS, World, facts, kubeconfig, node
 from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
 from thaw.contract.canonical import canonical_json
 from thaw.contract.facts import compat_key
 from thaw.contract.inventory import parse_inventory
+from thaw.dev.sandbox import thaw_cli, thaw_command, thaw_env
 from thaw.snapshot.cache import MEMORY_FS, _fs_type
 
 GIB = 1 << 30
@@ -50,7 +51,7 @@ def agent(
     world: World, kube: FakeKube, *extra: str, f: Any = FACTS, budget: int = GIB
 ) -> subprocess.CompletedProcess[str]:
     env = {"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)), "THAW_NODE": "gpu-1"}
-    return thaw(
+    return thaw_cli(
         "agent", "--cache", world.cache, "--budget", str(budget), "--facts", world.facts_for(f),
         "--once", *extra, env=env,
     )  # fmt: skip
@@ -153,23 +154,20 @@ def test_budget_evicts_least_recently_used_first_never_in_use(world: World, kube
 
 def test_missing_node_is_an_error_the_loop_survives(world: World, kube: FakeKube) -> None:
     env = {"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url))}
-    out = thaw(
+    out = thaw_cli(
         "agent", "--cache", world.cache, "--budget", "1000", "--facts", world.facts_file(),
         "--node", "ghost", "--once", env=env,
     )  # fmt: skip
     assert out.returncode == 1 and "agent pass failed" in out.stderr and "404" in out.stderr
-    bad = thaw("agent", "--cache", world.cache, "--budget", "-1", "--once")
+    bad = thaw_cli("agent", "--cache", world.cache, "--budget", "-1", "--once")
     assert bad.returncode == 2 and "--budget" in bad.stderr
 
 
 def test_agent_loop_patches_changes_and_stops_on_sigterm(world: World, kube: FakeKube) -> None:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
-        "KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)),
-    }
+    env = thaw_env({"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url))})
     proc = subprocess.Popen(
-        [THAW, "agent", "--cache", str(world.cache), "--budget", str(GIB), "--facts", str(world.facts_file()),
-         "--node", "gpu-1", "--interval", "0.1"],
+        [*thaw_command(), "agent", "--cache", str(world.cache), "--budget", str(GIB),
+         "--facts", str(world.facts_file()), "--node", "gpu-1", "--interval", "0.1"],
         env=env, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -193,7 +191,9 @@ def test_agent_loop_patches_changes_and_stops_on_sigterm(world: World, kube: Fak
 
 def test_without_a_node_it_prints_the_annotations(world: World) -> None:
     cached(world, "a", name="demo")
-    out = thaw("agent", "--cache", world.cache, "--budget", str(GIB), "--facts", world.facts_file(), "--once")
+    out = thaw_cli(
+        "agent", "--cache", world.cache, "--budget", str(GIB), "--facts", world.facts_file(), "--once"
+    )
     assert out.returncode == 0, out.stderr
     a = orjson.loads(out.stdout)
     assert set(a) == {NODE_FACTS, NODE_CACHE}
@@ -204,12 +204,12 @@ def test_heartbeat_and_healthcheck(world: World, kube: FakeKube) -> None:
     beat = world.root / "alive"
     assert agent(world, kube, "--heartbeat", str(beat)).returncode == 0
     assert time.time() - beat.stat().st_mtime < 60
-    ok = thaw("healthcheck", "--file", beat, "--max-age", "300")
+    ok = thaw_cli("healthcheck", "--file", beat, "--max-age", "300")
     assert ok.returncode == 0 and ok.stderr == ""
     os.utime(beat, (time.time() - 1000,) * 2)
-    stale = thaw("healthcheck", "--file", beat, "--max-age", "300")
+    stale = thaw_cli("healthcheck", "--file", beat, "--max-age", "300")
     assert (
         stale.returncode == 1 and "is 1000 s old (more than 300 s): the agent's loop is stuck" in stale.stderr
     )
-    missing = thaw("healthcheck", "--file", world.root / "none", "--max-age", "300")
+    missing = thaw_cli("healthcheck", "--file", world.root / "none", "--max-age", "300")
     assert missing.returncode == 1 and "no heartbeat at" in missing.stderr

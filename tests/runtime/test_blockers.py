@@ -4,13 +4,12 @@ what they hold, the likely cause and the fix."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-from tests.runtime.pods import REPO, read_json, wait_for
+from tests.runtime.pods import REPO, read_json, thaw_env, wait_for
 from thaw.runtime.blockers import (
     COMPILE_WORKER_FIX,
     Holder,
@@ -160,7 +159,7 @@ def test_thaw_exec_refuses_before_the_lock_and_criu(tmp_path: Path) -> None:
         "--outcome", str(outcome), "--pid-floor", "0",
         "--", sys.executable, "-c", SERVER_WITH_WORKERS, str(port),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "THAW_CRIU": "/bin/false"}
+    env = thaw_env({"THAW_CRIU": "/bin/false"})
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         ck = wait_for(

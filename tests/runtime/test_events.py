@@ -16,7 +16,8 @@ import orjson
 import pytest
 
 from tests.fakekube import FakeKube, running
-from tests.runtime.snapshots import FACTS, THAW, World, kubeconfig, node, thaw
+from tests.runtime.snapshots import FACTS, World, kubeconfig, node
+from thaw.dev.sandbox import thaw_cli
 from thaw.node.events import OUTCOME_MAX_AGE_S, PodRef, event_body, node_events, outcome_specs, pod_ref
 from thaw.snapshot.outcome_copy import MAX_OUTCOME_BYTES, outcome_copy_path, write_outcome_copy
 
@@ -244,15 +245,10 @@ def test_write_outcome_copy_never_writes_through_a_planted_name(tmp_path: Path) 
 
 
 def _agent(world: World, kube: FakeKube, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
-        "KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)),
-        "THAW_NODE": "gpu-1",
-    }
-    return subprocess.run(
-        [THAW, "agent", "--cache", str(world.cache), "--budget", str(1 << 30),
-         "--facts", str(world.facts_for(FACTS)), "--once"],
-        capture_output=True, text=True, env=env, timeout=timeout, check=False,
+    env = {"KUBECONFIG": str(kubeconfig(world.root / "kubeconfig", kube.url)), "THAW_NODE": "gpu-1"}
+    return thaw_cli(
+        "agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts", world.facts_for(FACTS),
+        "--once", env=env, timeout=timeout,
     )  # fmt: skip
 
 
@@ -312,7 +308,7 @@ def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> 
     world.setup_keys()
     env = {"THAW_POD_NAME": "qwen-2", "THAW_POD_NAMESPACE": "ml", "THAW_POD_UID": UID,
            "THAW_NODE_NAME": "gpu-1", "THAW_CONTAINER": "vllm"}  # fmt: skip
-    out = thaw("exec", "--cache", world.cache, "--outcome", tmp_path / "o.json", "--", "true", env=env)
+    out = thaw_cli("exec", "--cache", world.cache, "--outcome", tmp_path / "o.json", "--", "true", env=env)
     assert out.returncode == 0, out.stderr
     copy = orjson.loads(outcome_copy_path(world.cache, UID).read_bytes())
     assert copy == orjson.loads((tmp_path / "o.json").read_bytes())
@@ -333,7 +329,7 @@ def test_exec_leaves_its_outcome_and_the_agent_posts_it_once(tmp_path: Path) -> 
 def test_agent_dry_run_logs_the_events_it_would_post(tmp_path: Path) -> None:
     world = World(tmp_path)
     write_outcome_copy(world.cache, UID, orjson.dumps({"result": "cold", "reason": "no plan", "pod": POD}))
-    run = thaw(
+    run = thaw_cli(
         "agent", "--cache", world.cache, "--budget", str(1 << 30), "--facts", world.facts_for(FACTS), "--once"
     )
     assert run.returncode == 0, run.stderr

@@ -14,17 +14,26 @@ from pathlib import Path
 from typing import Any
 
 from tests.needs import requires, root
-from tests.runtime.pods import REPO, STATE_SERVER, in_cgroup, memory_cgroup, read_json, wait_for
+from tests.runtime.pods import (
+    REPO,
+    STATE_SERVER,
+    in_cgroup,
+    memory_cgroup,
+    read_json,
+    thaw_command,
+    thaw_env,
+    wait_for,
+)
 
 
 def _exec(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "thaw", "exec", *args],
+        [*thaw_command(), "exec", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        env=thaw_env(env),
     )
 
 
@@ -89,7 +98,7 @@ def _orphan_left_behind(tmp_path: Path, runner: list[str]) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", SUBREAPER, str(pidfile), *runner, "sh", "-c", script],
         capture_output=True, text=True, timeout=60, check=False, cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env=thaw_env(),
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     result: dict[str, Any] = json.loads(out.stdout.splitlines()[-1])
@@ -102,7 +111,7 @@ def test_orphans_are_reaped(tmp_path: Path) -> None:
     first: without thaw exec, the orphan is a zombie of the subreaper above, so the check can fail."""
     control = _orphan_left_behind(tmp_path, [])
     assert control == {"code": 5, "orphan": "Z", "ours": True}, control
-    under_thaw = _orphan_left_behind(tmp_path, [sys.executable, "-m", "thaw", "exec", "--"])
+    under_thaw = _orphan_left_behind(tmp_path, [*thaw_command(), "exec", "--"])
     assert under_thaw == {"code": 5, "orphan": "gone", "ours": False}, under_thaw
 
 
@@ -222,7 +231,7 @@ def test_a_checkpoint_that_breaks_the_workload_stops_it_once(tmp_path: Path) -> 
         "--pid-floor", "0", "--", "python3", str(STATE_SERVER), str(port),
     ]  # fmt: skip
     calls = tmp_path / "dump-calls"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DUMP_CALLS": str(calls)}
+    env = thaw_env({"DUMP_CALLS": str(calls)})
     # First run: the server is stopped (not left frozen) and thaw exec exits non-zero, so the
     # container restarts.
     first = subprocess.run(argv, capture_output=True, text=True, cwd=REPO, env=env, timeout=60, check=False)
@@ -395,12 +404,12 @@ def test_no_checkpoint_when_the_memory_limit_cannot_take_it(tmp_path: Path) -> N
         _tmpfs(work, "2g")  # room enough on the filesystem: the limit is memory
         try:
             p = subprocess.Popen(
-                [*in_cgroup(cgroup), sys.executable, "-m", "thaw", "exec",
+                [*in_cgroup(cgroup), *thaw_command(), "exec",
                  "--checkpoint", "on-ready", "--ready", f"tcp:{port}", "--store", str(tmp_path / "store"),
                  "--name", "n", "--workload", "w", "--work", str(work), "--pid-floor", "0",
                  "--", "python3", str(STATE_SERVER), str(port), "--mem-mb", "200"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env=thaw_env(),
             )  # fmt: skip
             try:
                 ck = _checkpoint_record(work, "skipped", 60, "the refused checkpoint")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -28,6 +27,8 @@ from tests.runtime.pods import (
     missing_prerequisites,
     read_json,
     thaw_cli,
+    thaw_command,
+    thaw_env,
     wait_for,
     with_caps,
     write_facts,
@@ -483,11 +484,10 @@ def test_the_sidecar_publishes_what_thaw_exec_dumped_and_the_key_never_reaches_t
     )  # fmt: skip
     assert res.returncode == 0 and read_json(plan_dir / "plan.json")["action"] == "cold", res.stderr
     sidecar = subprocess.Popen(
-        [sys.executable, "-m", "thaw", "sidecar", "--work", str(work), "--plan", str(plan_dir / "plan.json"),
+        [*thaw_command(), "sidecar", "--work", str(work), "--plan", str(plan_dir / "plan.json"),
          "--cache", str(cache), "--store", str(world.store), "--state", str(state_dir), "--interval", "0.1"],
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("THAW_")}, **identity,
-             "THAW_NAME": NAME, "THAW_WORKLOAD": "w-side", "THAW_KEY": str(world.keys / "signing.key"),
-             "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env=thaw_env({**identity, "THAW_NAME": NAME, "THAW_WORKLOAD": "w-side",
+                      "THAW_KEY": str(world.keys / "signing.key")}),
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     ready_flag = tmp_path / "ready-now"

@@ -19,21 +19,12 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tests.needs import require, root
-from tests.runtime.snapshots import (
-    FACTS,
-    REPO,
-    THAW,
-    World,
-    cache_entries,
-    facts,
-    flock_held,
-    read_json,
-    thaw,
-)
+from tests.runtime.snapshots import FACTS, REPO, World, cache_entries, facts, flock_held
 from thaw.contract.facts import read_facts_file
-from thaw.contract.manifest import compute_id, dump_manifest, hex_of, sign_manifest
+from thaw.contract.manifest import compute_id, dump_manifest, hex_of, load_manifest, sign_manifest
 from thaw.contract.plan import read_plan
 from thaw.contract.signing import load_private_key
+from thaw.dev.sandbox import read_json, thaw_cli, thaw_command, thaw_env
 from thaw.snapshot.store import DirectoryStore, publish
 
 MIB = 1024 * 1024
@@ -107,7 +98,7 @@ def _forge(world: World, sid: str, created: str, stored_at: float | None = None)
     """What a replica holding the signing key could publish (issue 11.3): a copy of a snapshot with
     the ``created`` it likes, re-signed with the real key."""
     src = snapdir(world, sid)
-    m = read_json(src / "manifest.json")
+    m = load_manifest(src / "manifest.json")
     m["created"] = created
     m["id"] = compute_id(m)
     m = sign_manifest(m, load_private_key(world.keys / "signing.key"))
@@ -168,7 +159,7 @@ def test_cold_reasons(world: World, setup: str, needle: str) -> None:
         bad = world.root / "bad-facts.json"
         bad.write_text('{"arch": "x86_64"}')
         args[args.index("--facts") + 1] = bad
-    out = thaw(*args)
+    out = thaw_cli(*args)
     assert out.returncode == 0, out.stderr
     plan = read_json(world.plan)
     assert plan["action"] == "cold" and needle in plan["reason"], plan
@@ -202,7 +193,7 @@ def test_a_tampered_newest_falls_back_to_an_older_verified_snapshot(world: World
 def test_bad_signature_is_refused(world: World) -> None:
     sid = world.publish(small(world))
     src = snapdir(world, sid)
-    m = read_json(src / "manifest.json")
+    m = load_manifest(src / "manifest.json")
     # Newer, re-addressed, but the signature is the old one.
     m["created"] = time.strftime("%Y-%m-%dT%H:%M:%S.000000Z", time.gmtime(time.time() + 60))
     m["id"] = compute_id(m)
@@ -281,15 +272,7 @@ def fetch_within(world: World, *extra: str, seconds: float = 60) -> dict[str, ob
     """The CLI fetch, failing the test (not hanging the run) when it takes longer than ``seconds``."""
     world.plan.unlink(missing_ok=True)
     t = time.monotonic()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
-    out = subprocess.run(
-        [THAW, *map(str, world.fetch_args()), *extra],
-        capture_output=True,
-        text=True,
-        env=base,
-        timeout=seconds,
-        check=False,
-    )
+    out = thaw_cli(*world.fetch_args(), *extra, timeout=seconds)
     assert out.returncode == 0, out.stderr
     plan: dict[str, object] = read_json(world.plan)
     plan["_stderr"], plan["_seconds"] = out.stderr, time.monotonic() - t
@@ -367,12 +350,8 @@ def test_the_overall_deadline_ends_a_fetch_that_never_returns(world: World) -> N
     """Whatever blocks (a store that stops answering mid-read, an NFS server gone): past the
     deadline the plan is cold with what fetch was doing, and its temporary copy is gone."""
     world.publish(small(world))
-    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
     t = time.monotonic()
-    out = subprocess.run(
-        [sys.executable, "-c", HANGING, *map(str, world.fetch_args()), "--deadline", "2"],
-        capture_output=True, text=True, env=base, timeout=60, cwd=REPO, check=False,
-    )  # fmt: skip
+    out = thaw_cli(*world.fetch_args(), "--deadline", "2", thaw=[sys.executable, "-c", HANGING], timeout=60)
     assert out.returncode == 0, out.stderr
     assert time.monotonic() - t < 30
     plan = read_plan(world.plan)
@@ -431,7 +410,7 @@ def test_interrupted_copy_is_never_used_and_the_next_fetch_recovers(world: World
     assert tmp.exists()
     assert not (world.cache / "default" / "demo" / hex_of(sid)).exists()
     no_partial_snapshot(world)
-    inv = thaw(
+    inv = thaw_cli(
         "agent", "--cache", world.cache, "--budget", "1000000000", "--facts", world.facts_file(), "--once"
     )
     assert orjson.loads(orjson.loads(inv.stdout)["thaw.dev/cache"])["snapshots"] == []  # never advertised
@@ -466,7 +445,9 @@ def test_two_concurrent_fetches_copy_once_and_both_restore(world: World) -> None
         w.write(payload[: 6 * MIB])
         w.flush()
         _wait_for_temp_bytes(world, a, 4 * MIB)
-        b = subprocess.Popen([THAW, *map(str, args_b)], stderr=subprocess.PIPE, text=True)
+        b = subprocess.Popen(
+            [*thaw_command(), *map(str, args_b)], stderr=subprocess.PIPE, text=True, env=thaw_env()
+        )
         assert b.stderr is not None
         for line in b.stderr:  # b reaches the fetch lock and waits for a
             if "is staging it here; waiting" in line:
@@ -501,10 +482,12 @@ def test_cache_full_when_the_disk_cannot_hold_it_and_memory_tier(world: World, s
     world.publish(world.images("big", {"pages-1.img": os.urandom(2 * MIB)}), name="big")
     args = world.fetch_args(name="big")
     args[args.index("--cache") + 1] = small_tmpfs
-    out = thaw(*args)
+    out = thaw_cli(*args)
     plan = read_json(world.plan)
     assert out.returncode == 0 and plan["action"] == "cold", plan
     assert plan["reason"].startswith("cache full:") and "free on the filesystem" in plan["reason"]
     assert not list(small_tmpfs.glob("default/big/*/"))
-    inv = thaw("agent", "--cache", small_tmpfs, "--budget", "1000", "--facts", world.facts_file(), "--once")
+    inv = thaw_cli(
+        "agent", "--cache", small_tmpfs, "--budget", "1000", "--facts", world.facts_file(), "--once"
+    )
     assert orjson.loads(orjson.loads(inv.stdout)["thaw.dev/cache"])["free_bytes"] == 0

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.needs import requires, root
+from thaw.dev.sandbox import thaw_cli, thaw_command, thaw_env
 from thaw.runtime.install import (
     BUNDLE_ID_FILE,
     InstallError,
@@ -46,24 +47,6 @@ def _bundle(root: Path) -> Path:
     os.chmod(b / "python" / "site" / "pkg" / "mod.py", 0o600)  # made readable for the workload's user
     write_bundle_id(b)
     return b
-
-
-def _cli(
-    *args: str, env: dict[str, str] | None = None, wrap: list[str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*(wrap or []), sys.executable, "-m", "thaw", "install-runtime", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env={
-            **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
-            "PYTHONPATH": str(REPO),
-            **(env or {}),
-        },
-        timeout=120,
-        check=False,
-    )
 
 
 def test_bundle_id_names_the_content(tmp_path: Path) -> None:
@@ -111,7 +94,9 @@ def test_first_pod_copies_later_pods_link(tmp_path: Path) -> None:
         tools = tmp_path / f"pod{i}-tools"
         tools.mkdir()
         os.chmod(tools, 0o777)  # an emptyDir
-        out = _cli("--bundle", str(b), "--runtime-dir", str(node), "--link", str(tools / "rt"), wrap=NO_CAPS)
+        out = thaw_cli(
+            "install-runtime", "--bundle", b, "--runtime-dir", node, "--link", tools / "rt", wrap=NO_CAPS
+        )
         assert out.returncode == 0, out.stderr
         pods.append((tools, out.stderr))
     assert "copied" in pods[0][1] and all("already there" in err for _, err in pods[1:])
@@ -142,9 +127,7 @@ def test_concurrent_pods_copy_once(tmp_path: Path) -> None:
             subprocess.Popen(
                 [
                     *NO_CAPS,
-                    sys.executable,
-                    "-m",
-                    "thaw",
+                    *thaw_command(),
                     "install-runtime",
                     "--bundle",
                     str(b),
@@ -156,7 +139,7 @@ def test_concurrent_pods_copy_once(tmp_path: Path) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
                 cwd=REPO,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env=thaw_env(),
             )
         )
     errs = [p.communicate(timeout=120)[1] for p in procs]
@@ -199,7 +182,9 @@ def test_unwritable_node_copy_falls_back_to_a_copy_in_the_pod() -> None:
 def _unwritable_node_copy(b: Path, node: Path, tools: Path) -> None:
     # The image's own user (65532): the root-owned hostPath is not writable, the emptyDir is.
     as_user = ["setpriv", "--reuid=65532", "--regid=65532", "--clear-groups", "--"]
-    out = _cli("--bundle", str(b), "--runtime-dir", str(node), "--link", str(tools / "rt"), wrap=as_user)
+    out = thaw_cli(
+        "install-runtime", "--bundle", b, "--runtime-dir", node, "--link", tools / "rt", wrap=as_user
+    )
     assert out.returncode == 0, out.stderr
     assert "a private copy" in out.stderr and "could not be used" in out.stderr
     rt = tools / "rt"

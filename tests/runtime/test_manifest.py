@@ -14,7 +14,7 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.runtime.snapshots import FACTS, facts, thaw
+from tests.runtime.snapshots import FACTS, facts
 from thaw.contract.canonical import canonical_json
 from thaw.contract.facts import FactsError, compat_key, read_facts_file, write_facts_file
 from thaw.contract.manifest import (
@@ -30,6 +30,7 @@ from thaw.contract.manifest import (
 )
 from thaw.contract.plan import cold_plan, read_plan, restore_plan, write_plan
 from thaw.contract.signing import key_id, load_private_key, load_trusted_keys
+from thaw.dev.sandbox import thaw_cli
 from thaw.snapshot.nodefacts import (
     detect_criu,
     facts_difference,
@@ -46,7 +47,7 @@ from thaw.snapshot.transfer import hash_files
 
 @pytest.fixture
 def keydir(tmp_path: Path) -> Path:
-    out = thaw("keys", "generate", "--out", tmp_path / "keys")
+    out = thaw_cli("keys", "generate", "--out", tmp_path / "keys")
     assert out.returncode == 0, out.stderr
     return tmp_path / "keys"
 
@@ -70,7 +71,7 @@ def test_keys_generate_writes_a_private_key_only_root_can_read_and_refuses_to_ov
     assert stat.S_IMODE((keydir / "signing.key").stat().st_mode) == 0o600
     kid = key_id(load_private_key(keydir / "signing.key").public_key())
     assert list(load_trusted_keys(keydir).keys) == [kid]  # the .pub; the .key is reported, not trusted
-    again = thaw("keys", "generate", "--out", keydir)
+    again = thaw_cli("keys", "generate", "--out", keydir)
     assert again.returncode == 2
     assert "refusing to overwrite" in again.stderr
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from tests.conftest import REPO
 from thaw.contract.manifest import Manifest, verify_manifest
 from thaw.contract.plan import cold_plan, restore_plan, write_plan
 from thaw.contract.signing import generate_keypair, load_trusted_keys
+from thaw.dev.sandbox import thaw_command, thaw_env
 from thaw.runtime import workdir
 from thaw.runtime.publish import SidecarPublisher
 from thaw.runtime.sidecar import STATE_NAME, Sidecar, SidecarConfig, parse_request
@@ -285,15 +285,13 @@ def test_thaw_exec_side_of_the_protocol(tmp_path: Path) -> None:
     """SidecarPublisher (thaw exec's side) against the sidecar command itself, as two processes."""
     pod = Pod(tmp_path)
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
-        **POD,
-        "PYTHONPATH": str(REPO),
+        **thaw_env(POD),
         "THAW_NAME": "qwen",
         "THAW_WORKLOAD": "w-qwen",
         "THAW_KEY": str(pod.keys / "signing.key"),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "thaw", "sidecar", "--work", str(pod.work), "--plan", str(pod.plan),
+        [*thaw_command(), "sidecar", "--work", str(pod.work), "--plan", str(pod.plan),
          "--cache", str(pod.cache), "--store", str(pod.store), "--state", str(pod.state),
          "--interval", "0.05"],
         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
@@ -332,9 +330,7 @@ def test_an_unusable_registry_store_is_a_refusal_not_a_crash(tmp_path: Path) -> 
     empty_secret = tmp_path / "registry-auth"
     empty_secret.mkdir()
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("THAW_")},
-        **POD,
-        "PYTHONPATH": str(REPO),
+        **thaw_env(POD),
         "THAW_NAME": "qwen",
         "THAW_WORKLOAD": "w-qwen",
         "THAW_KEY": str(pod.keys / "signing.key"),
@@ -342,7 +338,7 @@ def test_an_unusable_registry_store_is_a_refusal_not_a_crash(tmp_path: Path) -> 
         "THAW_REGISTRY_AUTH": str(empty_secret),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "thaw", "sidecar", "--work", str(pod.work), "--plan", str(pod.plan),
+        [*thaw_command(), "sidecar", "--work", str(pod.work), "--plan", str(pod.plan),
          "--cache", str(pod.cache), "--state", str(pod.state), "--interval", "0.05"],
         env=env, cwd=REPO, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -9,10 +9,11 @@ import orjson
 import pytest
 
 from tests.fakekube import FakeKube, running
-from tests.runtime.snapshots import FACTS, facts, kubeconfig, node, thaw
+from tests.runtime.snapshots import FACTS, facts, kubeconfig, node
 from thaw.contract.annotations import NODE_CACHE, NODE_FACTS
 from thaw.contract.canonical import canonical_json
 from thaw.contract.facts import compat_key
+from thaw.dev.sandbox import thaw_cli
 from thaw.node.status import node_status, render_table
 
 SNAP = {
@@ -47,7 +48,7 @@ def kube() -> Iterator[FakeKube]:
 
 def test_status_table_from_the_cluster(kube: FakeKube, tmp_path: Path) -> None:
     env = {"KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", kube.url))}
-    out = thaw("status", env=env)
+    out = thaw_cli("status", env=env)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split() == [
@@ -77,7 +78,7 @@ def test_status_table_from_the_cluster(kube: FakeKube, tmp_path: Path) -> None:
 
 def test_status_json(kube: FakeKube, tmp_path: Path) -> None:
     env = {"KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", kube.url))}
-    out = thaw("status", "--output", "json", env=env)
+    out = thaw_cli("status", "--output", "json", env=env)
     assert out.returncode == 0, out.stderr
     rows = {r["node"]: r for r in orjson.loads(out.stdout)}
     assert rows["gpu-a"]["facts"] == FACTS and rows["gpu-a"]["cache"] == INV
@@ -88,7 +89,7 @@ def test_status_json(kube: FakeKube, tmp_path: Path) -> None:
 
 def test_status_without_a_cluster_fails_with_one_line(tmp_path: Path) -> None:
     env = {"KUBECONFIG": str(kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9"))}
-    out = thaw("status", env=env)
+    out = thaw_cli("status", env=env)
     assert out.returncode == 1
     assert len(out.stderr.strip().splitlines()) == 1 and out.stderr.startswith("thaw status:")
 

@@ -14,9 +14,17 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.runtime.snapshots import FACTS, THAW, World, read_json, thaw
-from thaw.contract.manifest import MAX_MANIFEST_BYTES, build_manifest, dump_manifest, hex_of, verify_manifest
+from tests.runtime.snapshots import FACTS, World
+from thaw.contract.manifest import (
+    MAX_MANIFEST_BYTES,
+    build_manifest,
+    dump_manifest,
+    hex_of,
+    load_manifest,
+    verify_manifest,
+)
 from thaw.contract.signing import load_trusted_keys
+from thaw.dev.sandbox import thaw_cli, thaw_command, thaw_env
 from thaw.snapshot.store import MAX_LISTED, DirectoryStore, StoreError
 from thaw.snapshot.transfer import hash_files, verify_files
 
@@ -46,7 +54,7 @@ def test_publish_layout_permissions_and_listing(world: World) -> None:
         assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
     for p in [d / "manifest.json", d / "pages-1.img", d / "d" / "x.img"]:
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
-    m = read_json(d / "manifest.json")
+    m = load_manifest(d / "manifest.json")
     assert m["id"] == sid and m["facts"] == FACTS and m["workload"] == "w1"
     assert (
         all(len(e["chunks"]) == (1 if e["size"] else 0) for e in m["files"]) and m["chunk_bytes"] == 1 << 26
@@ -72,19 +80,19 @@ def test_publish_layout_permissions_and_listing(world: World) -> None:
 def test_publish_refuses_bad_input_with_one_line(world: World, tmp_path: Path) -> None:
     images = world.images("a", {"core-1.img": b"core"})
     (images / "link.img").symlink_to("core-1.img")
-    out = thaw(
+    out = thaw_cli(
         "publish", "--store", world.store, "--name", "demo", "--workload", "w", "--images", images,
         "--key", world.keys / "signing.key", "--facts", world.facts_file(),
     )  # fmt: skip
     assert out.returncode == 1 and "symlink" in out.stderr and len(out.stderr.strip().splitlines()) == 1
     (images / "link.img").unlink()
     os.mkfifo(images / "pipe.img")  # would block a reader that opened it plainly
-    out = thaw(
+    out = thaw_cli(
         "publish", "--store", world.store, "--name", "demo", "--workload", "w", "--images", images,
         "--key", world.keys / "signing.key", "--facts", world.facts_file(),
     )  # fmt: skip
     assert out.returncode == 1 and "FIFO" in out.stderr and "special files are refused" in out.stderr
-    out = thaw(
+    out = thaw_cli(
         "publish", "--store", world.store, "--name", "Bad_Name", "--workload", "w", "--images", images,
         "--key", tmp_path / "nokey", "--facts", world.facts_file(),
     )  # fmt: skip
@@ -196,10 +204,10 @@ def test_publish_is_atomic_for_readers_stopped_and_killed_midway(world: World) -
     images = world.images("big", {f"pages-{i}.img": os.urandom(BIG_FILE_BYTES) for i in range(BIG_FILES)})
     store = DirectoryStore(world.store)
     args = [
-        THAW, "publish", "--store", str(world.store), "--name", "demo", "--workload", "w1", "--images",
-        str(images), "--key", str(world.keys / "signing.key"), "--facts", str(world.facts_file()),
+        *thaw_command(), "publish", "--store", str(world.store), "--name", "demo", "--workload", "w1",
+        "--images", str(images), "--key", str(world.keys / "signing.key"), "--facts", str(world.facts_file()),
     ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    env = thaw_env()
     for _ in range(5):
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         tmp = _wait_for_partial_publish(world.store, proc)
@@ -240,7 +248,7 @@ def test_publish_is_atomic_for_readers_stopped_and_killed_midway(world: World) -
 
 def test_publish_with_a_cache_keeps_the_nodes_copy_signed(world: World) -> None:
     images = world.images("a", {"pages-1.img": os.urandom(10_000), "core-1.img": b"core"})
-    out = thaw(
+    out = thaw_cli(
         "publish", "--store", world.store, "--namespace", "ml", "--name", "demo", "--workload", "w1",
         "--images", images, "--key", world.keys / "signing.key", "--facts", world.facts_file(),
         "--cache", world.cache,

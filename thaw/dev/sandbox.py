@@ -31,13 +31,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+from thaw.runtime import podfiles, workdir
 
 REPO = Path(__file__).resolve().parents[2]
 # The stand-in server (plain stdlib, run as a file so any python3 in a pod can run it).
 STANDIN = Path(__file__).resolve().parent / "standin.py"
+T = TypeVar("T")
+# How the tests, the demo and the benchmarks run this checkout's CLI (this Python, -m thaw): the
+# runtime's own answer to "how do I run myself", which is a bundle's wrapper only inside a bundle.
+thaw_command = podfiles.thaw_command
 
 
 # What a container runtime grants by default (containerd's and Docker's default set), and what the
@@ -281,16 +287,10 @@ class Pod:
         self.netns = netns
         self.started = time.monotonic()
         full_env = pod_env(env)
-        shared = [*paths_in([*thaw_args, *cmd, *full_env.values(), stdout_file or ""]), *map(str, volumes)]
-        redirect = ["sh", "-c", 'f=$1; shift; exec "$@" >"$f" 2>&1', "sh", stdout_file] if stdout_file else []
-        runtime = list(thaw) if thaw is not None else [sys.executable, "-m", "thaw"]
-        binds = list(binds)
-        shared += [str(p) for p, _ in binds]
         argv = [
             "ip", "netns", "exec", netns.name,
-            "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
-            *fresh_container_prefix(full_env, shared, hide=hide, binds=binds), *(wrap or []), *redirect,
-            *runtime, "exec", *thaw_args, "--", *cmd,
+            *pod_command(thaw_args, cmd, full_env, volumes=volumes, wrap=wrap or (), thaw=thaw, hide=hide,
+                         binds=binds, stdout_file=stdout_file),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             argv,
@@ -322,37 +322,100 @@ class Pod:
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM to thaw exec, as kubelet stops a container; unshare returns its exit status."""
-        if self.proc.poll() is None:
-            pid = self.thaw_pid()
-            if pid is not None:
-                os.kill(pid, signal.SIGTERM)
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        code = stop_pod(self.proc, timeout)
         self._reader.join(2)
-        return self.proc.returncode
+        return code
 
 
-def wait_for(predicate: Any, timeout: float, what: str, pod: Pod | None = None, interval: float = 0.1) -> Any:
+def pod_command(
+    thaw_args: Sequence[str],
+    cmd: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    volumes: Iterable[str | Path] = (),
+    wrap: Sequence[str] = (),
+    thaw: Sequence[str] | None = None,
+    before: Sequence[str] = (),
+    hide: Iterable[str | Path] = (),
+    binds: Iterable[tuple[str | Path, bool]] = (),
+    stdout_file: str | None = None,
+) -> list[str]:
+    """The argv of a pod (module doc), for :class:`Pod` and bench/gpu/harness.py: ``thaw exec`` (this
+    checkout's, or the ``thaw`` given: a bundle's) as PID 1 of new PID and mount namespaces, in a
+    fresh container for ``env`` whose shared paths are those its arguments and environment name plus
+    ``volumes`` (``hide``, ``binds``: :func:`fresh_container_prefix`), then ``before`` (a further
+    prefix inside the pod's mount namespace) and ``wrap`` (its capabilities: :func:`with_caps`).
+    ``stdout_file``: a file the pod opens itself for its output. Run it in the pod's network
+    namespace."""
+    binds = list(binds)
+    shared = [
+        *paths_in([*thaw_args, *cmd, *env.values(), stdout_file or ""]),
+        *map(str, volumes),
+        *(str(p) for p, _ in binds),
+    ]
+    redirect = ["sh", "-c", 'f=$1; shift; exec "$@" >"$f" 2>&1', "sh", stdout_file] if stdout_file else []
+    return [
+        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM",
+        *fresh_container_prefix(env, shared, hide=hide, binds=binds), *before, *wrap, *redirect,
+        *(thaw if thaw is not None else thaw_command()), "exec", *thaw_args, "--", *cmd,
+    ]  # fmt: skip
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 10.0, pid: int | None = None) -> int | None:
+    """Stop a process as kubelet stops a container: SIGTERM (to ``pid`` when given, else ``proc``),
+    SIGKILL to ``proc`` after ``timeout``; its exit status."""
+    if proc.poll() is None:
+        os.kill(pid if pid is not None else proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
+def stop_pod(proc: subprocess.Popen[Any], timeout: float) -> int | None:
+    """Stop a pod started from :func:`pod_command`: SIGTERM to ``thaw exec`` (unshare's child, PID 1
+    inside; unshare itself while it has none), SIGKILL after ``timeout``; unshare's exit status."""
+    from thaw.runtime.criu import children
+
+    kids = children(proc.pid) if proc.poll() is None else []
+    return stop(proc, timeout, kids[0] if kids else None)
+
+
+def wait_for(
+    check: Callable[[], T | Literal[False] | None],
+    timeout: float,
+    what: str,
+    pod: Pod | None = None,
+    *,
+    interval: float = 0.1,
+    explain: Callable[[], str] | None = None,
+) -> T:
+    """The first truthy ``check()`` within ``timeout`` seconds; else AssertionError naming ``what``,
+    with the pod's output or what ``explain()`` says about the state of things. The one wait of the
+    tests, the demo and the benchmarks."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
+    while True:
+        value = check()
         if value:
             return value
+        if time.monotonic() > deadline:
+            break
         time.sleep(interval)
     tail = f"; thaw exec's output:\n{pod.output[-4000:]}" if pod is not None else ""
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tail}")
+    tail += f":\n{explain()}" if explain is not None else ""
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{tail}")
 
 
 def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path`` (read as thaw reads it: bounded, an object), or {} while the file
+    does not exist yet: every writer of such a file replaces it whole, so a reader that polls sees
+    nothing or all of it. Anything else wrong with it raises (``workdir.Unreadable``), never an
+    empty answer that would read as "not yet"."""
     try:
-        value: dict[str, Any] = json.loads(path.read_text())
-        return value
-    except (OSError, ValueError):
+        return workdir.read_json(path)
+    except FileNotFoundError:
         return {}
 
 
@@ -366,15 +429,33 @@ def write_facts(path: Path) -> Path:
     return path
 
 
-def thaw_cli(*args: str) -> subprocess.CompletedProcess[str]:
+def thaw_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The CLI's environment: ours without THAW_* (a flag's fallback comes from the caller, never
+    from the environment the tests happen to run in), the repository on PYTHONPATH, then ``env``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
+    return {**base, "PYTHONPATH": str(REPO), **(env or {})}
+
+
+def thaw_cli(
+    *args: str | Path,
+    env: Mapping[str, str] | None = None,
+    thaw: Sequence[str] | None = None,
+    wrap: Sequence[str] = (),
+    check: bool = False,
+    timeout: float = 300,
+    stdin: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """``thaw ARGS`` (this checkout's, or the ``thaw`` given: a bundle's) run to its end with its
+    output captured, in :func:`thaw_env` plus ``env``, after the ``wrap`` prefix (capabilities)."""
     return subprocess.run(
-        [sys.executable, "-m", "thaw", *args],
+        [*wrap, *(thaw if thaw is not None else thaw_command()), *map(str, args)],
+        input=stdin,
         capture_output=True,
         text=True,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=check,
+        env=thaw_env(env),
         cwd=REPO,
-        timeout=300,
+        timeout=timeout,
     )
 
 
