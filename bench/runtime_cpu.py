@@ -22,8 +22,7 @@ from pathlib import Path
 
 from bench import not_run
 from bench.gpu import bundle, lifecycle
-from bench.gpu.harness import pod_caps_wrap
-from thaw.dev.sandbox import STANDIN, missing_prerequisites, write_facts
+from thaw.dev.sandbox import STANDIN, THAW_CAPS, missing_prerequisites, with_caps, write_facts
 
 PORT = 8290
 WARMUP_S = "3"
@@ -40,7 +39,7 @@ def main(argv: list[str]) -> int:
         facts = write_facts(root / "facts.json")
         rt = bundle.resolve()
         s = lifecycle.Suite(
-            root=root, out=root, rt=rt, wrap=pod_caps_wrap(), log=root / "pods.log",
+            root=root, out=root, rt=rt, wrap=with_caps(THAW_CAPS), log=root / "pods.log",
             deadline=time.monotonic() + 3600, facts=facts,
         )  # fmt: skip
         cmd = ["python3", str(STANDIN), str(PORT), "--warmup", WARMUP_S, "--mem-mb", MEM_MB]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thaw.dev.sandbox import thaw_cli, thaw_command
+
 REPO = Path(__file__).resolve().parents[2]
 # .gpu/ is ignored by git: carried to the device machine with run's carry, not committed.
 TARBALL = REPO / ".gpu" / "thaw-runtime.tar.xz"
@@ -54,6 +56,10 @@ class Runtime:
             out["THAW_LIBCUDA"] = self.libcuda
         return out
 
+    def cli(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """``thaw ARGS`` of this runtime, with its CRIU (the sandbox's one runner)."""
+        return thaw_cli(*args, thaw=self.thaw, env=self.env(), timeout=timeout)
+
     def describe(self) -> str:
         if self.kind != "bundle":
             return f"repository ({' '.join(self.thaw)})"
@@ -67,7 +73,7 @@ def bundle_runtime(root: Path) -> Runtime:
 
 
 def repository_runtime() -> Runtime:
-    return Runtime("repository", (sys.executable, "-m", "thaw"), os.environ.get("THAW_CRIU"))
+    return Runtime("repository", tuple(thaw_command()), os.environ.get("THAW_CRIU"))
 
 
 def build(tarball: Path = TARBALL, commit: str = "HEAD") -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import signal
 import socket
 import struct
 import subprocess
@@ -27,30 +26,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from thaw.dev.sandbox import fresh_container_prefix, paths_in, read_json
-from thaw.runtime.criu import children
+from thaw.dev.sandbox import pod_command, read_json, stop_pod
 
 REPO = Path(__file__).resolve().parents[2]
 SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-
-
-# The capabilities a Thaw pod's container has: the runtime's defaults plus what the webhook adds
-# (CHECKPOINT_RESTORE, SYS_PTRACE). ``thaw exec`` then runs CRIU --unprivileged.
-POD_CAPS = (
-    "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid", "setfcap",
-    "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write", "checkpoint_restore", "sys_ptrace",
-)  # fmt: skip
-
-
-def pod_caps_wrap(extra: tuple[str, ...] = ()) -> list[str]:
-    """setpriv prefix limiting thaw exec (and the workload) to POD_CAPS (plus ``extra``, e.g.
-    net_admin for a tensor-parallel pod); [] where setpriv is absent."""
-    import shutil
-
-    if shutil.which("setpriv") is None:
-        return []
-    caps = (*POD_CAPS, *extra)
-    return ["setpriv", "--bounding-set=-all," + ",".join(f"+{c}" for c in caps), "--inh-caps=-all", "--"]
 
 
 # A container sees only the GPUs the device plugin gave it: its /dev holds those /dev/nvidiaN files
@@ -159,17 +138,14 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     log = open(spec["log"], "ab")  # noqa: SIM115  (the pod's stdout for the whole phase)
     env = {**os.environ, **spec.get("runtime_env", {}), **spec.get("env", {})}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    # A fresh container (thaw/dev/sandbox.py): new tmpfs over its writable places, the paths it is
-    # given (store, plan, outcome, "volumes") bound back; before hide_dev, which binds /dev/shm.
-    shared = [
-        *paths_in([*spec["thaw_args"], *spec["cmd"], spec["outcome"], *env.values()]),
-        *spec.get("volumes", []),
-    ]
-    argv = [
-        "unshare", "--pid", "--mount-proc", "--kill-child=SIGTERM", *fresh_container_prefix(env, shared),
-        *hide_dev_prefix(spec.get("hide_dev", [])), *spec.get("wrap", []),
-        *spec.get("thaw", [sys.executable, "-m", "thaw"]), "exec", *spec["thaw_args"], "--", *spec["cmd"],
-    ]  # fmt: skip
+    # A fresh container (thaw/dev/sandbox.py, the tests' pods too): new tmpfs over its writable
+    # places, the paths it is given (store, plan, outcome, "volumes") bound back; before hide_dev,
+    # which binds /dev/shm. The environment is this process's (the GPU machine's CUDA and library
+    # settings), not a bare container's.
+    argv = pod_command(
+        spec["thaw_args"], spec["cmd"], env, volumes=[spec["outcome"], *spec.get("volumes", [])],
+        wrap=spec.get("wrap", []), thaw=spec.get("thaw"), before=hide_dev_prefix(spec.get("hide_dev", [])),
+    )  # fmt: skip
     t0 = time.monotonic()
     # The pod's stdout is a pipe, as a container's is (a file opened outside the pod's mount
     # namespace could not be dumped: CRIU cannot find its mount), copied to the log by a thread.
@@ -205,17 +181,7 @@ def run_phase(spec: dict[str, Any]) -> dict[str, Any]:
     while "result" not in read_json(outcome_path) and time.monotonic() < settle:
         time.sleep(0.1)
     result["outcome"] = read_json(outcome_path)
-    kids = children(proc.pid)
-    if kids:
-        os.kill(kids[0], signal.SIGTERM)
-    else:
-        proc.terminate()
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    result["exit"] = proc.returncode
+    result["exit"] = stop_pod(proc, 60)
     watcher.join(5)
     copier.join(10)
     log.close()

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu import bundle, lifecycle
-from bench.gpu.harness import REPO, pod_caps_wrap
+from bench.gpu.harness import REPO
+from thaw.dev.sandbox import THAW_CAPS, with_caps
 
 PORT = 8000
 PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> int:
         return 1
     res["model_bytes"] = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "hf-pods.log",
+        root=args.dir, out=args.out, rt=rt, wrap=with_caps(THAW_CAPS), log=args.out / "hf-pods.log",
         deadline=start + args.budget_s, facts=args.facts, hard_deadline=start + args.limit_s,
         save=lambda: lifecycle.save_json(args.out / "hf.json", res),
     )  # fmt: skip

@@ -30,6 +30,7 @@ from typing import Any
 from bench.gpu.bundle import Runtime
 from bench.gpu.harness import drop_caches, phase
 from thaw.contract.workload import DEFAULT_ENV
+from thaw.dev.sandbox import read_json
 
 # What the webhook gives every Thaw pod's workload unless the pod sets it (inductor compiles in the
 # server's process, so no compile workers hold the GPU: issue 10.3).
@@ -45,7 +46,7 @@ class Suite:
     root: Path  # work directory (stores, caches, plans)
     out: Path  # $OUT: results come back from here
     rt: Runtime
-    wrap: list[str]  # the pod's capabilities (harness.pod_caps_wrap)
+    wrap: list[str]  # the pod's capabilities (sandbox.with_caps)
     log: Path  # every pod's stdout, appended
     deadline: float  # time.monotonic() after which optional steps are skipped
     facts: Path | None = None  # --facts for every Thaw command (CPU tests); None: detected
@@ -57,21 +58,11 @@ class Suite:
     def __post_init__(self) -> None:
         self.keys, self.trust = self.root / "keys", self.root / "trust"
         if not (self.keys / "signing.key").exists():
-            r = self.thaw("keys", "generate", "--out", str(self.keys))
+            r = self.rt.cli("keys", "generate", "--out", str(self.keys))
             if r.returncode != 0:
                 raise RuntimeError(f"thaw keys generate: {r.stderr[-500:]}")
         self.trust.mkdir(parents=True, exist_ok=True)
         shutil.copy(self.keys / "signing.pub", self.trust / "signing.pub")
-
-    def thaw(self, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*self.rt.thaw, *args],
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, **self.rt.env()},
-            timeout=timeout,
-        )
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -172,16 +163,12 @@ def checkpoint(s: Suite, w: Workload, store: Path, cache: Path) -> dict[str, Any
 def fetch(s: Suite, w: Workload, store: Path, cache: Path, plan: Path) -> dict[str, Any]:
     """``thaw fetch`` into ``cache`` (another node's), timed."""
     t = time.monotonic()
-    r = s.thaw(
+    r = s.rt.cli(
         "fetch", "--store", str(store), "--cache", str(cache), "--name", w.name,
         "--workload", f"bench-{w.name}", "--trust", str(s.trust), "--plan", str(plan), *s.facts_args(),
     )  # fmt: skip
     seconds = round(time.monotonic() - t, 3)
-    try:
-        planned = json.loads(plan.read_text())
-    except (OSError, ValueError):
-        planned = {}
-    return {"fetch_s": seconds, "exit": r.returncode, "plan": planned, "log": r.stderr[-600:]}
+    return {"fetch_s": seconds, "exit": r.returncode, "plan": read_json(plan), "log": r.stderr[-600:]}
 
 
 def restore(s: Suite, w: Workload, plan: Path, name: str, **extra: Any) -> dict[str, Any]:

@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu import bundle
-from bench.gpu.harness import REPO, drop_caches, phase, pod_caps_wrap
+from bench.gpu.harness import REPO, drop_caches, phase
 from thaw.contract.nccl import NCCL_ENV
-from thaw.dev.sandbox import read_json
+from thaw.dev.sandbox import THAW_CAPS, read_json, with_caps
 
 # The NCCL settings of a checkpointable TP workload: the webhook's (thaw/contract/nccl.py).
 TP_NCCL_ENV = dict(NCCL_ENV)
@@ -64,19 +64,6 @@ def sh(cmd: str) -> str:
     return (out.stdout + out.stderr).strip()
 
 
-def thaw(*args: str) -> subprocess.CompletedProcess[str]:
-    """The runtime pods get (bench/gpu/bundle.py), with its CRIU."""
-    rt = bundle.resolve()
-    return subprocess.run(
-        [*rt.thaw, *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=REPO,
-        env={**os.environ, **rt.env()},
-    )
-
-
 def pod_runtime() -> dict[str, Any]:
     """The harness spec's keys that run the bundle's thaw exec and CRIU in a pod."""
     rt = bundle.resolve()
@@ -98,7 +85,7 @@ def fetch(
     store: Path, cache: Path, name: str, workload: str, *, trust: Path, plan: Path
 ) -> subprocess.CompletedProcess[str]:
     """``thaw fetch`` into another node's ``cache``: the plan a restoring pod gets."""
-    return thaw(
+    return bundle.resolve().cli(
         "fetch", "--store", str(store), "--cache", str(cache), "--name", name, "--workload", workload,
         "--trust", str(trust), "--plan", str(plan),
     )  # fmt: skip
@@ -140,25 +127,25 @@ def main(argv: list[str]) -> int:
     }
     print(json.dumps(res), flush=True)
     keys, trust = root / "keys", root / "trust"
-    r = thaw("keys", "generate", "--out", str(keys))
+    r = bundle.resolve().cli("keys", "generate", "--out", str(keys))
     assert r.returncode == 0, r.stderr
     trust.mkdir()
     shutil.copy(keys / "signing.pub", trust / "signing.pub")
     if args.remap_probe:
-        wrap = pod_caps_wrap()
+        wrap = with_caps(THAW_CAPS)
         res["remap"] = remap_probes(root, trust, keys, wrap, args.out / "remap-probes.log")
         (args.out / "remap-probes.json").write_text(json.dumps(res, indent=2))
         print_probes(res["remap"])
         return 0
     if args.sleep_probe:
         res["sleep"] = sleep_probes(
-            root, trust, keys, pod_caps_wrap(), args.out / "sleep-probes.log", pool_gb=args.sleep_probe
+            root, trust, keys, with_caps(THAW_CAPS), args.out / "sleep-probes.log", pool_gb=args.sleep_probe
         )
         (args.out / "sleep-probes.json").write_text(json.dumps(res, indent=2))
         print_probes(res["sleep"])
         return 0
     if args.probe_only:
-        wrap = pod_caps_wrap(("net_admin",))
+        wrap = with_caps((*THAW_CAPS, "net_admin"))
         res["nccl_env"], res["pod_caps"] = (
             ISSUE6_NCCL_ENV,
             "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE, NET_ADMIN",
@@ -207,7 +194,7 @@ def main(argv: list[str]) -> int:
     url = f"http://127.0.0.1:{PORT}/generate"
     body = {"prompt": PROMPT, "max_new_tokens": args.max_new}
     # every pod with a pod's capabilities, not full root; TCP repair for the ranks' connections
-    wrap = pod_caps_wrap(("net_admin",) if args.tp > 1 else ())
+    wrap = with_caps((*THAW_CAPS, "net_admin") if args.tp > 1 else THAW_CAPS)
     res["pod_caps"] = "runtime defaults + CHECKPOINT_RESTORE, SYS_PTRACE" if wrap else "full root"
     common = {
         "url": url, "body": body, "cmd": cmd, "timeout": 420, "request_timeout": 60, "wrap": wrap,

@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu import bundle, lifecycle
-from bench.gpu.harness import REPO, pod_caps_wrap
+from bench.gpu.harness import REPO
 from bench.gpu.hf import machine
+from thaw.dev.sandbox import THAW_CAPS, with_caps
 
 PORT = 8000
 PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
@@ -109,7 +110,7 @@ def main(argv: list[str]) -> int:
     res["h2d"] = h2d(args.python)
     print("host to device:", json.dumps(res["h2d"]), flush=True)
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "speed-pods.log",
+        root=args.dir, out=args.out, rt=rt, wrap=with_caps(THAW_CAPS), log=args.out / "speed-pods.log",
         deadline=start + args.budget_s, hard_deadline=start + args.limit_s,
         save=lambda: lifecycle.save_json(args.out / "speed.json", res),
     )  # fmt: skip

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.gpu import bundle, lifecycle
-from bench.gpu.harness import REPO, pod_caps_wrap
+from bench.gpu.harness import REPO
+from thaw.dev.sandbox import THAW_CAPS, with_caps
 
 PORT = 8000
 HF_PROMPT = {
@@ -207,7 +208,7 @@ def main(argv: list[str]) -> int:
             check=True, capture_output=True,
         )  # fmt: skip
     s = lifecycle.Suite(
-        root=args.dir, out=args.out, rt=rt, wrap=pod_caps_wrap(), log=args.out / "matrix-pods.log",
+        root=args.dir, out=args.out, rt=rt, wrap=with_caps(THAW_CAPS), log=args.out / "matrix-pods.log",
         deadline=start + args.budget_s, facts=args.facts, hard_deadline=start + args.limit_s,
         save=lambda: lifecycle.save_json(args.out / "matrix.json", res),
     )  # fmt: skip
