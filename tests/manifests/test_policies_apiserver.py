@@ -88,6 +88,7 @@ def cluster(
             ("pod-p", PLAIN_NS),
         )
     }
+
     # A policy is enforced once kube-apiserver's policy informer has it: wait for a known refusal.
     def refused() -> str:
         return cp.kubectl("--kubeconfig", str(agent), "label", "node", "node-a", "x=y", check=False).stderr
