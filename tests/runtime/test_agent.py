@@ -213,3 +213,23 @@ def test_heartbeat_and_healthcheck(world: World, kube: FakeKube) -> None:
     )
     missing = thaw_cli("healthcheck", "--file", world.root / "none", "--max-age", "300")
     assert missing.returncode == 1 and "no heartbeat at" in missing.stderr
+
+
+def test_agent_publishes_the_nodes_fetch_throughput(world: World, kube: FakeKube) -> None:
+    """Issue 13: thaw.dev/cache carries the median throughput of the node's recent misses, from the
+    restore plans in its pods' outcome copies; hits and small copies say nothing about the store."""
+    from thaw.snapshot.outcome_copy import write_outcome_copy
+
+    cached(world, "a", name="demo")
+    gb = 10**9
+    for i, (copied, seconds) in enumerate(
+        [(4 * gb, 8.0), (2 * gb, 1.0), (6 * gb, 10.0), (0, 0.1), (10**6, 0.001)]
+    ):
+        fetch = {"bytes": copied, "seconds": seconds}
+        plan = {"action": "restore", "path": "/x", "snapshot": "sha256:" + "a" * 64, "fetch": fetch}
+        outcome = {"result": "restored", "started": f"2026-12-01T00:00:0{i}Z", "plan": plan}
+        write_outcome_copy(world.cache, f"0000000{i}-0000-4000-8000-000000000000", orjson.dumps(outcome))
+    assert agent(world, kube).returncode == 0
+    inv = parse_inventory(node_annotations(kube)[NODE_CACHE])
+    assert inv["fetch"] == {"bps": 600_000_000, "n": 3}  # median of 0.5, 2.0 and 0.6 GB/s
+    assert [s["name"] for s in inv["snapshots"]] == ["demo"]

@@ -1,12 +1,15 @@
 """The node cache inventory (``thaw.dev/cache`` Node annotation, DESIGN.md).
 
 Written by the node agent, read by the extender and ``thaw status``. Pure functions: parse (with a
-reason for anything malformed) and render (kept under the annotation budget by dropping the least
-recently used entries first, so a node never advertises more than it says it holds).
+reason for anything malformed), render (kept under the annotation budget by dropping the least
+recently used entries first, so a node never advertises more than it says it holds), and the
+node's fetch throughput from its recent misses (:func:`fetch_rate`, the optional ``fetch`` field).
 """
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Iterable
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
@@ -15,6 +18,11 @@ INVENTORY_VERSION = 1
 MAX_ANNOTATION_BYTES = 64 * 1024
 Tier = Literal["memory", "disk"]
 TIERS: tuple[Tier, ...] = ("memory", "disk")
+# The fetch field: the median of the node's last FETCH_SAMPLES misses of at least FETCH_MIN_BYTES
+# (a small copy is all fixed cost: its rate says nothing about the store's throughput).
+FETCH_SAMPLES = 8
+FETCH_MIN_BYTES = 64 * 2**20
+MAX_FETCH_BPS = 10**12  # 1 TB/s: more is not a measurement
 
 
 class CachedSnapshot(TypedDict):
@@ -27,11 +35,20 @@ class CachedSnapshot(TypedDict):
     last_used: str  # RFC 3339, UTC
 
 
+class FetchRate(TypedDict):
+    """The node's recent fetch throughput: what ``thaw fetch`` took to stage a snapshot from the
+    store into this node's cache (the restore plan's ``fetch: {bytes, seconds}``), per miss."""
+
+    bps: int  # bytes per second, the median of the misses below
+    n: int  # how many misses (1..FETCH_SAMPLES, the most recent)
+
+
 class Inventory(TypedDict):
     v: int
     free_bytes: int
     snapshots: list[CachedSnapshot]
     restoring: NotRequired[int]  # restores in progress on the node (the extender's queue signal)
+    fetch: NotRequired[FetchRate]  # absent until the node has fetched something big enough
 
 
 class InventoryError(ValueError):
@@ -80,7 +97,38 @@ def parse_inventory(raw: str | bytes) -> Inventory:
     }
     if restoring:
         inv["restoring"] = restoring
+    if "fetch" in value:
+        inv["fetch"] = _check_fetch(value["fetch"])
     return inv
+
+
+def _is_int(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _check_fetch(value: Any) -> FetchRate:
+    if (
+        not isinstance(value, dict)
+        or not _is_int(value.get("bps"), 1, MAX_FETCH_BPS)
+        or not _is_int(value.get("n"), 1, FETCH_SAMPLES)
+    ):
+        raise InventoryError(
+            f'fetch must be {{"bps": integer 1..{MAX_FETCH_BPS}, "n": integer 1..{FETCH_SAMPLES}}}, '
+            f"got {str(value)[:120]}"
+        )
+    return {"bps": value["bps"], "n": value["n"]}
+
+
+def fetch_rate(misses: Iterable[tuple[int, float]]) -> FetchRate | None:
+    """The ``fetch`` field from the node's misses, oldest first, each (bytes copied, seconds): the
+    median throughput of the last FETCH_SAMPLES of at least FETCH_MIN_BYTES. None without one.
+    The median, not a mean: one fetch slowed by a busy link or a cold registry cache does not move
+    it, and half the recent misses must be slow before it says the store is slow."""
+    rates = [n / s for n, s in misses if n >= FETCH_MIN_BYTES and s > 0][-FETCH_SAMPLES:]
+    if not rates:
+        return None
+    bps = min(MAX_FETCH_BPS, max(1, round(statistics.median(rates))))
+    return {"bps": bps, "n": len(rates)}
 
 
 def render_inventory(inv: Inventory, limit: int = MAX_ANNOTATION_BYTES) -> str:

@@ -4,7 +4,8 @@ Each pass: detect the node's facts (a driver or CRIU upgrade changes them), remo
 processes left (interrupted fetches, half-deleted snapshots), evict snapshots this node can no
 longer restore, evict least recently used snapshots until the cache fits its byte budget (never one
 that a restore holds), record the budget for ``thaw fetch``, and patch this Node's ``thaw.dev/facts``
-and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client), and
+and ``thaw.dev/cache`` annotations (JSON merge patch, this Node only, with the official client; the
+cache's ``fetch`` field is the median throughput of the node's recent misses: thaw/node/fetchrate.py), and
 post an Event on each Thaw pod of this node saying how it started and how its checkpoint went (from
 the outcome copies in the cache, for the pods its own API list shows on this node: thaw/node/events.py).
 The inventory lists only snapshots whose manifest signature verifies against the key recorded beside
@@ -35,7 +36,8 @@ from thaw.contract.facts import NodeFacts
 from thaw.contract.inventory import Inventory, render_inventory
 from thaw.contract.signing import TrustedKeys, load_trusted_keys
 from thaw.errors import UsageError
-from thaw.node.events import PodRef, node_events, pod_ref, unverified_specs
+from thaw.node.events import OUTCOME_MAX_AGE_S, PodRef, node_events, pod_ref, unverified_specs
+from thaw.node.fetchrate import FetchSamples
 from thaw.snapshot.cache import (
     clean_stale,
     enforce_budget,
@@ -44,6 +46,7 @@ from thaw.snapshot.cache import (
     remove_incompatible,
     write_budget,
 )
+from thaw.snapshot.outcome_copy import read_outcome_copies
 
 log = logging.getLogger("thaw.agent")
 
@@ -61,8 +64,15 @@ class PassResult:
     evicted: list[str] = field(default_factory=list)
 
 
-def upkeep(cache_dir: Path, budget: int, facts: NodeFacts, trusted: TrustedKeys | None = None) -> PassResult:
-    """One pass over the cache (no cluster I/O)."""
+def upkeep(
+    cache_dir: Path,
+    budget: int,
+    facts: NodeFacts,
+    trusted: TrustedKeys | None = None,
+    fetches: FetchSamples | None = None,
+) -> PassResult:
+    """One pass over the cache (no cluster I/O). ``fetches``: the misses seen in earlier passes,
+    fed this pass's outcome copies, for the inventory's ``fetch`` field."""
     cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     write_budget(cache_dir, budget)
     mark_in_use(cache_dir)  # restores hold snapshots through read-only mounts: their last use is now
@@ -70,6 +80,11 @@ def upkeep(cache_dir: Path, budget: int, facts: NodeFacts, trusted: TrustedKeys 
     incompatible = remove_incompatible(cache_dir, facts)
     evicted = enforce_budget(cache_dir, budget)
     inv = inventory(cache_dir, facts, budget, trusted=trusted)
+    if fetches is not None:
+        fetches.observe(read_outcome_copies(cache_dir, OUTCOME_MAX_AGE_S))
+        rate = fetches.rate()
+        if rate is not None:
+            inv["fetch"] = rate
     return PassResult(facts, inv, stale, incompatible, evicted)
 
 
@@ -160,13 +175,14 @@ def run(args: argparse.Namespace) -> int:
     result: PassResult | None = None
     trust = getattr(args, "trust", None)
     posted: set[str] = set()
+    fetches = FetchSamples()
     last_sent: dict[str, str] | None = None
     last_sent_at = 0.0
     failed = False
     while True:
         try:
             trusted = load_trusted_keys(trust) if trust is not None else None
-            result = upkeep(args.cache, args.budget, node_facts(args.facts), trusted)
+            result = upkeep(args.cache, args.budget, node_facts(args.facts), trusted, fetches)
             for what, items in (
                 ("removed leftover", result.stale),
                 ("removed snapshot no longer compatible with this node", result.incompatible),
