@@ -16,6 +16,8 @@ contributes to are compared before and after, so that only the decisions they re
   reads ``holders / nodes``, in that snapshot's memo only;
 - the node count (a node added or removed): every build's holders (the same damping);
 - the set of known facts (a compat key appears or goes): the nodes with GPU-label facts only;
+- the nodes' reported fetch throughput, whose median (on a grid: ``scoring.cluster_fetch_bps``) is
+  every fetch estimate: when it moves a step (rarely: ~9% steps), every node;
 - a build of the snapshot appearing or going, or its size changing: the nodes of that build's
   facts, and those with GPU-label facts; the whole memo only when the largest build's size moves
   (every node's cold-start estimate reads it) or the first build appears or the last one goes.
@@ -83,6 +85,7 @@ from extender.scoring import (
     Decision,
     Params,
     Variant,
+    cluster_fetch_bps,
     decide,
     restore_seconds,
     score_of,
@@ -154,6 +157,7 @@ class Memo:
     variants: dict[str, Variant]
     known_facts: dict[str, dict[str, str | int]]
     node_count: int
+    cluster_fetch: float | None  # the nodes' measured fetch throughput (their reports' median)
     # name -> b'{"Host":"name","Score":N}', the prioritize answer's element, ready to join; only
     # nodes that score above 0 (the answer lists only those: handlers.prioritize).
     fragments: dict[str, bytes] = field(default_factory=dict)
@@ -185,6 +189,7 @@ class Memo:
             variants=self.variants,
             known_facts=self.known_facts,
             node_count=self.node_count,
+            cluster_fetch=self.cluster_fetch,
             p=self.index.params,
         )
 
@@ -413,6 +418,9 @@ class NodeIndex:
         self._facts: dict[str, tuple[dict[str, str | int], int]] = {}
         self._partial: set[str] = set()  # nodes with GPU-label facts only
         self._by_compat: dict[str, set[str]] = {}  # compat key -> the nodes with those facts
+        # Reported fetch throughput per node; cluster_fetch is their median (every fetch estimate).
+        self._fetch_reports: dict[str, float] = {}
+        self.cluster_fetch: float | None = None
         self._memo: dict[Key, Memo] = {}
         # node -> hash of the problems last logged for it (and the inputs they came from).
         self._logged: dict[str, int] = {}
@@ -452,10 +460,13 @@ class NodeIndex:
             self._by_compat.setdefault(e.compat, set()).add(e.name)
         if e.partial:
             self._partial.add(e.name)
+        if e.fetch_bps:
+            self._fetch_reports[e.name] = e.fetch_bps
 
     def _remove(self, e: NodeEntry) -> None:
         self.nodes.pop(e.name, None)
         self._partial.discard(e.name)
+        self._fetch_reports.pop(e.name, None)
         for c in e.copies:
             key = (c.name, c.workload, c.compat)
             holders = self._holders.get(key)
@@ -515,6 +526,10 @@ class NodeIndex:
         else:
             self.name_json.pop(name, None)
             self._logged.pop(name, None)
+        fetch_before = self.cluster_fetch
+        if (old.fetch_bps if old else None) != (new.fetch_bps if new else None):
+            self.cluster_fetch = cluster_fetch_bps(self._fetch_reports.values())
+        fetch_moved = self.cluster_fetch != fetch_before
         if not self._memo:
             return
         count_moved = (old is None) != (new is None)
@@ -528,6 +543,9 @@ class NodeIndex:
         for key, memo in list(self._memo.items()):
             redo: set[str] = {name}
             spread_of: set[str] = set()  # compat keys whose holders' spread damping moved
+            if fetch_moved:
+                memo.cluster_fetch = self.cluster_fetch
+                redo |= set(self.nodes)
             if key in touched:
                 variants = self._variants(key)
                 if variants != memo.variants:
@@ -626,11 +644,13 @@ class NodeIndex:
                 self._facts = {}
                 self._partial = set()
                 self._by_compat = {}
+                self._fetch_reports = {}
                 self._memo.clear()
                 self._logged = {n: h for n, h in self._logged.items() if n in entries}
                 for e in entries.values():
                     self._add(e)
                     self._log_problems(e)
+                self.cluster_fetch = cluster_fetch_bps(self._fetch_reports.values())
             else:
                 for name in gone:
                     self._change(self.nodes[name], None)
@@ -714,7 +734,15 @@ class NodeIndex:
         return memo
 
     def _new_memo(self, key: Key) -> Memo:
-        memo = Memo(key[0], key[1], self, self._variants(key), self._known_facts(), len(self.nodes))
+        memo = Memo(
+            key[0],
+            key[1],
+            self,
+            self._variants(key),
+            self._known_facts(),
+            len(self.nodes),
+            self.cluster_fetch,
+        )
         memo._fill()
         keep = max(1, min(MEMO_KEYS, MEMO_ENTRIES // max(1, len(self.nodes)))) - 1
         if len(self._memo) > keep:

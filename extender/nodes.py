@@ -66,6 +66,8 @@ class NodeEntry:
     copies: tuple[CachedCopy, ...] = ()
     restoring: float = 0  # the agent reports a count; the index adds the pods it placed (1/k each)
     free_bytes: int = 0
+    # The node's measured fetch throughput (thaw.dev/cache "fetch"), bytes/s; None: not reported.
+    fetch_bps: float | None = None
     # Why an annotation could not be read (logged once per value, see parse_node's caller).
     problems: tuple[str, ...] = ()
     # The raw inputs this entry was parsed from: an update with the same inputs changes nothing.
@@ -169,6 +171,7 @@ def parse_node(node: Mapping[str, Any]) -> NodeEntry:
     copies: tuple[CachedCopy, ...] = ()
     restoring: float = 0
     free = 0
+    fetch_bps: float | None = None
     raw_cache = ann.get(NODE_CACHE)
     if raw_cache is not None:
         try:
@@ -181,6 +184,7 @@ def parse_node(node: Mapping[str, Any]) -> NodeEntry:
             )
             restoring = inv.get("restoring", 0)
             free = inv["free_bytes"]
+            fetch_bps = inv["fetch"]["bps"] if "fetch" in inv else None
         except InventoryError as exc:
             problems.append(f"{NODE_CACHE} unreadable ({exc}); ranked as holding no snapshot")
 
@@ -195,6 +199,7 @@ def parse_node(node: Mapping[str, Any]) -> NodeEntry:
         copies=copies,
         restoring=restoring,
         free_bytes=free,
+        fetch_bps=fetch_bps,
         problems=tuple(problems),
         source=node_source(node),
     )

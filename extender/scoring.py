@@ -8,14 +8,25 @@ estimated seconds, the 0..10 score and a reason an operator can read.
 
 The estimate, with ``B`` the snapshot's bytes and ``q`` the restores already in progress on the node:
 
-    restore(B, tier) = RESTORE_FIXED + B / CRIU_BPS[tier] + GPU_FRACTION * B / CUDA_RESTORE_BPS
-    memory, disk     = restore(B, tier)                 * (1 + QUEUE_SHARE * q)
-    fetch            = (B / FETCH_BPS + restore(B, disk)) * (1 + QUEUE_SHARE * q)
-    cold             = COLD_FIXED + B / COLD_LOAD_BPS     (COLD_DEFAULT when no size is known)
+    restore(B, tier) = RESTORE_FIXED + B / RESTORE_BPS[tier]      (tier: memory or disk)
+    memory, disk     = restore(B, tier)                           * (1 + QUEUE_SHARE * q)
+    fetch            = (B / FETCH_BPS + restore(B, disk))         * (1 + QUEUE_SHARE * q)
+    cold             = COLD_FIXED + B / COLD_LOAD_BPS    (COLD_DEFAULT when no size is known)
 
-Tiers are ordered memory < disk < fetch < cold for any size with the default constants. The queue
-term is ServerlessLLM's: ``q`` restores in progress share the node's disk and PCIe bandwidth, and on
-average are half done, so this one runs at about 1 / (1 + q/2) speed.
+``FETCH_BPS`` is the store's throughput as the nodes measure it: each node's agent reports the
+median of its recent misses (``fetch`` in ``thaw.dev/cache``), and the estimate is the median of
+those reports (:func:`cluster_fetch_bps`), the same for every node; with no report anywhere, the
+constant. Not each node's own report: within a pool the nodes differ by noise more than by kind, and
+in the simulator steering misses by it cost time (1-10% more mean time-to-ready than the median);
+nor the constant beside measured nodes, which made the nodes that happened to fetch once look several
+times faster to fetch onto where the store beat the constant (README, "Placement").
+
+Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.23 GB with the default
+constants (below that a restore's fixed 0.4 s outweighs what a cold start of so little takes: the
+constants are a GPU model's; ``--scoring`` sets others, as ``thaw demo`` does). The queue
+term is ServerlessLLM's: ``q`` restores in progress share the node's disk and PCIe bandwidth; with
+``QUEUE_SHARE`` 1 (extender/measured.json's assumption) each takes an equal share for the whole
+restore, so this one runs at 1 / (1 + q) speed.
 
 The score is the share of the possible speed-up this node delivers, on a log scale (a 2x faster
 start is worth the same anywhere on the range)::
@@ -33,16 +44,21 @@ The extender cannot see how many replicas a node runs; the scheduler's own sprea
 (PodTopologySpread, NodeResourcesFit) weighs that.
 A node that can restore at all scores at least 1; a node that can only cold-start scores 0.
 
-The defaults come from measurements on an H200 node with CRIU 4.2.1 (DESIGN.md): CRIU restores image
-pages at 1.7 GB/s from disk and 2.1 GB/s from page cache, CUDA restore 4-6 GB/s, a 6 GiB model
-(8.1 GB image) restored in 6.8 s and cold-started in 34 s. With them ``restore(8.1 GB, disk)`` is
-6.8 s and ``cold(8.1 GB)`` is 33.5 s.
+The defaults are the measured ground truth of ``extender/measured.json`` (the GPU benchmark's six runs
+on H200s, CRIU 4.2.1, driver 580, 10.7-20.6 GB images; the CPU stand-in for the fixed part), each
+rate the median over the runs of image bytes per second from ``thaw exec``'s start (or the fetch's)
+to the server's first answer, the same fit as the simulator's ``GroundTruth``: page cache 1.87
+GB/s, disk 1.12 GB/s, fetch 0.53 GB/s, cold 0.22 GB/s. So a 20 GB image: 11.1 s from page cache,
+18.3 s from disk, 56.0 s to fetch and restore, 90.9 s cold. (The constants before were one H200's
+first measurements, CRIU and CUDA apart: 13.4, 15.7, 31.7 and 53.3 s for the same image, fetch
+and cold far too optimistic.)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,18 +71,36 @@ MAX_SCORE = 10
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """The formula's constants (bytes per second, seconds); every one is configurable."""
+    """The formula's constants (bytes per second, seconds); every one is configurable (``--scoring``).
 
-    criu_disk_bps: float = 1.7e9  # CRIU image pages from local disk (measured)
-    criu_memory_bps: float = 2.1e9  # CRIU image pages from page cache / tmpfs (measured)
-    cuda_restore_bps: float = 5.0e9  # cuCheckpointProcessRestore, GPU memory back (4-6 GB/s measured)
-    gpu_fraction: float = 0.8  # share of the image that is GPU memory (6.5 of 8.1 GB measured)
-    restore_fixed_s: float = 0.7  # process tree, sockets, CUDA context (6.8 s measured - pages)
-    fetch_bps: float = 1.25e9  # store or peer to node cache (10 Gb/s); set per cluster
-    cold_fixed_s: float = 20.0  # imports, compile, graph capture: the part not tied to size
-    cold_load_bps: float = 0.6e9  # weights from the image/registry into GPU memory at cold start
-    cold_default_s: float = 34.0  # cold start when no copy says how big the model is (measured)
-    queue_share: float = 0.5  # each restore in progress costs this share of a restore's time
+    Where each default comes from: extender/measured.json, fitted as the simulator's GroundTruth
+    fits it (module docstring); tests/extender/test_scoring.py checks that they still agree.
+    """
+
+    # Restore from page cache / tmpfs: median image bytes/s of the runs' "memory" restores (CRIU's
+    # pages, the CUDA restore and readiness together), less the fixed part. 6 runs, sigma 0.30.
+    restore_memory_bps: float = 1.87e9
+    # The same with the page cache dropped ("disk"). 6 runs, sigma 0.12.
+    restore_disk_bps: float = 1.12e9
+    # The part of a restore not tied to size: the CPU stand-in's restores (279 MB image), 0.36 s
+    # from page cache and 0.42 s from disk, are almost all fixed cost (process tree, readiness).
+    restore_fixed_s: float = 0.4
+    # thaw fetch into the node cache: the runs' "fetch" (a sha256-verified copy on the same machine,
+    # 0.53 GB/s, sigma 0.09). A cluster's store is faster or slower: a node whose agent reports its
+    # measured fetch throughput (thaw.dev/cache "fetch") is estimated with that instead.
+    fetch_bps: float = 0.53e9
+    # Cold start (empty compile cache, page cache dropped): the runs' median 0.22 GB/s (sigma 0.22).
+    # They show no part that can be told apart as fixed (50-77 s for 10.7-20.6 GB, no trend with
+    # size: tensor parallel spreads the load over 2-4 GPUs), so all of it scales with size, as in
+    # the simulator's ground truth.
+    cold_fixed_s: float = 0.0
+    cold_load_bps: float = 0.22e9
+    cold_default_s: float = 69.3  # cold start when no copy says how big the model is: the runs' median
+    # Each restore in progress on the node costs this share of a restore's time. Not measured (no run
+    # restored two at once): measured.json's own assumption, a restore shares the node equally with
+    # each one in progress. Against 0.5 (the guess before) in thaw simulate: mean time-to-ready 0.2-1.3%
+    # lower, a burst of 8 replicas onto one page-cache holder 32.3 s instead of 35.9 s.
+    queue_share: float = 1.0
     # ImageLocality-style damping of holders by 1 - holders/nodes. thaw simulate (design seeds 1-10):
     # 0.4 cost 4-8% of the oracle's local hits and did not keep the busiest node lower; 0.1 keeps
     # rare snapshots' holders slightly behind common ones at 0-1.5% of the hits.
@@ -100,8 +134,27 @@ class Decision:
 
 
 def restore_seconds(size: int, tier: Literal["memory", "disk"], p: Params = DEFAULT_PARAMS) -> float:
-    criu = p.criu_memory_bps if tier == "memory" else p.criu_disk_bps
-    return p.restore_fixed_s + size / criu + p.gpu_fraction * size / p.cuda_restore_bps
+    rate = p.restore_memory_bps if tier == "memory" else p.restore_disk_bps
+    return p.restore_fixed_s + size / rate
+
+
+def fetch_seconds(size: int, bps: float | None = None, p: Params = DEFAULT_PARAMS) -> float:
+    """Fetch then restore from disk, without the queue: at ``bps`` (a measured fetch throughput),
+    else at ``fetch_bps``."""
+    return size / (bps or p.fetch_bps) + restore_seconds(size, "disk", p)
+
+
+FETCH_GRID = 8  # cluster_fetch_bps steps per doubling (~9%)
+
+
+def cluster_fetch_bps(reported: Iterable[float]) -> float | None:
+    """The store's fetch throughput as the nodes measure it: the median of their reports, on a grid
+    of FETCH_GRID steps per doubling, so that a new report moves it (and every fetch estimate) only
+    when the median moves by a step. None without a report."""
+    rates = [r for r in reported if r > 0]
+    if not rates:
+        return None
+    return float(2 ** (round(math.log2(statistics.median(rates)) * FETCH_GRID) / FETCH_GRID))
 
 
 def cold_seconds(size: int | None, p: Params = DEFAULT_PARAMS) -> float:
@@ -140,6 +193,7 @@ def decide(
     variants: Mapping[str, Variant],
     known_facts: Mapping[str, Mapping[str, str | int]],
     node_count: int,
+    cluster_fetch: float | None = None,
     p: Params = DEFAULT_PARAMS,
 ) -> Decision:
     """Estimate time-to-ready of ``snapshot``/``workload`` on ``node``; see the module docstring.
@@ -147,7 +201,8 @@ def decide(
     ``variants``: compat key -> Variant, every compatible build of this snapshot and workload that a
     node's cache lists (the extender's view of the store). ``known_facts``: compat key -> flattened
     facts of nodes with that key, to match nodes that only have GPU Feature Discovery labels.
-    ``node_count``: nodes in the cluster view, for the spread term.
+    ``node_count``: nodes in the cluster view, for the spread term. ``cluster_fetch``: the store's
+    measured fetch throughput (:func:`cluster_fetch_bps` of the nodes' reports), None for none.
     """
     any_size = max((v.bytes for v in variants.values()), default=0)
     cold = cold_seconds(any_size, p)
@@ -190,14 +245,15 @@ def decide(
                 f"{local} hit: restore {_gb(size)} ~{t:.1f} s vs cold ~{cold:.1f} s"
                 f"{queue_note}; held by {variant.holders}/{node_count} nodes",
             )
-        t = (size / p.fetch_bps + restore_seconds(size, "disk", p)) * queue
+        t = fetch_seconds(size, cluster_fetch, p) * queue
+        measured = f" at the nodes' measured {cluster_fetch / 1e9:.2f} GB/s" if cluster_fetch else ""
         return Decision(
             "fetch",
             t,
             cold,
             score_of(t, cold, best, 1.0),
             True,
-            f"fetch {_gb(size)} then restore ~{t:.1f} s vs cold ~{cold:.1f} s{queue_note}",
+            f"fetch {_gb(size)}{measured} then restore ~{t:.1f} s vs cold ~{cold:.1f} s{queue_note}",
         )
 
     if node.partial:
@@ -212,7 +268,7 @@ def decide(
                 f"{node.partial.get('driver', '?')}) match no node facts that snapshot {snapshot} exists for"
             )
         size = max(v.bytes for v in matching)
-        t = (size / p.fetch_bps + restore_seconds(size, "disk", p)) * queue
+        t = fetch_seconds(size, cluster_fetch, p) * queue
         best = restore_seconds(size, "memory", p)
         return Decision(
             "fetch",

@@ -31,7 +31,10 @@ The scorer keeps its own constants (``--scoring``), as it does in a cluster, so 
 - ``oracle``: the node with the least real time-to-ready (free GPUs break ties).
 
 The scoring sees only what the real extender would: the node's cached copies and their tier, its
-restores in progress, and how many nodes hold each build; never free GPUs or the replicas a node
+restores in progress, how many nodes hold each build, and the median of the fetch throughput the
+nodes that have fetched report (their agents' ``fetch`` in ``thaw.dev/cache``, the median of their
+misses; here each such node's own rate, which does not vary between its fetches), as
+:class:`extender.index.NodeIndex` keeps it; never free GPUs or the replicas a node
 runs (the scheduler's default scores weigh those). Restores in progress come as in a cluster: the
 node's agent reports them once per pass (``AGENT_PASS_S``, each node at its own phase), so the
 ``restoring`` the extender reads is what was in progress at that node's last pass; ``thaw`` adds
@@ -64,7 +67,17 @@ from pathlib import Path
 from typing import Any
 
 from extender.nodes import CachedCopy, NodeEntry
-from extender.scoring import DEFAULT_PARAMS, Decision, Params, Variant, cold_seconds, decide, restore_seconds
+from extender.scoring import (
+    DEFAULT_PARAMS,
+    Decision,
+    Params,
+    Variant,
+    cluster_fetch_bps,
+    cold_seconds,
+    decide,
+    fetch_seconds,
+    restore_seconds,
+)
 from thaw.errors import UsageError
 
 GPUS_PER_NODE = 8
@@ -168,6 +181,7 @@ class SimNode:
     zone: int = 0
     phase: float = 0.0  # when in each AGENT_PASS_S its agent reports
     rates: dict[str, float] = field(default_factory=dict)  # this machine's, from GroundTruth
+    fetched: bool = False  # it has fetched a snapshot: its agent reports its fetch throughput
 
     def tier(self, name: str) -> str | None:
         if name not in self.cache:
@@ -383,6 +397,7 @@ def simulate(  # noqa: PLR0917
                     variants[pool] = Variant(model.bytes, max(held, 1))
             window = p.placed_window_s if policy == "thaw" else 0.0
             extender: dict[str, int] = {}
+            cluster_fetch = cluster_fetch_bps(m.rates["fetch"] for m in nodes if m.fetched)
             for n in feasible:
                 placed = sum(w for t, w in own.get(n.name, ()) if t > now - window)
                 entry = NodeEntry(
@@ -398,7 +413,14 @@ def simulate(  # noqa: PLR0917
                     restoring=max(n.reported(now), placed),
                 )
                 d: Decision = decide(
-                    model.name, WORKLOAD, entry, variants=variants, known_facts={}, node_count=n_nodes, p=p
+                    model.name,
+                    WORKLOAD,
+                    entry,
+                    variants=variants,
+                    known_facts={},
+                    node_count=n_nodes,
+                    cluster_fetch=cluster_fetch,
+                    p=p,
                 )
                 extender[n.name] = d.score
                 scores[n.name] = d.score * weight * EXTENDER_SCALE + default[n.name]
@@ -424,6 +446,7 @@ def simulate(  # noqa: PLR0917
         chosen.placed_gpus += model.gpus
         chosen.free_gpus -= model.gpus
         chosen.starts.append((now, now + t, tier != "cold"))
+        chosen.fetched |= tier == "fetch"
         chosen.in_use[model.name] = chosen.in_use.get(model.name, 0) + 1
         chosen.touch(model.name, model.bytes)  # fetched, restored, or checkpointed on first start
         published.add((model.name, chosen.pool))
@@ -521,7 +544,7 @@ def truth_report(out: Any = None, truth: GroundTruth = TRUTH, p: Params = DEFAUL
     estimate = {
         "memory": restore_seconds(size, "memory", p),
         "disk": restore_seconds(size, "disk", p),
-        "fetch": size / p.fetch_bps + restore_seconds(size, "disk", p),
+        "fetch": fetch_seconds(size, None, p),
         "cold": cold_seconds(size, p),
     }
     med = {t: truth.fixed.get(t, 0.0) + size / truth.rates[t].median for t in TIERS}
