@@ -21,6 +21,7 @@ SUITES = [
     "bench.webhook",
     "bench.extender",
     "bench.simulate",
+    "bench.simulate_store",
     "bench.runtime_cpu",
     "bench.install_runtime",
     "bench.pid_floor",

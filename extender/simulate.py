@@ -157,6 +157,12 @@ class GroundTruth:
             rates[tier] = Lognormal.fit(xs)
         return cls(rates, fixed, float(doc["queue"]["share"]), tuple(r["source"] for r in runs))
 
+    def scaled(self, tier: str, factor: float) -> GroundTruth:
+        """The same truth with ``tier``'s rates ``factor`` times (a faster or slower store)."""
+        r = self.rates[tier]
+        rates = {**self.rates, tier: Lognormal(r.mu + math.log(factor), r.sigma, r.n)}
+        return GroundTruth(rates, self.fixed, self.queue_share, self.sources)
+
     def node_rates(self, rng: random.Random) -> dict[str, float]:
         """One machine's rate per tier, drawn once."""
         return {tier: self.rates[tier].draw(rng) for tier in TIERS}
@@ -346,9 +352,11 @@ def simulate(  # noqa: PLR0917
     weight: int = EXTENDER_WEIGHT,
     prepare: Callable[[list[SimNode]], set[tuple[str, str]]] | None = None,
     truth: GroundTruth = TRUTH,
+    fetch_reports: bool = True,
 ) -> Result:
     """One policy over ``arrivals``. ``prepare`` sets the nodes up before the first arrival and
-    returns the (model, pool) pairs already published (:func:`burst`)."""
+    returns the (model, pool) pairs already published (:func:`burst`). ``fetch_reports``: whether
+    the agents report their fetch throughput (False: the extender before, ``fetch_bps`` alone)."""
     rng = random.Random(seed)
     nodes = []
     for i in range(n_nodes):
@@ -397,7 +405,8 @@ def simulate(  # noqa: PLR0917
                     variants[pool] = Variant(model.bytes, max(held, 1))
             window = p.placed_window_s if policy == "thaw" else 0.0
             extender: dict[str, int] = {}
-            cluster_fetch = cluster_fetch_bps(m.rates["fetch"] for m in nodes if m.fetched)
+            fetched = (m.rates["fetch"] for m in nodes if m.fetched and fetch_reports)
+            cluster_fetch = cluster_fetch_bps(fetched)
             for n in feasible:
                 placed = sum(w for t, w in own.get(n.name, ()) if t > now - window)
                 entry = NodeEntry(
