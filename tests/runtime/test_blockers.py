@@ -4,12 +4,14 @@ what they hold, the likely cause and the fix."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
 from tests.runtime.pods import REPO, read_json, thaw_env, wait_for
+from thaw.runtime import blockers
 from thaw.runtime.blockers import (
     COMPILE_WORKER_FIX,
     Holder,
@@ -186,3 +188,29 @@ def test_shared_gpu_memory_is_named_where_the_restore_failed_as_it_does() -> Non
     assert cuda_restore_hint(4, "CUDA_ERROR_NOT_SUPPORTED") == hint
     assert cuda_restore_hint(1, "CUDA_ERROR_INVALID_VALUE") == ""  # one process shares with no one
     assert cuda_restore_hint(2, "CUDA_ERROR_OUT_OF_MEMORY") == ""
+
+
+JAX_MAPS = [
+    "/usr/lib/x86_64-linux-gnu/libc.so.6",
+    "/opt/venv/lib/python3.12/site-packages/jaxlib/_jax.so",
+    "/opt/venv/lib/python3.12/site-packages/jax_plugins/xla_cuda13/xla_cuda_plugin.so",
+]
+
+
+def test_a_cuda_process_running_jax_is_refused_with_the_fix() -> None:
+    why = blockers.jax_refusal([4100, 4200], {4100: JAX_MAPS, 4200: ["/usr/bin/python3.12"]})
+    assert why is not None
+    assert why.startswith("checkpoint refused before CRIU: process 4100 runs JAX")
+    assert blockers.JAX_FIX in why
+
+
+def test_jax_outside_the_cuda_processes_and_torch_pass() -> None:
+    torch = ["/opt/venv/lib/python3.12/site-packages/torch/lib/libtorch_cuda.so"]
+    assert blockers.jax_refusal([4100], {4100: torch}) is None
+    assert blockers.jax_refusal([], {4100: JAX_MAPS}) is None  # JAX on the CPU only: no CUDA state
+
+
+def test_mapped_paths_of_a_live_process() -> None:
+    paths = blockers.read_mapped_paths(os.getpid())
+    assert any("python" in p for p in paths)
+    assert blockers.runtime_refusal([os.getpid()]) is None

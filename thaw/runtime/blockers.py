@@ -152,6 +152,29 @@ def cuda_restore_hint(cuda_processes: int, error_name: str) -> str:
     )
 
 
+# Runtimes whose restored CUDA processes are known not to survive, measured: a JAX server (jaxlib
+# 0.11, XLA_PYTHON_CLIENT_PREALLOCATE=false) restored on an H200 with driver 580.159.04 died with
+# SIGSEGV right after its CUDA state was put back (README, "Compatibility matrix"). Refusing the
+# checkpoint spares every replica a fetch and a restore that would end in a cold start anyway.
+_JAX_LIBRARY = re.compile(r"/(jaxlib|jax_plugins|jax_cuda\d+_(plugin|pjrt))/")
+JAX_FIX = (
+    "annotate the pod thaw.dev/checkpoint: never (it starts cold as it would without Thaw); JAX "
+    "processes restored with driver 580 die with SIGSEGV once their GPU state is back"
+)
+
+
+def jax_refusal(cuda_pids: Sequence[int], maps: Mapping[int, Sequence[str]]) -> str | None:
+    """One line refusing a tree whose CUDA processes run JAX/XLA (``maps``: each process's mapped file
+    paths), with the fix; None otherwise (pure)."""
+    users = [p for p in cuda_pids if any(_JAX_LIBRARY.search(path) for path in maps.get(p, ()))]
+    if not users:
+        return None
+    return (
+        f"checkpoint refused before CRIU: process {_pid_ranges(users)} runs JAX (jaxlib mapped) on the "
+        f"GPU, and a restored JAX process does not survive the CUDA restore. Fix: {JAX_FIX}"
+    )
+
+
 # --- reading /proc -----------------------------------------------------------------------------
 
 
@@ -185,3 +208,18 @@ def gpu_holders_refusal(
     maps = {p: read_mapped_devices(p, prefix) for p in candidates}
     cmdlines = {p: read_cmdline(p) for p in candidates}
     return holders_refusal(gpu_holders(candidates, cuda_pids, fds, maps, cmdlines, prefix=prefix))
+
+
+def read_mapped_paths(pid: int) -> list[str]:
+    """The file paths of every mapping of ``/proc/PID/maps`` (each once)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            text = f.read()
+    except OSError:
+        return []
+    return sorted({parts[5].strip() for line in text.splitlines() if len(parts := line.split(None, 5)) == 6})
+
+
+def runtime_refusal(cuda_pids: Sequence[int]) -> str | None:
+    """:func:`jax_refusal` for the live CUDA processes ``cuda_pids``."""
+    return jax_refusal(cuda_pids, {p: read_mapped_paths(p) for p in cuda_pids})

@@ -104,9 +104,10 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         except CudaUnavailable as exc:
             raise RuntimeError(f"processes {gpu_users} use the GPU but {exc}") from exc
         cuda_pids = cuda.cuda_pids(pids)
-        from thaw.runtime.blockers import gpu_holders_refusal
+        from thaw.runtime.blockers import gpu_holders_refusal, runtime_refusal
 
-        refused = gpu_holders_refusal(pids, cuda_pids, fds)  # before the lock: one line, with the fix
+        # before the lock: one line, with the fix
+        refused = gpu_holders_refusal(pids, cuda_pids, fds) or runtime_refusal(cuda_pids)
         if refused:
             raise RuntimeError(refused)
     from thaw.runtime import podfiles, replica_config

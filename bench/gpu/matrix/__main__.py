@@ -81,6 +81,10 @@ PATTERNS = (
         "JAX, XLA_PYTHON_CLIENT_PREALLOCATE=false",
         "jax_server",
         env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"},
+        # restored on an H200 with driver 580 it died with SIGSEGV once its GPU state was back
+        # (results/h200-matrix-jax-rerun-2026-12-01.txt): thaw exec now refuses JAX before the lock
+        expect="refuse",
+        fix="thaw.dev/checkpoint: never (a restored JAX process dies on driver 580)",
         needs="jax",
     ),
     Pattern(
@@ -88,7 +92,7 @@ PATTERNS = (
         "JAX as it ships (75% of the GPU preallocated)",
         "jax_server",
         expect="refuse",
-        fix="XLA_PYTHON_CLIENT_PREALLOCATE=false or XLA_PYTHON_CLIENT_MEM_FRACTION=<what the server needs>",
+        fix="thaw.dev/checkpoint: never (less preallocation makes the dump fit, but a restored JAX process dies)",
         guard=True,
         needs="jax",
     ),
