@@ -92,7 +92,7 @@ PATTERNS = (
         "JAX as it ships (75% of the GPU preallocated)",
         "jax_server",
         expect="refuse",
-        fix="thaw.dev/checkpoint: never (less preallocation makes the dump fit, but a restored JAX process dies)",
+        fix="thaw.dev/checkpoint: never (less preallocation lets the dump fit; a restored JAX process dies)",
         guard=True,
         needs="jax",
     ),
