@@ -1,6 +1,6 @@
-"""The operator's guide (README.md) against the code: every ``thaw ...`` command in it parses with the
-real parser, every command is run by the demo or a test, and the example Deployment is valid and
-admitted with full injection by the webhook."""
+"""The guide (README.md and the pages of docs/) against the code: every ``thaw ...`` command in it
+parses with the real parser, every command is run by the demo or a test, and the example Deployment
+is valid and admitted with full injection by the webhook."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from webhook.patches import Prepared
 from webhook.review import build_response
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 EXAMPLE = REPO / "manifests" / "examples" / "vllm-deployment.yaml"
 
 # Every ``thaw`` command (the CLI's, not only the guide's) and the tests that run it for real, through
@@ -106,9 +107,26 @@ def _split(cmd: str) -> tuple[list[str], list[str]]:
     return head, argv
 
 
+def guide_pages() -> list[tuple[str, str]]:
+    """(name, text) of README.md and every page of docs/, the pages in name order."""
+    pages = [("README.md", README.read_text())]
+    pages += [(f"docs/{p.relative_to(DOCS)}", p.read_text()) for p in sorted(DOCS.rglob("*.md"))]
+    return pages
+
+
 def _commands() -> list[str]:
     # A span like `thaw fetch: cold start: REASON` is a log line the guide quotes, not a command.
-    return [c for c in guide_commands(README.read_text()) if not shlex.split(c)[1].endswith(":")]
+    found = {c for _, text in guide_pages() for c in guide_commands(text)}
+    return sorted(c for c in found if not shlex.split(c)[1].endswith(":"))
+
+
+def test_the_guide_has_commands_in_readme_and_docs() -> None:
+    """The README's quick start and the docs both hold commands, so both are checked below."""
+    readme = guide_commands(README.read_text())
+    docs = {c for name, text in guide_pages() if name.startswith("docs/") for c in guide_commands(text)}
+    assert any(c.startswith("thaw keys generate") for c in readme), readme
+    assert any(c.startswith("thaw check cluster") for c in readme), readme
+    assert len(docs) > 15, sorted(docs)
 
 
 def test_every_guide_command_parses() -> None:
@@ -134,10 +152,10 @@ def test_every_guide_command_parses() -> None:
             if not token.startswith("--"):
                 continue
             action = sub._option_string_actions.get(token)
-            assert action is not None, f"README: {cmd}: thaw {argv[0]} has no {token}"
+            assert action is not None, f"guide: {cmd}: thaw {argv[0]} has no {token}"
             value = flags[i + 1] if i + 1 < len(flags) else None
             if action.choices is not None and value is not None:
-                assert value in action.choices, f"README: {cmd}: {value} not in {list(action.choices)}"
+                assert value in action.choices, f"guide: {cmd}: {value} not in {list(action.choices)}"
     assert whole >= 10, whole
 
 
