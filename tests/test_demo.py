@@ -234,3 +234,39 @@ def test_ctrl_c_leaves_no_process_and_no_namespace() -> None:
     while (_standins() or _netns() != before) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _standins() and _netns() == before
+
+
+def test_demo_lines_are_short_and_the_summary_is_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 14.8: no line over demo.WIDTH (a word longer than that, a path, stays whole on its own
+    line), no dump of a container's THAW_* values, the work directory as $DEMO, snapshot ids short,
+    and a summary of the pods in columns."""
+    monkeypatch.setattr(demo_node, "missing_prerequisites", lambda: "needs root (pretend)")
+    lines: list[str] = []
+    ctx = DemoContext(workdir=tmp_path, out=lines.append)
+    _run_steps(ctx)
+    text = "\n".join(lines)
+    for line in text.splitlines():
+        assert len(line) <= demo.WIDTH or len(line.split()) == 1, line
+    # the env that matters is named (the webhook step's five); no container's whole env is dumped
+    assert "THAW_PLAN=" not in text and "THAW_CACHE=" not in text and "THAW_POD_UID=" not in text
+    assert str(tmp_path) not in text and "$DEMO/node/keys" in text
+    assert not re.search(r"[0-9a-f]{64}", text)
+    header = next(line for line in lines if line.split()[:2] == ["pod", "node"])
+    assert header.split() == ["pod", "node", "what", "happened", "ready", "why"], header
+    rows = lines[lines.index(header) + 1 :]
+    placed = [r for r in rows if "placed, not run" in r]
+    assert len(placed) == demo.REPLICAS, rows  # nothing restored here: every replica only placed
+    assert "every case behaved as expected" in text
+
+
+def test_table_wraps_its_last_column_and_ids_are_shortened() -> None:
+    rows = [("a", "x" * 10, "one two three four five six seven eight nine ten")]
+    out = demo.table(("name", "value", "why"), rows, width=46)
+    assert all(len(line) <= 46 for line in out) and len(out) == 3, out
+    assert out[0].split() == ["name", "value", "why"] and out[1].startswith("  a     xxxxxxxxxx  one")
+    assert out[2] == " " * 20 + "six seven eight nine ten"
+    digest = "ab" * 32
+    assert demo.short_ids(f"sha256:{digest} in /c/{digest}") == f"sha256:{digest[:12]}… in /c/{digest[:12]}…"
+    assert demo.wrap_line("  " + "word " * 30, width=40).splitlines()[1].startswith("      word")

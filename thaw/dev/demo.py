@@ -15,11 +15,12 @@ import base64
 import copy
 import http.client
 import json
+import re
 import shutil
 import sys
 import tempfile
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,32 @@ SNAPSHOT = "qwen3-8b-vllm"
 RESTORE_NS = "llm-serving"  # labelled thaw.dev/restore=allowed: kube-apiserver calls /mutate-restore
 PLAIN_NS = "team-sandbox"  # not labelled: kube-apiserver calls /mutate
 REPLICAS = 5  # replicas the extender step places after the first pod took the snapshot
+WIDTH = 100  # the demo's lines: longer ones are wrapped, their continuation indented
+WORKDIR = "$DEMO"  # how the demo's work directory is shown (its path is printed once, at the start)
+_DIGEST = re.compile(r"\b((?:sha256:)?[0-9a-f]{12})[0-9a-f]{52}\b")
+
+
+def wrap_line(line: str, width: int = WIDTH) -> str:
+    """``line`` within ``width`` columns, its continuation indented 4 more than it (pure). Words are
+    never split, so a path longer than the line stays whole."""
+    if len(line) <= width:
+        return line
+    body = line.lstrip(" ")
+    indent = " " * (len(line) - len(body))
+    return textwrap.fill(
+        body,
+        width=width,
+        initial_indent=indent,
+        subsequent_indent=indent + "    ",
+        break_long_words=False,
+        break_on_hyphens=False,
+    )
+
+
+def short_ids(text: str) -> str:
+    """Snapshot ids (and their directories' 64 hex digits) as their first 12 (``sha256:a8aabd8769f3…``),
+    for people (pure)."""
+    return _DIGEST.sub(r"\1…", text)
 
 
 @dataclass
@@ -61,7 +88,13 @@ class DemoContext:
     restored: PodRun | None = None
 
     def say(self, text: str = "") -> None:
-        self.out(text)
+        """Print ``text``: the work directory shown as $DEMO, ids short, lines wrapped at WIDTH."""
+        text = short_ids(self.shown(text))
+        self.out("\n".join(wrap_line(line) for line in text.split("\n")))
+
+    def shown(self, text: str | Path) -> str:
+        """``text`` with the demo's work directory written as $DEMO."""
+        return str(text).replace(str(self.workdir), WORKDIR)
 
     def record(self, step: str, case: str, outcome: str, detail: str = "", ok: bool = True) -> None:
         self.rows.append(Row(step, case, outcome, detail))
@@ -383,7 +416,10 @@ def extender_step(ctx: DemoContext) -> None:
         # cold start as just measured, a restore's fixed cost on this machine, and a store behind
         # a 1 Gb/s link (a snapshot this small would otherwise be as quick to fetch as to hold).
         scoring = {"cold_fixed_s": round(ctx.cold.ready_s, 2), "restore_fixed_s": 0.3, "fetch_bps": 1.0e8}
-        ctx.say(f"  thaw extender --scoring (constants for the stand-in): {json.dumps(scoring)}")
+        ctx.say(
+            f"  thaw extender --scoring: constants for the stand-in (cold start {scoring['cold_fixed_s']} s, "
+            f"a restore's fixed {scoring['restore_fixed_s']} s, store {scoring['fetch_bps'] / 1e6:.0f} MB/s)"
+        )
     ctx.say("  the extender counts each replica it places as a restore in progress on that node, so")
     ctx.say("  replicas spread at once (the agents' thaw.dev/cache restoring reports lag up to 30 s)\n")
     ctx.placements = place_pods(pods, out=ctx.say, cluster=cluster, scoring=scoring)
@@ -418,44 +454,110 @@ STEPS: list[tuple[str, Step]] = [
 ]
 
 
-def _time_to_ready(ctx: DemoContext) -> None:
-    from thaw.dev.demo_node import MEM_MB, WARMUP_S
+TIER_WHY = {
+    "memory": "snapshot in node memory",
+    "disk": "snapshot on node disk",
+    "fetch": "would fetch, then restore",
+    "cold": "no snapshot it can restore: cold start",
+}
 
-    runs = [("cold start", ctx.cold), ("restore", ctx.restored)]
-    if not any(r for _, r in runs):
-        return
-    ctx.say(
-        f"\nTime to ready on this machine (stand-in: {WARMUP_S} s warm-up, {MEM_MB} MiB), thaw-tools and "
-        "thaw-fetch included:"
-    )
-    for label, r in runs:
-        if r is None:
-            ctx.say(f"  {label:<11} {'-':>8}  skipped")
+
+def _ready(seconds: float | None) -> str:
+    return f"{seconds:.2f} s" if seconds is not None else "never"
+
+
+def _same_state(ctx: DemoContext) -> bool:
+    """Whether the restored server answered with the cold server's warm-up digest."""
+    if ctx.cold is None or ctx.restored is None or ctx.cold.answer is None or ctx.restored.answer is None:
+        return False
+    return bool(ctx.restored.answer.get("digest") == ctx.cold.answer.get("digest"))
+
+
+def pod_rows(ctx: DemoContext) -> list[tuple[str, str, str, str, str]]:
+    """One row per pod of the demo: (pod, node, what happened, time to ready, why). The pods this
+    machine ran are measured (ready = the server's first answer, from thaw-tools' start); the others
+    were only placed, with the extender's estimate. Pure."""
+    from thaw.dev.demo_node import LOCAL_NODE
+
+    rows: list[tuple[str, str, str, str, str]] = []
+    skipped = {r.step: r.detail for r in ctx.rows if r.outcome == "skipped"}
+    if ctx.cold is not None:
+        status = ctx.cold.outcome.get("checkpoint", {}).get("status", "not taken")
+        why = ctx.cold.plan.get("reason") or ""
+        rows.append(
+            (ctx.cold.name, LOCAL_NODE, f"cold start, checkpoint {status}", _ready(ctx.cold.ready_s), why)
+        )
+    elif "node" in skipped:
+        rows.append(("qwen-0", LOCAL_NODE, "not run", "-", skipped["node"]))
+    restored = ctx.restored.name.removeprefix("restore-") if ctx.restored is not None else None
+    for p in ctx.placements:
+        if p.pod == restored and ctx.restored is not None:
+            run = ctx.restored
+            result = run.outcome.get("result", "?")
+            state = ", state kept" if _same_state(ctx) else ", state LOST" if result == "restored" else ""
+            why = run.outcome.get("reason") or f"{TIER_WHY.get(p.tier, p.tier)}{state}"
+            rows.append((p.pod, p.node, f"{result} ({p.tier})", _ready(run.ready_s), why))
             continue
-        ready = f"{r.ready_s:.2f} s" if r.ready_s is not None else "never"
-        plan = r.plan.get("action", "?")
-        why = r.plan.get("reason") or r.plan.get("snapshot", "")
-        timings = r.outcome.get("timings") or {}
-        crit = f", criu restore {timings['criu_restore_s']} s" if "criu_restore_s" in timings else ""
-        ctx.say(
-            f"  {label:<11} {ready:>8}  {r.name}: fetch {r.fetch_s:.2f} s -> plan {plan} ({why[:60]}); "
-            f"exec -> {r.outcome.get('result')}{crit}"
-        )
-    if ctx.cold and ctx.restored and ctx.cold.ready_s and ctx.restored.ready_s:
-        ctx.say(
-            f"  restore is {ctx.cold.ready_s / ctx.restored.ready_s:.1f}x faster to ready than the cold start"
-        )
+        note = "" if p.node != LOCAL_NODE else "; the demo restores one pod"
+        why = f"{TIER_WHY.get(p.tier, p.tier)} (score {p.score}/10){note}"
+        rows.append((p.pod, p.node, "placed, not run", f"~{p.seconds:.1f} s est.", why))
+    if ctx.restored is None and "restore" in skipped:
+        rows.append(("-", LOCAL_NODE, "no restore", "-", skipped["restore"]))
+    return rows
+
+
+def summary_reason(detail: str) -> str:
+    """An admission answer's reason as the summary shows it: its first clause (the step printed it
+    whole). Pure."""
+    return detail.removeprefix("thaw: ").split(": ", 1)[0]
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int = WIDTH) -> list[str]:
+    """``rows`` under ``headers`` in columns, indented 2; the last column wraps within ``width``
+    (pure)."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers[:-1])]
+    lead = 2 + sum(w + 2 for w in widths)
+    room = max(width - lead, 24)
+    out = []
+    for cells in [headers, *rows]:
+        head = "  " + "".join(f"{c:<{w}}  " for c, w in zip(cells[:-1], widths, strict=True))
+        last = textwrap.wrap(cells[-1], room, break_long_words=False, break_on_hyphens=False) or [""]
+        out.append((head + last[0]).rstrip())
+        out.extend(" " * lead + more for more in last[1:])
+    return out
+
+
+def _cells(ctx: DemoContext, row: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(short_ids(ctx.shown(cell)) for cell in row)
 
 
 def print_summary(ctx: DemoContext) -> None:
-    ctx.say("=" * 100)
+    ctx.say("=" * WIDTH)
     ctx.say("Summary")
-    width_case = max((len(r.case) for r in ctx.rows), default=4)
-    width_out = max((len(r.outcome) for r in ctx.rows), default=7)
-    for r in ctx.rows:
-        detail = r.detail if len(r.detail) <= 60 else r.detail[:57] + "..."
-        ctx.say(f"  {r.step:<8} {r.case:<{width_case}}  {r.outcome:<{width_out}}  {detail}")
-    _time_to_ready(ctx)
+    hooks = [r for r in ctx.rows if r.step == "webhook"]
+    if hooks:
+        ctx.say("\nAdmission (thaw webhook): each case and its answer")
+        for line in table(
+            ("case", "answer", "why"),
+            [_cells(ctx, (r.case.strip(), r.outcome, summary_reason(r.detail))) for r in hooks],
+        ):
+            ctx.out(line)
+    pods = pod_rows(ctx)
+    if pods:
+        ctx.say(
+            "\nPods: ready = the server's first answer, from the start of thaw-tools; pods placed but not"
+            "\nrun (the simulated nodes, a second pod here) show the extender's estimate"
+        )
+        for line in table(("pod", "node", "what happened", "ready", "why"), [_cells(ctx, r) for r in pods]):
+            ctx.out(line)
+    if ctx.cold and ctx.restored and ctx.cold.ready_s and ctx.restored.ready_s:
+        from thaw.dev.demo_node import MEM_MB, WARMUP_S
+
+        ctx.say(
+            f"\nTime to ready on this machine (CPU stand-in: {WARMUP_S} s of warm-up, {MEM_MB} MiB): cold "
+            f"start {ctx.cold.ready_s:.2f} s, restore {ctx.restored.ready_s:.2f} s, "
+            f"{ctx.cold.ready_s / ctx.restored.ready_s:.1f}x faster"
+        )
     verdict = "every case behaved as expected" if ctx.failures == 0 else f"{ctx.failures} case(s) did not"
     ctx.say(f"\n{verdict}")
 
@@ -463,6 +565,7 @@ def print_summary(ctx: DemoContext) -> None:
 def run(args: argparse.Namespace | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="thaw-demo-"))
     ctx = DemoContext(workdir=workdir)
+    ctx.out(f"thaw demo: work directory {workdir}, shown as {WORKDIR}, removed at the end")
     try:
         for name, step in STEPS:
             ctx.say(f"== {name} " + "=" * (96 - len(name)))

@@ -281,26 +281,26 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
     try:
         t0 = time.monotonic()
         tools_env = env(c.tools, THAW_BUNDLE=str(node_dir / "bundle"))
-        ctx.say(f"    $ thaw install-runtime   # thaw-tools, no capabilities: {_shown(tools_env)}")
+        ctx.say(f"    $ thaw install-runtime   # thaw-tools: no capabilities; {_names(tools_env)}")
         res = _run([*_no_caps(c.tools.get("securityContext")), *command(c.tools)], tools_env)
         if res.returncode != 0:
             raise RuntimeError(f"thaw install-runtime exited {res.returncode}: {res.stderr.strip()}")
-        ctx.say(f"    {_last_line(res)}")
+        linked = _last_line(res).removeprefix("thaw install-runtime: ")
+        ctx.say(f"      {P.RUNTIME_LINK} -> {linked.split(': ', 1)[-1]}")
 
         fetch_env = env(c.fetch, **facts)
-        ctx.say(f"    $ thaw fetch   # thaw-fetch, configured by its env: {_shown(fetch_env)}")
+        ctx.say(f"    $ thaw fetch   # thaw-fetch: store, cache, trust; writes the plan; {_names(fetch_env)}")
         t_fetch = time.monotonic()
         res = _run(command(c.fetch), fetch_env, netns)
         fetch_s = time.monotonic() - t_fetch
         if res.returncode != 0:
             raise RuntimeError(f"thaw fetch exited {res.returncode}: {res.stderr.strip()}")
         plan = read_json(Path(fetch_env["THAW_PLAN"]))
-        ctx.say(f"    thaw fetch ({fetch_s:.2f} s): {_last_line(res)}")
+        ctx.say(f"      {_last_line(res).removeprefix('thaw fetch: ')} ({fetch_s:.2f} s)")
 
         sidecar_env = env(c.sidecar)
         ctx.say(
-            f"    $ thaw sidecar &   # thaw-sidecar (native sidecar): the only container with the store, "
-            f"the whole cache and the key: {_shown(sidecar_env)}"
+            "    $ thaw sidecar &   # thaw-sidecar: the only container with the store, the cache and the key"
         )
         sidecar = Sidecar(command(c.sidecar), sidecar_env, pod_dir / "sidecar.log")
 
@@ -310,12 +310,17 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
         binds = volume_binds(c.target, node_dir, pod_dir)
         caps = [cap.lower() for cap in c.target["securityContext"]["capabilities"]["add"]]
         ready_url = exec_env.get("THAW_READY", f"http://127.0.0.1:{PORT}/health")
-        mounts = ", ".join(f"{p} ({'ro' if ro else 'rw'})" for p, ro in binds)
+        mounts = ", ".join(
+            f"{m['mountPath']} ({'ro' if m.get('readOnly') else 'rw'})"
+            for m in c.target.get("volumeMounts") or ()
+            if str(m.get("name", "")).startswith("thaw-")
+        )
+        ctx.say(f"    $ {P.THAW_BIN} exec -- {' '.join(_shown_cmd(workload_cmd()))}")
+        ctx.say(f"      the workload: PID 1 of a fresh container (network namespace {netns.name})")
+        ctx.say(f"      of the node it sees only {mounts}")
         ctx.say(
-            f"    $ {P.THAW_BIN} exec -- {' '.join(workload_cmd())}   # the workload, PID 1 of a fresh "
-            f"container in the netns {netns.name}; env: THAW_READY={ready_url} THAW_CHECKPOINT="
-            f"{exec_env.get('THAW_CHECKPOINT')} and the rest of {len(exec_env)} THAW_* variables; "
-            f"of the node it sees only {mounts}"
+            f"      THAW_READY={ready_url} THAW_CHECKPOINT={exec_env.get('THAW_CHECKPOINT')} "
+            f"(+{len(exec_env) - 2} more THAW_* variables)"
         )
         base = {k: v for k, v in os.environ.items() if not k.startswith("THAW_")}
         sandbox = Pod(
@@ -361,8 +366,15 @@ def run_pod(ctx: DemoContext, pod: dict[str, Any], name: str, wait_publish: bool
         netns.delete()
 
 
-def _shown(env: Mapping[str, str]) -> str:
-    return " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+def _names(env: Mapping[str, str]) -> str:
+    """How a container's environment is shown: how many THAW_* variables (the webhook step listed
+    the ones that matter; `kubectl get pod -o yaml` shows them all in a cluster)."""
+    return f"{len(env)} THAW_* variables"
+
+
+def _shown_cmd(cmd: Sequence[str]) -> list[str]:
+    """The workload's command with the repository's paths relative to it."""
+    return [str(Path(a).relative_to(REPO)) if a.startswith(str(REPO) + "/") else a for a in cmd]
 
 
 def _prepare_node(ctx: DemoContext) -> dict[str, Any]:
@@ -378,8 +390,19 @@ def _prepare_node(ctx: DemoContext) -> dict[str, Any]:
     shutil.copy(node_dir / "keys" / "signing.pub", node_dir / "trust" / "signing.pub")
     facts = node_facts_file(node_dir / "facts.json")
     ctx.say(f"  $ thaw keys generate --out {node_dir / 'keys'}   # key id {res.stdout.strip()}")
-    ctx.say(f"  node facts (--facts): {json.dumps(facts, sort_keys=True)}")
+    ctx.say(f"  node facts (--facts, $DEMO/node/facts.json): {describe_facts(facts)}")
     return facts
+
+
+def describe_facts(facts: Mapping[str, Any]) -> str:
+    """The node facts in one short line (pure): the CPU flags counted, not listed."""
+    gpu = facts.get("gpu") or {}
+    flags = (facts.get("cpu") or {}).get("flags") or []
+    return (
+        f"{facts.get('arch')}, kernel {facts.get('kernel')}, CRIU {facts.get('criu')}, "
+        f"{gpu.get('count')} x {gpu.get('product')} (simulated), driver {facts.get('driver')}, "
+        f"{len(flags)} CPU instruction-set flags"
+    )
 
 
 def agent_once(ctx: DemoContext) -> dict[str, str]:
@@ -395,8 +418,8 @@ def agent_once(ctx: DemoContext) -> dict[str, str]:
     inv = json.loads(annotations[NODE_CACHE])
     for s in inv.get("snapshots", []):
         ctx.say(
-            f"    {NODE_CACHE}: {s['name']} {s['id'][:19]}… {s['bytes'] / 1e6:.0f} MB tier={s['tier']} "
-            f"compat={s['compat']}"
+            f"    {NODE_CACHE}: {s['name']} {s['id'][:19]}… {s['bytes'] / 1e6:.0f} MB, tier {s['tier']}, "
+            f"compat {s['compat']}"
         )
     if not inv.get("snapshots"):
         ctx.say(f"    {NODE_CACHE}: no snapshots; free {inv.get('free_bytes', 0) / 1e9:.0f} GB")
@@ -425,26 +448,43 @@ def cold_step(ctx: DemoContext) -> None:
         ctx.node_annotations = agent_once(ctx)
         return
     target = pod_containers(pod).target
-    ctx.say(
-        f"  pod qwen-0 on {LOCAL_NODE}, its containers as the webhook injected them; capabilities "
-        f"{', '.join(target['securityContext']['capabilities']['add'])}; workload: {' '.join(workload_cmd())}"
-    )
+    ctx.say(f"  pod qwen-0 on {LOCAL_NODE}: its containers run as the webhook injected them")
+    ctx.say(f"    capabilities added: {', '.join(target['securityContext']['capabilities']['add'])}")
+    ctx.say(f"    the workload: {' '.join(_shown_cmd(workload_cmd()))} (a CPU stand-in for vLLM)")
     run = run_pod(ctx, pod, "qwen-0", wait_publish=True)
     ctx.cold = run
     ck = run.outcome.get("checkpoint", {})
     ctx.say(f"    plan: {run.plan.get('action')} ({run.plan.get('reason', '')})")
     ready = f"{run.ready_s:.2f} s" if run.ready_s is not None else "never"
-    ctx.say(f"    thaw exec: cold start; server ready after {ready} (thaw-tools and thaw-fetch included)")
+    ctx.say(f"    thaw exec: cold start; first answer after {ready} (thaw-tools and thaw-fetch included)")
+    dump = f"criu dump {ck.get('criu_dump_s', '-')} s"
+    if "sleep_s" in ck:
+        dump = f"taken asleep (sleep {ck['sleep_s']} s, {dump}, wake {ck.get('wake_s', '-')} s)"
+    size = f"{ck.get('bytes', 0) / 1e6:.0f} MB"
     ctx.say(
-        f"    checkpoint: {ck.get('status')} {ck.get('snapshot', '')[:19]} {ck.get('bytes', 0) / 1e6:.0f} MB "
-        f"(asleep: sleep {ck.get('sleep_s', '-')} s, criu dump {ck.get('criu_dump_s', '-')} s, "
-        f"wake {ck.get('wake_s', '-')} s; publish {ck.get('publish_s', '-')} s) "
-        f"{ck.get('reason', '')}"
+        f"    checkpoint: {ck.get('status')} {ck.get('snapshot', '')[:19]} {size}, {dump}, "
+        f"published by thaw-sidecar in {ck.get('publish_s', '-')} s {ck.get('reason', '')}".rstrip()
     )
     ok = run.answer is not None and ck.get("status") == "published"
     ctx.record("node", "qwen-0: fetch", run.plan.get("action", "?"), run.plan.get("reason", ""))
     ctx.record("node", "qwen-0: exec (cold)", f"ready {ready}", f"checkpoint {ck.get('status')}", ok=ok)
     ctx.node_annotations = agent_once(ctx)
+
+
+TIMING_WORDS = (
+    ("verify_s", "verify"),
+    ("criu_restore_s", "criu restore"),
+    ("cuda_restore_s", "cuda restore"),
+    ("wake_s", "wake"),
+    ("ready_s", "ready check"),
+    ("total_s", "total"),
+)
+
+
+def describe_timings(timings: Mapping[str, Any]) -> str:
+    """A restore's timings in words, in the order they happen (pure)."""
+    parts = [f"{word} {timings[key]} s" for key, word in TIMING_WORDS if key in timings]
+    return ", ".join(parts) or "no timings"
 
 
 def restore_step(ctx: DemoContext) -> None:
@@ -461,16 +501,16 @@ def restore_step(ctx: DemoContext) -> None:
         )
         return
     name = here[0].pod
-    ctx.say(f"  pod {name} bound to {LOCAL_NODE} ({here[0].tier}): fresh network namespace and PID tree")
+    ctx.say(f"  pod {name}, placed on {LOCAL_NODE} ({here[0].tier}): a fresh container, as the first")
     run = run_pod(ctx, next(iter(ctx.pods.values())), f"restore-{name}", wait_publish=False)
     ctx.restored = run
     ready = f"{run.ready_s:.2f} s" if run.ready_s is not None else "never"
-    ctx.say(f"    plan: {run.plan.get('action')} {run.plan.get('snapshot', run.plan.get('reason', ''))[:40]}")
+    ctx.say(f"    plan: {run.plan.get('action')} {run.plan.get('snapshot', run.plan.get('reason', ''))}")
     ctx.say(
-        f"    thaw exec: {run.outcome.get('result')} {run.outcome.get('reason') or ''} "
-        f"timings {run.outcome.get('timings', {})}; server ready after {ready} "
-        "(thaw-tools and thaw-fetch included)"
+        f"    thaw exec: {run.outcome.get('result')} {run.outcome.get('reason') or ''}".rstrip()
+        + f" ({describe_timings(run.outcome.get('timings') or {})})"
     )
+    ctx.say(f"    first answer after {ready} (thaw-tools and thaw-fetch included)")
     cold = ctx.cold.answer or {}
     same = run.answer is not None and run.answer.get("digest") == cold.get("digest")
     ctx.say(
