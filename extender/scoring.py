@@ -19,7 +19,8 @@ those reports (:func:`cluster_fetch_bps`), the same for every node; with no repo
 constant. Not each node's own report: within a pool the nodes differ by noise more than by kind, and
 in the simulator steering misses by it cost time (1-10% more mean time-to-ready than the median);
 nor the constant beside measured nodes, which made the nodes that happened to fetch once look several
-times faster to fetch onto where the store beat the constant (README, "Placement").
+times faster to fetch onto where the store beat the constant (docs/placement.md, "Fair share and the
+results").
 
 Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.23 GB with the default
 constants (below that a restore's fixed 0.4 s outweighs what a cold start of so little takes: the

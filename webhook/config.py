@@ -19,7 +19,7 @@ Every key is optional::
     store:                               # exactly one of:
       hostPath: /var/lib/thaw/store      #   a node directory: serves ONE node (one-node clusters, tests)
       # claimName: thaw-store            #   a PersistentVolumeClaim (ReadWriteMany) in the pod's namespace
-      # registry: oci://HOST[:PORT]/REPO #   an OCI registry (README, "Snapshots on an OCI registry"), with:
+      # registry: oci://HOST[:PORT]/REPO #   an OCI registry (docs/registry.md), with:
       # authSecretName: thaw-registry    #     a kubernetes.io/dockerconfigjson Secret (pod's namespace)
       # caConfigMap: thaw-registry-ca    #     or caSecret: the registry's CA (key caKey, default ca.crt)
     trust:                               # public keys that sign snapshots; exactly one of:
@@ -35,7 +35,8 @@ Every key is optional::
       allowlist: ["VLLM_*", ...]         # env names (PREFIX* for prefixes) in the workload hash
     capabilities: [CHECKPOINT_RESTORE, SYS_PTRACE]
     scheduler:
-      extendedResource: false            # request thaw.dev/restore: 1 (breaks autoscalers: README)
+      extendedResource: false            # request thaw.dev/restore: 1 (breaks autoscalers:
+                                         #   docs/scheduler-wiring.md)
       name: null                         # set spec.schedulerName (null: leave it)
     initResources:                       # thaw-tools and thaw-fetch
       requests: {cpu: 100m, memory: 128Mi}

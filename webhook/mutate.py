@@ -7,7 +7,7 @@ pods from namespaces labelled ``thaw.dev/restore=allowed`` to ``/mutate-restore`
 namespace's to ``/mutate`` (two entries with ``namespaceSelector``), so the webhook never reads
 Namespaces itself.
 
-Order of decisions (each one documented in README.md, "Webhook"):
+Order of decisions (each one documented in docs/webhook.md):
 
 1. excluded namespace (``kube-system``, the webhook's own): untouched, silently;
 2. no ``thaw.dev/snapshot``: untouched;

@@ -459,7 +459,7 @@ def startup_probe_ops(index: int, container: Mapping[str, Any]) -> list[PatchOp]
 
 
 # Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/contract/nccl.py gives
-# each one's reason; README "Tensor parallel" the probes and costs), and NCCL's bootstrap sockets
+# each one's reason; docs/tensor-parallel.md the probes and costs), and NCCL's bootstrap sockets
 # between ranks kept open across the dump (--tcp-established), which needs TCP repair mode.
 TP_ENV: tuple[tuple[str, str], ...] = (*NCCL_ENV, ("THAW_TCP_ESTABLISHED", "true"))
 TP_CAPABILITIES = ("NET_ADMIN",)  # TCP repair mode for the established connections
@@ -498,7 +498,7 @@ def extended_resource_ops(index: int, resources: Mapping[str, Any] | None) -> li
     (``removeMissingExtendedResources``, pkg/kubelet/lifecycle/predicate.go), so the request only
     makes kube-scheduler call the extender that manages it (``managedResources`` with
     ``ignoredByScheduler: true``); it never holds a pod on the node. But Cluster Autoscaler and
-    Karpenter require a node to advertise it (README "Scheduler wiring"): off in the shipped config.
+    Karpenter require a node to advertise it (docs/scheduler-wiring.md): off in the shipped config.
     """
     base = f"/spec/containers/{index}/resources"
     if resources is None:

@@ -309,7 +309,7 @@ def check_scheduler(config: Mapping[str, Any], scheduler: Reply | None) -> Line:
         name,
         "default-scheduler wiring: its configuration cannot be read through the API",
         "check that kube-scheduler's KubeSchedulerConfiguration has the extenders entry of "
-        "manifests/scheduler/ (README, 'Scheduler wiring')",
+        "manifests/scheduler/ (docs/scheduler-wiring.md, 'The default scheduler')",
     )
 
 

@@ -34,7 +34,7 @@ RESTORE_LABEL = "thaw.dev/restore"
 RESTORE_LABEL_VALUE = "allowed"
 
 # Extended resource the webhook can request (1) in the target container (scheduler.extendedResource,
-# off in the shipped config: autoscalers cannot place such a pod, README "Scheduler wiring"), so
+# off in the shipped config: autoscalers cannot place such a pod, docs/scheduler-wiring.md), so
 # that a scheduler whose extender entry lists it in managedResources (ignoredByScheduler: true)
 # calls the extender for Thaw pods only. kubelet drops extended resources its node does not
 # advertise before admission (removeMissingExtendedResources), so it never blocks a pod on a node.

@@ -1,4 +1,4 @@
-"""Node facts and the compatibility key (DESIGN.md, "Node annotations"; README, "Compatibility").
+"""Node facts and the compatibility key (DESIGN.md, "Node annotations"; docs/compatibility.md).
 
 The facts say what a node is (``thaw.dev/facts``, and the ``facts`` of every manifest); the key says
 which of them a restore depends on. A snapshot is restored only on a node whose key is the key of

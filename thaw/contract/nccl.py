@@ -3,7 +3,8 @@
 
 Found by probing on 2x H200 (driver 580.159.04; ``python3 -m bench.gpu.side_by_side --tp 2
 --probe-only``): a small TP=2 model checkpointed and restored through ``thaw exec`` with settings
-left out one at a time. README "Tensor parallel" has the table, and what each costs in serving speed.
+left out one at a time. docs/tensor-parallel.md has the table ("How the set was found"), and what
+each costs in serving speed ("The settings").
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class _Case:
 
 
 def _cases() -> list[_Case]:
-    # vLLM's sleep mode (README, "Sleep mode"): the stand-in serves the same endpoints
+    # vLLM's sleep mode (docs/sleep-mode.md): the stand-in serves the same endpoints
     snap = {"thaw.dev/snapshot": SNAPSHOT, "thaw.dev/sleep": "/sleep?level=1", "thaw.dev/wake": "/wake_up"}
     cases: list[_Case] = []
 

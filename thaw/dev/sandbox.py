@@ -47,8 +47,9 @@ thaw_command = podfiles.thaw_command
 
 
 # What a container runtime grants by default (containerd's and Docker's default set), and what the
-# webhook adds for CRIU (README, "Webhook"). Without SYS_ADMIN, thaw exec runs CRIU --unprivileged;
-# with full root CRIU would instead need SYS_ADMIN, NET_ADMIN and SYS_TIME (measured, thaw/runtime/criu.py).
+# webhook adds for CRIU (docs/webhook.md, step 6). Without SYS_ADMIN, thaw exec runs CRIU
+# --unprivileged; with full root CRIU would instead need SYS_ADMIN, NET_ADMIN and SYS_TIME
+# (measured, thaw/runtime/criu.py).
 RUNTIME_DEFAULT_CAPS = (
     "chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid",
     "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write",

@@ -10,8 +10,8 @@ per container start; copies that were already there when the agent started are n
 
 ``reason_category`` is pure and bounded (every reason maps to one of a fixed set of labels: a
 Prometheus label must never carry free text); :class:`AgentMetrics` holds the registry;
-:func:`serve` is the HTTP server around it. The metric names are listed in ``METRICS`` and in the
-README; monitoring/ (alerts, dashboard) and its tests name only these.
+:func:`serve` is the HTTP server around it. The metric names are listed in ``METRICS`` and in
+docs/observability.md, "Metrics"; monitoring/ (alerts, dashboard) and its tests name only these.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from prometheus_client import (
 
 log = logging.getLogger("thaw.agent")
 
-# Cold-start reasons as `thaw fetch` and `thaw exec` write them (README, "Cold-start reasons and
-# what to do"): the text before the first colon. Anything else is "other".
+# Cold-start reasons as `thaw fetch` and `thaw exec` write them (docs/cold-start-reasons.md):
+# the text before the first colon. Anything else is "other".
 COLD_CATEGORIES = (
     "no snapshot for this workload",
     "no snapshot",

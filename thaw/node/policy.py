@@ -159,7 +159,8 @@ class GuardedApi:
                 + "; ".join(self.missing.values())
                 + ". These policies narrow the agent's RBAC to its own Node and its own node's pods "
                 "(manifests/base/agent-policy.yaml, Kubernetes >= 1.30). Apply them, or pass "
-                "--allow-without-node-policy to run without the writes they guard (README, 'Install')"
+                "--allow-without-node-policy to run without the writes they guard "
+                "(docs/install.md, step 4)"
             )
         for name, why in self.missing.items():
             if name not in self._warned:

@@ -1,5 +1,5 @@
 """What keeps a tree from being checkpointed, found before anything is frozen and said in one line
-with the likely cause and the fix (README, "Restore and checkpoint").
+with the likely cause and the fix (docs/runtime.md, "What a fresh container does to a restore").
 
 GPU device files held by a process without CUDA state of its own: the CUDA checkpoint releases the
 device files of the processes it checkpoints, but a process with no CUDA context (PyTorch inductor's
@@ -131,9 +131,10 @@ def holders_refusal(holders: Sequence[Holder]) -> str | None:
     )
 
 
-# Measured on driver 580 (README, "Tensor parallel"): with NCCL's P2P transport (CUDA IPC between the
-# ranks) the restore after the dump failed with CUDA_ERROR_INVALID_VALUE; with cuMem handles and the
-# shared-memory transport, CUDA_ERROR_NOT_SUPPORTED. NVIDIA's cuda-checkpoint supports CUDA IPC from
+# Measured on driver 580 (docs/tensor-parallel.md, "How the set was found"): with NCCL's P2P
+# transport (CUDA IPC between the ranks) the restore after the dump failed with
+# CUDA_ERROR_INVALID_VALUE; with cuMem handles and the shared-memory transport,
+# CUDA_ERROR_NOT_SUPPORTED. NVIDIA's cuda-checkpoint supports CUDA IPC from
 # driver 610.
 SHARED_GPU_MEMORY_ERRORS = ("CUDA_ERROR_INVALID_VALUE", "CUDA_ERROR_NOT_SUPPORTED")
 
@@ -154,8 +155,9 @@ def cuda_restore_hint(cuda_processes: int, error_name: str) -> str:
 
 # Runtimes whose restored CUDA processes are known not to survive, measured: a JAX server (jaxlib
 # 0.11, XLA_PYTHON_CLIENT_PREALLOCATE=false) restored on an H200 with driver 580.159.04 died with
-# SIGSEGV right after its CUDA state was put back (README, "Compatibility matrix"). Refusing the
-# checkpoint spares every replica a fetch and a restore that would end in a cold start anyway.
+# SIGSEGV right after its CUDA state was put back (docs/compatibility.md, "GPU programs: the
+# matrix"). Refusing the checkpoint spares every replica a fetch and a restore that would end in a
+# cold start anyway.
 _JAX_LIBRARY = re.compile(r"/(jaxlib|jax_plugins|jax_cuda\d+_(plugin|pjrt))/")
 JAX_FIX = (
     "annotate the pod thaw.dev/checkpoint: never (it starts cold as it would without Thaw); JAX "

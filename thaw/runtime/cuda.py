@@ -119,7 +119,7 @@ _SYMBOLS = (
 class Cuda:
     lib: ctypes.CDLL
     # One rank after another instead of all at once: THAW_CUDA_SERIAL=true (a fallback should a
-    # driver ever mishandle concurrent checkpoint calls; 580 handles them, README "Tensor parallel").
+    # driver ever mishandle concurrent checkpoint calls; 580 handles them, docs/tensor-parallel.md).
     serial: bool = False
 
     @classmethod

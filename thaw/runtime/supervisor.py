@@ -12,8 +12,8 @@ processes it starts later: what moves is the namespace's PID counter, not just t
   counter passes the floor. Each child is a ``clone(CLONE_VM | CLONE_VFORK)`` that runs ``_exit`` on
   a small stack of its own: no page tables are copied and no Python runs in it, so 4,095 of them
   take ~0.06 s where ``os.fork`` of ``thaw exec`` took ~6 s (measured on the 2-core CI machine,
-  README). It needs no capability. ``os.fork`` stays as the fallback where ``clone`` cannot be
-  called through ctypes.
+  docs/benchmarks.md, "CPU: the runtime on a 2-core machine"). It needs no capability. ``os.fork``
+  stays as the fallback where ``clone`` cannot be called through ctypes.
 - Not ``clone3`` with ``set_tid``: it gives the new process exactly the PID asked for, but does not
   move the counter (the kernel allocates it with ``idr_alloc``, not the cyclic allocator), so a child
   placed at floor-1 is followed by a low PID again, and a workload placed at the floor would start

@@ -1,6 +1,6 @@
 """The snapshot store on an OCI registry: ``--store oci://HOST[:PORT]/REPOSITORY``.
 
-Artifact layout (README, "Snapshots on an OCI registry"). The snapshots of ``name`` in namespace
+Artifact layout (docs/registry.md). The snapshots of ``name`` in namespace
 ``ns`` live in the repository ``REPOSITORY/<ns>/<name>``: one repository per (namespace, name), so a
 listing reads one name's tags only, and registry permissions can be scoped per namespace. Each
 snapshot is one OCI image manifest (``application/vnd.oci.image.manifest.v1+json``)::
