@@ -378,8 +378,8 @@ class Thaw:
             "data": {"ca.crt": self.cluster.ca.read_text()},
         }
         self.cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(ca))
-        # The DaemonSet runs on nodes labelled as GPU Feature Discovery labels GPU nodes (README,
-        # Install, step 4: label them yourself without it).
+        # The DaemonSet runs on nodes labelled as GPU Feature Discovery labels GPU nodes
+        # (docs/install.md, step 4: label them yourself without it).
         self.cluster.kubectl("label", "node", NODE_NAME, "nvidia.com/gpu.present=true", "--overwrite")
         (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet"]
         self.agent_metrics_port = free_port()

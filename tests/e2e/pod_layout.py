@@ -133,7 +133,7 @@ def check_injected(
     assert not set(NEVER_IN_WORKLOAD_ENV) & set(env), sorted(set(NEVER_IN_WORKLOAD_ENV) & set(env))
 
     # The default install: the second scheduler, which calls the extender for every pod it schedules;
-    # no extended resource (autoscalers could not place it: README, "Scheduler wiring").
+    # no extended resource (autoscalers could not place it: docs/scheduler-wiring.md).
     assert pod["spec"].get("schedulerName") == scheduler_name, pod["spec"].get("schedulerName")
     resources = target.get("resources") or {}
     for kind in ("requests", "limits"):

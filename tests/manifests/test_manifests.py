@@ -643,7 +643,7 @@ def test_webhook_config_agrees_with_the_rest(overlay: str) -> None:
     cfg = parse_config(yaml.safe_load(find(objs, "ConfigMap", "thaw-webhook-config")["data"]["config.yaml"]))
     [profile] = scheduler_config(objs)["profiles"]
     assert cfg.scheduler_name == profile["schedulerName"]
-    assert cfg.extended_resource is False  # README, "Scheduler wiring": autoscalers
+    assert cfg.extended_resource is False  # docs/scheduler-wiring.md: autoscalers
     # The init containers use the image the servers run (kustomize `images:` sets both).
     for name in ("thaw-webhook", "thaw-extender"):
         [c] = find(objs, "Deployment", name)["spec"]["template"]["spec"]["containers"]

@@ -272,7 +272,7 @@ def installed(
             },
         ]
     )
-    # The README's signing steps (Install, "Signing keys and trust"), in the pods' own namespace.
+    # The signing steps (docs/install.md, step 3; docs/signing.md), in the pods' own namespace.
     cp.kubectl(*_key_secret("thaw-signing-key", keys / "signing.key"))
     cp.kubectl(*_key_secret("thaw-trust", keys / "signing.pub"))
     hook_port, ext_port = free_port(), free_port()

@@ -1,4 +1,4 @@
-"""The compatibility key, version 2 (thaw/contract/facts.py; README, "Compatibility"): what a routine
+"""The compatibility key, version 2 (thaw/contract/facts.py; docs/compatibility.md): what a routine
 node change keeps, what changes it, and what becomes of snapshots keyed the version 1 way."""
 
 from __future__ import annotations

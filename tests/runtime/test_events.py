@@ -70,7 +70,7 @@ SNAP = "sha256:39fa6a2306965fb2eba35e9f308f1acba706dccc1e74a59fd9039"
                 )
             ],
         ),
-        (  # a snapshot taken asleep: the wake is part of the restore (README, Sleep mode)
+        (  # a snapshot taken asleep: the wake is part of the restore (docs/sleep-mode.md)
             {
                 "result": "restored",
                 "plan": {"snapshot": SNAP},

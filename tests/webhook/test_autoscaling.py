@@ -1,6 +1,6 @@
 """Scale from zero works with the shipped wiring (issue 14.1): the pod the webhook emits, next to the
-rules Cluster Autoscaler and Karpenter apply to it, transcribed from their code (README,
-"Scheduler wiring", cites each):
+rules Cluster Autoscaler and Karpenter apply to it, transcribed from their code
+(docs/scheduler-wiring.md cites each):
 
 1. **Resources.** Both decide whether a new node would fit a pending pod by simulating it against a
    node template, and neither knows kube-scheduler's extender settings:
@@ -70,7 +70,7 @@ def shipped_schedulers() -> dict[str, dict[str, Any]]:
     """Profile name -> the extenders entries of the KubeSchedulerConfiguration that serves it."""
     out: dict[str, dict[str, Any]] = {
         "default-scheduler": {"extenders": []}
-    }  # the cluster's own (the README's other wiring)
+    }  # the cluster's own (docs/scheduler-wiring.md's other wiring)
     config = yaml.safe_load(_manifest_data("scheduler.yaml", "thaw-scheduler-config"))
     for profile in config["profiles"]:
         out[profile["schedulerName"]] = {"extenders": config.get("extenders", [])}
@@ -158,9 +158,10 @@ def test_the_shipped_wiring_keeps_scale_from_zero_working() -> None:
 
 
 def test_the_extended_resource_wiring_would_stop_autoscalers() -> None:
-    """The alternative the README documents, for the default scheduler: the extender is called for
-    Thaw pods only, but no node template lists thaw.dev/restore, so neither autoscaler adds a node
-    for the pod (nor removes one that runs it: their scale-down simulation is the same check)."""
+    """The alternative docs/scheduler-wiring.md documents, for the default scheduler: the extender
+    is called for Thaw pods only, but no node template lists thaw.dev/restore, so neither autoscaler
+    adds a node for the pod (nor removes one that runs it: their scale-down simulation is the same
+    check)."""
     config = shipped_webhook_config()
     config["scheduler"] = {"extendedResource": True}
     pod = emitted_pod(config)

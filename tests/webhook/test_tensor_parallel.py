@@ -65,7 +65,8 @@ def test_exact_ops_for_tp_env_and_caps() -> None:
         {"op": "add", "path": "/spec/containers/0/securityContext/capabilities/add/-", "value": "NET_ADMIN"},
     ]
     env_op: Any = next(op for op in result.ops if op["path"] == "/spec/containers/0/env")
-    # the measured minimal set (README "Tensor parallel"), pinned: a change here is a contract change
+    # the measured minimal set (docs/tensor-parallel.md, "The settings"), pinned: a change here is a
+    # contract change
     assert env_op["op"] == "add" and env_op["value"][-len(TP_ENV) :] == [
         {"name": "NCCL_P2P_DISABLE", "value": "1"},
         {"name": "NCCL_CUMEM_ENABLE", "value": "0"},
