@@ -295,45 +295,32 @@ def filter_deferred(index: NodeIndex, body: bytes) -> Deferred:
     # Full Nodes the index knows: dict lookups at C speed, the answer's pieces precomputed (Memo).
     # A name in neither dict (one the view does not know) sends the request round the long way.
     flags = list(map(memo.keeps.get, names))
-    keeps = list(filter(None, flags))
     fails = list(filter(None, map(memo.fails.get, names)))
-    if len(keeps) + len(fails) != len(names):
+    if sum(map(bool, flags)) + len(fails) != len(names):
         verdicts = [memo.verdict(n) for n in names]
         flags = [v[0] for v in verdicts]
-        keeps = [k for k in flags if k]
         fails = [(v[1], v[2]) for v in verdicts if v[1]]
-    if args.items is not None:
-        kept = _nodes_answer(args, [i for i, k in enumerate(flags) if k])
-    else:
-        kept = b'"NodeNames":[' + b",".join(keeps) + b"]"
+    keep = [i for i, k in enumerate(flags) if k]
+    out = _filter_answer(_nodes_answer(args, keep), fails)
+    return 200, out, _placing(index, args, names[keep[0]] if len(keep) == 1 else None)
+
+
+def _filter_answer(kept: bytes, fails: list[tuple[bytes, bytes]]) -> bytes:
+    """The filter answer around ``kept`` (its NodeNames or Nodes member): FailedNodes, the
+    unresolvable ones where there are any, and an empty Error."""
     parts = [b"{", kept, b',"FailedNodes":{', b",".join([f[0] for f in fails]), b"}"]
     unresolvable = [f[1] for f in fails if f[1]]
     if unresolvable:
         parts += [b',"FailedAndUnresolvableNodes":{', b",".join(unresolvable), b"}"]
     parts.append(b',"Error":""}')
-    after = None
-    if len(keeps) == 1:
-        after = _placing(index, args, names[next(i for i, k in enumerate(flags) if k)])
-    return 200, b"".join(parts), after
+    return b"".join(parts)
 
 
 def _render_filter(v: View) -> bytes:
     """The filter answer (names, placement: required) from a view's pieces."""
     keeps = list(filter(None, v.keeps))
-    fails = list(filter(None, v.fails))
     v.one = v.names[v.keeps.index(keeps[0])] if len(keeps) == 1 else None
-    parts = [
-        b'{"NodeNames":[',
-        b",".join(keeps),
-        b'],"FailedNodes":{',
-        b",".join([f[0] for f in fails]),
-        b"}",
-    ]
-    unresolvable = [f[1] for f in fails if f[1]]
-    if unresolvable:
-        parts += [b',"FailedAndUnresolvableNodes":{', b",".join(unresolvable), b"}"]
-    parts.append(b',"Error":""}')
-    return b"".join(parts)
+    return _filter_answer(b'"NodeNames":[' + b",".join(keeps) + b"]", list(filter(None, v.fails)))
 
 
 def _render_prioritize(v: View) -> bytes:
