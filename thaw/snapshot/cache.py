@@ -218,12 +218,8 @@ def _try_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
-def _is_locked(path: Path) -> bool:
-    """Whether some process holds a lock on ``path`` (shared or exclusive)."""
-    try:
-        fd = _open_lock(path, create=False)
-    except (OSError, CacheError):
-        return False
+def _held(fd: int) -> bool:
+    """Whether another process holds a flock (shared or exclusive) on ``fd``'s file; closes ``fd``."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -231,6 +227,15 @@ def _is_locked(path: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _is_locked(path: Path) -> bool:
+    """Whether some process holds a lock on ``path`` (shared or exclusive)."""
+    try:
+        fd = _open_lock(path, create=False)
+    except (OSError, CacheError):
+        return False
+    return _held(fd)
 
 
 def _touch(path: Path) -> None:
@@ -756,13 +761,7 @@ def _writer_alive(tmp: Path) -> bool:
         fd = open_dir(tmp)
     except OSError:
         return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return _held(fd)
 
 
 def remove_dead_temps(nd: Path) -> list[str]:
