@@ -150,16 +150,9 @@ def worker_pids(server_pid: int) -> list[int]:
 def connections_per_worker(port: int, pids: list[int]) -> dict[int, int]:
     """Established connections to ``port`` held by each worker (socket inodes in /proc/net/tcp*
     matched against each worker's open files)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 9 and f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f[9])
+    from webhook.launch import tcp_sockets
+
+    inodes = set(tcp_sockets(port, "01"))
     out: dict[int, int] = {}
     for pid in pids:
         held = 0

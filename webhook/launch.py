@@ -89,19 +89,25 @@ def worker_admissions(metrics: str) -> dict[str, float]:
     return out
 
 
-def listening_sockets(port: int) -> int:
-    """How many TCP sockets listen on ``port`` on this host (/proc/net/tcp and tcp6, state 0A)."""
-    count = 0
+def tcp_sockets(port: int, state: str) -> list[str]:
+    """The inodes of this host's TCP sockets on local ``port`` in ``state`` (/proc/net/tcp and tcp6,
+    the kernel's hex state: "0A" listening, "01" established)."""
+    inodes: list[str] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
-            fields = line.split()
-            if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                count += 1
-    return count
+            f = line.split()
+            if len(f) > 9 and f[3] == state and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.append(f[9])
+    return inodes
+
+
+def listening_sockets(port: int) -> int:
+    """How many TCP sockets listen on ``port`` on this host."""
+    return len(tcp_sockets(port, "0A"))
 
 
 def _wait_ready(run: Running, timeout_s: float, listeners: int = 1) -> None:
