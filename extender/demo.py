@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import http.client
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from extender.scoring import DEFAULT_PARAMS, Params
 from extender.synthetic import H100_FACTS, H200_FACTS, WORKLOAD, cached, node
 from thaw.contract.annotations import NODE_CACHE
 from thaw.contract.inventory import parse_inventory, render_inventory
+from thaw.contract.safeio import write_atomic
 from thaw.serve.serving import free_port
 
 SNAPSHOT = "qwen3-8b-vllm"
@@ -116,9 +116,8 @@ def bump_restoring(doc: dict[str, Any], node_name: str) -> bool:
 
 
 def _write_atomic(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)  # the extender's reload sees the old file or the new one, never half
+    # The extender's reload sees the old file or the new one, never half.
+    write_atomic(path, json.dumps(doc).encode(), mode=0o644)
 
 
 def _wait_version(port: int, rv: str) -> None:

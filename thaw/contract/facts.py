@@ -37,9 +37,7 @@ given, so a workload container, the GPU-less ``thaw-fetch`` and the agent all re
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NotRequired, TypedDict
@@ -47,7 +45,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 import orjson
 
 from thaw.contract.canonical import canonical_json, digest
-from thaw.contract.safeio import read_bounded
+from thaw.contract.safeio import read_bounded, write_atomic
 
 COMPAT_KEY_HEX_DIGITS = 16
 COMPAT_VERSION = 2  # what compat_key computes; 1: the facts hashed whole (compat_version)
@@ -232,14 +230,4 @@ def write_facts_file(path: Path, facts: NodeFacts) -> None:
     by the workload container's user."""
     validate_facts(facts)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(canonical_json(facts) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, canonical_json(facts) + b"\n", mode=0o644, fsync=True)

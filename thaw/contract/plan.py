@@ -9,14 +9,12 @@ restore must never crash-loop a pod.
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, NotRequired, TypedDict
 
 import orjson
 
-from thaw.contract.safeio import read_bounded
+from thaw.contract.safeio import read_bounded, write_atomic
 
 Action = Literal["restore", "cold"]
 MAX_PLAN_BYTES = 64 * 1024  # a plan is a few hundred bytes; anything larger is not ours
@@ -65,17 +63,8 @@ def cold_plan(reason: str) -> Plan:
 def write_plan(path: Path, plan: Plan) -> None:
     """Write ``plan`` atomically: a reader sees the old file, no file, or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(plan, option=orjson.OPT_SORT_KEYS) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # the workload container may run as another user than the init container
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0644: the workload container may run as another user than the init container.
+    write_atomic(path, orjson.dumps(plan, option=orjson.OPT_SORT_KEYS) + b"\n", mode=0o644, fsync=True)
 
 
 def parse_plan(raw: bytes) -> Plan:

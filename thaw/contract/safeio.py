@@ -12,6 +12,8 @@ of such a place goes through these functions:
 - ``read_bounded``: the whole content of a regular file of at most ``max_bytes`` bytes (a file that
   grows past the cap while being read is refused too).
 
+And the one atomic write (``write_atomic``) of every file a reader may look at while it is replaced.
+
 ``O_NONBLOCK`` stays set on the returned descriptor: it changes nothing for regular files.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -123,6 +126,25 @@ def read_bounded(path: str | os.PathLike[str], max_bytes: int, *, dir_fd: int | 
         return read_fd(fd, max_bytes, path)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, fsync: bool = False) -> None:
+    """Replace ``path`` with ``data`` atomically: a reader sees the old file, none, or the whole new
+    one. Written first beside it under an unpredictable dot-name (mkstemp: created exclusively, never
+    through a symlink), given ``mode``, fsynced when ``fsync``, then renamed over ``path``; the
+    temporary file is removed if anything fails."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def fsync_dir(path: Path) -> None:

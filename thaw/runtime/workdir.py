@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from thaw.contract.safeio import read_bounded
+from thaw.contract.safeio import read_bounded, write_atomic
 
 log = logging.getLogger("thaw.exec")
 
@@ -80,19 +78,12 @@ def read_json_or_none(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, 
 
 
 def write_json(path: Path, value: Any, mode: int = 0o644) -> None:
-    """Write ``value`` atomically: a reader sees the old file, none, or the whole new one. The
-    temporary name is unpredictable (mkstemp), and created exclusively."""
+    """Write ``value`` as JSON atomically (``safeio.write_atomic``): a reader sees the old file,
+    none, or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n")
-            f.flush()
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(
+        path, orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n", mode=mode
+    )
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from thaw.serve.tls import CA_FILE, CERT_FILE, KEY_FILE, _write_atomic, generate
+from thaw.contract.safeio import write_atomic
+from thaw.serve.tls import CA_FILE, CERT_FILE, KEY_FILE, generate
 
 log = logging.getLogger("thaw.certs")
 
@@ -302,7 +303,7 @@ class CertController:
         for name in (KEY_FILE, CA_FILE, CERT_FILE):
             path = self.out_dir / name
             if not path.exists() or path.read_bytes() != files[name]:
-                _write_atomic(path, files[name], 0o600 if name == KEY_FILE else 0o644)
+                write_atomic(path, files[name], mode=0o600 if name == KEY_FILE else 0o644, fsync=True)
 
 
 class Health:

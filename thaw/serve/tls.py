@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from thaw.contract.safeio import write_atomic
+
 log = logging.getLogger(__name__)
 
 CERT_FILE = "tls.crt"
@@ -120,16 +122,6 @@ def generate(  # noqa: PLR0917
     return Generated(ca_cert.public_bytes(pem), cert.public_bytes(pem), _pem_key(key)), ca_key, ca_cert
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_cert_dir(
     out: Path, dns_names: list[str], ips: list[str] | None = None, days: int = 365
 ) -> Generated:
@@ -147,10 +139,10 @@ def write_cert_dir(
             ca_key = loaded
             ca_cert = x509.load_pem_x509_certificate((out / CA_FILE).read_bytes())
     gen, new_ca_key, _ = generate(dns_names, ips, days, ca_key, ca_cert)
-    _write_atomic(out / CA_KEY_FILE, _pem_key(new_ca_key), 0o600)
-    _write_atomic(out / CA_FILE, gen.ca_pem, 0o644)
-    _write_atomic(out / KEY_FILE, gen.key_pem, 0o600)
-    _write_atomic(out / CERT_FILE, gen.cert_pem, 0o644)
+    write_atomic(out / CA_KEY_FILE, _pem_key(new_ca_key), mode=0o600, fsync=True)
+    write_atomic(out / CA_FILE, gen.ca_pem, mode=0o644, fsync=True)
+    write_atomic(out / KEY_FILE, gen.key_pem, mode=0o600, fsync=True)
+    write_atomic(out / CERT_FILE, gen.cert_pem, mode=0o644, fsync=True)
     return gen
 
 

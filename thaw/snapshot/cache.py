@@ -59,7 +59,7 @@ from thaw.contract.manifest import (
     load_manifest,
     signed_bytes,
 )
-from thaw.contract.safeio import check_regular, fsync_dir, open_dir, read_bounded
+from thaw.contract.safeio import check_regular, fsync_dir, open_dir, read_bounded, write_atomic
 from thaw.contract.signing import (
     MAX_KEY_FILE_BYTES,
     SigningKeyError,
@@ -313,11 +313,7 @@ def write_budget(cache_dir: Path, budget: int) -> None:
     _ensure_dir(cache_dir)
     if read_budget(cache_dir) == budget:
         return
-    tmp = cache_dir / f"{CONFIG_NAME}.{secrets.token_hex(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(orjson.dumps({"budget": budget}))
-    os.replace(tmp, cache_dir / CONFIG_NAME)
+    write_atomic(cache_dir / CONFIG_NAME, orjson.dumps({"budget": budget}))
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:

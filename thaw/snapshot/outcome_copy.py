@@ -10,7 +10,6 @@ import errno
 import os
 import re
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from thaw.contract.safeio import check_regular, open_dir, read_fd
+from thaw.contract.safeio import check_regular, open_dir, read_fd, write_atomic
 
 OUTCOMES_DIR = ".outcomes"  # in the node cache; a dot-entry, so never taken for a namespace
 MAX_OUTCOME_BYTES = 256 * 1024  # an outcome is a few kB; anything larger is not one
@@ -49,15 +48,8 @@ def write_outcome_copy(cache: Path, uid: str, data: bytes) -> None:
     dest = outcome_copy_path(cache, uid)
     if len(data) > MAX_OUTCOME_BYTES:
         raise ValueError(f"outcome of pod {uid} has {len(data)} bytes, more than {MAX_OUTCOME_BYTES}")
-    d = _outcomes_dir(cache)
-    fd, tmp = tempfile.mkstemp(prefix=f".{uid}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _outcomes_dir(cache)  # made root-only, and checked to be a directory
+    write_atomic(dest, data)
 
 
 def read_outcome_copies(
