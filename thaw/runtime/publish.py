@@ -98,6 +98,15 @@ def publish_and_record(dump: Path, target: Target, *, max_bytes: int | None = No
     }
 
 
+def cache_refusal(cache: Path, nbytes: int) -> str | None:
+    """Why the node cache at ``cache`` cannot take a snapshot of ``nbytes``, or None: the room
+    answer of both publishers."""
+    from thaw.snapshot.cache import room_problem
+
+    why = room_problem(cache, nbytes)
+    return f"the node cache cannot take the snapshot: {why}" if why else None
+
+
 @dataclass(frozen=True)
 class LocalPublisher:
     """``thaw exec`` run by hand with ``--store``: publishes in-process."""
@@ -105,12 +114,7 @@ class LocalPublisher:
     target: Target
 
     def room(self, nbytes: int) -> str | None:
-        if self.target.cache is None:
-            return None
-        from thaw.snapshot.cache import room_problem
-
-        why = room_problem(self.target.cache, nbytes)
-        return f"the node cache cannot take the snapshot: {why}" if why else None
+        return None if self.target.cache is None else cache_refusal(self.target.cache, nbytes)
 
     def publish(self, dump: Path, nbytes: int) -> dict[str, Any]:
         return publish_and_record(dump, self.target)

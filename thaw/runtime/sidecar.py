@@ -47,7 +47,7 @@ from thaw.contract.facts import NodeFacts
 from thaw.contract.plan import read_plan
 from thaw.runtime import workdir
 from thaw.runtime.outcome import pod_identity
-from thaw.runtime.publish import Target, publish_and_record
+from thaw.runtime.publish import Target, cache_refusal, publish_and_record
 from thaw.snapshot.outcome_copy import MAX_OUTCOME_BYTES, write_outcome_copy
 from thaw.snapshot.store import Store
 
@@ -172,13 +172,7 @@ class Sidecar:
         return None
 
     def _room(self, nbytes: int) -> str | None:
-        why = self.refusal()
-        if why is not None:
-            return why
-        from thaw.snapshot.cache import room_problem
-
-        problem = room_problem(self.cfg.cache, nbytes)
-        return f"the node cache cannot take the snapshot: {problem}" if problem else None
+        return self.refusal() or cache_refusal(self.cfg.cache, nbytes)
 
     def _answer(self, rid: str | None, step: str, **fields: Any) -> None:
         workdir.write_json(
