@@ -128,6 +128,7 @@ READY_PROBE: JsonObject = {
     "timeoutSeconds": 10,
     "failureThreshold": 1000,
 }
+_READY_PROBE_JSON = orjson.dumps(READY_PROBE)  # each answer loads its own copy (as Prepared's parts)
 
 INJECTED_VALUE = "v2"  # thaw.dev/injected: the injection format (v2: notes/POD-LAYOUT.md's pod)
 
@@ -455,7 +456,7 @@ def startup_probe_ops(index: int, container: Mapping[str, Any]) -> list[PatchOp]
     then decides; thaw exec's readiness gate is not checked)."""
     if container.get("startupProbe") is not None:
         return []
-    return [add(f"/spec/containers/{index}/startupProbe", orjson.loads(orjson.dumps(READY_PROBE)))]
+    return [add(f"/spec/containers/{index}/startupProbe", orjson.loads(_READY_PROBE_JSON))]
 
 
 # Tensor-parallel workloads (issue 6): the NCCL settings a checkpoint needs (thaw/contract/nccl.py gives
