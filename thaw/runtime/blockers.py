@@ -41,15 +41,15 @@ class Holder:
         return bool(_COMPILE_WORKER.search(self.cmdline))
 
 
+def mapping_paths(maps_text: str) -> list[str]:
+    """The path of every file mapping of ``/proc/PID/maps`` text, one per mapping (pure)."""
+    return [parts[5].strip() for line in maps_text.splitlines() if len(parts := line.split(None, 5)) == 6]
+
+
 def mapped_devices(maps_text: str, prefix: str = GPU_DEVICE_PREFIX) -> list[str]:
     """The device paths of every mapping of ``/proc/PID/maps`` text under ``prefix``, one per
     mapping (pure)."""
-    out = []
-    for line in maps_text.splitlines():
-        parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith(prefix):
-            out.append(parts[5].strip())
-    return out
+    return [path for path in mapping_paths(maps_text) if path.startswith(prefix)]
 
 
 def gpu_holders(
@@ -190,12 +190,17 @@ def read_cmdline(pid: int) -> str:
     return " ".join(raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace").split())
 
 
-def read_mapped_devices(pid: int, prefix: str | None = None) -> list[str]:
+def read_maps(pid: int) -> str:
+    """``/proc/PID/maps``; "" for a process gone or unreadable."""
     try:
         with open(f"/proc/{pid}/maps") as f:
-            return mapped_devices(f.read(), prefix or GPU_DEVICE_PREFIX)
+            return f.read()
     except OSError:
-        return []
+        return ""
+
+
+def read_mapped_devices(pid: int, prefix: str | None = None) -> list[str]:
+    return mapped_devices(read_maps(pid), prefix or GPU_DEVICE_PREFIX)
 
 
 def gpu_holders_refusal(
@@ -214,12 +219,7 @@ def gpu_holders_refusal(
 
 def read_mapped_paths(pid: int) -> list[str]:
     """The file paths of every mapping of ``/proc/PID/maps`` (each once)."""
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            text = f.read()
-    except OSError:
-        return []
-    return sorted({parts[5].strip() for line in text.splitlines() if len(parts := line.split(None, 5)) == 6})
+    return sorted(set(mapping_paths(read_maps(pid))))
 
 
 def runtime_refusal(cuda_pids: Sequence[int]) -> str | None:
