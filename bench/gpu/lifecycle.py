@@ -264,15 +264,17 @@ def life(
     with_cold: bool = True,
     cold_min_left_s: float = 150.0,
     extra_restores: tuple[tuple[str, dict[str, str]], ...] = (),
+    variants: tuple[tuple[str, dict[str, str]], ...] = (),
     extra_read_bytes: int = 0,
 ) -> dict[str, Any]:
     """Checkpoint, fetch + restore (miss), restores from ``tiers`` (hits), optional extra page-cache
     restores with more pod env (``extra_restores``: label, env; thaw exec reads its flags from
-    ``THAW_<FLAG>``), then a cold pod when at least ``cold_min_left_s`` is left before the soft
-    deadline. ``extra_read_bytes``: what a restore reads besides the image (weights reloaded on
-    wake), for the storage bound. Fills and returns ``res`` (the caller's, so that ``s.save`` writes
-    what is done after every phase); a step without time left before the hard deadline is skipped
-    and named in ``res["skipped"]``."""
+    ``THAW_<FLAG>``), each tier's hit again per ``variants`` (label, env: the new path beside the
+    current one, e.g. another CRIU build), then a cold pod when at least ``cold_min_left_s`` is left
+    before the soft deadline. ``extra_read_bytes``: what a restore reads besides the image (weights
+    reloaded on wake), for the storage bound. Fills and returns ``res`` (the caller's, so that
+    ``s.save`` writes what is done after every phase); a step without time left before the hard
+    deadline is skipped and named in ``res["skipped"]``."""
     d = s.root / w.name
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
@@ -335,6 +337,17 @@ def life(
             hits[label] = restore(s, w, plan, f"restore, page cache, {label}", env=pod_env(s, w, env))
     if tmpfs_plan is not None and time_for("restore, tmpfs"):
         hits["tmpfs"] = restore(s, w, tmpfs_plan, "restore, tmpfs")
+    tier_of: dict[str, str] = {}
+    res["hit_tier"] = tier_of
+    for label, env in variants:
+        for tier, tier_plan in (("disk", plan), ("page cache", plan), ("tmpfs", tmpfs_plan)):
+            if tier not in hits or tier_plan is None or not time_for(f"restore, {tier}, {label}"):
+                continue
+            if tier == "disk":
+                drop_caches()
+            key = f"{tier}, {label}"
+            tier_of[key] = tier
+            hits[key] = restore(s, w, tier_plan, f"restore, {key}", env=pod_env(s, w, env))
     if tmpfs_dir.exists():
         unmount(tmpfs_dir)
     # 4. cold
@@ -433,8 +446,11 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
     for tier in ("tmpfs", "page cache", "disk"):
         if tier in hits:
             row(f"hit, {tier}", hits[tier], tier=tier)
+    tier_of = res.get("hit_tier") or {}
     for label, r in hits.items():
-        if label not in ("tmpfs", "page cache", "disk"):
+        if label in tier_of:  # a variant of a tier's hit: its key names the tier
+            row(f"hit, {label}", r, tier=tier_of[label])
+        elif label not in ("tmpfs", "page cache", "disk"):
             row(f"hit, page cache, {label}", r, tier="page cache")
     if "miss" in res:
         row("miss: fetch + restore", res["miss"], extra_s=float(res["fetch"]["fetch_s"]))

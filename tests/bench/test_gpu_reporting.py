@@ -63,6 +63,18 @@ def test_rows_give_hits_miss_bounds_shares_and_the_checkpointed_reference() -> N
     assert pc["health_before_gpu"] == "no" and miss["health_before_gpu"] == "-"
 
 
+def test_a_variant_of_a_tiers_hit_is_measured_against_that_tiers_bound() -> None:
+    life = _life()
+    life["hits"]["disk, fast CRIU"] = _restore(6.0, CKPT_TOKENS, 3.0, 1.6, None)
+    life["hits"]["page cache, fast CRIU"] = _restore(2.0, CKPT_TOKENS, 0.5, 1.5, None)
+    life["hits"]["gate stopped"] = _restore(5.5, CKPT_TOKENS, 3.0, 1.5, None)
+    life["hit_tier"] = {"disk, fast CRIU": "disk", "page cache, fast CRIU": "page cache"}
+    rows = {r["run"]: r for r in lifecycle.rows(life)}
+    assert rows["hit, disk, fast CRIU"]["bound_s"] == 5.0 and rows["hit, disk, fast CRIU"]["x_bound"] == 1.2
+    assert rows["hit, page cache, fast CRIU"]["x_bound"] == 2.0 and rows["hit, page cache, fast CRIU"]["same"]
+    assert rows["hit, page cache, gate stopped"]["bound_s"] == 1.0  # an extra restore: page cache
+
+
 def test_cold_falls_back_to_the_checkpoint_pods_time_to_ready() -> None:
     life = _life()
     del life["cold"]
