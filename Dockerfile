@@ -24,7 +24,8 @@ COPY pyproject.toml README.md ./
 COPY thaw/ thaw/
 COPY webhook/ webhook/
 COPY extender/ extender/
-COPY scripts/build-runtime scripts/install-criu scripts/
+COPY scripts/build-runtime scripts/install-criu scripts/build-criu-fast scripts/
+COPY scripts/criu/ scripts/criu/
 # The runtime (Python, Thaw, its dependencies and every shared library they load, glibc included)
 # and CRIU >= 4.2: Debian trixie's CRIU 4.1.1 cannot dump a process with a TCP socket on 6.18
 # kernels, so scripts/install-criu takes 4.2.1 from Debian forky with forky's own glibc, run
@@ -36,7 +37,8 @@ RUN --mount=type=secret,id=pip_cert \
     if [ -f /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
  && PIP_BREAK_SYSTEM_PACKAGES=1 scripts/build-runtime /opt/thaw --python /usr/bin/python3 \
  && /opt/thaw/bin/thaw --help >/dev/null \
- && /opt/thaw/bin/criu --version
+ && /opt/thaw/bin/criu --version \
+ && /opt/thaw/bin/criu-fast --version
 
 FROM ${BASE}
 # sh is all the final image needs beyond /opt/thaw: bin/thaw is a sh wrapper; thaw-tools copies with

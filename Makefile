@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# CRIU 4.2 with its own glibc (older CRIU fails on 6.18 kernels); see scripts/install-criu.
+# CRIU 4.2 with its own glibc (older CRIU fails on 6.18 kernels); see scripts/install-criu. Beside
+# it, the fast-restore build thaw exec restores with (scripts/build-criu-fast, ~1 min once).
 criu:
 	scripts/install-criu $(TOOLS)/criu
+	scripts/build-criu-fast $(TOOLS)/criu-fast
 
 # System tools the tests and benchmarks use (wrk, kubectl), installed with apt-get when missing.
 tools:

@@ -197,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "stays stopped until then (stopped)",
     )
     _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
-    _add(p, "--sleep", default=None, help="URL (or path on --ready's server) to POST before the checkpoint")
-    _add(p, "--wake", default=None, help="URL (or path) to POST after the checkpoint and after a restore")
+    _add(p, "--sleep", default=None, help="URL (or path on --ready's server) to POST before the checkpoint, "
+         'or a JSON array of steps (URL, or {"url": ..., "body": {...}})')  # fmt: skip
+    _add(p, "--wake", default=None, help="URL, path or JSON array of steps to POST after the checkpoint "
+         "and after a restore")  # fmt: skip
     _add(p, "--pid-floor", type=int, default=4096, help="start the workload at or above this PID")
     _add(
         p,
@@ -213,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=False,
         help="restore connections inside the tree (NCCL) instead of closing them",
+    )
+    _add(
+        p,
+        "--criu-stock",
+        action="store_true",
+        default=False,
+        help="restore with stock CRIU even where the fast-restore build (criu-fast) is present",
     )
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 

@@ -51,6 +51,10 @@ from pathlib import Path
 GHOST_LIMIT = 256 * 1024 * 1024
 LOG_TAIL_LINES = 12
 REPO_CRIU = Path(__file__).resolve().parents[2] / ".tools" / "criu" / "bin" / "criu"
+# The fast-restore build (scripts/build-criu-fast): beside the stock binary as ``criu-fast`` in the
+# runtime bundle (scripts/build-runtime), in .tools/criu-fast in a checkout.
+FAST_NAME = "criu-fast"
+REPO_CRIU_FAST = Path(__file__).resolve().parents[2] / ".tools" / "criu-fast" / "bin" / "criu"
 
 
 class CriuError(RuntimeError):
@@ -59,6 +63,10 @@ class CriuError(RuntimeError):
 
 class CriuMissing(CriuError):
     """No CRIU binary found."""
+
+
+class CriuTimeout(CriuError):
+    """CRIU ran past its time (a damaged image can loop the restorer)."""
 
 
 def find_criu(env: dict[str, str] | None = None) -> str:
@@ -84,6 +92,48 @@ def criu_version(binary: str) -> str:
     if out.returncode != 0 or not m:
         raise CriuError(f"{binary} --version failed: {(out.stderr or out.stdout).strip()[:200]}")
     return m.group(1)
+
+
+@dataclass(frozen=True)
+class RestoreCriu:
+    """The CRIU that restores: ``kind`` "fast" (scripts/criu/parallel-restore.patch) or "stock";
+    ``note`` says why stock where a fast one was looked for."""
+
+    binary: str
+    kind: str
+    note: str = ""
+
+
+def fast_candidates(stock: str, env: dict[str, str]) -> list[str]:
+    """Where a fast-restore CRIU may be, in order (pure): THAW_CRIU_FAST alone when set; else
+    ``criu-fast`` beside the stock binary (the bundle's bin/), and the checkout's .tools/criu-fast
+    when the stock binary is the checkout's own (an explicit other THAW_CRIU keeps its own pair)."""
+    explicit = env.get("THAW_CRIU_FAST")
+    if explicit:
+        return [explicit]
+    out = [os.path.join(os.path.dirname(stock), FAST_NAME)]
+    if os.path.realpath(stock) == os.path.realpath(REPO_CRIU):
+        out.append(str(REPO_CRIU_FAST))
+    return out
+
+
+def restore_criu(stock: str, *, force_stock: bool = False, env: dict[str, str] | None = None) -> RestoreCriu:
+    """The fast-restore CRIU when present and answering ``--version``, else ``stock`` (and why).
+    ``force_stock`` (``thaw exec --criu-stock``): stock, for side-by-side runs."""
+    env = dict(os.environ) if env is None else env
+    if force_stock:
+        return RestoreCriu(stock, "stock", "stock asked for (--criu-stock)")
+    for candidate in fast_candidates(stock, env):
+        if not os.access(candidate, os.X_OK):
+            if env.get("THAW_CRIU_FAST"):
+                return RestoreCriu(stock, "stock", f"THAW_CRIU_FAST={candidate} is not an executable file")
+            continue
+        try:
+            criu_version(candidate)
+        except (CriuError, OSError, subprocess.SubprocessError) as exc:
+            return RestoreCriu(stock, "stock", f"fast CRIU {candidate} does not run: {exc}")
+        return RestoreCriu(candidate, "fast")
+    return RestoreCriu(stock, "stock", "no fast CRIU")
 
 
 CAP_SYS_ADMIN = 21
@@ -294,7 +344,9 @@ def run(
             pass_fds=tuple(pass_fds),
         )
     except subprocess.TimeoutExpired as exc:
-        raise CriuError(f"criu {args[1]} timed out after {timeout:.0f}s; {log_tail(_read_log(log))}") from exc
+        raise CriuTimeout(
+            f"criu {args[1]} timed out after {timeout:.0f}s; {log_tail(_read_log(log))}"
+        ) from exc
     except OSError as exc:
         raise CriuMissing(f"cannot run {args[0]}: {exc}") from exc
     if proc.returncode != 0:

@@ -176,7 +176,15 @@ def run(args: argparse.Namespace) -> int:
     restored = False
     if plan["action"] == "restore":
         restored = restore(
-            plan, cmd=cmd, sup=sup, opts=opts, logs=logs, ready=ready, outcome=outcome, gate=gate
+            plan,
+            cmd=cmd,
+            sup=sup,
+            opts=opts,
+            logs=logs,
+            ready=ready,
+            outcome=outcome,
+            gate=gate,
+            criu_stock=bool(args.criu_stock),
         )
     else:
         log.info("cold start: %s", plan.get("reason"))

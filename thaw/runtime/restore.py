@@ -15,6 +15,7 @@ File exists") and retries CRIU once more if it still hits one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from thaw.contract.hooks import Hook, HookError, from_json
 from thaw.contract.plan import Plan
 from thaw.runtime import criu, hooks
 from thaw.runtime.checkpoint import META_FORMAT, META_NAME
@@ -118,6 +120,17 @@ def restore_timeout(nbytes: int) -> float:
     return CRIU_RESTORE_BASE_S + nbytes / CRIU_RESTORE_MIN_RATE
 
 
+def _wake_hook(meta: dict[str, Any]) -> Hook | None:
+    """The wake hook a snapshot taken asleep recorded (a URL, as before sequences existed, or a list
+    of steps: thaw.contract.hooks.to_json), or None; RestoreFailed when it is not a valid one."""
+    if meta.get("wake") is None:
+        return None
+    try:
+        return from_json("the snapshot's wake hook", meta["wake"])
+    except HookError as exc:
+        raise RestoreFailed(str(exc)) from exc
+
+
 def restore(
     plan: Plan,
     *,
@@ -128,8 +141,13 @@ def restore(
     ready: ReadySpec | None,
     outcome: Outcome,
     gate: ReadyGate | None = None,
+    criu_stock: bool = False,
 ) -> bool:
-    """Restore the plan's snapshot and adopt its root. False (and the reason recorded) on failure."""
+    """Restore the plan's snapshot and adopt its root. False (and the reason recorded) on failure.
+
+    CRIU: the fast-restore build where present and working (criu.restore_criu), else stock; a fast
+    restore that fails is tried once more with stock. ``criu_stock``: stock only. The outcome's
+    ``criu`` says which restored (kind, binary, note), its timings ``criu_fast`` 1 or 0."""
     snapshot_dir = Path(plan.get("path", ""))
     gate = gate or ReadyGate(None)
     t0 = time.monotonic()
@@ -137,6 +155,7 @@ def restore(
     restored: list[int] = []
     pids: list[int] = []
     put: PutBack | None = None
+    used: dict[str, str] = {}
     try:
         # The use lock (the agent does not evict it meanwhile), the plan's id, every file re-hashed:
         # what CRIU reads below is what was signed. SnapshotGone, CacheBusy, VerifyFailed: cold.
@@ -151,6 +170,7 @@ def restore(
             differs = differences(meta.get("config"), os.environ)  # thaw.runtime.replica_config
             if differs:
                 raise RestoreFailed(differs)
+            wake = _wake_hook(meta)  # checked before anything is restored
             pids = [int(p) for p in meta.get("pids", [])]
             # Every rank restores onto the GPU ordinals it had, or none does (never half a server).
             problem = container_gpu_problem(meta.get("gpu"), len(visible_gpu_minors()))
@@ -172,8 +192,14 @@ def restore(
             stdio_fds = {1: os.dup(1), 2: os.dup(2)}
             pidfile = logs / "restore.pid"
             pidfile.unlink(missing_ok=True)
+            chosen = criu.restore_criu(binary, force_stock=criu_stock)
+            used = {
+                "kind": chosen.kind,
+                "binary": chosen.binary,
+                **({"note": chosen.note} if chosen.note else {}),
+            }
             args = criu.restore_args(
-                binary,
+                chosen.binary,
                 snapshot_dir,
                 logs,
                 opts,
@@ -202,11 +228,24 @@ def restore(
                             sup.reap_nohang()
                             time.sleep(0.5)
                             continue
+                        if used["kind"] == "fast" and attempt < 2 and not isinstance(exc, criu.CriuTimeout):
+                            # Stock may restore what the fast build did not: once more with stock,
+                            # its log kept beside (restore-fast.log), the tree it left reaped first.
+                            # Not after a timeout: an image that loops one loops both.
+                            log.warning("fast CRIU failed, restoring with stock CRIU: %s", exc)
+                            with contextlib.suppress(OSError):
+                                (logs / "restore.log").replace(logs / "restore-fast.log")
+                            used = {"kind": "stock", "binary": binary, "note": f"fast CRIU failed: {exc}"}
+                            args[0] = binary
+                            sup.reap_nohang()
+                            criu.wait_pids_free(pids, PID_FREE_WAIT_S)
+                            continue
                         raise RestoreFailed(str(exc)) from exc
             finally:
                 for fd in stdio_fds.values():
                     os.close(fd)
             timings["criu_restore_s"] = round(time.monotonic() - t0, 3)
+            timings["criu_fast"] = 1 if used["kind"] == "fast" else 0
             try:
                 root = int(pidfile.read_text().strip())
             except (OSError, ValueError) as exc:
@@ -232,10 +271,9 @@ def restore(
                 timings["cuda_restore_s"] = round(time.monotonic() - t1, 3)
             if gate.stopped:
                 continue_tree(restored)
-        wake = meta.get("wake")  # the snapshot was taken asleep (thaw.contract.hooks): wake this replica
-        if isinstance(wake, str):
+        if wake is not None:  # the snapshot was taken asleep (thaw.contract.hooks): wake this replica
             t3 = time.monotonic()
-            failed = hooks.call(wake)
+            failed = hooks.run(wake)
             if failed is not None:
                 raise RestoreFailed(f"restored server did not wake: {failed.reason}")
             timings["wake_s"] = round(time.monotonic() - t3, 3)
@@ -257,9 +295,14 @@ def restore(
         if put is not None:
             put.undo()  # the cold start gets the pod's own files, not the snapshot's
         log.error("restore failed, cold start: %s", reason)
-        outcome.update(result="cold", reason=f"restore failed: {reason}", timings=timings)
+        outcome.update(
+            result="cold",
+            reason=f"restore failed: {reason}",
+            timings=timings,
+            **({"criu": used} if used else {}),
+        )
         return False
     timings["total_s"] = round(time.monotonic() - t0, 3)
     log.info("restored snapshot %s in %.2fs %s", plan.get("snapshot"), timings["total_s"], timings)
-    outcome.update(result="restored", reason=None, root_pid=sup.root, timings=timings)
+    outcome.update(result="restored", reason=None, root_pid=sup.root, timings=timings, criu=used)
     return True
