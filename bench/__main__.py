@@ -27,6 +27,7 @@ SUITES = [
     "bench.pid_floor",
     "bench.registry",
     "bench.snapshot_io",
+    "bench.criu_restore",
 ]
 
 
