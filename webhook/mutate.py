@@ -44,7 +44,7 @@ from thaw.contract.annotations import (
     is_dns1123_label,
     parse_spec,
 )
-from thaw.contract.hooks import HookError, resolve_pair
+from thaw.contract.hooks import HookError, render_hook, resolve_pair
 from thaw.contract.workload import (
     CONFIG_MOUNTS,
     REPLICA_ENV,
@@ -299,8 +299,8 @@ def _inject(  # noqa: PLR0917  (private; called once)
     if ready is not None:
         env.append({"name": "THAW_READY", "value": ready})
     if hooks is not None:
-        env.append({"name": "THAW_SLEEP", "value": hooks[0]})
-        env.append({"name": "THAW_WAKE", "value": hooks[1]})
+        env.append({"name": "THAW_SLEEP", "value": render_hook(hooks[0])})
+        env.append({"name": "THAW_WAKE", "value": render_hook(hooks[1])})
     env.append({"name": "THAW_NAME", "value": spec.snapshot})
     env.append({"name": "THAW_WORKLOAD", "value": workload})
     env.append({"name": "THAW_CONTAINER", "value": str(name)})

@@ -10,14 +10,17 @@ with ``{"prompt": [token ids], "max_new_tokens": N}`` -> ``{"tokens": [...], "ms
 at a time (CUDA graphs are not for concurrent use), HTTP/1.0 (no connection stays open).
 
 ``--pool-gb G`` reserves G GiB of GPU memory up front, as vLLM's ``--gpu-memory-utilization`` takes
-its KV cache, and offers sleep mode for Thaw's hooks with vLLM's endpoints: ``POST /sleep``
-(``?level=N`` accepted) frees the reservation (the decode step's own small cache stays: CUDA graphs
-point at it), ``POST /wake_up`` takes it again.
+its KV cache, and offers sleep mode for Thaw's hooks with vLLM's endpoints and meaning (the request
+forms are the CPU stand-in's, thaw/dev/standin.py): ``POST /sleep?level=1`` frees the reservation
+(tag ``kv_cache``; the decode step's own small cache stays: CUDA graphs point at it), ``POST
+/wake_up?tags=kv_cache`` (or no tags: everything) takes it again; ``GET /is_sleeping``.
 
 ``--weights-vmm`` keeps the weights in a CUDA VMM range (bench/gpu/vmm_weights.py) so that
-``/sleep?level=2`` also lets go of them (vLLM's level 2: the snapshot then carries no weights) and
-``/wake_up`` reloads them from the weights file into the same device addresses through pinned
-buffers. While asleep, ``/generate`` answers 503.
+``/sleep?level=2`` also lets go of them (tag ``weights``, vLLM's level 2: the snapshot then carries
+no weights); ``/wake_up?tags=weights`` maps memory back at the same device addresses without the
+weights, and ``POST /collective_rpc`` with ``{"method": "reload_weights"}`` streams them in from the
+weights file through pinned buffers. While asleep, or woken without the reload, ``/generate``
+answers 503.
 
 Shapes are static (a KV cache of ``max_seq`` positions, one token per step, the position a device
 tensor) so that ``torch.compile(mode="reduce-overhead")`` captures the decode step as CUDA graphs.
@@ -38,6 +41,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository
+from thaw.dev.standin import rpc_method, sleep_tags, wake_tags  # vLLM's request forms
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ ENGINE: Engine | None = None
 POOL_GB = 0.0
 POOL: list[torch.Tensor] = []  # the KV cache's reservation (--pool-gb); empty while asleep
 VMM: Any = None  # bench.gpu.vmm_weights.VmmWeights with --weights-vmm
-ASLEEP = [False]
+SLEEPING: set[str] = set()  # vLLM's memory tags let go of: kv_cache (the pool), weights (--weights-vmm)
 
 
 def reserve() -> None:
@@ -206,36 +212,58 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
+        if self.path.split("?", 1)[0] == "/is_sleeping":
+            self._send(200, {"is_sleeping": bool(SLEEPING)})
+            return
         self._send(200, {"ok": True, "pid": os.getpid()})
 
     def do_POST(self) -> None:
         assert ENGINE is not None
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        if path == "/collective_rpc":
+            method = rpc_method(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+            if method != "reload_weights" or VMM is None:
+                self._send(400, {"error": f"no such method {method!r} (reload_weights, with --weights-vmm)"})
+            elif VMM.handle is None:  # vLLM would write into unmapped memory
+                self._send(409, {"error": "the weights are asleep: POST /wake_up?tags=weights first"})
+            else:
+                loaded = VMM.fill()
+                print(f"weights reloaded {loaded}", flush=True)
+                self._send(200, {"results": [loaded]})
+            return
         if path in ("/sleep", "/wake_up"):
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            tags = sleep_tags(query) if path == "/sleep" else wake_tags(query)
+            if isinstance(tags, str):
+                self._send(400, {"error": tags})
+                return
             info: dict[str, Any] = {}
             if path == "/sleep":
-                level = self.path.split("level=", 1)[1][:1] if "level=" in self.path else "1"
-                if level == "2" and VMM is None:
+                if "weights" in tags and VMM is None:
                     self._send(400, {"error": "level 2 needs --weights-vmm"})
                     return
                 torch.cuda.synchronize()
-                ASLEEP[0] = True
+                SLEEPING.update(tags)
                 POOL.clear()
                 torch.cuda.empty_cache()  # back to the driver: the checkpoint copies what is allocated
-                if level == "2":
+                if "weights" in tags:
                     VMM.release()
             else:
-                if VMM is not None:
-                    info = VMM.reload()
-                    print(f"woke: weights reloaded {info}", flush=True)
-                reserve()
-                ASLEEP[0] = False
+                if "weights" in tags and VMM is not None:
+                    info = VMM.map()  # memory only, as vLLM: the weights come with reload_weights
+                if "kv_cache" in tags:
+                    reserve()
+                SLEEPING.difference_update(tags)
             reserved = torch.cuda.memory_reserved() / 2**30
-            self._send(200, {"asleep": ASLEEP[0], "reserved_gib": reserved, **info})
+            self._send(200, {"asleep": bool(SLEEPING), "reserved_gib": reserved, **info})
             return
-        if ASLEEP[0]:
+        if SLEEPING:
             self._send(503, {"error": "asleep"})
+            return
+        if VMM is not None and not VMM.filled:  # vLLM would answer from whatever the memory holds
+            self._send(
+                503, {"error": 'weights not loaded: POST /collective_rpc {"method": "reload_weights"}'}
+            )
             return
         try:
             req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
@@ -267,7 +295,6 @@ def main(argv: list[str]) -> int:
     t0 = time.monotonic()
     global ENGINE, POOL_GB, VMM
     if args.weights_vmm:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a file: the repository
         from bench.gpu.vmm_weights import VmmWeights
 
         VMM = VmmWeights(args.weights)

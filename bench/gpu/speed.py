@@ -13,8 +13,9 @@ CUDA graphs): where restore time goes and which levers help, side by side in one
    ``<work>/ready`` appears once CUDA is back; ``stopped``: the tree stays stopped until then), with
    whether the server's health check answered before its GPU state was back;
 3. the weights-out-of-the-image lever: the same server with ``--weights-vmm``, checkpointed asleep
-   at level 2 (``--sleep /sleep?level=2 --wake /wake_up``: no weights in the snapshot; the wake
-   reloads them from the weights file into the same device addresses through pinned buffers),
+   at level 2 (``--sleep /sleep?level=2``: no weights in the snapshot) and woken with vLLM's three
+   steps (:data:`VLLM_LEVEL2_WAKE`: the weights' memory mapped back, the weights reloaded from the
+   weights file into the same device addresses through pinned buffers, then the KV cache),
    restored the same ways;
 4. the cold pod, last, while time is left (else the checkpoint pod's time to ready is the baseline).
 Writes speed.json, speed.txt and speed-pods.log under --out.
@@ -38,6 +39,14 @@ from thaw.dev.sandbox import THAW_CAPS, with_caps
 
 PORT = 8000
 PROMPT = [11, 42, 7, 99, 512, 3, 250, 31, 1000, 77, 5, 64, 901, 12, 8, 300]
+# vLLM's documented wake from sleep level 2 (docs/sleep-mode.md), as a thaw.dev/wake sequence.
+VLLM_LEVEL2_WAKE = json.dumps(
+    [
+        "/wake_up?tags=weights",
+        {"url": "/collective_rpc", "body": {"method": "reload_weights"}},
+        "/wake_up?tags=kv_cache",
+    ]
+)
 
 
 def h2d(python: str) -> dict[str, Any]:
@@ -129,7 +138,7 @@ def main(argv: list[str]) -> int:
         cmd=[*server, "--weights-vmm"],
         port=PORT,
         body=body,
-        checkpoint_flags=["--sleep", "/sleep?level=2", "--wake", "/wake_up"],
+        checkpoint_flags=["--sleep", "/sleep?level=2", "--wake", VLLM_LEVEL2_WAKE],
     )
     if not args.no_lever and s.hard_left_s() > 200:
         res["lever"] = {}

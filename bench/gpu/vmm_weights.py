@@ -6,9 +6,11 @@ The weights live in one virtual range reserved with the CUDA VMM API (``cuMemAdd
 backed by physical memory mapped into it (``cuMemCreate``, ``cuMemMap``), laid out exactly as the
 safetensors file's data section, so every tensor is a view at a fixed address. ``release()`` unmaps
 and frees the physical memory and keeps the range: the CUDA checkpoint then has no weights to copy
-and the snapshot carries none. ``reload()`` maps new physical memory at the same range and streams
-the file into it through pinned host buffers, several reads and copies in flight; CUDA graphs that
-captured the old addresses stay valid (vLLM's CuMemAllocator does the same).
+and the snapshot carries none. As in vLLM, coming back takes two steps: ``map()`` maps new physical
+memory at the same range (``/wake_up?tags=weights``: its content is undefined), and ``fill()``
+streams the file into it through pinned host buffers, several reads and copies in flight
+(``/collective_rpc`` ``reload_weights``); ``reload()`` does both. CUDA graphs that captured the old
+addresses stay valid (vLLM's CuMemAllocator does the same).
 
 On CPU (tests) the range is an ordinary tensor and the same streaming fills it.
 """
@@ -174,6 +176,7 @@ class VmmWeights:
                     ctypes.c_uint64(0), ctypes.c_uint64(0))  # fmt: skip
         self.ptr = ptr.value
         self.handle: int | None = None
+        self.filled = False  # the file's content is in the mapped memory
         self.region: torch.Tensor | None = None  # made once the range is mapped (torch reads its device)
         self.tensors: dict[str, torch.Tensor] = {}
 
@@ -208,21 +211,34 @@ class VmmWeights:
         torch.cuda.synchronize()
         self._check("cuMemUnmap", ctypes.c_uint64(self.ptr), ctypes.c_size_t(self.size))
         self._check("cuMemRelease", ctypes.c_uint64(self.handle))
-        self.handle = None
+        self.handle, self.filled = None, False
 
-    def reload(self) -> dict[str, float]:
-        """Physical memory mapped again at the same range, the file streamed into it."""
+    def map(self) -> dict[str, float]:
+        """Physical memory mapped again at the same range, its content undefined (not the weights)."""
         if self.handle is not None:
-            return {"reload_s": 0.0}
+            return {"map_s": 0.0}
         t = time.monotonic()
         self._map()
         if self.region is None:
             self.region = torch.as_tensor(_CudaArray(self.ptr, self.nbytes), device=f"cuda:{self.device}")
+        return {"map_s": round(time.monotonic() - t, 3)}
+
+    def fill(self) -> dict[str, float]:
+        """The file streamed into the mapped range; RuntimeError while it is not mapped."""
+        if self.handle is None or self.region is None:
+            raise RuntimeError("the weights' memory is not mapped: map() (wake_up?tags=weights) first")
+        t = time.monotonic()
         seconds = stream_file(self.path, self.start, self.nbytes, self.region)
         torch.cuda.synchronize()
-        total = time.monotonic() - t
+        self.filled = True
         return {
-            "reload_s": round(total, 3),
+            "reload_s": round(time.monotonic() - t, 3),
             "stream_s": round(seconds, 3),
             "gb_s": round(self.nbytes / seconds / 1e9, 2),
         }
+
+    def reload(self) -> dict[str, float]:
+        """``map()`` then ``fill()``, unless the weights are already there."""
+        if self.handle is not None and self.filled:
+            return {"reload_s": 0.0}
+        return {**self.map(), **self.fill()}

@@ -7,7 +7,9 @@ midway falls back to the cold command with the reason recorded.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -555,6 +557,100 @@ def test_the_sidecar_publishes_what_thaw_exec_dumped_and_the_key_never_reaches_t
         assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
         state = ns.http("GET", f"{URL}/state")
         assert state is not None and state["counter"] == 1
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+# --- weights out of the image: vLLM's sleep level 2, woken in three steps ----------------------------
+
+WEIGHTS_MB = 32
+
+
+def _wake_sequence(method: str = "reload_weights") -> str:
+    """vLLM's documented level-2 wake: the weights' memory back, the weights reloaded in place from
+    the model files, then the KV cache."""
+    return json.dumps(
+        [
+            f"{URL}/wake_up?tags=weights",
+            {"url": f"{URL}/collective_rpc", "body": {"method": method}},
+            f"{URL}/wake_up?tags=kv_cache",
+        ]
+    )
+
+
+@dataclass
+class Deep(Snapshot):
+    model_digest: str = ""
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deep]:
+    """The stand-in with 64 MiB of cache and 32 MiB of weights from a model file, checkpointed asleep
+    at level 2 (neither in the image) and woken by the three-step sequence; the pod is stopped after."""
+    root = tmp_path_factory.mktemp("deep")
+    model = root / "model.bin"  # the model files every node has (a volume, the image)
+    model.write_bytes(os.urandom(WEIGHTS_MB * MIB))
+    cmd = [*CMD, "--mem-mb", "64", "--weights", str(model)]
+    hooks = ("--sleep", f"{URL}/sleep?level=2", "--wake", _wake_sequence())
+    with _checkpointing(root, "deep-server", cmd, hooks) as (ns, pod, checkpoint):
+        assert ns.http("POST", f"{URL}/bump") == {"counter": 1}
+        out = checkpoint()
+        assert out["status"] == "published", f"{out}\n{pod.output}"
+        digest = hashlib.sha256(model.read_bytes()).hexdigest()
+        state = ns.http("GET", f"{URL}/state")  # woken by all three steps: the model's weights, the cache
+        assert state is not None and state["weights"] == digest and state["mem_mb"] == 64, state
+        yield Deep(root, out, name="deep-server", cmd=cmd, model_digest=digest)
+
+
+def test_level_2_checkpoint_leaves_the_weights_out(deep: Deep, snapshot: Snapshot) -> None:
+    meta = read_json(deep.directory / "thaw-exec.json")
+    assert meta["wake"] == [  # signed with the images: every replica wakes with the same three steps
+        {"url": f"{URL}/wake_up?tags=weights"},
+        {"url": f"{URL}/collective_rpc", "body": {"method": "reload_weights"}},
+        {"url": f"{URL}/wake_up?tags=kv_cache"},
+    ]
+    assert deep.checkpoint_outcome["wake_s"] >= 0
+    # Beside the plain server (no cache, no weights): about as small; 32 MiB of weights would show.
+    assert _pages_bytes(deep) < _pages_bytes(snapshot) + 16 * MIB
+
+
+def test_replica_reloads_its_weights_in_three_steps(deep: Deep, tmp_path: Path) -> None:
+    assert _fetch(deep, deep.store, tmp_path)["action"] == "restore"
+    ns, pod = _run_pod(tmp_path / "plan.json", cmd=deep.cmd)
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "restored", f"{outcome}\n{pod.output}"
+        assert outcome["timings"]["wake_s"] >= 0
+        state = ns.http("GET", f"{URL}/state")
+        # the snapshot's counter, the model's weights (a wake without the reload reports zeros'), the cache
+        assert state is not None and state["counter"] == 1, state
+        assert state["weights"] == deep.model_digest and state["mem_mb"] == 64
+        assert 'request "POST /collective_rpc' in pod.output  # the restored server's own log line
+    finally:
+        pod.stop()
+        ns.delete()
+
+
+def test_replica_whose_wake_step_fails_starts_cold_naming_the_step(deep: Deep, tmp_path: Path) -> None:
+    def wrong_method(images: Path) -> None:  # a server without the reload the snapshot relies on
+        meta = read_json(images / "thaw-exec.json")
+        meta["wake"] = json.loads(_wake_sequence("reload_weights_v2"))
+        (images / "thaw-exec.json").write_text(json.dumps(meta))
+
+    store = tmp_path / "store"
+    _republish(deep, store, wrong_method)
+    assert _fetch(deep, store, tmp_path)["action"] == "restore"
+    ns, pod = _run_pod(tmp_path / "plan.json", cmd=deep.cmd)
+    try:
+        outcome = _restore_outcome(tmp_path, pod)
+        assert outcome["result"] == "cold"
+        assert outcome["reason"] == (
+            "restore failed: restored server did not wake: "
+            f"step 2 of 3: POST {URL}/collective_rpc answered 400"
+        )
+        state = wait_for(lambda: ns.http("GET", f"{URL}/state"), 30, "the cold-started server", pod)
+        assert state["counter"] == 0 and state["weights"] == deep.model_digest  # the cold command
     finally:
         pod.stop()
         ns.delete()

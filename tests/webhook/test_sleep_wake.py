@@ -3,6 +3,7 @@ against the container's readinessProbe, handed to thaw exec as THAW_SLEEP / THAW
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -58,6 +59,32 @@ def test_without_hooks_no_env() -> None:
             {"thaw.dev/sleep": "/sleep", "thaw.dev/wake": "tcp:8000"},
             "annotation thaw.dev/wake='tcp:8000' is not valid",
         ),
+        (
+            {"thaw.dev/sleep": "/sleep?level=2", "thaw.dev/wake": '["/wake_up", '},
+            "annotation thaw.dev/wake starts with '[' but is not valid JSON",
+        ),
+        (
+            {
+                "thaw.dev/sleep": "/sleep?level=2",
+                "thaw.dev/wake": '["/wake_up", {"url": "/rpc", "args": []}]',
+            },
+            "annotation thaw.dev/wake step 2 has unknown keys ['args']: a step object has only 'url'",
+        ),
+        (
+            {"thaw.dev/sleep": '["/a","/b","/c","/d","/e","/f","/g","/h","/i"]', "thaw.dev/wake": "/wake_up"},
+            "annotation thaw.dev/sleep has 9 steps: use a JSON array of 1 to 8 steps",
+        ),
+        (
+            {
+                "thaw.dev/sleep": "/sleep",
+                "thaw.dev/wake": '[{"url": "/collective_rpc", "body": "reload_weights"}]',
+            },
+            "annotation thaw.dev/wake step 1's body must be a JSON object, not str",
+        ),
+        (
+            {"thaw.dev/sleep": "/sleep", "thaw.dev/wake": '["/wake_up", "http://vllm.svc:8000/wake_up"]'},
+            "annotation thaw.dev/wake step 2='http://vllm.svc:8000/wake_up' is not valid: the host must be",
+        ),
     ],
 )
 def test_invalid_hooks_refused_on_both_paths(hooks: dict[str, str], words: str, restore: bool) -> None:
@@ -76,3 +103,34 @@ def test_a_path_without_an_http_probe_is_refused_with_the_fix() -> None:
     # full URLs need no probe
     full = {"thaw.dev/sleep": "http://127.0.0.1:8000/sleep", "thaw.dev/wake": "http://127.0.0.1:8000/wake"}
     assert isinstance(run(pod({**SNAP, **full}, **tcp)), Mutation)
+
+
+def test_a_sequence_resolves_against_the_readiness_probe() -> None:
+    """vLLM's level-2 wake (weights back, reloaded from the model files, then the KV cache): the
+    paths of every step are resolved, the sequence handed to thaw exec as JSON."""
+    wake = (
+        '["/wake_up?tags=weights", {"url": "/collective_rpc", "body": {"method": "reload_weights"}},'
+        ' "/wake_up?tags=kv_cache"]'
+    )
+    out, result = mutated(
+        pod({**SNAP, "thaw.dev/sleep": "/sleep?level=2", "thaw.dev/wake": wake}, **PROBE, **PORTS)
+    )
+    env = env_of(out)
+    assert env["THAW_SLEEP"] == "http://127.0.0.1:8000/sleep?level=2"
+    assert json.loads(env["THAW_WAKE"]) == [
+        {"url": "http://127.0.0.1:8000/wake_up?tags=weights"},
+        {"url": "http://127.0.0.1:8000/collective_rpc", "body": {"method": "reload_weights"}},
+        {"url": "http://127.0.0.1:8000/wake_up?tags=kv_cache"},
+    ]
+    assert result.warnings == []
+
+
+def test_a_path_step_without_an_http_probe_is_refused_naming_the_step() -> None:
+    tcp = {"readinessProbe": {"tcpSocket": {"port": 8000}}}
+    hooks = {
+        "thaw.dev/sleep": "http://127.0.0.1:8000/sleep",
+        "thaw.dev/wake": '["http://127.0.0.1:8000/w", "/r"]',
+    }
+    result = run(pod({**SNAP, **hooks}, **tcp))
+    assert isinstance(result, Refusal) and result.code == 400
+    assert "annotation thaw.dev/wake step 2='/r' is a path" in result.message

@@ -34,6 +34,7 @@ from typing import Any
 
 import orjson
 
+from thaw.contract.hooks import Hook, to_json
 from thaw.contract.manifest import EXEC_META_NAME
 from thaw.runtime import criu, hooks, workdir
 from thaw.runtime.gpu import (
@@ -76,7 +77,7 @@ class CheckpointConfig:
     publisher: Publisher  # thaw-sidecar (SidecarPublisher) or in-process (LocalPublisher)
     opts: criu.CriuOptions
     logs: Path
-    hooks: tuple[str, str] | None = None  # (sleep, wake) URLs: thaw.contract.hooks
+    hooks: tuple[Hook, Hook] | None = None  # (sleep, wake), resolved: thaw.contract.hooks
     pod_files_limit: int = POD_FILES_LIMIT  # bytes of pod files a snapshot may carry (thaw.runtime.podfiles)
 
 
@@ -194,13 +195,13 @@ def dump(root: int, cmd: list[str], images: Path, cfg: CheckpointConfig) -> dict
         "timings": timings,
     }
     if cfg.hooks is not None:
-        meta["wake"] = cfg.hooks[1]  # a restored replica is as asleep as this server was: wake it
+        meta["wake"] = to_json(cfg.hooks[1])  # a restored replica is as asleep as this server was: wake it
     (images / META_NAME).write_bytes(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS))
     return meta
 
 
 @contextlib.contextmanager
-def _asleep(pair: tuple[str, str] | None, timings: dict[str, float]) -> Iterator[None]:
+def _asleep(pair: tuple[Hook, Hook] | None, timings: dict[str, float]) -> Iterator[None]:
     """Run the body with the workload asleep (its sleep hook called, its wake hook after). Raises
     RuntimeError when it would not sleep, WorkloadBroken when it may be asleep and would not wake."""
     if pair is None:
@@ -208,7 +209,7 @@ def _asleep(pair: tuple[str, str] | None, timings: dict[str, float]) -> Iterator
         return
     sleep, wake = pair
     t = time.monotonic()
-    failed = hooks.call(sleep)
+    failed = hooks.run(sleep)
     if failed is not None and failed.refused:  # it did nothing, so it is awake: nothing to undo
         raise RuntimeError(f"sleep hook: {failed.reason}")
     timings["sleep_s"] = round(time.monotonic() - t, 3)
@@ -223,7 +224,7 @@ def _asleep(pair: tuple[str, str] | None, timings: dict[str, float]) -> Iterator
     finally:
         if not broken:
             t = time.monotonic()
-            woke = hooks.call(wake)
+            woke = hooks.run(wake)
             if woke is not None:
                 raise WorkloadBroken(f"the server did not wake after the checkpoint: {woke.reason}")
             timings["wake_s"] = round(time.monotonic() - t, 3)
