@@ -4,10 +4,13 @@ against the container's readinessProbe, handed to thaw exec as THAW_SLEEP / THAW
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
+import yaml
 
+from tests.conftest import REPO
 from webhook.mutate import Mutation, Refusal
 
 from .test_mutate import SNAP, env_of, mutated, pod, run
@@ -134,3 +137,25 @@ def test_a_path_step_without_an_http_probe_is_refused_naming_the_step() -> None:
     result = run(pod({**SNAP, **hooks}, **tcp))
     assert isinstance(result, Refusal) and result.code == 400
     assert "annotation thaw.dev/wake step 2='/r' is a path" in result.message
+
+
+def _documented_hooks() -> list[dict[str, str]]:
+    """Every YAML block of docs/sleep-mode.md and README.md that sets thaw.dev/sleep."""
+    found = []
+    for page in (REPO / "docs" / "sleep-mode.md", REPO / "README.md"):
+        for block in re.findall(r"```yaml\n(.*?)```", page.read_text(), re.S):
+            doc = yaml.safe_load(block)
+            hooks = doc.get("annotations", doc)
+            if "thaw.dev/sleep" in hooks:
+                found.append({k: hooks[k] for k in ("thaw.dev/sleep", "thaw.dev/wake")})
+    return found
+
+
+def test_the_documented_hooks_are_admitted() -> None:
+    documented = _documented_hooks()
+    assert len(documented) >= 4  # level 1, vLLM level 2 (the guide and the README), SGLang
+    for hooks in documented:
+        out, result = mutated(pod({**SNAP, **hooks}, **PROBE, **PORTS))
+        assert result.warnings == [] and env_of(out)["THAW_WAKE"].startswith(
+            ("http://127.0.0.1:8000/", "[")
+        ), hooks
