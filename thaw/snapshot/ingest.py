@@ -5,8 +5,10 @@ by hand with ``--store`` and ``--key`` call ``publish_dump``; ``thaw publish`` t
 a pod-private place (the work emptyDir) that the workload can write: each file is read once, through
 a descriptor opened ``O_NOFOLLOW|O_NONBLOCK`` and checked to be a regular file, and the digests
 signed are those of the bytes written into the cache (what is hashed is what is stored); the store
-then gets its copy from that verified cache copy, every chunk checked again on the way. A file the
-workload rewrites during the copy changes nothing that was signed.
+then gets its copy from that verified cache copy, every chunk checked again on the way (a reflink or
+a hard link of it when the store is a directory on the cache's filesystem: the image is written
+once, and still checked). A file the workload rewrites during the copy changes nothing that was
+signed.
 """
 
 from __future__ import annotations
@@ -154,7 +156,10 @@ def publish_dump(
             progress=progress,
         )
         t = time.monotonic()
-        store.put(namespace, done.manifest, done.path)
+        # The node cache's copy is the publisher's own and never rewritten: a store on its
+        # filesystem may share its blocks (one write of the image, not two). A scratch copy beside
+        # the dump is not shared: the workload may be able to reach it (thaw exec run by hand).
+        store.put(namespace, done.manifest, done.path, share=scratch is None)
         put_s = time.monotonic() - t
         return Published(done.manifest, done.path if scratch is None else None, done.seconds, put_s)
     finally:

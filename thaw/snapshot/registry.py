@@ -578,9 +578,18 @@ class RegistryStore:
         resp.close()
         return "pushed"
 
-    def put(self, namespace: str, manifest: Manifest, images: Path, progress: Progress | None = None) -> None:
+    def put(
+        self,
+        namespace: str,
+        manifest: Manifest,
+        images: Path,
+        progress: Progress | None = None,
+        *,
+        share: bool = False,
+    ) -> None:
         """Push the blobs the repository lacks (HEAD first, then a mount, then an upload), then the
-        config and the manifest under its tag: the tag appears only when everything it names is there."""
+        config and the manifest under its tag: the tag appears only when everything it names is there.
+        ``share`` changes nothing: a registry has no blocks to share with the node's disk."""
         repo = self.repo(namespace, manifest["name"])
         deadline = Deadline.after(
             BASE_DEADLINE_S + manifest["total_bytes"] / PUSH_MIN_BPS, f"the push of {repo}"

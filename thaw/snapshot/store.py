@@ -18,9 +18,12 @@ methods. The protocol:
   into the empty ``directory``, each chunk checked against the manifest as it lands (what the
   cache's staging calls: a directory store copies with pread on every core, a registry pulls blobs
   in parallel with ranged, resumable requests). DigestMismatch, TimedOut, StoreError, OSError.
-- ``put(namespace, manifest, snapshot_dir, progress)``: publish ``manifest`` with the files of
-  ``snapshot_dir`` (the verified node cache copy that ``thaw.snapshot.ingest`` made), all or
-  nothing; DigestMismatch when a file differs from the manifest.
+- ``put(namespace, manifest, snapshot_dir, progress, share=False)``: publish ``manifest`` with the
+  files of ``snapshot_dir`` (the verified node cache copy that ``thaw.snapshot.ingest`` made), all
+  or nothing; DigestMismatch when a file differs from the manifest. ``share``: ``snapshot_dir`` is
+  trusted and never rewritten (the node cache's copy), so a store on its filesystem may take its
+  files by reflink or hard link instead of writing the bytes again (still verified); a store
+  elsewhere copies.
 
 Directory layout (files 0600, directories 0700)::
 
@@ -29,7 +32,10 @@ Directory layout (files 0600, directories 0700)::
     <store>/<namespace>/<name>/.tmp-*                # a publish in progress (never listed)
 
 Publishing is atomic: the files are copied (every chunk checked against the manifest) into a
-temporary directory inside the store, fsynced, and the directory is renamed into place.
+temporary directory inside the store, fsynced, and the directory is renamed into place. With
+``share`` and the source on the store's filesystem, each file is a reflink or a hard link of the
+node cache's copy instead of a copy (the publish then writes the image once, not twice, on a node
+whose store is a local directory), checked chunk by chunk all the same.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from thaw.contract.manifest import (
     load_manifest,
 )
 from thaw.contract.safeio import fsync_dir, open_beneath, open_dir
-from thaw.snapshot.transfer import NO_DEADLINE, Deadline, DigestMismatch, Progress, copy_files
+from thaw.snapshot.transfer import NO_DEADLINE, Deadline, DigestMismatch, Progress, copy_files, share_files
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -131,10 +137,17 @@ class Store(Protocol):
         ...
 
     def put(
-        self, namespace: str, manifest: Manifest, snapshot_dir: Path, progress: Progress | None = None
+        self,
+        namespace: str,
+        manifest: Manifest,
+        snapshot_dir: Path,
+        progress: Progress | None = None,
+        *,
+        share: bool = False,
     ) -> None:
         """Publish ``manifest`` with the files of ``snapshot_dir`` atomically (all or nothing, never
-        half visible). DigestMismatch when a file differs from the manifest."""
+        half visible). DigestMismatch when a file differs from the manifest. ``share``: the source
+        is trusted and never rewritten, so its files may be shared rather than copied."""
         ...
 
 
@@ -289,7 +302,13 @@ class DirectoryStore:
                 continue
 
     def put(
-        self, namespace: str, manifest: Manifest, snapshot_dir: Path, progress: Progress | None = None
+        self,
+        namespace: str,
+        manifest: Manifest,
+        snapshot_dir: Path,
+        progress: Progress | None = None,
+        *,
+        share: bool = False,
     ) -> None:
         _check_names(namespace, manifest["name"])
         name_dir = self.root / namespace / manifest["name"]
@@ -306,9 +325,15 @@ class DirectoryStore:
             tmp = name_dir / f"{TMP_PREFIX}{hex_of(manifest['id'])[:16]}-{secrets.token_hex(8)}"
             tmp.mkdir(mode=0o700)
             try:
-                copy_files(
-                    manifest, lambda e: open_snapshot_file(snapshot_dir, e["path"]), tmp, progress=progress
-                )
+                rest = share_files(manifest, snapshot_dir, tmp, progress=progress) if share else None
+                if rest is None or rest:
+                    copy_files(
+                        manifest,
+                        lambda e: open_snapshot_file(snapshot_dir, e["path"]),
+                        tmp,
+                        progress=progress,
+                        files=rest,
+                    )
                 fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
                 with os.fdopen(fd, "wb") as f:
                     f.write(dump_manifest(manifest))

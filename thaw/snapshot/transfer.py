@@ -10,7 +10,10 @@ One engine for the four places bytes move or are checked:
   it (``os.preadv``/``os.pwrite`` at the chunk's offset: no shared file position);
 - ``verify_files``: re-hash a snapshot directory against its manifest (the restore's check right
   before CRIU), chunk by chunk in parallel;
-- ``hash_files``: the entries of a directory without copying it (tests, tools).
+- ``hash_files``: the entries of a directory without copying it (tests, tools);
+- ``share_files``: a trusted copy (the node cache's, just hashed as it was written) given to a store
+  on the same filesystem without writing its bytes again (a reflink, else a hard link), then
+  verified chunk by chunk like a copy: a publish writes the image once, not twice.
 
 hashlib releases the GIL for updates of more than 2 KiB and so do ``preadv``/``pwrite``, so Python
 threads use every core. A file without chunk digests (a manifest written before they existed) is
@@ -24,12 +27,13 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,8 +295,10 @@ def verify_files(
 Opener = Callable[[FileEntry], BinaryIO]  # the source of one file (a store's open_file)
 
 
-def _create(dst_root: int, rel: str) -> int:
-    """A new file ``rel`` (0600) under ``dst_root``, making its directories (0700) on the way."""
+def _parent(dst_root: int, rel: str) -> tuple[int, str]:
+    """The directory descriptor that will hold ``rel`` under ``dst_root`` (its directories made,
+    0700, none followed through a symlink) and the file's name; close the descriptor unless it is
+    ``dst_root``."""
     parts = rel.split("/")
     cur = dst_root
     try:
@@ -303,8 +309,19 @@ def _create(dst_root: int, rel: str) -> int:
             if cur != dst_root:
                 os.close(cur)
             cur = nxt
+    except BaseException:
+        if cur != dst_root:
+            os.close(cur)
+        raise
+    return cur, parts[-1]
+
+
+def _create(dst_root: int, rel: str) -> int:
+    """A new file ``rel`` (0600) under ``dst_root``, making its directories (0700) on the way."""
+    cur, name = _parent(dst_root, rel)
+    try:
         return os.open(
-            parts[-1], os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=cur
+            name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=cur
         )
     finally:
         if cur != dst_root:
@@ -396,18 +413,20 @@ def copy_files(
     workers: int | None = None,
     progress: Progress | None = None,
     deadline: Deadline = NO_DEADLINE,
+    files: Sequence[FileEntry] | None = None,
 ) -> None:
-    """Copy every file of ``manifest`` from ``open_source(entry)`` into the empty directory
-    ``dst_dir``, verifying each chunk (or whole file) as it goes; fsync the files and their
-    directories. DigestMismatch, TimedOut or OSError (ENOSPC...) on failure: the caller removes
-    ``dst_dir``."""
+    """Copy every file of ``manifest`` (or only ``files``, some of its entries) from
+    ``open_source(entry)`` into ``dst_dir`` (empty but for what ``share_files`` put there),
+    verifying each chunk (or whole file) as it goes; fsync the files and their directories.
+    DigestMismatch, TimedOut or OSError (ENOSPC...) on failure: the caller removes ``dst_dir``."""
     safe = _SafeProgress(progress)
     chunk_bytes = manifest.get("chunk_bytes")
+    entries = manifest["files"] if files is None else files
     dst_root = open_dir(dst_dir)
     opened: list[tuple[BinaryIO, int]] = []
     try:
         pieces: list[_Piece] = []
-        for e in manifest["files"]:
+        for e in entries:
             deadline.check(f"opening {e['path']}")
             src = open_source(e)
             dst = _create(dst_root, e["path"])
@@ -422,12 +441,107 @@ def copy_files(
             pieces.extend(_pieces(e, fd, dst, chunk_bytes))
         _run(pieces, workers or default_workers(), safe, deadline)
         _fsync_all([dst for _, dst in opened], workers)
-        _fsync_dirs(dst_root, [e["path"] for e in manifest["files"]])
+        _fsync_dirs(dst_root, [e["path"] for e in entries])
     finally:
         for src, dst in opened:
             src.close()
             os.close(dst)
         os.close(dst_root)
+
+
+# --- share -----------------------------------------------------------------------------------
+
+FICLONE = 0x40049409  # ioctl: make the destination a copy-on-write clone of the source (XFS, btrfs)
+# What a filesystem answers when it cannot clone or hard-link here: another filesystem (or another
+# mount of it), no reflinks, no hard links, too many links, no /proc to link an open file by.
+_CANNOT_SHARE = frozenset(
+    {errno.EXDEV, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOTTY, errno.EPERM,
+     errno.EMLINK, errno.ENOENT, errno.ENOSYS}
+)  # fmt: skip
+
+
+def _share_one(src_root: int, dst_root: int, rel: str, how: str) -> int | None:
+    """``rel`` from ``src_root`` into ``dst_root`` by ``how`` ("reflink": a clone, its own inode;
+    "link": a hard link to the very inode opened and checked, through ``/proc/self/fd``, so no path
+    is looked up twice); a read-only descriptor of the new file, or None when this filesystem cannot
+    (nothing left behind)."""
+    src = open_beneath(src_root, rel)  # a regular file, no symlink on the way
+    try:
+        if how == "reflink":
+            dst = _create(dst_root, rel)
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+            except OSError as exc:
+                os.close(dst)
+                os.unlink(rel, dir_fd=dst_root)
+                if exc.errno in _CANNOT_SHARE:
+                    return None
+                raise
+            return dst
+        parent, name = _parent(dst_root, rel)
+        try:
+            os.link(f"/proc/self/fd/{src}", name, dst_dir_fd=parent, follow_symlinks=True)
+        except OSError as exc:
+            if exc.errno in _CANNOT_SHARE:
+                return None
+            raise
+        finally:
+            if parent != dst_root:
+                os.close(parent)
+        return open_beneath(dst_root, rel)
+    finally:
+        os.close(src)
+
+
+def share_files(
+    manifest: Manifest,
+    src_dir: Path,
+    dst_dir: Path,
+    *,
+    workers: int | None = None,
+    progress: Progress | None = None,
+) -> list[FileEntry]:
+    """Give the empty directory ``dst_dir`` the files of ``manifest`` from ``src_dir`` without
+    writing their bytes again: a reflink where the filesystem has them (its own inode, copy on
+    write), else a hard link (the same inode). Only for a source that is trusted and never rewritten
+    (the node cache's copy that the publish just hashed as it wrote it) on the filesystem of
+    ``dst_dir``. Each shared file is then verified chunk by chunk against the manifest on
+    ``workers`` threads, as ``copy_files`` checks what it copies (the destination holds only bytes
+    the manifest names), and fsynced with its directories (the clone's or link's metadata; the
+    data was made durable when the source was written).
+
+    Returns the entries it could not share (another filesystem, no reflinks nor hard links): the
+    caller copies those. DigestMismatch or OSError on failure: the caller removes ``dst_dir``."""
+    src_root, dst_root = open_dir(src_dir), open_dir(dst_dir)
+    shared: list[tuple[FileEntry, int]] = []
+    rest: list[FileEntry] = []
+    ways = ["reflink", "link"]
+    try:
+        for e in manifest["files"]:
+            fd = None
+            while ways and fd is None:
+                fd = _share_one(src_root, dst_root, e["path"], ways[0])
+                if fd is None:
+                    ways.pop(0)  # this filesystem cannot: never asked again
+            if fd is None:
+                rest.append(e)
+                continue
+            shared.append((e, fd))
+            size = os.fstat(fd).st_size
+            if size != e["size"]:
+                raise DigestMismatch(f"file {e['path']} has {size} bytes, the manifest says {e['size']}")
+        chunk_bytes = manifest.get("chunk_bytes")
+        pieces = [p for e, fd in shared for p in _pieces(e, fd, None, chunk_bytes)]
+        _run(pieces, workers or default_workers(), _SafeProgress(progress), NO_DEADLINE)
+        if shared:
+            _fsync_all([fd for _, fd in shared], workers)
+            _fsync_dirs(dst_root, [e["path"] for e, _ in shared])
+    finally:
+        for _, fd in shared:
+            os.close(fd)
+        os.close(src_root)
+        os.close(dst_root)
+    return rest
 
 
 def _fsync_all(fds: list[int], workers: int | None) -> None:
