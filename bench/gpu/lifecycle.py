@@ -8,7 +8,9 @@ get (bench/gpu/bundle.py) in fresh-container pods (bench/gpu/harness.py):
    away (the image as the fetch left it in page cache): what a node that must fetch first gives;
 3. hits: the same snapshot restored from disk (page cache dropped), from page cache, and from a
    tmpfs cache (the ``memory`` tier), each beside the storage bound of what it reads (image bytes /
-   that tier's read bandwidth, measured in the same run on the image's own files, issue 12);
+   that tier's read bandwidth, measured in the same run on the image's own files, issue 12), and
+   publish and fetch beside theirs (the same files copied durably beside the store: read from page
+   cache, written, fsynced), each as a share of it (``transfer_rates``);
 4. cold pod (page cache dropped; the pod's compile caches are fresh as every pod's are).
 
 Standard library and orjson (carried as a wheel to the GPU machine's Python, for thaw.contract); the
@@ -212,16 +214,97 @@ def read_rate(files: list[Path], limit: int = BANDWIDTH_SAMPLE) -> dict[str, flo
     return {"bytes": done, "s": round(seconds, 3), "gb_s": round(done / seconds / 1e9, 2)}
 
 
-def bandwidths(disk_copy: Path, tmpfs_copy: Path | None) -> dict[str, Any]:
+def copy_rate(files: list[Path], dst_dir: Path, limit: int = BANDWIDTH_SAMPLE) -> dict[str, float]:
+    """Copy up to ``limit`` bytes of ``files`` into one new file in ``dst_dir`` in large reads and
+    writes, fsync it (``dd conv=fsync``'s durable copy), remove it; bytes, seconds and GB/s. The
+    bound of a publish or a fetch: neither can write durably faster than this."""
+    buf = bytearray(READ_CHUNK)
+    view = memoryview(buf)
+    done = 0
+    dst_path = dst_dir / ".bench-durable-copy"
+    t = time.monotonic()
+    out = os.open(dst_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for path in files:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                while done < limit:
+                    n = os.readv(fd, [view[: limit - done]])
+                    if n <= 0:
+                        break
+                    written = 0
+                    while written < n:
+                        written += os.write(out, view[written:n])
+                    done += n
+            finally:
+                os.close(fd)
+            if done >= limit:
+                break
+        os.fsync(out)
+    finally:
+        os.close(out)
+        dst_path.unlink(missing_ok=True)
+    seconds = max(time.monotonic() - t, 1e-9)
+    return {"bytes": done, "s": round(seconds, 3), "gb_s": round(done / seconds / 1e9, 2)}
+
+
+COPY = "durable copy"  # the bandwidths key of copy_rate (not a read tier)
+
+
+def bandwidths(disk_copy: Path, tmpfs_copy: Path | None, copy_dir: Path | None = None) -> dict[str, Any]:
     """This machine's read bandwidth per tier, on the image's own files: disk (page cache dropped
-    first), page cache (the same bytes again), tmpfs."""
+    first), page cache (the same bytes again), tmpfs; and, with ``copy_dir`` (the store's
+    filesystem), the durable copy rate of those bytes from page cache (publish's and fetch's bound)."""
     files = image_files(disk_copy)
     out: dict[str, Any] = {"dropped": drop_caches()}
     out["disk"] = read_rate(files)
     out["page cache"] = read_rate(files)
     if tmpfs_copy is not None:
         out["tmpfs"] = read_rate(image_files(tmpfs_copy))
+    if copy_dir is not None:
+        out[COPY] = copy_rate(files, copy_dir)
     return out
+
+
+def transfer_rates(res: dict[str, Any]) -> dict[str, Any]:
+    """Publish and fetch beside their bound (pure): the image's bytes over each one's seconds, the
+    durable copy rate measured in the same run on the same filesystem (the bound: a copy that must
+    reach the disk goes no faster than the slower of reading its source and writing it), and what
+    that share of it is. The source's read rate is given too: both read from page cache here (the
+    dump as CRIU just wrote it; the store's copy as publish just wrote it)."""
+    image = res.get("image_bytes") or 0
+    bw = res.get("bandwidth") or {}
+    bound = (bw.get(COPY) or {}).get("gb_s")
+    source = (bw.get("page cache") or {}).get("gb_s")
+    ck = ((res.get("checkpoint") or {}).get("outcome") or {}).get("checkpoint") or {}
+    out: dict[str, Any] = {}
+    for what, seconds in (
+        ("publish", ck.get("publish_s")),
+        ("fetch", (res.get("fetch") or {}).get("fetch_s")),
+    ):
+        if not seconds or not image:
+            continue
+        gb_s = image / seconds / 1e9
+        out[what] = {
+            "s": seconds,
+            "gb_s": round(gb_s, 2),
+            "bound_gb_s": bound,
+            "of_bound": round(gb_s / bound, 2) if bound else None,
+            "source": "page cache",
+            "source_gb_s": source,
+            "of_source": round(gb_s / source, 2) if source else None,
+        }
+    return out
+
+
+def _rate_text(t: dict[str, Any] | None) -> str:
+    """A rate and its share of the bound, e.g. `` (0.54 GB/s, 43% of the 1.26 GB/s durable-copy
+    bound)`` (pure)."""
+    if not t:
+        return ""
+    if not t.get("bound_gb_s"):
+        return f" ({t['gb_s']:.2f} GB/s)"
+    return f" ({t['gb_s']:.2f} GB/s, {t['of_bound']:.0%} of the {t['bound_gb_s']} GB/s durable-copy bound)"
 
 
 def bound_s(
@@ -321,8 +404,9 @@ def life(
             tmpfs_plan = None
     if disk_copy is not None and tiers and time_for("bandwidth", 90):
         res["bandwidth"] = bandwidths(
-            disk_copy, snapshot_dir(json.loads(tmpfs_plan.read_text())) if tmpfs_plan else None
+            disk_copy, snapshot_dir(json.loads(tmpfs_plan.read_text())) if tmpfs_plan else None, copy_dir=d
         )
+        res["transfer"] = transfer_rates(res)
     hits: dict[str, Any] = {}
     res["hits"] = hits
     if "disk" in tiers and time_for("restore, disk"):
@@ -493,18 +577,23 @@ def table(res: dict[str, Any], key: str = "tokens") -> str:
     image = res.get("image_bytes") or 0
     f = res.get("fetch") or {}
     bw = res.get("bandwidth") or {}
-    rate = f"{image / f['fetch_s'] / 1e9:.2f} GB/s" if f.get("fetch_s") and image else "-"
-    publish_rate = f" ({image / ck['publish_s'] / 1e9:.2f} GB/s)" if ck.get("publish_s") and image else ""
+    rates = transfer_rates(res)
     lines.append(
         f"image {image / 1e9:.2f} GB; checkpoint pause: cuda {ck.get('cuda_checkpoint_s')} s, criu dump "
         f"{ck.get('criu_dump_s')} s, cuda restore {ck.get('cuda_restore_s')} s; "
-        f"publish {ck.get('publish_s')} s{publish_rate}; "
-        f"fetch {f.get('fetch_s')} s ({rate})"
+        f"publish {ck.get('publish_s')} s{_rate_text(rates.get('publish'))}; "
+        f"fetch {f.get('fetch_s')} s{_rate_text(rates.get('fetch')) or ' (-)'}"
     )
     if bw:
         lines.append(
             "read bandwidth (this run, the image's files): "
-            + ", ".join(f"{k} {v['gb_s']} GB/s" for k, v in bw.items() if isinstance(v, dict))
+            + ", ".join(f"{k} {v['gb_s']} GB/s" for k, v in bw.items() if isinstance(v, dict) and k != COPY)
+            + (
+                f"; durable copy (read from page cache, written and fsynced beside the store) "
+                f"{bw[COPY]['gb_s']} GB/s"
+                if isinstance(bw.get(COPY), dict)
+                else ""
+            )
         )
     lines.append(
         f"{'run':34} {'answer s':>8} {'speedup':>7} {'criu s':>7} {'cuda s':>7} {'bound s':>7} "
