@@ -103,13 +103,17 @@ def main(argv: list[str]) -> int:
              "--device", args.device],
         port=PORT,
         body={"prompt": PROMPT, "max_new_tokens": MAX_NEW},
-        env={"HF_HUB_OFFLINE": "1"},
+        env={"HF_HUB_OFFLINE": "1", **lifecycle.CURRENT_PATH_ENV},
         timeout=args.timeout,
     )  # fmt: skip
     res["life"] = {}
     # the readiness gate that keeps the tree stopped until its GPU state is back, beside the
     # default ready file (issue 10.4: both measured in one run)
-    lifecycle.life(s, w, res=res["life"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),))
+    # and the new path beside the current one: each tier's hit again with the fast-restore CRIU
+    lifecycle.life(
+        s, w, res=res["life"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),),
+        variants=lifecycle.NEW_PATH,
+    )  # fmt: skip
     res["rows"] = lifecycle.rows(res["life"])
     res["elapsed_s"] = round(time.monotonic() - start, 1)
     text = "\n".join(
@@ -119,6 +123,7 @@ def main(argv: list[str]) -> int:
             f"{res['gpu']} | kernel {res['kernel']} | {res['criu']} | torch {res['torch']} | "
             f"transformers {res['transformers']} | {res['runtime']['runtime']} | {res['date']}",
             lifecycle.table(res["life"]),
+            *lifecycle.compare(res["life"], res["life"], lifecycle.NEW_PATH[0][0]),
             f"elapsed {res['elapsed_s']} s",
         ]
     )

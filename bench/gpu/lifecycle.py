@@ -84,6 +84,12 @@ class Suite:
         return ["--facts", str(self.facts)] if self.facts else []
 
 
+# The current path (stock CRIU, as before the fast-restore build) is every suite's baseline; the new
+# path re-runs each tier's hit with the fast-restore CRIU (``life``'s ``variants``), in the same run.
+CURRENT_PATH_ENV = {"THAW_CRIU_STOCK": "1"}
+NEW_PATH: tuple[tuple[str, dict[str, str]], ...] = (("fast CRIU", {"THAW_CRIU_STOCK": "0"}),)
+
+
 @dataclass
 class Workload:
     """A server as a pod runs it, and the request whose answer is compared."""
@@ -538,6 +544,32 @@ def rows(res: dict[str, Any], key: str = "tokens") -> list[dict[str, Any]]:
             row(f"hit, page cache, {label}", r, tier="page cache")
     if "miss" in res:
         row("miss: fetch + restore", res["miss"], extra_s=float(res["fetch"]["fetch_s"]))
+    return out
+
+
+def compare(current: dict[str, Any], new: dict[str, Any], label: str | None = None) -> list[str]:
+    """Per tier, the current path's first answer and distance to the storage bound beside the new
+    path's (pure): ``new``'s hit of the tier, or with ``label`` its variant ``"<tier>, <label>"``;
+    "helps" only where the new path answered sooner with the checkpointed server's answer."""
+    a = {r["run"]: r for r in rows(current)}
+    b = {r["run"]: r for r in rows(new)}
+    name = label or new.get("workload", "new")
+    pairs = [
+        (f"hit, {t}", f"hit, {t}, {label}" if label else f"hit, {t}") for t in ("tmpfs", "page cache", "disk")
+    ]
+    if not label:  # a variant re-runs the hits only; another life has its own miss
+        pairs.append(("miss: fetch + restore", "miss: fetch + restore"))
+    out = []
+    for run, other in pairs:
+        x, y = a.get(run), b.get(other)
+        if not x or not y:
+            continue
+        fx, fy = x["first_answer_s"], y["first_answer_s"]
+        verdict = "helps" if fx and fy and fy < fx and y["same"] else "does not help"
+        out.append(
+            f"{run:22} current {fx} s ({x['x_bound'] or '-'}x bound), "
+            f"{name} {fy} s ({y['x_bound'] or '-'}x bound): {verdict}"
+        )
     return out
 
 

@@ -73,19 +73,6 @@ def cuda_rate(life: dict[str, Any], tier: str = "page cache") -> float | None:
     return round(gpu / t / 1e9, 2) if t and gpu else None
 
 
-def lever_summary(current: dict[str, Any], lever: dict[str, Any]) -> list[str]:
-    """First answer, current path against the lever, per run kind (pure)."""
-    a = {r["run"]: r for r in lifecycle.rows(current)}
-    b = {r["run"]: r for r in lifecycle.rows(lever)}
-    out = []
-    for run in ("hit, tmpfs", "hit, page cache", "hit, disk", "miss: fetch + restore"):
-        if run in a and run in b:
-            x, y = a[run]["first_answer_s"], b[run]["first_answer_s"]
-            verdict = "helps" if x and y and y < x else "does not help"
-            out.append(f"{run:24} current {x} s, weights out of the image {y} s: {verdict}")
-    return out
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="bench", choices=("bench", "small"))
@@ -126,12 +113,13 @@ def main(argv: list[str]) -> int:
     server = [args.python, str(REPO / "bench/gpu/server.py"), "--weights", str(weights),
               "--config", args.config, "--port", str(PORT)]  # fmt: skip
     body = {"prompt": PROMPT, "max_new_tokens": 32}
-    current = lifecycle.Workload(name="standin", cmd=server, port=PORT, body=body)
+    # every life's base runs are the current path (stock CRIU); each tier's hit is run again on the
+    # new path (the fast-restore CRIU) in the same run
+    current = lifecycle.Workload(
+        name="standin", cmd=server, port=PORT, body=body, env=lifecycle.CURRENT_PATH_ENV
+    )
     res["current"] = {}
-    lifecycle.life(
-        s, current, res=res["current"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),),
-        with_cold=False,
-    )  # fmt: skip
+    lifecycle.life(s, current, res=res["current"], variants=lifecycle.NEW_PATH, with_cold=False)
     res["current"]["gpu_bytes"] = res["weights_bytes"]  # the weights dominate what the GPU holds
     lever = lifecycle.Workload(
         name="standin-l2",
@@ -139,10 +127,14 @@ def main(argv: list[str]) -> int:
         port=PORT,
         body=body,
         checkpoint_flags=["--sleep", "/sleep?level=2", "--wake", VLLM_LEVEL2_WAKE],
+        env=lifecycle.CURRENT_PATH_ENV,
     )
     if not args.no_lever and s.hard_left_s() > 200:
         res["lever"] = {}
-        lifecycle.life(s, lever, res=res["lever"], with_cold=False, extra_read_bytes=res["weights_bytes"])
+        lifecycle.life(
+            s, lever, res=res["lever"], variants=lifecycle.NEW_PATH, with_cold=False,
+            extra_read_bytes=res["weights_bytes"],
+        )  # fmt: skip
     elif not args.no_lever:
         res["lever_skipped"] = f"{s.hard_left_s():.0f} s left"
     # The cold baseline last (the checkpoint pod's time to ready stands in when there is no time).
@@ -151,11 +143,17 @@ def main(argv: list[str]) -> int:
         s.saved()
     else:
         res["current"]["skipped"].append(f"cold ({s.hard_left_s():.0f} s left)")
-    texts = [lifecycle.table(res["current"])]
+    fast = lifecycle.NEW_PATH[0][0]
+    texts = [lifecycle.table(res["current"]), *lifecycle.compare(res["current"], res["current"], fast)]
     if "lever" in res:
         res["lever"]["cold"] = res["current"].get("cold")  # the same server cold: one baseline
         texts.append(lifecycle.table(res["lever"]))
-        texts += lever_summary(res["current"], res["lever"])
+        texts += ["weights out of the image, against the current path:"]
+        texts += lifecycle.compare(res["current"], res["lever"])
+        texts += [
+            "weights out of the image with the fast-restore CRIU (the new path), against the current path:"
+        ]
+        texts += lifecycle.compare(res["current"], res["lever"], fast)
     h = res["h2d"]
     rate = cuda_rate(res["current"])
     head = (

@@ -143,14 +143,26 @@ def test_matrix_verdicts() -> None:
     assert good and "stopped once" in text
 
 
-def test_lever_summary_says_where_the_lever_helps() -> None:
-    from bench.gpu.speed import lever_summary
-
+def test_compare_says_where_the_new_path_helps() -> None:
     current = _life()
     lever = _life()
+    lever["workload"] = "lever"
     lever["hits"]["page cache"]["first_answer_s"] = 2.0  # faster than 5.0
     lever["hits"]["disk"]["first_answer_s"] = 9.0  # slower than 8.0
-    lines = lever_summary(current, lever)
-    assert any(ln.startswith("hit, page cache") and "5.0 s" in ln and "2.0 s: helps" in ln for ln in lines)
+    lines = lifecycle.compare(current, lever)
+    assert any(
+        ln.startswith("hit, page cache")
+        and "5.0 s (5.0x bound)" in ln
+        and "lever 2.0 s (2.0x bound): helps" in ln
+        for ln in lines
+    )
     assert any(ln.startswith("hit, disk") and "does not help" in ln for ln in lines)
     assert any(ln.startswith("miss: fetch + restore") for ln in lines)
+    assert not any(
+        "tmpfs" in ln and "helps" in ln and "not" not in ln for ln in lines
+    )  # wrong tokens: never helps
+    # a variant of the same life: each tier against its own variant, no miss
+    current["hits"]["page cache, fast CRIU"] = _restore(3.0, CKPT_TOKENS, 1.0, 1.5, None)
+    current["hit_tier"] = {"page cache, fast CRIU": "page cache"}
+    lines = lifecycle.compare(current, current, "fast CRIU")
+    assert lines == ["hit, page cache        current 5.0 s (5.0x bound), fast CRIU 3.0 s (3.0x bound): helps"]
