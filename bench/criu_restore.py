@@ -52,10 +52,12 @@ MACHINE_SCALING = 1.5  # the goal is checked where parallel reads themselves sca
 MIB = 1 << 20
 
 # The process CRIU dumps: MB MiB of private anonymous memory, each MiB distinct; it writes the
-# memory's SHA-256 to SUMFILE once filled, and again on every SIGUSR1 (after a restore).
+# memory's SHA-256 to SUMFILE once filled, and again on every SIGUSR1 (after a restore). It exits by
+# itself at UNTIL (wall-clock seconds, which go on across a restore): a run that is killed before it
+# kills its restored copy leaves nothing behind for long.
 FILLER = r"""
 import hashlib, mmap, os, random, signal, sys, time
-mb, sumfile = int(sys.argv[1]), sys.argv[2]
+mb, sumfile, until = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 mem = mmap.mmap(-1, mb << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 rng = random.Random(12)
 for i in range(mb):
@@ -67,8 +69,8 @@ def report(*_):
     os.replace(sumfile + ".tmp", sumfile)
 signal.signal(signal.SIGUSR1, report)
 report()
-while True:
-    time.sleep(3600)
+while time.time() < until:
+    time.sleep(min(60.0, max(0.0, until - time.time())))
 """
 
 # CRIU's flags as thaw exec gives them (thaw/runtime/criu.py), for a process in its own session.
@@ -139,14 +141,15 @@ class Dumped:
     pages: int  # bytes of pages images
 
 
-def dump(criu: str, mb: int, work: Path, timeout: float = 600.0) -> Dumped:
+def dump(criu: str, mb: int, work: Path, timeout: float = 600.0, lifetime: float = 3600.0) -> Dumped:
     """Start the filler, wait until its memory is filled, dump it with ``criu`` (the process is gone
-    afterwards, its PID free for the restores)."""
+    afterwards, its PID free for the restores). The filler, and so each restored copy, exits by
+    itself ``lifetime`` seconds from now if nothing killed it."""
     images = work / "images"
     images.mkdir(parents=True)
     sumfile = work / "sum"
     proc = subprocess.Popen(
-        [sys.executable, "-c", FILLER, str(mb), str(sumfile)],
+        [sys.executable, "-c", FILLER, str(mb), str(sumfile), str(time.time() + lifetime)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -89,7 +89,8 @@ def test_fast_restore_reads_with_several_readers_into_the_same_memory(tmp_path: 
     require(root("CRIU"))
     require(None if os.access(criu.REPO_CRIU, os.X_OK) else "no stock CRIU (make criu)")
     _need_fast()
-    dumped = dump(str(criu.REPO_CRIU), 320, tmp_path)  # 320 MiB: 4 readers of >= 32 MiB each
+    # 320 MiB: 4 readers of >= 32 MiB each; the process (and each restored copy) gone within 5 min
+    dumped = dump(str(criu.REPO_CRIU), 320, tmp_path, lifetime=300)
     stock = restore(str(criu.REPO_CRIU), dumped)
     fast = restore(str(FAST), dumped, {"CRIU_RESTORE_IO_WORKERS": "4"})
     one = restore(str(FAST), dumped, {"CRIU_RESTORE_IO_WORKERS": "1"})  # the stock read, in the fast build
