@@ -192,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         p,
         "--ready-gate",
         choices=["file", "stopped"],
-        default="file",
-        help="a restored tree runs at once and <work>/ready appears once CUDA is back (file), or it "
-        "stays stopped until then (stopped)",
+        default="stopped",
+        help="a restored tree stays stopped until its GPU state is back, so none of its health checks "
+        "answers before (stopped), or it runs at once (file); <work>/ready appears then either way",
     )
     _add(p, "--ready-timeout", type=float, default=1800.0, help="seconds to wait for --ready")
     _add(p, "--sleep", default=None, help="URL (or path on --ready's server) to POST before the checkpoint, "

@@ -30,7 +30,8 @@ Every key is optional::
       file: signing.key
     ready:
       default: null                      # THAW_READY when the container has no readinessProbe
-      startupProbe: false                # gate readiness on <work>/ready (an exec startupProbe)
+      startupProbe: false                # an exec startupProbe on <work>/ready for every pod (pods
+                                         #   with sleep/wake hooks always get it)
     env:
       allowlist: ["VLLM_*", ...]         # env names (PREFIX* for prefixes) in the workload hash
     capabilities: [CHECKPOINT_RESTORE, SYS_PTRACE]

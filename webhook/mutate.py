@@ -321,7 +321,9 @@ def _inject(  # noqa: PLR0917  (private; called once)
     ops += P.env_ops(index, user_env, env, P.IDENTITY_NAMES)
     ops += P.mount_ops(index, container.get("volumeMounts"), parts["mounts"])
     ops += P.capability_ops(index, _obj(container.get("securityContext"), "securityContext"), capabilities)
-    if config.ready_startup_probe:
+    # A woken replica's server runs (and answers its health check) while its wake hook reloads what
+    # it let go of: only <work>/ready says it is done, so a pod with hooks always gets the probe.
+    if config.ready_startup_probe or hooks is not None:
         ops += P.startup_probe_ops(index, container)
     if config.extended_resource:
         ops += P.extended_resource_ops(index, _obj(container.get("resources"), "resources"))

@@ -72,6 +72,11 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--facts", type=Path, help="node facts file for every Thaw command (no GPU here)")
     ap.add_argument("--timeout", type=float, default=420.0, help="one pod's limit")
+    ap.add_argument(
+        "--tiers",
+        default="disk,page cache,tmpfs",
+        help="the hits to run (comma-separated: disk, page cache, tmpfs)",
+    )
     args = ap.parse_args(argv)
     start = time.monotonic()
     lifecycle.fresh_suite_dir(args.dir)
@@ -107,12 +112,12 @@ def main(argv: list[str]) -> int:
         timeout=args.timeout,
     )  # fmt: skip
     res["life"] = {}
-    # the readiness gate that keeps the tree stopped until its GPU state is back, beside the
-    # default ready file (issue 10.4: both measured in one run)
-    # and the new path beside the current one: each tier's hit again with the fast-restore CRIU
+    # the default readiness gate (the tree stopped until its GPU state is back) beside the tree
+    # running at once with only the ready file holding readiness (issue 10.4: both in one run), and
+    # the new path beside the current one: each tier's hit again with the fast-restore CRIU
     lifecycle.life(
-        s, w, res=res["life"], extra_restores=(("gate stopped", {"THAW_READY_GATE": "stopped"}),),
-        variants=lifecycle.NEW_PATH,
+        s, w, res=res["life"], extra_restores=(("gate file", {"THAW_READY_GATE": "file"}),),
+        variants=lifecycle.NEW_PATH, tiers=tuple(args.tiers.split(",")),
     )  # fmt: skip
     res["rows"] = lifecycle.rows(res["life"])
     res["elapsed_s"] = round(time.monotonic() - start, 1)

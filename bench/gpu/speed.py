@@ -6,17 +6,16 @@ CUDA graphs): where restore time goes and which levers help, side by side in one
 
 1. this machine's host-to-device rate from pageable and from pinned memory (bench/gpu/h2d.py): the
    CUDA restore copies from pageable memory;
-2. the current path: the server checkpointed awake; restored on a node that must fetch first
-   (fetch included) and on nodes that hold it: disk, page cache, tmpfs (the memory tier), each beside
-   the storage bound (image bytes / that tier's bandwidth, measured in this run on the image's
-   files); from page cache with each readiness gate (``--ready-gate file``: the tree runs at once and
-   ``<work>/ready`` appears once CUDA is back; ``stopped``: the tree stays stopped until then), with
-   whether the server's health check answered before its GPU state was back;
+2. the current path (stock CRIU): the server checkpointed awake; restored on a node that must
+   fetch first (fetch included) and on nodes that hold it: disk, page cache, tmpfs (the memory
+   tier), each beside the storage bound (image bytes / that tier's bandwidth, measured in this run
+   on the image's files), with whether the server's health check answered before its GPU state was
+   back; then each tier's hit again with the fast-restore CRIU;
 3. the weights-out-of-the-image lever: the same server with ``--weights-vmm``, checkpointed asleep
    at level 2 (``--sleep /sleep?level=2``: no weights in the snapshot) and woken with vLLM's three
    steps (:data:`VLLM_LEVEL2_WAKE`: the weights' memory mapped back, the weights reloaded from the
    weights file into the same device addresses through pinned buffers, then the KV cache),
-   restored the same ways;
+   restored the same ways, stock and fast CRIU (both levers: the new path);
 4. the cold pod, last, while time is left (else the checkpoint pod's time to ready is the baseline).
 Writes speed.json, speed.txt and speed-pods.log under --out.
 """
