@@ -3,7 +3,7 @@ throughput (``fetch`` in ``thaw.dev/cache``, the extender's median of the report
 constant, and over the constants before the measured ones.
 
 The ground truth is extender/measured.json's with every node's fetch rate drawn around ``k`` times
-the measured median (0.53 GB/s): 1, 3 (a faster registry) and 1/3 (a slower link). Each variant
+the measured median (1.77 GB/s): 1, 3 (a faster registry) and 1/3 (a slower link). Each variant
 scores the same arrivals; the oracle is the same. Goal: the median of the reports is no worse than
 the constant (within 1%) at any store.
 """

@@ -22,7 +22,7 @@ nor the constant beside measured nodes, which made the nodes that happened to fe
 times faster to fetch onto where the store beat the constant (docs/placement.md, "Fair share and the
 results").
 
-Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.23 GB with the default
+Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.05 GB with the default
 constants (below that a restore's fixed 0.4 s outweighs what a cold start of so little takes: the
 constants are a GPU model's; ``--scoring`` sets others, as ``thaw demo`` does). The queue
 term is ServerlessLLM's: ``q`` restores in progress share the node's disk and PCIe bandwidth; with
@@ -45,14 +45,18 @@ The extender cannot see how many replicas a node runs; the scheduler's own sprea
 (PodTopologySpread, NodeResourcesFit) weighs that.
 A node that can restore at all scores at least 1; a node that can only cold-start scores 0.
 
-The defaults are the measured ground truth of ``extender/measured.json`` (the GPU benchmark's six runs
-on H200s, CRIU 4.2.1, driver 580, 10.7-20.6 GB images; the CPU stand-in for the fixed part), each
-rate the median over the runs of image bytes per second from ``thaw exec``'s start (or the fetch's)
-to the server's first answer, the same fit as the simulator's ``GroundTruth``: page cache 1.87
-GB/s, disk 1.12 GB/s, fetch 0.53 GB/s, cold 0.22 GB/s. So a 20 GB image: 11.1 s from page cache,
-18.3 s from disk, 56.0 s to fetch and restore, 90.9 s cold. (The constants before were one H200's
-first measurements, CRIU and CUDA apart: 13.4, 15.7, 31.7 and 53.3 s for the same image, fetch
-and cold far too optimistic.)
+The defaults are the measured ground truth of ``extender/measured.json`` (the GPU benchmark's runs
+of what Thaw does by default, the fast-restore CRIU: one H200, CRIU 4.2.1, driver 580, 2026-12-01,
+transformers Qwen2 3.4B and the 4.3 B stand-in, 9.1 and 10.7 GB images; the CPU stand-in for the
+fixed part), each rate the median over the runs of image bytes per second from ``thaw exec``'s
+start (or the fetch's) to the server's first answer, the same fit as the simulator's
+``GroundTruth``: page cache 2.82 GB/s, disk 1.15 GB/s, fetch 1.77 GB/s, cold 0.101 GB/s. So a
+20 GB image: 7.5 s from page cache (tmpfs measured the same within 0.25 s, so both are the
+memory tier), 17.8 s from disk, 29.1 s to fetch and restore, 198 s cold. (Before, fitted to the
+six runs of the old runtime with stock CRIU, 2026-11-28, now ``gpu_before`` in the file: 11.1,
+18.3, 56.0 and 90.9 s. Today's stock CRIU, the fallback, on the same machine: page cache 1.24
+GB/s, disk 0.74 GB/s, ``gpu_fallback``. Before those, one H200's first measurements, CRIU and
+CUDA apart: 13.4, 15.7, 31.7 and 53.3 s.)
 """
 
 from __future__ import annotations
@@ -79,28 +83,30 @@ class Params:
     """
 
     # Restore from page cache / tmpfs: median image bytes/s of the runs' "memory" restores (CRIU's
-    # pages, the CUDA restore and readiness together), less the fixed part. 6 runs, sigma 0.30.
-    restore_memory_bps: float = 1.87e9
-    # The same with the page cache dropped ("disk"). 6 runs, sigma 0.12.
-    restore_disk_bps: float = 1.12e9
+    # pages, the CUDA restore and readiness together), less the fixed part. 2 runs, sigma 0.14
+    # (fast-restore CRIU; stock CRIU, the fallback, 1.24 GB/s: measured.json gpu_fallback).
+    restore_memory_bps: float = 2.82e9
+    # The same with the page cache dropped ("disk"). 2 runs, sigma 0.07 (stock CRIU 0.74 GB/s).
+    restore_disk_bps: float = 1.15e9
     # The part of a restore not tied to size: the CPU stand-in's restores (279 MB image), 0.36 s
     # from page cache and 0.42 s from disk, are almost all fixed cost (process tree, readiness).
     restore_fixed_s: float = 0.4
     # thaw fetch into the node cache: the runs' "fetch" (a sha256-verified copy on the same machine,
-    # 0.53 GB/s, sigma 0.09). A cluster's store is faster or slower: a node whose agent reports its
+    # 1.77 GB/s, sigma 0.03). A cluster's store is faster or slower: a node whose agent reports its
     # measured fetch throughput (thaw.dev/cache "fetch") is estimated with that instead.
-    fetch_bps: float = 0.53e9
-    # Cold start (empty compile cache, page cache dropped): the runs' median 0.22 GB/s (sigma 0.22).
-    # They show no part that can be told apart as fixed (50-77 s for 10.7-20.6 GB, no trend with
-    # size: tensor parallel spreads the load over 2-4 GPUs), so all of it scales with size, as in
-    # the simulator's ground truth.
+    fetch_bps: float = 1.77e9
+    # Cold start (empty compile cache, page cache dropped): the runs' median 0.101 GB/s (sigma
+    # 0.83: the transformers model took 162 s for 9.1 GB, the stand-in 59 s for 10.7 GB). No part
+    # can be told apart as fixed (the runs before: 50-77 s for 10.7-20.6 GB, no trend with size),
+    # so all of it scales with size, as in the simulator's ground truth.
     cold_fixed_s: float = 0.0
-    cold_load_bps: float = 0.22e9
-    cold_default_s: float = 69.3  # cold start when no copy says how big the model is: the runs' median
+    cold_load_bps: float = 0.101e9
+    cold_default_s: float = 110.6  # cold start when no copy says how big the model is: the runs' median
     # Each restore in progress on the node costs this share of a restore's time. Not measured (no run
     # restored two at once): measured.json's own assumption, a restore shares the node equally with
-    # each one in progress. Against 0.5 (the guess before) in thaw simulate: mean time-to-ready 0.2-1.3%
-    # lower, a burst of 8 replicas onto one page-cache holder 32.3 s instead of 35.9 s.
+    # each one in progress. Against 0.5 (the guess before) in thaw simulate, under the ground truth
+    # before 2026-12-01: mean time-to-ready 0.2-1.3% lower, a burst of 8 replicas onto one page-cache
+    # holder 32.3 s instead of 35.9 s.
     queue_share: float = 1.0
     # ImageLocality-style damping of holders by 1 - holders/nodes. thaw simulate (design seeds 1-10):
     # 0.4 cost 4-8% of the oracle's local hits and did not keep the busiest node lower; 0.1 keeps

@@ -15,7 +15,7 @@ fetches on H200s, the CPU stand-in's fixed restore cost). Per tier, the image by
 those runs are fitted with a lognormal; each simulated node draws its own rate per tier from it (a
 machine is faster or slower than another, as the runs were) and keeps it. The time is
 ``fixed + bytes / rate`` for restores, ``bytes / rate`` for fetches and cold starts (the runs span
-10.7-20.6 GB images; larger models are extrapolated linearly). Restores in progress on a node share
+9.1-10.7 GB images on one GPU; larger models are extrapolated linearly). Restores in progress on a node share
 it: ``x (1 + share x in_progress)``, an assumption (no run restored two at once; the file says so).
 The scorer keeps its own constants (``--scoring``), as it does in a cluster, so its errors show.
 

@@ -73,32 +73,32 @@ def one(entry: dict[str, object], variants: dict[str, Variant], nodes: int = 10,
         (
             node("m", snapshots=[cached(SNAP, 8_100_000_000, "memory")]),
             "memory",
-            4.73,
+            3.27,
             9,
-        ),  # 0.4 + 8.1/1.87; 10 * 1.0 * (1 - 0.1 * 0.8) = 9.2
+        ),  # 0.4 + 8.1/2.82; 10 * 1.0 * (1 - 0.1 * 0.8) = 9.2
         (
             node("d", snapshots=[cached(SNAP, 8_100_000_000, "disk")]),
             "disk",
-            7.63,
+            7.44,
             7,
-        ),  # 0.4 + 8.1/1.12; 10 * ln(36.82/7.63) / ln(36.82/4.73) * 0.92 = 7.1
-        (node("f", snapshots=[]), "fetch", 22.92, 2),  # 8.1/0.53 + 7.63; 10 * 0.474 / 2.052 = 2.3
+        ),  # 0.4 + 8.1/1.15; 10 * ln(80.20/7.44) / ln(80.20/3.27) * 0.92 = 6.8
+        (node("f", snapshots=[]), "fetch", 12.02, 6),  # 8.1/1.77 + 7.44; 10 * 1.898 / 3.199 = 5.9
         (
             node("q", snapshots=[cached(SNAP, 8_100_000_000, "disk")], restoring=2),
             "disk",
-            22.9,
-            2,
-        ),  # 7.63 * (1 + 2): two restores in progress, no faster than fetching (22.92)
-        (node("g", facts=H100_FACTS, gfd=True), "fetch", 22.92, 2),
-        (node("x", facts=H200_FACTS, snapshots=[]), "cold", 36.82, 0),  # 8.1/0.22
-        (node("n", facts=None), "cold", 36.82, 0),
+            22.33,
+            4,
+        ),  # 7.44 * (1 + 2): two restores in progress, slower than fetching (12.02)
+        (node("g", facts=H100_FACTS, gfd=True), "fetch", 12.02, 6),
+        (node("x", facts=H200_FACTS, snapshots=[]), "cold", 80.2, 0),  # 8.1/0.101
+        (node("n", facts=None), "cold", 80.2, 0),
     ],
 )
 def test_golden(entry: dict[str, object], tier: str, seconds: float, score: int) -> None:
     d = one(entry, {H100: Variant(8_100_000_000, holders=2)})
     assert (d.tier, round(d.seconds, 2), d.score) == (tier, seconds, score)
     assert d.restorable == (tier != "cold")
-    assert d.cold_seconds == pytest.approx(36.82, abs=0.01)
+    assert d.cold_seconds == pytest.approx(80.20, abs=0.01)
 
 
 def test_tiers_are_ordered_for_every_size() -> None:
@@ -237,13 +237,13 @@ def test_fetch_estimates_follow_the_nodes_measured_throughput() -> None:
     idx.replace_all([busy, idle], "1")
     memo = idx.decisions(SNAP, WORKLOAD)
     assert memo.decision("idle").seconds == pytest.approx(fetch_seconds(8 * GB))  # the constant
-    assert memo.top(["busy", "idle"]) == ["busy"]  # 8/0.53 s to fetch: the busy holder is sooner
-    # A third node's agent has measured a store four times faster than the constant assumes.
-    idx.upsert(with_fetch(node("other", snapshots=[], resource_version="2"), 2_120_000_000))
-    fast = memo.decision("idle")
-    assert fast.seconds == pytest.approx(fetch_seconds(8 * GB, 2.12e9), rel=0.05)
-    assert "at the nodes' measured 2.1" in fast.reason
-    assert memo.top(["busy", "idle"]) == ["idle"]  # now fetching beats waiting for the busy holder
+    assert memo.top(["busy", "idle"]) == ["idle"]  # 8/1.77 s to fetch: sooner than the busy holder
+    # A third node's agent has measured a store four times slower than the constant assumes.
+    idx.upsert(with_fetch(node("other", snapshots=[], resource_version="2"), 442_000_000))
+    slow = memo.decision("idle")
+    assert slow.seconds == pytest.approx(fetch_seconds(8 * GB, 0.442e9), rel=0.05)
+    assert "at the nodes' measured 0.4" in slow.reason
+    assert memo.top(["busy", "idle"]) == ["busy"]  # now waiting for the busy holder beats fetching
     idx.delete("other")
     assert memo.decision("idle").seconds == pytest.approx(fetch_seconds(8 * GB))
-    assert memo.top(["busy", "idle"]) == ["busy"]
+    assert memo.top(["busy", "idle"]) == ["idle"]

@@ -52,7 +52,7 @@ def test_cli_reports_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for goal, met, value in checks:
         assert f"goal: {goal}: {value} -> {'met' if met else 'NOT met'}" in out
     assert "goal: mean time-to-ready within 10% of the oracle's" in out
-    assert "ground truth: 6 GPU runs" in out and "bursts (16 idle nodes" in out
+    assert "ground truth: 2 GPU runs" in out and "bursts (16 idle nodes" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,8 +99,20 @@ def test_the_ground_truth_is_the_measured_runs_not_the_scorer() -> None:
     disk = [r["image_bytes"] / (r["disk"] - doc["cpu"]["disk"]) for r in runs]
     assert TRUTH.rates["disk"].median == pytest.approx(math.exp(statistics.fmean(math.log(x) for x in disk)))
     assert TRUTH.rates["disk"].sigma == pytest.approx(statistics.stdev(math.log(x) for x in disk))
-    assert TRUTH.rates["cold"].n == len(runs) == 6 and TRUTH.queue_share == doc["queue"]["share"]
-    for r in runs:  # each run's numbers are the benchmark's own
+    assert TRUTH.rates["cold"].n == len(runs) == 2 and TRUTH.queue_share == doc["queue"]["share"]
+    # Each run's numbers are the benchmark's own: the default path's (fast-restore CRIU) as the
+    # truth, today's stock CRIU and the old runtime's beside it, unread.
+    assert {r["path"] for r in runs} == {"fast-restore CRIU"}
+    assert {r["path"] for r in doc["gpu_fallback"]["runs"]} == {"stock CRIU"}
+    for r in [*runs, *doc["gpu_fallback"]["runs"]]:
+        life = json.loads((REPO / r["source"]).read_text())[r["life"]]
+        for tier, hit in r["hits"].items():
+            assert r[tier] == life["hits"][hit]["first_answer_s"]
+            assert life.get("hit_tier", {}).get(hit, hit) == {"memory": "page cache"}.get(tier, tier)
+        assert r["cold"] == life[r["cold_from"]]["first_answer_s"] and r["fetch"] == life["fetch"]["fetch_s"]
+        assert r["image_bytes"] == life["image_bytes"] == life["checkpoint"]["outcome"]["checkpoint"]["bytes"]
+        assert life["extra_read_bytes"] == 0  # the image is all a restore reads (no weights out of it)
+    for r in doc["gpu_before"]["runs"]:
         result = json.loads((REPO / r["source"]).read_text())
         assert r["cold"] == result["cold"]["first_answer_s"] and r["fetch"] == result["fetch_s"]
         assert r["disk"] == result["restore_disk"]["first_answer_s"]
@@ -126,7 +138,9 @@ def test_the_agents_report_lags_one_pass() -> None:
 def test_a_burst_on_one_holder_spreads_only_with_the_count() -> None:
     lagged = [burst("thaw-lagged", holders=1, replicas=8, seed=s) for s in range(1, 6)]
     counted = [burst("thaw", holders=1, replicas=8, seed=s) for s in range(1, 6)]
-    # Without the count the one page-cache holder looks idle to every replica of the burst.
-    assert all(r.placed_max == 8 for r in lagged)
-    assert all(r.placed_max <= 3 for r in counted)
-    assert statistics.fmean(r.mean for r in counted) < 0.8 * statistics.fmean(r.mean for r in lagged)
+    # Without the count the one page-cache holder looks idle to every replica of the burst: it
+    # takes them until the scheduler's own spreading outweighs the extender (with the measured
+    # fetch at 1.77 GB/s the fetching nodes score close enough that this is after 4 replicas).
+    assert all(r.placed_max >= 4 for r in lagged)
+    assert all(r.placed_max <= 2 for r in counted)
+    assert statistics.fmean(r.mean for r in counted) < 0.97 * statistics.fmean(r.mean for r in lagged)
