@@ -6,9 +6,11 @@ a pod-private place (the work emptyDir) that the workload can write: each file i
 a descriptor opened ``O_NOFOLLOW|O_NONBLOCK`` and checked to be a regular file, and the digests
 signed are those of the bytes written into the cache (what is hashed is what is stored); the store
 then gets its copy from that verified cache copy, every chunk checked again on the way (a reflink or
-a hard link of it when the store is a directory on the cache's filesystem: the image is written
-once, and still checked). A file the workload rewrites during the copy changes nothing that was
-signed.
+a hard link of it when the store is a directory on the cache's mount: the image is written once,
+and still checked). A directory store on another mount (a PVC, a second hostPath) is written during
+the same read instead, from the buffers that were hashed (``thaw.snapshot.transfer.Tee``): the dump
+is read once and neither copy is read back. A file the workload rewrites during the copy changes
+nothing that was signed.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from thaw.snapshot.cache import (
     snapshot_path,
     temp_dir,
 )
-from thaw.snapshot.store import Store
-from thaw.snapshot.transfer import Progress, TooLarge, ingest_files
+from thaw.snapshot.store import DirectoryStore, Store
+from thaw.snapshot.transfer import Progress, Tee, TooLarge, ingest_files
 
 
 class IngestError(CacheError):
@@ -79,11 +81,13 @@ def ingest(
     max_bytes: int | None = None,
     budget: int | None = None,
     progress: Progress | None = None,
+    tee: Tee | None = None,
 ) -> Ingested:
     """Copy the dump directory ``dump`` into ``<cache>/<namespace>/<name>/<hex>/`` hashing as it
     copies, build the manifest from those digests (``facts``; the GPU layout from the copied
     ``thaw-exec.json``), sign it with ``key`` (a private key or its file; None: unsigned), write
-    ``manifest.json`` and the signer's public key, and rename it into place.
+    ``manifest.json`` and the signer's public key, and rename it into place. ``tee``: the same bytes
+    into a store's staging directory too, from the same buffers (``ingest_files``).
 
     Room is made first (LRU eviction within ``budget``, default the agent's; never a snapshot in
     use or pinned). ``max_bytes`` caps the dump. Raises IngestError (too large, symlinks, special
@@ -101,6 +105,7 @@ def ingest(
                 max_bytes=max_bytes,
                 progress=progress,
                 before_copy=lambda total: make_room(cache_dir, total, budget),
+                tee=tee,
             )
         except TooLarge as exc:
             raise IngestError(f"dump refused: {exc}") from None
@@ -138,11 +143,18 @@ def publish_dump(
     """``ingest`` the dump into ``cache_dir`` (the node keeps that copy: the node that took a
     snapshot is the first to hold it), then ``store.put`` from it. Without ``cache_dir`` the copy
     goes into a temporary directory beside ``dump`` and is removed after the put. The dump itself is
-    left for the caller to delete."""
+    left for the caller to delete. A directory store the cache's copy cannot be linked into (on
+    another mount; or any, for a scratch copy, which is never shared) gets its copy during the
+    ingest instead (``DirectoryStore.begin_put``, a ``Tee``, ``finish_put`` once signed)."""
     scratch: Path | None = None
     if cache_dir is None:
         scratch = Path(tempfile.mkdtemp(prefix=".thaw-publish-", dir=dump.parent))
+    teed: tuple[DirectoryStore, Tee] | None = None
     try:
+        private = _private(key)  # an unreadable key fails before the store is touched
+        if isinstance(store, DirectoryStore) and store.tees_from(namespace, name, cache_dir):
+            ds = store
+            teed = (ds, Tee(lambda: ds.begin_put(namespace, name)))
         done = ingest(
             dump,
             cache_dir if cache_dir is not None else scratch,  # type: ignore[arg-type]
@@ -150,18 +162,29 @@ def publish_dump(
             name=name,
             workload=workload,
             facts=facts,
-            key=key,
+            key=private,
             max_bytes=max_bytes,
             budget=budget,
             progress=progress,
+            tee=teed[1] if teed is not None else None,
         )
         t = time.monotonic()
-        # The node cache's copy is the publisher's own and never rewritten: a store on its
-        # filesystem may share its blocks (one write of the image, not two). A scratch copy beside
-        # the dump is not shared: the workload may be able to reach it (thaw exec run by hand).
-        store.put(namespace, done.manifest, done.path, share=scratch is None)
+        staged = teed[1].directory if teed is not None else None
+        if teed is not None and staged is not None and teed[1].error is None:
+            teed[0].finish_put(namespace, done.manifest, staged)
+        else:
+            if teed is not None and staged is not None:  # the tee failed (store full, gone): put says why
+                teed[0].abandon_put(staged)
+            # The node cache's copy is the publisher's own and never rewritten: a store on its
+            # mount may share its blocks (one write of the image, not two). A scratch copy beside
+            # the dump is not shared: the workload may be able to reach it (thaw exec run by hand).
+            store.put(namespace, done.manifest, done.path, share=scratch is None)
         put_s = time.monotonic() - t
         return Published(done.manifest, done.path if scratch is None else None, done.seconds, put_s)
+    except BaseException:
+        if teed is not None and teed[1].directory is not None:
+            teed[0].abandon_put(teed[1].directory)  # nothing partial left in the store
+        raise
     finally:
         if scratch is not None:
             with contextlib.suppress(OSError):

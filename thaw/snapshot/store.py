@@ -36,6 +36,11 @@ temporary directory inside the store, fsynced, and the directory is renamed into
 ``share`` and the source on the store's filesystem, each file is a reflink or a hard link of the
 node cache's copy instead of a copy (the publish then writes the image once, not twice, on a node
 whose store is a local directory), checked chunk by chunk all the same.
+
+A store on another mount (a PVC or a second hostPath in a pod: no link crosses two mounts) is
+written by the publish's own read of the dump instead (``begin_put``, a ``thaw.snapshot.transfer.Tee``
+into a staging directory, then ``finish_put`` once the manifest is signed): each buffer is hashed
+once and written to the cache and to the store, so neither copy is read back.
 """
 
 from __future__ import annotations
@@ -64,7 +69,16 @@ from thaw.contract.manifest import (
     load_manifest,
 )
 from thaw.contract.safeio import fsync_dir, open_beneath, open_dir
-from thaw.snapshot.transfer import NO_DEADLINE, Deadline, DigestMismatch, Progress, copy_files, share_files
+from thaw.snapshot.transfer import (
+    NO_DEADLINE,
+    Deadline,
+    DigestMismatch,
+    Progress,
+    check_files,
+    copy_files,
+    same_mount,
+    share_files,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -320,10 +334,7 @@ class DirectoryStore:
             pass
         old_umask = os.umask(0o077)
         try:
-            name_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._clean_stale(name_dir)
-            tmp = name_dir / f"{TMP_PREFIX}{hex_of(manifest['id'])[:16]}-{secrets.token_hex(8)}"
-            tmp.mkdir(mode=0o700)
+            tmp = self.begin_put(namespace, manifest["name"], hex_of(manifest["id"])[:16])
             try:
                 rest = share_files(manifest, snapshot_dir, tmp, progress=progress) if share else None
                 if rest is None or rest:
@@ -334,25 +345,83 @@ class DirectoryStore:
                         progress=progress,
                         files=rest,
                     )
-                fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(dump_manifest(manifest))
-                    f.flush()
-                    os.fsync(f.fileno())
-                fsync_dir(tmp)
-                try:
-                    os.rename(tmp, final)
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
-                    # Another publisher of the same content won the race: theirs is identical.
-                    shutil.rmtree(tmp, ignore_errors=True)
-                fsync_dir(name_dir)
+                _install(tmp, manifest, name_dir, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         finally:
             os.umask(old_umask)
+
+    def tees_from(self, namespace: str, name: str, source: Path | None) -> bool:
+        """Whether a publish into the node cache at ``source`` should write this store's copy as it
+        reads the dump (``begin_put``, a ``thaw.snapshot.transfer.Tee``, ``finish_put``): yes unless
+        ``source`` is on the store's mount, where ``put(share=True)`` links the cache's copy (one
+        write, not two). ``source`` None: a copy nothing may share (a scratch directory beside the
+        dump). Makes nothing: directories not made yet are judged by their nearest parent."""
+
+        def existing(p: Path) -> Path:
+            while not p.exists() and p.parent != p:
+                p = p.parent
+            return p
+
+        return source is None or not same_mount(existing(source), existing(self.root / namespace / name))
+
+    def begin_put(self, namespace: str, name: str, tag: str = "put") -> Path:
+        """A new staging directory (0700, ``.tmp-<tag>-<random>``) in the store for a publish of
+        ``name`` whose files the ingest writes (``Tee``), then ``finish_put`` (or ``put``'s own);
+        the caller removes it (``abandon_put``) when the publish does not finish."""
+        _check_names(namespace, name)
+        name_dir = self.root / namespace / name
+        old_umask = os.umask(0o077)
+        try:
+            name_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._clean_stale(name_dir)
+            staging = name_dir / f"{TMP_PREFIX}{tag}-{secrets.token_hex(8)}"
+            staging.mkdir(mode=0o700)
+            return staging
+        finally:
+            os.umask(old_umask)
+
+    def finish_put(self, namespace: str, manifest: Manifest, staging: Path) -> None:
+        """Publish ``manifest`` from ``staging`` (``begin_put``'s), whose files the ingest wrote, and
+        fsynced, from the buffers it hashed: checked to be exactly the manifest's files at their
+        sizes (not re-hashed: those bytes are the digests' own), then the manifest, the fsyncs and
+        the rename of ``put``. ``staging`` is removed on any failure (and when the store has the
+        snapshot already)."""
+        _check_names(namespace, manifest["name"])
+        name_dir = self.root / namespace / manifest["name"]
+        if staging.parent != name_dir or not staging.name.startswith(TMP_PREFIX):
+            raise StoreError(f"{staging} is not a staging directory of {name_dir}")  # left alone
+        try:
+            final = self.snapshot_dir(namespace, manifest["name"], manifest["id"])
+            check_files(staging, manifest)
+            _install(staging, manifest, name_dir, final)
+        except BaseException:
+            self.abandon_put(staging)
+            raise
+
+    def abandon_put(self, staging: Path) -> None:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _install(tmp: Path, manifest: Manifest, name_dir: Path, final: Path) -> None:
+    """The manifest into ``tmp`` (whose files are durable already), fsynced with it, and ``tmp``
+    renamed to ``final``: the snapshot appears whole or not at all."""
+    fd = os.open(tmp / MANIFEST_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(dump_manifest(manifest))
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    try:
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        # Another publisher of the same content won the race (or published it before): theirs is
+        # identical (content-addressed).
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(name_dir)
 
 
 def publish(  # noqa: PLR0917  (the signature callers had before namespaces)

@@ -13,7 +13,10 @@ One engine for the four places bytes move or are checked:
 - ``hash_files``: the entries of a directory without copying it (tests, tools);
 - ``share_files``: a trusted copy (the node cache's, just hashed as it was written) given to a store
   on the same filesystem without writing its bytes again (a reflink, else a hard link), then
-  verified chunk by chunk like a copy: a publish writes the image once, not twice.
+  verified chunk by chunk like a copy: a publish writes the image once, not twice;
+- ``Tee``: for a store on another mount (a PVC, another hostPath: no link can cross it), the ingest
+  writes the store's staging copy from the very buffers it hashed and writes into the cache, so the
+  publish reads the dump once and never reads the cache copy back.
 
 hashlib releases the GIL for updates of more than 2 KiB and so do ``preadv``/``pwrite``, so Python
 threads use every core. A file without chunk digests (a manifest written before they existed) is
@@ -677,6 +680,74 @@ class _Chunker:
         return self.chunks
 
 
+class Tee:
+    """A second destination of ``ingest_files`` (a directory store's staging directory, made by
+    ``make`` once the dump's files are open and checked, so a refused dump leaves the store
+    untouched): every buffer read from the dump is written there too, at the same offset, after it
+    is handed to the hashers, so both copies are the bytes the digests describe. A failure to write
+    there (the store full, gone) abandons the tee and not the ingest: ``error`` holds it, the cache
+    copy goes on, and the caller publishes from the cache copy the usual way (which reports the
+    store's trouble). ``directory``: what ``make`` made, None before (the caller removes it when
+    the publish does not finish)."""
+
+    def __init__(self, make: Callable[[], Path]) -> None:
+        self.make = make
+        self.directory: Path | None = None
+        self.error: OSError | None = None
+        self._lock = threading.Lock()
+
+    def fail(self, exc: OSError) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = exc
+
+    def write(self, fd: int, data: memoryview, pos: int) -> None:
+        if self.error is not None:
+            return
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(fd, data[done:], pos + done)
+        except OSError as exc:
+            self.fail(exc)
+
+
+def same_mount(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` (directories) are on one mount: where a hard link or a reflink
+    between them can work (across two mounts, even of one filesystem, link() fails with EXDEV)."""
+    ids: list[tuple[int, int | None]] = []
+    for d in (a, b):
+        fd = open_dir(d)
+        try:
+            mnt: int | None = None
+            with contextlib.suppress(OSError), open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+                for line in f.read(4096).splitlines():
+                    if line.startswith(b"mnt_id:"):
+                        mnt = int(line.split()[1])
+            ids.append((os.fstat(fd).st_dev, mnt))
+        finally:
+            os.close(fd)
+    return ids[0] == ids[1]
+
+
+def check_files(directory: Path, manifest: Manifest) -> None:
+    """The cheap half of ``verify_files``: every file of ``manifest`` is under ``directory``, a
+    regular file (no symlink on the way) of the size it says, and nothing else is; DigestMismatch
+    naming the first that is not. For a copy whose bytes were written from the buffers that were
+    hashed (a ``Tee``), where re-hashing would only re-read what was just written."""
+    root = open_dir(directory)
+    try:
+        extra = _extra_entries(root, manifest)
+        if extra:
+            raise DigestMismatch(
+                f"{directory} holds {', '.join(extra[:3])}, which its manifest does not list"
+            )
+        for e in manifest["files"]:
+            os.close(_open_entry(root, e, str(directory)))
+    finally:
+        os.close(root)
+
+
 RING = 8  # read-ahead buffers per file being ingested (CHUNK each)
 WRITEBACK_BYTES = 64 << 20  # written data handed to the disk in pieces this large
 
@@ -688,11 +759,12 @@ def _ingest_one(  # noqa: PLR0917
     progress: _SafeProgress,
     budget: _Budget,
     deadline: Deadline,
+    tee: tuple[Tee, int] | None = None,
 ) -> FileEntry:
-    """Read ``s`` once, to EOF, and write it here; the whole-file sha256 and the chunk digests each
-    on a helper thread, in order, over the same buffers (three stages in parallel: a file goes at
-    the speed of one sha256 stream). Returns its entry (size is what was read, not what fstat said
-    at open)."""
+    """Read ``s`` once, to EOF, and write it here (and to ``tee``'s descriptor); the whole-file
+    sha256 and the chunk digests each on a helper thread, in order, over the same buffers (three
+    stages in parallel: a file goes at the speed of one sha256 stream). Returns its entry (size is
+    what was read, not what fstat said at open)."""
     whole = hashlib.sha256()
     chunker = _Chunker(chunk_bytes)
     ring = [bytearray(CHUNK) for _ in range(RING)]
@@ -721,9 +793,15 @@ def _ingest_one(  # noqa: PLR0917
                 done = 0 if dst is not None else n
                 while done < n:
                     done += os.pwrite(dst, data[done:], pos + done)  # type: ignore[arg-type]
+                if tee is not None:
+                    tee[0].write(tee[1], data, pos)  # the buffer the hashers have: the same bytes
                 pos += n
                 if dst is not None and pos % WRITEBACK_BYTES < n:
                     start_writeback(dst, pos - pos % WRITEBACK_BYTES - WRITEBACK_BYTES, WRITEBACK_BYTES)
+                    if tee is not None and tee[0].error is None:
+                        start_writeback(
+                            tee[1], pos - pos % WRITEBACK_BYTES - WRITEBACK_BYTES, WRITEBACK_BYTES
+                        )
                 progress(n)
                 i += 1
         finally:
@@ -745,11 +823,16 @@ def ingest_files(
     progress: Progress | None = None,
     deadline: Deadline = NO_DEADLINE,
     before_copy: Callable[[int], None] | None = None,
+    tee: Tee | None = None,
 ) -> list[FileEntry]:
     """Copy every regular file under ``dump`` into the empty directory ``dst_dir`` (0600 files, 0700
     directories), reading each once through a descriptor opened ``O_NOFOLLOW|O_NONBLOCK`` and
     checked to be a regular file, hashing what it copies; fsync what the rename of ``dst_dir`` needs.
     Returns the entries (sorted by path) with whole-file and chunk digests.
+
+    ``tee``: the same bytes also into the new directory ``tee.make()`` (same modes), from the same
+    buffers, fsynced with its directories too; a write there that fails sets ``tee.error`` and
+    stops the tee, not the ingest.
 
     ``max_bytes`` caps the dump (TooLarge); ``before_copy(total)`` is called with the bytes found at
     open time, before anything is copied (to make room in a cache). ManifestError for symlinks,
@@ -757,32 +840,55 @@ def ingest_files(
     sources = _open_sources(dump, max_bytes)
     dst_root: int | None = None
     dsts: list[int] = []
+    tee_root: int | None = None
+    tees: list[int] = []
     try:
         if before_copy is not None:
             before_copy(sum(s.size for s in sources))
         dst_root = open_dir(dst_dir)
         for s in sources:
             dsts.append(_create(dst_root, s.rel))
+        if tee is not None:
+            try:
+                tee.directory = tee.make()
+                tee_root = open_dir(tee.directory)
+                for s in sources:
+                    tees.append(_create(tee_root, s.rel))
+            except OSError as exc:
+                tee.fail(exc)
+        teed = tee is not None and tee.error is None
         safe, budget = _SafeProgress(progress), _Budget(max_bytes)
         n = workers or default_workers()
-        jobs = list(zip(sources, dsts, strict=True))
+        jobs = [
+            (s, d, (tee, tees[i]) if teed and tee is not None else None)
+            for i, (s, d) in enumerate(zip(sources, dsts, strict=True))
+        ]
         if n < 4 or len(jobs) == 1:
-            entries = [_ingest_one(s, d, chunk_bytes, safe, budget, deadline) for s, d in jobs]
+            entries = [_ingest_one(s, d, chunk_bytes, safe, budget, deadline, t) for s, d, t in jobs]
         else:
             # Three threads per file (read and write, whole-file sha256, chunk digests).
             with ThreadPoolExecutor(max_workers=max(1, n // 3), thread_name_prefix="thaw-ingest") as pool:
-                futs = [pool.submit(_ingest_one, s, d, chunk_bytes, safe, budget, deadline) for s, d in jobs]
+                futs = [
+                    pool.submit(_ingest_one, s, d, chunk_bytes, safe, budget, deadline, t) for s, d, t in jobs
+                ]
                 wait(futs)
                 entries = [f.result() for f in futs]
         _fsync_all(dsts, workers)
         _fsync_dirs(dst_root, [s.rel for s in sources])
+        if tee is not None and tee_root is not None and tee.error is None:
+            try:  # the store's copy durable before its rename, as the cache's
+                _fsync_all(tees, workers)
+                _fsync_dirs(tee_root, [s.rel for s in sources])
+            except OSError as exc:
+                tee.fail(exc)
     finally:
         for s in sources:
             os.close(s.fd)
-        for d in dsts:
+        for d in (*dsts, *tees):
             os.close(d)
-        if dst_root is not None:
-            os.close(dst_root)
+        for r in (dst_root, tee_root):
+            if r is not None:
+                os.close(r)
     return sorted(entries, key=lambda e: e["path"])
 
 
