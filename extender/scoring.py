@@ -22,7 +22,7 @@ nor the constant beside measured nodes, which made the nodes that happened to fe
 times faster to fetch onto where the store beat the constant (docs/placement.md, "Fair share and the
 results").
 
-Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.05 GB with the default
+Tiers are ordered memory < disk < fetch < cold for any snapshot over 0.08 GB with the default
 constants (below that a restore's fixed 0.4 s outweighs what a cold start of so little takes: the
 constants are a GPU model's; ``--scoring`` sets others, as ``thaw demo`` does). The queue
 term is ServerlessLLM's: ``q`` restores in progress share the node's disk and PCIe bandwidth; with
@@ -45,18 +45,20 @@ The extender cannot see how many replicas a node runs; the scheduler's own sprea
 (PodTopologySpread, NodeResourcesFit) weighs that.
 A node that can restore at all scores at least 1; a node that can only cold-start scores 0.
 
-The defaults are the measured ground truth of ``extender/measured.json`` (the GPU benchmark's runs
-of what Thaw does by default, the fast-restore CRIU: one H200, CRIU 4.2.1, driver 580, 2026-12-01,
-transformers Qwen2 3.4B and the 4.3 B stand-in, 9.1 and 10.7 GB images; the CPU stand-in for the
-fixed part), each rate the median over the runs of image bytes per second from ``thaw exec``'s
-start (or the fetch's) to the server's first answer, the same fit as the simulator's
-``GroundTruth``: page cache 2.82 GB/s, disk 1.15 GB/s, fetch 1.77 GB/s, cold 0.101 GB/s. So a
-20 GB image: 7.5 s from page cache (tmpfs measured the same within 0.25 s, so both are the
-memory tier), 17.8 s from disk, 29.1 s to fetch and restore, 198 s cold. (Before, fitted to the
-six runs of the old runtime with stock CRIU, 2026-11-28, now ``gpu_before`` in the file: 11.1,
-18.3, 56.0 and 90.9 s. Today's stock CRIU, the fallback, on the same machine: page cache 1.24
-GB/s, disk 0.74 GB/s, ``gpu_fallback``. Before those, one H200's first measurements, CRIU and
-CUDA apart: 13.4, 15.7, 31.7 and 53.3 s.)
+The defaults are the measured ground truth of ``extender/measured.json``, each rate the median over
+the runs of image bytes per second from ``thaw exec``'s start (or the fetch's) to the server's first
+answer, the same fit as the simulator's ``GroundTruth``. The restores and the fetch depend on the
+runtime, so they are the runs of what Thaw does by default (the fast-restore CRIU: one H200, CRIU
+4.2.1, driver 580, 2026-12-01, transformers Qwen2 3.4B and the 4.3 B stand-in, 9.1 and 10.7 GB
+images; the CPU stand-in for the fixed part): page cache 2.82 GB/s, disk 1.15 GB/s, fetch 1.77
+GB/s. A cold start does not (it is the server starting on its own), so cold is every measured cold
+start, the old runtime's six and today's four: 0.159 GB/s. So a 20 GB image: 7.5 s from page cache
+(tmpfs measured the same within 0.25 s, so both are the memory tier), 17.8 s from disk, 29.1 s to
+fetch and restore, 126 s cold. (With cold from today's two runs alone, 46af549: 198 s at 0.101
+GB/s. Before, fitted to the six runs of the old runtime with stock CRIU, 2026-11-28, now
+``gpu_before`` in the file: 11.1, 18.3, 56.0 and 90.9 s. Today's stock CRIU, the fallback, on
+the same machine: page cache 1.24 GB/s, disk 0.74 GB/s, ``gpu_fallback``. Before those, one
+H200's first measurements, CRIU and CUDA apart: 13.4, 15.7, 31.7 and 53.3 s.)
 """
 
 from __future__ import annotations
@@ -95,13 +97,16 @@ class Params:
     # 1.77 GB/s, sigma 0.03). A cluster's store is faster or slower: a node whose agent reports its
     # measured fetch throughput (thaw.dev/cache "fetch") is estimated with that instead.
     fetch_bps: float = 1.77e9
-    # Cold start (empty compile cache, page cache dropped): the runs' median 0.101 GB/s (sigma
-    # 0.83: the transformers model took 162 s for 9.1 GB, the stand-in 59 s for 10.7 GB). No part
-    # can be told apart as fixed (the runs before: 50-77 s for 10.7-20.6 GB, no trend with size),
-    # so all of it scales with size, as in the simulator's ground truth.
+    # Cold start (empty compile cache, page cache dropped): the median 0.159 GB/s of every measured
+    # cold start, whichever runtime's run it was in (a cold start is the server starting on its own,
+    # before any of Thaw's runtime: measured.json's cold rows, extender.simulate.cold_starts): the
+    # old runtime's six (0.18-0.31 GB/s, 1-4 GPUs, 10.7-20.6 GB) and today's four (the transformers
+    # model 0.056-0.061 GB/s, 150-162 s for 9.1 GB; the stand-in 0.14-0.18, 59-77 s for 10.7 GB);
+    # sigma 0.57, most of it the two models apart. No part can be told apart as fixed (50-77 s for
+    # 10.7-20.6 GB, no trend with size), so all of it scales with size, as in the ground truth.
     cold_fixed_s: float = 0.0
-    cold_load_bps: float = 0.101e9
-    cold_default_s: float = 110.6  # cold start when no copy says how big the model is: the runs' median
+    cold_load_bps: float = 0.159e9
+    cold_default_s: float = 73.2  # cold start when no copy says how big the model is: their median
     # Each restore in progress on the node costs this share of a restore's time. Not measured (no run
     # restored two at once): measured.json's own assumption, a restore shares the node equally with
     # each one in progress. Against 0.5 (the guess before) in thaw simulate, under the ground truth

@@ -11,11 +11,14 @@ snapshot (``checkpoint: on-ready``); from then on it is fetchable for that pool.
 Every policy sees the same arrivals. Each placement's real time-to-ready is the ground truth of
 :class:`GroundTruth`, which is not the scorer's model: it is drawn from the measured runs in
 ``extender/measured.json`` (the GPU benchmark's cold starts, restores from disk and page cache and
-fetches on H200s, the CPU stand-in's fixed restore cost). Per tier, the image bytes per second of
-those runs are fitted with a lognormal; each simulated node draws its own rate per tier from it (a
+fetches on H200s, the CPU stand-in's fixed restore cost). The restores and fetches are the default
+runtime's runs alone (they depend on it); the cold starts are every runtime's (a cold start is the
+server starting on its own: :func:`cold_starts`). Per tier, the image bytes per second of those
+runs are fitted with a lognormal; each simulated node draws its own rate per tier from it (a
 machine is faster or slower than another, as the runs were) and keeps it. The time is
-``fixed + bytes / rate`` for restores, ``bytes / rate`` for fetches and cold starts (the runs span
-9.1-10.7 GB images on one GPU; larger models are extrapolated linearly). Restores in progress on a node share
+``fixed + bytes / rate`` for restores, ``bytes / rate`` for fetches and cold starts (the restores
+span 9.1-10.7 GB images on one GPU, the cold starts 9.1-20.6 GB on 1-4; larger models are
+extrapolated linearly). Restores in progress on a node share
 it: ``x (1 + share x in_progress)``, an assumption (no run restored two at once; the file says so).
 The scorer keeps its own constants (``--scoring``), as it does in a cluster, so its errors show.
 
@@ -98,7 +101,10 @@ WORKLOAD = "w"
 POLICIES = ("spread", "imagelocality", "thaw-lagged", "thaw", "oracle")
 AGENT_PASS_S = 30.0  # thaw agent --interval: how often a node reports its restores in progress
 MEASURED = Path(__file__).with_name("measured.json")
-TIERS = ("memory", "disk", "fetch", "cold")
+RESTORE_TIERS = ("memory", "disk", "fetch")  # fitted to the default path's runs alone
+TIERS = (*RESTORE_TIERS, "cold")
+# measured.json's sections whose cold starts the cold tier is fitted to: every runtime's.
+COLD_SECTIONS = ("gpu", "gpu_fallback", "gpu_before")
 # ImageLocality's thresholds (pkg/scheduler/framework/plugins/imagelocality): 23 MB .. 1000 MB.
 IL_MIN, IL_MAX = 23 * 2**20, 1000 * 2**20
 
@@ -136,6 +142,28 @@ class Lognormal:
         return math.exp(rng.gauss(self.mu, self.sigma))
 
 
+def cold_starts(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every measured cold start in ``doc`` (measured.json), once each: the rows of ``COLD_SECTIONS``,
+    one per source file (a run's file holds one cold start; a file listed under two runtimes, as
+    today's runs are under ``gpu`` and ``gpu_fallback``, is the same cold start, counted once).
+
+    A cold start is the server starting on its own, before any of Thaw's runtime is involved, so
+    it is read from every runtime's runs, where the restores (which do depend on it) are not.
+    """
+    seen: dict[str, dict[str, Any]] = {}
+    for section in COLD_SECTIONS:
+        for r in doc[section]["runs"]:
+            first = seen.setdefault(r["source"], r)
+            if (first["image_bytes"], first["cold"]) != (r["image_bytes"], r["cold"]):
+                raise ValueError(
+                    f"measured.json: {r['source']} is listed twice with different cold starts "
+                    f"({first['cold']} s of {first['image_bytes']} B, "
+                    f"{r['cold']} s of {r['image_bytes']} B): "
+                    "one source file is one cold start"
+                )
+    return list(seen.values())
+
+
 @dataclass(frozen=True)
 class GroundTruth:
     """What really happens, from measurements (module docstring; ``extender/measured.json``)."""
@@ -143,19 +171,22 @@ class GroundTruth:
     rates: dict[str, Lognormal]  # tier -> image bytes per second
     fixed: dict[str, float]  # restore tiers -> seconds not tied to size
     queue_share: float
-    sources: tuple[str, ...]
+    sources: dict[str, tuple[str, ...]]  # tier -> the runs its rate is fitted to
 
     @classmethod
     def load(cls, path: Path = MEASURED) -> GroundTruth:
+        """Restores and fetches from the default path's runs (``gpu``: they depend on the runtime),
+        cold starts from every runtime's (:func:`cold_starts`: they do not)."""
         doc = json.loads(path.read_text())
         cpu = doc["cpu"]
         fixed = {"memory": float(cpu["memory"]), "disk": float(cpu["disk"])}
-        runs = doc["gpu"]["runs"]
-        rates: dict[str, Lognormal] = {}
-        for tier in TIERS:
-            xs = [r["image_bytes"] / (r[tier] - fixed.get(tier, 0.0)) for r in runs]
-            rates[tier] = Lognormal.fit(xs)
-        return cls(rates, fixed, float(doc["queue"]["share"]), tuple(r["source"] for r in runs))
+        rows = {tier: doc["gpu"]["runs"] for tier in RESTORE_TIERS} | {"cold": cold_starts(doc)}
+        rates = {
+            tier: Lognormal.fit([r["image_bytes"] / (r[tier] - fixed.get(tier, 0.0)) for r in rows[tier]])
+            for tier in TIERS
+        }
+        sources = {tier: tuple(r["source"] for r in rows[tier]) for tier in TIERS}
+        return cls(rates, fixed, float(doc["queue"]["share"]), sources)
 
     def scaled(self, tier: str, factor: float) -> GroundTruth:
         """The same truth with ``tier``'s rates ``factor`` times (a faster or slower store)."""
@@ -559,7 +590,9 @@ def truth_report(out: Any = None, truth: GroundTruth = TRUTH, p: Params = DEFAUL
     med = {t: truth.fixed.get(t, 0.0) + size / truth.rates[t].median for t in TIERS}
     med["fetch"] += med["disk"]
     out.write(
-        f"ground truth: {len(truth.sources)} GPU runs (extender/measured.json); per tier the image bytes/s, "
+        f"ground truth (extender/measured.json): memory, disk and fetch from "
+        f"{len(truth.sources['memory'])} GPU runs of the default path, cold from "
+        f"{len(truth.sources['cold'])} cold starts (every runtime's); per tier the image bytes/s, "
         f"lognormal; queue share {truth.queue_share:g} (assumed)\n"
     )
     for t in TIERS:

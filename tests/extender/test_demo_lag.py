@@ -31,9 +31,10 @@ def nodes_of(**kw: Any) -> list[str]:
 
 def test_instant_agent_reports_spread_a_burst_without_the_count() -> None:
     # What the demo showed before: the report written right after each bind (no lag). gpu-a with
-    # one restore in progress (2 x 3.3 s) is still sooner than gpu-b from disk (7.4 s); with two not.
+    # one restore in progress (2 x 3.3 s) is a little sooner than gpu-b from disk (7.4 s), but both
+    # score 7 against a 50.9 s cold start, and the tie goes to the node with fewer replicas.
     placed = nodes_of(spread=False, agent_lag_s=0.0)
-    assert placed[:3] == ["gpu-a", "gpu-a", "gpu-b"], placed
+    assert placed[:3] == ["gpu-a", "gpu-b", "gpu-a"], placed
 
 
 def test_with_the_agents_lag_a_burst_piles_up_without_the_count() -> None:
@@ -42,6 +43,6 @@ def test_with_the_agents_lag_a_burst_piles_up_without_the_count() -> None:
 
 def test_with_the_agents_lag_the_count_spreads_the_burst() -> None:
     placed = nodes_of(spread=True)
-    # gpu-a first, twice; counted there twice, it restores slower than gpu-b from disk, which
-    # takes the next.
-    assert placed[:3] == ["gpu-a", "gpu-a", "gpu-b"] and placed.count("gpu-a") < len(placed), placed
+    # gpu-a first; counted there, it scores no better than gpu-b from disk (as above), which takes
+    # the next.
+    assert placed[:2] == ["gpu-a", "gpu-b"] and placed.count("gpu-a") < len(placed), placed

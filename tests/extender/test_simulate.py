@@ -52,7 +52,8 @@ def test_cli_reports_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str
     for goal, met, value in checks:
         assert f"goal: {goal}: {value} -> {'met' if met else 'NOT met'}" in out
     assert "goal: mean time-to-ready within 10% of the oracle's" in out
-    assert "ground truth: 2 GPU runs" in out and "bursts (16 idle nodes" in out
+    assert "memory, disk and fetch from 2 GPU runs of the default path, cold from 10 cold starts" in out
+    assert "bursts (16 idle nodes" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -99,7 +100,23 @@ def test_the_ground_truth_is_the_measured_runs_not_the_scorer() -> None:
     disk = [r["image_bytes"] / (r["disk"] - doc["cpu"]["disk"]) for r in runs]
     assert TRUTH.rates["disk"].median == pytest.approx(math.exp(statistics.fmean(math.log(x) for x in disk)))
     assert TRUTH.rates["disk"].sigma == pytest.approx(statistics.stdev(math.log(x) for x in disk))
-    assert TRUTH.rates["cold"].n == len(runs) == 2 and TRUTH.queue_share == doc["queue"]["share"]
+    assert all(TRUTH.rates[t].n == len(runs) == 2 for t in ("memory", "disk", "fetch"))
+    assert TRUTH.queue_share == doc["queue"]["share"]
+    # Cold from every cold start measured, whichever runtime's run it was in, each once: the old
+    # runtime's six, today's two stock-CRIU runs and the two default-path runs (listed under both
+    # gpu and gpu_fallback, counted once).
+    colds = {
+        (r["source"], r["image_bytes"], r["cold"])
+        for s in ("gpu", "gpu_fallback", "gpu_before")
+        for r in doc[s]["runs"]
+    }
+    assert len(colds) == len({c[0] for c in colds}) == TRUTH.rates["cold"].n == 10
+    assert set(TRUTH.sources["cold"]) == {c[0] for c in colds} and TRUTH.sources["memory"] == tuple(
+        r["source"] for r in runs
+    )
+    cold = [b / c for _, b, c in colds]
+    assert TRUTH.rates["cold"].median == pytest.approx(math.exp(statistics.fmean(math.log(x) for x in cold)))
+    assert TRUTH.rates["cold"].sigma == pytest.approx(statistics.stdev(math.log(x) for x in cold))
     # Each run's numbers are the benchmark's own: the default path's (fast-restore CRIU) as the
     # truth, today's stock CRIU and the old runtime's beside it, unread.
     assert {r["path"] for r in runs} == {"fast-restore CRIU"}
@@ -142,5 +159,7 @@ def test_a_burst_on_one_holder_spreads_only_with_the_count() -> None:
     # takes them until the scheduler's own spreading outweighs the extender (with the measured
     # fetch at 1.77 GB/s the fetching nodes score close enough that this is after 4 replicas).
     assert all(r.placed_max >= 4 for r in lagged)
-    assert all(r.placed_max <= 2 for r in counted)
+    # With the count: the holder with two in progress (3 x 7.5 s for 20 GB) is still sooner than a
+    # fetch and a restore from disk (29.1 s), so it takes a third, as the oracle does (3-4), no more.
+    assert all(r.placed_max <= 3 for r in counted)
     assert statistics.fmean(r.mean for r in counted) < 0.97 * statistics.fmean(r.mean for r in lagged)
