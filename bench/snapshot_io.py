@@ -19,7 +19,11 @@ filesystem. Each step runs from the page cache ("warm") and with the source's pa
   (the GPU benchmark's layout), timed end to end. Its rate is the image's bytes over that time.
   Beside it, in the same run, the path before (the store's copy written again rather than shared),
   and a third case, "dirty": the dump just written and not yet on disk, as CRIU leaves it (dd's copy
-  is measured that way too).
+  is measured that way too). Then the pod's layout: the store on another mount (a bind mount of a
+  directory of the same filesystem, as the webhook mounts the cache and the store as two volumes:
+  no link crosses them), written from the ingest's own read ("tee"), beside the path before (the
+  cache's copy read back and written to the store), in the same interleaved run. On one disk both
+  write the image twice; the tee saves the second read and its hashing.
 
 Goal: fetch, ingest and publish at 80% or more of dd's copy of the same file, warm and cold (the
 bound: a durable copy cannot beat the slower of reading the source and writing the destination, and
@@ -195,14 +199,20 @@ def main(argv: list[str]) -> int:
                 key=private, facts=FACTS, cache=caches / "publish",
             )  # fmt: skip
             copied = dataclasses.replace(shared, store=_CopyingStore(root / "pubstore"))
-            labels = ("publish (dump -> cache + store)", "  store copied, not shared (before)")
+            targets = [shared, copied]
+            labels = ["publish (dump -> cache + store)", "  store copied, not shared (before)"]
+            mnt = _bind_mount(root / "other-disk", root / "other-mount")
+            if mnt is not None:
+                teed = dataclasses.replace(shared, store=DirectoryStore(mnt / "pubstore"))
+                targets += [teed, dataclasses.replace(shared, store=_NoTeeStore(mnt / "pubstore"))]
+                labels += ["publish, store on another mount", "  store copied from the cache (before)"]
             for mode, prep in (*modes, *([dirty] if dirty else [])):
                 each = _best_each(
                     n,
                     args.repeat,
                     prep,
-                    [lambda t=t: _published(publish_and_record(dump, t)) for t in (shared, copied)],  # type: ignore[misc]
-                    lambda: _remove(caches / "publish", root / "pubstore"),
+                    [lambda t=t: _published(publish_and_record(dump, t)) for t in targets],  # type: ignore[misc]
+                    lambda: _remove(caches / "publish", root / "pubstore", root / "other-disk" / "pubstore"),
                 )
                 for label, (rate, cpu) in zip(labels, each, strict=True):
                     rows.append((label, mode, rate, cpu, rate / base[f"copy-{mode}"]))
@@ -221,6 +231,8 @@ def main(argv: list[str]) -> int:
         if steps & {"fetch", "verify"}:
             _fetch_and_verify(dump, root, n, args.repeat, steps, base, rows)
     finally:
+        if (root / "other-mount").is_dir():
+            subprocess.run(["umount", "-l", str(root / "other-mount")], check=False)
         shutil.rmtree(root, ignore_errors=True)
 
     print(f"snapshot_io: {n / 1e9:.2f} GB, {workers} core(s), {os.uname().release}")
@@ -254,6 +266,25 @@ class _CopyingStore(DirectoryStore):
         super().put(namespace, manifest, snapshot_dir, progress, share=False)
 
 
+class _NoTeeStore(DirectoryStore):
+    """The publish before the tee: a store on another mount got the cache's copy read back."""
+
+    def tees_from(self, namespace: str, name: str, source: Path | None) -> bool:
+        return False
+
+
+def _bind_mount(disk: Path, mnt: Path) -> Path | None:
+    """``disk`` seen at ``mnt`` through a bind mount (another mount of the same filesystem, as a
+    pod's store volume is beside its cache volume); None, said on stdout, where mount is refused."""
+    disk.mkdir()
+    mnt.mkdir()
+    r = subprocess.run(["mount", "--bind", str(disk), str(mnt)], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        print(f"snapshot_io: no store on another mount (mount --bind: {r.stderr.strip()})")
+        return None
+    return mnt
+
+
 def _rewrite(path: Path) -> None:
     """New bytes into ``path``, left dirty in the page cache (no fsync): as CRIU leaves a dump."""
     size = path.stat().st_size
@@ -267,7 +298,8 @@ def _rewrite(path: Path) -> None:
 
 def _remove(*paths: Path) -> None:
     for p in paths:
-        shutil.rmtree(p)
+        if p.exists():
+            shutil.rmtree(p)
 
 
 def _published(record: dict[str, object]) -> None:
