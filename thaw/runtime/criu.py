@@ -103,6 +103,10 @@ class RestoreCriu:
     kind: str
     note: str = ""
 
+    def record(self) -> dict[str, str]:
+        """As the outcome's ``criu`` records it (the note only when there is one)."""
+        return {"kind": self.kind, "binary": self.binary, **({"note": self.note} if self.note else {})}
+
 
 def fast_candidates(stock: str, env: dict[str, str]) -> list[str]:
     """Where a fast-restore CRIU may be, in order (pure): THAW_CRIU_FAST alone when set; else

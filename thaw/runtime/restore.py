@@ -155,7 +155,7 @@ def restore(
     restored: list[int] = []
     pids: list[int] = []
     put: PutBack | None = None
-    used: dict[str, str] = {}
+    chosen: criu.RestoreCriu | None = None
     try:
         # The use lock (the agent does not evict it meanwhile), the plan's id, every file re-hashed:
         # what CRIU reads below is what was signed. SnapshotGone, CacheBusy, VerifyFailed: cold.
@@ -193,11 +193,6 @@ def restore(
             pidfile = logs / "restore.pid"
             pidfile.unlink(missing_ok=True)
             chosen = criu.restore_criu(binary, force_stock=criu_stock)
-            used = {
-                "kind": chosen.kind,
-                "binary": chosen.binary,
-                **({"note": chosen.note} if chosen.note else {}),
-            }
             args = criu.restore_args(
                 chosen.binary,
                 snapshot_dir,
@@ -228,14 +223,14 @@ def restore(
                             sup.reap_nohang()
                             time.sleep(0.5)
                             continue
-                        if used["kind"] == "fast" and attempt < 2 and not isinstance(exc, criu.CriuTimeout):
+                        if chosen.kind == "fast" and attempt < 2 and not isinstance(exc, criu.CriuTimeout):
                             # Stock may restore what the fast build did not: once more with stock,
                             # its log kept beside (restore-fast.log), the tree it left reaped first.
                             # Not after a timeout: an image that loops one loops both.
                             log.warning("fast CRIU failed, restoring with stock CRIU: %s", exc)
                             with contextlib.suppress(OSError):
                                 (logs / "restore.log").replace(logs / "restore-fast.log")
-                            used = {"kind": "stock", "binary": binary, "note": f"fast CRIU failed: {exc}"}
+                            chosen = criu.RestoreCriu(binary, "stock", f"fast CRIU failed: {exc}")
                             args[0] = binary
                             sup.reap_nohang()
                             criu.wait_pids_free(pids, PID_FREE_WAIT_S)
@@ -245,7 +240,7 @@ def restore(
                 for fd in stdio_fds.values():
                     os.close(fd)
             timings["criu_restore_s"] = round(time.monotonic() - t0, 3)
-            timings["criu_fast"] = 1 if used["kind"] == "fast" else 0
+            timings["criu_fast"] = 1 if chosen.kind == "fast" else 0
             try:
                 root = int(pidfile.read_text().strip())
             except (OSError, ValueError) as exc:
@@ -299,10 +294,16 @@ def restore(
             result="cold",
             reason=f"restore failed: {reason}",
             timings=timings,
-            **({"criu": used} if used else {}),
+            **({"criu": chosen.record()} if chosen else {}),
         )
         return False
     timings["total_s"] = round(time.monotonic() - t0, 3)
     log.info("restored snapshot %s in %.2fs %s", plan.get("snapshot"), timings["total_s"], timings)
-    outcome.update(result="restored", reason=None, root_pid=sup.root, timings=timings, criu=used)
+    outcome.update(
+        result="restored",
+        reason=None,
+        root_pid=sup.root,
+        timings=timings,
+        criu=chosen.record() if chosen else {},
+    )
     return True
